@@ -1,0 +1,24 @@
+//! keygate — an LLM API gateway and key load balancer on Pingora.
+//!
+//! # Layout
+//! Data flows top to bottom:
+//!
+//! ```text
+//! config ──► upstream (KeyPool + Pingora LoadBalancer) / routes ──► proxy hooks ──► (metrics)
+//! ```
+//!
+//! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
+//! - [`clock`]: real and manual time sources, injected into everything time-driven.
+//! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
+//! - [`retry_after`]: reading how long an upstream wants a key to wait after a 429.
+//! - [`glob`] and [`routes`]: which upstreams serve which model or path.
+//! - [`request_body`]: reading `model`/`stream` from a request body without a full parse; alias rewrite.
+//! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
+//! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
+//! - [`server`]: turning a validated config into a running Pingora server.
+//! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
+//!
+//! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
+//! binary (`src/bin/keygate-mock/`).
+
+pub mod clock;
