@@ -11,6 +11,7 @@
 //! - [`clock`]: real and manual time sources, injected into everything time-driven.
 //! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
 //! - [`retry_after`]: reading how long an upstream wants a key to wait after a 429.
+//! - [`outcome`]: what an upstream status means for the key and endpoint that produced it.
 //! - [`glob`] and [`routes`]: which upstreams serve which model or path.
 //! - [`request_body`]: reading `model`/`stream` from a request body without a full parse; alias rewrite.
 //! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
@@ -21,4 +22,15 @@
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
 //! binary (`src/bin/keygate-mock/`).
 
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod glob;
+pub mod keys;
+pub mod outcome;
+pub mod proxy;
+pub mod request_body;
+pub mod retry_after;
+pub mod routes;
+pub mod server;
+pub mod upstream;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `keygate` binary: see [`keygate::cli`].
+
+fn main() -> std::process::ExitCode {
+    keygate::cli::main()
+}

@@ -1,0 +1,48 @@
+# keygate — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+CONF ?= conf/demo.yaml
+MOCK_ADDR ?= 127.0.0.1:18000
+
+.PHONY: run test deps fmt lint unit build release bench clean
+
+## deps: install what the build needs that a fresh machine lacks (cmake for pingora's zlib-ng).
+deps:
+	@command -v cmake >/dev/null || { \
+	  echo "installing cmake (pingora needs it)"; \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake >/dev/null; \
+	  else echo "please install cmake with your package manager" >&2; exit 1; fi; }
+
+build: deps
+	$(CARGO) build --release --bins
+
+## run: start the mock OpenAI upstream and keygate with the demo config (no API keys needed).
+run: build
+	@target/release/keygate-mock --listen $(MOCK_ADDR) --name demo \
+	  --key sk-demo-alpha=ok --key sk-demo-bravo=ok \
+	  --key sk-demo-charlie=rate_limit:retry_after=5:first=2 & \
+	  MOCK=$$!; trap "kill $$MOCK 2>/dev/null" EXIT INT TERM; \
+	  sleep 0.3; \
+	  echo; echo "keygate on http://127.0.0.1:8080 — try:"; \
+	  echo "  curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' -d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"; \
+	  echo "  curl -s localhost:18000/_mock/stats   # which keys the mock saw"; echo; \
+	  DEMO_KEY_A=sk-demo-alpha DEMO_KEY_B=sk-demo-bravo DEMO_KEY_C=sk-demo-charlie \
+	  RUST_LOG=$${RUST_LOG:-info} target/release/keygate -c $(CONF)
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint: deps
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## test: everything CI runs — formatting, lints, unit and integration tests.
+test: deps fmt lint
+	$(CARGO) nextest run --all-targets --no-fail-fast
+
+bench: deps
+	$(CARGO) bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,172 @@
+//! The config file as written: serde types, one per YAML section.
+//!
+//! keygate's own sections reject unknown fields so that a typo is an error, not a silently
+//! ignored setting. `server:` is Pingora's `ServerConf`, which ignores unknown keys by design.
+
+use super::sizes::{ByteSize, Dur};
+use crate::keys::KeyPolicy;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Pingora's own settings (threads, pid_file, upgrade_sock, grace_period_seconds…).
+    #[serde(default)]
+    pub server: Option<serde_yaml::Value>,
+    /// Where clients connect.
+    #[serde(default)]
+    pub listen: Vec<ListenFile>,
+    /// Largest request body accepted (default 32 MiB); larger ones get 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+    /// The OpenAI-compatible APIs behind keygate, by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamFile>,
+    /// Which requests go to which upstreams, first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+/// One listening socket.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    /// `IP:PORT` to bind, e.g. `0.0.0.0:8080`.
+    pub addr: String,
+    /// Serve TLS (HTTP/1.1 and h2 by ALPN) with this certificate and key.
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// How an upstream wants its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthStyle {
+    /// `Authorization: Bearer KEY` (OpenAI and most relays).
+    #[default]
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI).
+    Azure,
+    /// `x-api-key: KEY`.
+    XApiKey,
+    /// No credential (self-hosted servers without auth).
+    None,
+}
+
+/// One upstream API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Base URL, optionally with a path prefix: `https://relay.example/openai`.
+    pub url: String,
+    /// Credential style; default `bearer`.
+    #[serde(default)]
+    pub auth: AuthStyle,
+    /// Keys given one by one, each from an environment variable.
+    #[serde(default)]
+    pub keys: Vec<KeyFile>,
+    /// A file with one key a line (`KEY [name=N] [weight=W] [account=A]`); must be mode 0600 or stricter.
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// How a key is picked: `round_robin` (default), `weighted`, `random`, `least_in_flight`.
+    #[serde(default)]
+    pub key_policy: Option<KeyPolicy>,
+    /// Cooldown after a 429 without usable headers, and the cap on what headers may ask.
+    #[serde(default)]
+    pub cooldown: Option<CooldownFile>,
+    /// Endpoint liveness checks (TCP/TLS connect).
+    #[serde(default)]
+    pub health: Option<HealthFile>,
+    /// How often the host name is resolved again (default 60s).
+    #[serde(default)]
+    pub resolve_every: Option<Dur>,
+    /// PEM file of CA certificates to trust for this upstream instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// TCP (and TLS) connect timeout (default 10s).
+    #[serde(default)]
+    pub connect_timeout: Option<Dur>,
+}
+
+/// One key, taken from the environment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// Name used in logs and metrics; default `key-<hash>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Environment variable holding the secret.
+    pub env: String,
+    /// Relative share for the `weighted` policy (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// The organisation behind the key.
+    #[serde(default)]
+    pub account: Option<String>,
+}
+
+/// Cooldown settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CooldownFile {
+    /// First cooldown when the upstream gives no usable header (default 1s).
+    #[serde(default)]
+    pub base: Option<Dur>,
+    /// Longest exponential cooldown (default 60s).
+    #[serde(default)]
+    pub max_backoff: Option<Dur>,
+    /// Cap on what an upstream may ask for (default 300s).
+    #[serde(default)]
+    pub max: Option<Dur>,
+}
+
+/// Endpoint health checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// How often each endpoint is checked (default 10s).
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    /// Set false to turn the checks off.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// One route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// Name for logs; default `route-N`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Model globs (`gpt-4*`); the route matches only requests naming one of them.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Path prefix (`/v1/embeddings`), matched on whole segments.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Upstreams to use, in fallback order.
+    pub upstreams: Vec<String>,
+    /// Model name sent upstream instead of the one asked.
+    #[serde(default)]
+    pub rewrite_model: Option<String>,
+    /// Extra attempts after a failed one (default 2, i.e. at most 3 attempts).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// How long to wait for a response header from the upstream (default 600s).
+    #[serde(default)]
+    pub ttfb_timeout: Option<Dur>,
+}

@@ -1,0 +1,451 @@
+//! Meaning checks: turns a parsed [`ConfigFile`] into a [`Config`] or the first precise mistake.
+
+use super::secrets;
+use super::types::*;
+use super::ConfigError;
+use crate::glob::Glob;
+use crate::keys::{key_id, CooldownPolicy, KeyPolicy, KeySpec, Secret};
+use crate::routes::RouteSpec;
+use pingora_core::server::configuration::ServerConf;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default cap on request bodies: audio uploads reach 25 MB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 << 20;
+/// Default time to wait for an upstream's response header: the OpenAI SDK's own timeout.
+pub const DEFAULT_TTFB_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default extra attempts after a failed one.
+pub const DEFAULT_RETRIES: u32 = 2;
+
+/// A validated configuration with every secret loaded.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Pingora's settings.
+    pub server: ServerConf,
+    /// Listening sockets.
+    pub listen: Vec<ListenerConfig>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Upstreams, in name order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes, in config order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A validated listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Certificate and key paths when TLS is on.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// A validated upstream.
+#[derive(Debug)]
+pub struct UpstreamConfig {
+    /// Its name in the config.
+    pub name: String,
+    /// `https` when true.
+    pub tls: bool,
+    /// Host name or IP literal (no brackets).
+    pub host: String,
+    /// Port (default by scheme).
+    pub port: u16,
+    /// Path prefix without a trailing slash (`""` or `/openai`).
+    pub base_path: String,
+    /// Credential style.
+    pub auth: AuthStyle,
+    /// Keys with their secrets.
+    pub keys: Vec<KeySpec>,
+    /// How keys are picked.
+    pub key_policy: KeyPolicy,
+    /// Cooldown tuning.
+    pub cooldown: CooldownPolicy,
+    /// Endpoint check interval; `None` when checks are off.
+    pub health_interval: Option<Duration>,
+    /// DNS refresh interval.
+    pub resolve_every: Duration,
+    /// Trusted CA certificates (DER) instead of the system roots.
+    pub ca_certs: Option<Vec<Vec<u8>>>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// A validated route.
+#[derive(Debug)]
+pub struct RouteConfig {
+    /// What the route table needs.
+    pub spec: RouteSpec,
+    /// Indexes into [`Config::upstreams`], in fallback order.
+    pub upstreams: Vec<usize>,
+    /// Extra attempts after a failed one.
+    pub retries: u32,
+    /// Response-header timeout per attempt.
+    pub ttfb_timeout: Duration,
+}
+
+/// Checks everything the file says and loads the secrets it points to.
+pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+    let err = |field: &str, reason: String| ConfigError::new(path, field, reason);
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+
+    let server = match file.server {
+        None => ServerConf::default(),
+        Some(v) => {
+            let conf: ServerConf =
+                serde_yaml::from_value(v).map_err(|e| err("server", e.to_string()))?;
+            conf.validate().map_err(|e| err("server", e.to_string()))?
+        }
+    };
+
+    if file.listen.is_empty() {
+        return Err(err(
+            "listen",
+            "at least one listener is needed, e.g. `- addr: 0.0.0.0:8080`".into(),
+        ));
+    }
+    let mut listen = Vec::new();
+    let mut seen_addrs = HashSet::new();
+    for (i, l) in file.listen.iter().enumerate() {
+        let field = format!("listen[{i}].addr");
+        let addr: SocketAddr = l
+            .addr
+            .parse()
+            .map_err(|_| err(&field, format!("not an IP:PORT address: {:?}", l.addr)))?;
+        if !seen_addrs.insert(addr) {
+            return Err(err(&field, format!("{addr} is listed twice")));
+        }
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                for (name, p) in [("cert", &t.cert), ("key", &t.key)] {
+                    let p = resolve(p);
+                    if !p.is_file() {
+                        return Err(err(
+                            &format!("listen[{i}].tls.{name}"),
+                            format!("no such file: {}", p.display()),
+                        ));
+                    }
+                }
+                Some((resolve(&t.cert), resolve(&t.key)))
+            }
+        };
+        listen.push(ListenerConfig { addr, tls });
+    }
+
+    let max_body_bytes = file.max_body_bytes.map_or(DEFAULT_MAX_BODY_BYTES, |b| b.0);
+    if max_body_bytes == 0 {
+        return Err(err("max_body_bytes", "must be greater than zero".into()));
+    }
+    let max_body_bytes =
+        usize::try_from(max_body_bytes).map_err(|_| err("max_body_bytes", "too large".into()))?;
+
+    if file.upstreams.is_empty() {
+        return Err(err("upstreams", "at least one upstream is needed".into()));
+    }
+    let mut upstreams = Vec::new();
+    for (name, u) in &file.upstreams {
+        upstreams.push(validate_upstream(path, name, u, &resolve)?);
+    }
+
+    if file.routes.is_empty() {
+        return Err(err(
+            "routes",
+            "at least one route is needed, e.g. `- { upstreams: [openai] }` as a catch-all".into(),
+        ));
+    }
+    let mut routes = Vec::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        let field = |f: &str| format!("routes[{i}].{f}");
+        if r.upstreams.is_empty() {
+            return Err(err(
+                &field("upstreams"),
+                "empty: name at least one upstream".into(),
+            ));
+        }
+        let mut idx = Vec::new();
+        for (j, name) in r.upstreams.iter().enumerate() {
+            let pos = upstreams
+                .iter()
+                .position(|u| &u.name == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                    err(
+                        &format!("routes[{i}].upstreams[{j}]"),
+                        format!("unknown upstream {name:?} (defined: {})", known.join(", ")),
+                    )
+                })?;
+            if idx.contains(&pos) {
+                return Err(err(
+                    &format!("routes[{i}].upstreams[{j}]"),
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            idx.push(pos);
+        }
+        let mut models = Vec::new();
+        for (j, m) in r.models.iter().enumerate() {
+            models.push(
+                Glob::new(m)
+                    .map_err(|e| err(&format!("routes[{i}].models[{j}]"), e.to_string()))?,
+            );
+        }
+        if let Some(p) = &r.path_prefix {
+            if !p.starts_with('/') {
+                return Err(err(
+                    &field("path_prefix"),
+                    format!("must start with '/': {p:?}"),
+                ));
+            }
+        }
+        if let Some(m) = &r.rewrite_model {
+            if m.trim().is_empty() {
+                return Err(err(&field("rewrite_model"), "must not be empty".into()));
+            }
+        }
+        let retries = r.retries.unwrap_or(DEFAULT_RETRIES);
+        if retries > 10 {
+            return Err(err(
+                &field("retries"),
+                format!("{retries} is too many (at most 10)"),
+            ));
+        }
+        let ttfb_timeout = r.ttfb_timeout.map_or(DEFAULT_TTFB_TIMEOUT, |d| d.0);
+        if ttfb_timeout.is_zero() {
+            return Err(err(
+                &field("ttfb_timeout"),
+                "must be greater than zero".into(),
+            ));
+        }
+        routes.push(RouteConfig {
+            spec: RouteSpec {
+                name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
+                models,
+                path_prefix: r.path_prefix.clone(),
+                upstreams: r.upstreams.clone(),
+                rewrite_model: r.rewrite_model.clone(),
+            },
+            upstreams: idx,
+            retries,
+            ttfb_timeout,
+        });
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        server,
+        listen,
+        max_body_bytes,
+        upstreams,
+        routes,
+    })
+}
+
+fn validate_upstream(
+    path: &Path,
+    name: &str,
+    u: &UpstreamFile,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<UpstreamConfig, ConfigError> {
+    let field = |f: &str| format!("upstreams.{name}.{f}");
+    let err = |f: &str, reason: String| ConfigError::new(path, field(f), reason);
+
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError::new(
+            path,
+            format!("upstreams.{name}"),
+            "an upstream name may use only letters, digits, '-', '_' and '.'",
+        ));
+    }
+
+    let url = url::Url::parse(&u.url).map_err(|_| err("url", format!("not a URL: {:?}", u.url)))?;
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        _ => {
+            return Err(err(
+                "url",
+                format!("not a URL: {:?} (expected http:// or https://)", u.url),
+            ))
+        }
+    };
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(err("url", format!("no host in {:?}", u.url))),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(err(
+            "url",
+            "credentials in the URL are not allowed; use keys".into(),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(err(
+            "url",
+            format!("a base URL takes no query or fragment: {:?}", u.url),
+        ));
+    }
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let base_path = url.path().trim_end_matches('/').to_string();
+
+    let mut keys = Vec::new();
+    let mut names = HashSet::new();
+    let mut secrets_seen = HashSet::new();
+    let mut push = |spec: KeySpec, f: String| -> Result<(), ConfigError> {
+        if !names.insert(spec.name.clone()) {
+            return Err(ConfigError::new(
+                path,
+                f,
+                format!("key name {:?} is used twice", spec.name),
+            ));
+        }
+        if !secrets_seen.insert(spec.secret.expose().to_string()) {
+            return Err(ConfigError::new(
+                path,
+                f,
+                format!("key {:?} is the same secret as another key", spec.name),
+            ));
+        }
+        keys.push(spec);
+        Ok(())
+    };
+    for (i, k) in u.keys.iter().enumerate() {
+        let f = format!("keys[{i}]");
+        let secret = secrets::from_env(&k.env).map_err(|e| err(&format!("{f}.env"), e))?;
+        if k.weight == Some(0) {
+            return Err(err(&format!("{f}.weight"), "must be at least 1".into()));
+        }
+        push(
+            KeySpec {
+                name: k.name.clone().unwrap_or_else(|| key_id(&secret)),
+                weight: k.weight.unwrap_or(1),
+                account: k.account.clone(),
+                secret: Secret::new(secret),
+            },
+            field(&f),
+        )?;
+    }
+    if let Some(p) = &u.keys_file {
+        let p = resolve(p);
+        for line in secrets::read_keys_file(&p).map_err(|e| err("keys_file", e))? {
+            push(
+                KeySpec {
+                    name: line.name.clone().unwrap_or_else(|| key_id(&line.secret)),
+                    weight: line.weight.unwrap_or(1),
+                    account: line.account,
+                    secret: Secret::new(line.secret),
+                },
+                field("keys_file"),
+            )?;
+        }
+    }
+    if keys.is_empty() && u.auth != AuthStyle::None {
+        return Err(err(
+            "keys",
+            "no keys: give `keys` (from env vars) or `keys_file`, or set `auth: none`".into(),
+        ));
+    }
+    if !keys.is_empty() && u.auth == AuthStyle::None {
+        return Err(err(
+            "auth",
+            "is `none` but keys are given; pick an auth style".into(),
+        ));
+    }
+
+    let defaults = CooldownPolicy::default();
+    let cooldown = match &u.cooldown {
+        None => defaults,
+        Some(c) => CooldownPolicy {
+            base: c.base.map_or(defaults.base, |d| d.0),
+            max_backoff: c.max_backoff.map_or(defaults.max_backoff, |d| d.0),
+            max: c.max.map_or(defaults.max, |d| d.0),
+        },
+    };
+    if cooldown.base.is_zero() {
+        return Err(err("cooldown.base", "must be greater than zero".into()));
+    }
+    if cooldown.max_backoff < cooldown.base {
+        return Err(err(
+            "cooldown.max_backoff",
+            "must not be shorter than cooldown.base".into(),
+        ));
+    }
+
+    let health_interval = match &u.health {
+        Some(h) if h.enabled == Some(false) => None,
+        Some(h) => Some(h.interval.map_or(Duration::from_secs(10), |d| d.0)),
+        None => Some(Duration::from_secs(10)),
+    };
+    if health_interval.is_some_and(|d| d < Duration::from_millis(100)) {
+        return Err(err("health.interval", "must be at least 100ms".into()));
+    }
+    let resolve_every = u.resolve_every.map_or(Duration::from_secs(60), |d| d.0);
+    if resolve_every < Duration::from_secs(1) {
+        return Err(err("resolve_every", "must be at least 1s".into()));
+    }
+
+    let ca_certs = match &u.ca_file {
+        None => None,
+        Some(p) => {
+            if !tls {
+                return Err(err("ca_file", "is set but the url is not https".into()));
+            }
+            Some(load_ca(&resolve(p)).map_err(|e| err("ca_file", e))?)
+        }
+    };
+
+    Ok(UpstreamConfig {
+        name: name.to_string(),
+        tls,
+        host,
+        port,
+        base_path,
+        auth: u.auth,
+        keys,
+        key_policy: u.key_policy.unwrap_or_default(),
+        cooldown,
+        health_interval,
+        resolve_every,
+        ca_certs,
+        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
+    })
+}
+
+/// Reads PEM certificates and checks each one parses, so a bad file fails here, not per request.
+fn load_ca(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    let mut store = tokio_rustls::rustls::RootCertStore::empty();
+    for item in rustls_pemfile::certs(&mut data.as_slice()) {
+        let der =
+            item.map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+        store
+            .add(der.clone())
+            .map_err(|e| format!("{}: unusable certificate: {e}", path.display()))?;
+        certs.push(der.to_vec());
+    }
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate found", path.display()));
+    }
+    Ok(certs)
+}

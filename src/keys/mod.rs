@@ -1,0 +1,672 @@
+//! The keys of one upstream, their state, and the choice of a key for each request attempt.
+//!
+//! [`KeyPool`] is the one type behind which key state lives, so that a store shared across
+//! instances can replace it later. It is shared by every worker thread and called once per
+//! attempt, so:
+//! - a pick over ready keys takes no lock, reads no clock and allocates nothing;
+//! - each key's cooldowns sit behind that key's own small mutex, never a pool-wide one;
+//! - the rotation cursor only moves forward past the key it picked, so a run of cooling keys is
+//!   scanned once per lap rather than once per pick: a pick costs O(1) on average whatever the
+//!   number of keys, and scans at most every key once when nothing is usable.
+//!
+//! Cooldowns are per (key, model) because OpenAI's rate limits are per organisation *and per
+//! model*: a 429 for `gpt-4o` leaves the key usable for `gpt-4o-mini`. They expire by comparison
+//! with the clock on read; there is no cleanup task.
+
+mod policy;
+mod secret;
+mod state;
+
+#[cfg(test)]
+mod tests;
+
+pub use policy::KeyPolicy;
+pub use secret::{key_id, Secret};
+pub use state::{CooldownPolicy, DisableReason};
+
+use crate::clock::SharedClock;
+use log::{debug, info};
+use rand::Rng;
+use serde::{Serialize, Serializer};
+use state::{Availability, LazyNow, Slot};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The position of a key in its pool, as given to [`KeyPool::new`].
+pub type KeyIndex = usize;
+
+/// The model scope of a cooldown that applies to every model: a 429 on a request that names no
+/// model. Picking for it only avoids keys cooling for every model.
+pub const ALL_MODELS: &str = "";
+
+/// How many random draws [`KeyPolicy::Random`] makes before scanning, when draws keep landing
+/// on unusable keys: with a third of the keys cooling, 16 misses in a row happen once in 40
+/// million picks.
+const RANDOM_DRAWS: usize = 16;
+
+/// One key as configured.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    /// The name in logs, metrics and status; [`key_id`] of the secret when the config has none.
+    pub name: String,
+    /// The credential.
+    pub secret: Secret,
+    /// The share of picks under [`KeyPolicy::Weighted`] (0 counts as 1); ignored otherwise.
+    pub weight: u32,
+    /// The organisation/account the key belongs to: keys of one account share its rate limits.
+    pub account: Option<String>,
+}
+
+impl KeySpec {
+    /// A key named after its secret's hash, weight 1, no account.
+    pub fn from_secret(secret: Secret) -> Self {
+        Self {
+            name: secret.id(),
+            secret,
+            weight: 1,
+            account: None,
+        }
+    }
+}
+
+/// The outcome of [`KeyPool::pick`].
+#[derive(Debug)]
+pub enum Pick {
+    /// Use this key; keep the lease for as long as the request is in flight.
+    Key(KeyLease),
+    /// Every key not disabled is cooling for this model: answer 429 with `Retry-After`.
+    AllCooling {
+        /// The shortest remaining cooldown among the cooling keys.
+        retry_in: Duration,
+    },
+    /// Every key is disabled (or the pool is empty): answer 503.
+    AllDisabled,
+    /// Usable keys remain, but the caller has already tried all of them in this request: pass
+    /// the last upstream answer through.
+    Exhausted,
+}
+
+/// A key chosen for one attempt. Counts as in flight (for [`KeyPolicy::LeastInFlight`] and
+/// status) until dropped.
+pub struct KeyLease {
+    pool: Arc<Inner>,
+    idx: KeyIndex,
+}
+
+impl KeyLease {
+    /// The key's index in its pool, for [`KeyPool::cool_down`] and the caller's exclude list.
+    pub fn index(&self) -> KeyIndex {
+        self.idx
+    }
+
+    /// The key's name.
+    pub fn name(&self) -> &str {
+        &self.slot().name
+    }
+
+    /// The credential to send.
+    pub fn secret(&self) -> &Secret {
+        &self.slot().secret
+    }
+
+    /// The key's account, if configured.
+    pub fn account(&self) -> Option<&str> {
+        self.slot().account.as_deref()
+    }
+
+    fn slot(&self) -> &Slot {
+        // A lease is only made for an index of its pool, and pools never shrink.
+        &self.pool.slots[self.idx]
+    }
+}
+
+impl Drop for KeyLease {
+    fn drop(&mut self) {
+        self.slot().in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for KeyLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyLease")
+            .field("upstream", &&*self.pool.upstream)
+            .field("index", &self.idx)
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+/// A key's state, for metrics, the admin status and the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyStatus {
+    /// The key's index in its pool.
+    pub index: KeyIndex,
+    /// The key's name.
+    pub name: String,
+    /// The key's account, if configured.
+    pub account: Option<String>,
+    /// The configured weight.
+    pub weight: u32,
+    /// Ready, cooling, or disabled.
+    #[serde(flatten)]
+    pub state: KeyState,
+    /// Leases outstanding.
+    pub in_flight: usize,
+}
+
+/// Where a key stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    /// Usable for every model.
+    Ready,
+    /// Out for some models (or all of them) for a while; usable for the others.
+    Cooling {
+        /// One entry per model scope that is cooling.
+        cooldowns: Vec<ModelCooldown>,
+    },
+    /// Out for every model until re-enabled; disabling wins over cooling.
+    Disabled {
+        /// Why.
+        reason: DisableReason,
+    },
+}
+
+/// One running cooldown of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelCooldown {
+    /// The model it applies to; `None` for every model.
+    pub model: Option<String>,
+    /// Time left.
+    #[serde(rename = "remaining_ms", serialize_with = "as_millis")]
+    pub remaining: Duration,
+}
+
+fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How many keys are in each state, for a gauge. A key cooling for any model counts as cooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StateCounts {
+    /// Neither disabled nor cooling for any model.
+    pub ready: usize,
+    /// Cooling for at least one model, not disabled.
+    pub cooling: usize,
+    /// Disabled.
+    pub disabled: usize,
+}
+
+/// Keeps the cursor on its own cache line: every pick on every thread writes it, and it must not
+/// drag the pool's read-only fields along.
+#[repr(align(64))]
+struct CachePadded<T>(T);
+
+struct Inner {
+    upstream: Box<str>,
+    slots: Box<[Slot]>,
+    policy: KeyPolicy,
+    cooldown: CooldownPolicy,
+    clock: SharedClock,
+    /// The next position to try: in `ring` for the weighted policy, in `slots` otherwise.
+    cursor: CachePadded<AtomicUsize>,
+    /// The weighted order; empty for the other policies.
+    ring: Box<[usize]>,
+    accounts: HashMap<Box<str>, Vec<KeyIndex>>,
+}
+
+/// The keys of one upstream and their state; picks one per request attempt.
+///
+/// Cheap to clone (a handle); `Send + Sync`.
+#[derive(Clone)]
+pub struct KeyPool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KeyPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names only: a derived Debug would reach the secrets (redacted, but still).
+        f.debug_struct("KeyPool")
+            .field("upstream", &&*self.inner.upstream)
+            .field("keys", &self.inner.slots.len())
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one key looks to one pick.
+enum Class {
+    Usable,
+    /// Usable, but the caller already tried it.
+    Excluded,
+    Cooling(Duration),
+    Disabled,
+}
+
+/// What a pick saw when it found nothing usable.
+#[derive(Default)]
+struct Miss {
+    excluded_usable: bool,
+    shortest_cooling: Option<Duration>,
+}
+
+impl Miss {
+    fn note(&mut self, class: &Class) {
+        match *class {
+            Class::Excluded => self.excluded_usable = true,
+            Class::Cooling(d) => {
+                self.shortest_cooling = Some(self.shortest_cooling.map_or(d, |s| s.min(d)));
+            }
+            Class::Usable | Class::Disabled => {}
+        }
+    }
+
+    fn outcome(self) -> Pick {
+        // A usable key the caller excluded means the keys are not the problem: let the caller
+        // pass the last answer through rather than claim all keys are out.
+        if self.excluded_usable {
+            Pick::Exhausted
+        } else if let Some(retry_in) = self.shortest_cooling {
+            Pick::AllCooling { retry_in }
+        } else {
+            Pick::AllDisabled
+        }
+    }
+}
+
+impl Inner {
+    fn classify(&self, idx: usize, model: &str, exclude: &[usize], now: &mut LazyNow<'_>) -> Class {
+        match self.slots[idx].availability(model, &self.cooldown, now) {
+            Availability::Disabled => Class::Disabled,
+            Availability::Cooling(d) => Class::Cooling(d),
+            Availability::Ready if exclude.contains(&idx) => Class::Excluded,
+            Availability::Ready => Class::Usable,
+        }
+    }
+
+    fn key_at(&self, pos: usize) -> usize {
+        if self.ring.is_empty() {
+            pos
+        } else {
+            self.ring[pos]
+        }
+    }
+
+    /// Round-robin, weighted and least-in-flight: scan from the cursor, then move the cursor
+    /// just past the chosen position. The compare-and-swap makes concurrent picks take turns,
+    /// so the rotation stays exact under contention; a loser rescans from the new cursor.
+    fn pick_rotating(
+        &self,
+        model: &str,
+        exclude: &[usize],
+        least_in_flight: bool,
+        now: &mut LazyNow<'_>,
+    ) -> Result<usize, Pick> {
+        let positions = if self.ring.is_empty() {
+            self.slots.len()
+        } else {
+            self.ring.len()
+        };
+        loop {
+            let start = self.cursor.0.load(Ordering::Acquire);
+            let mut pos = if start < positions { start } else { 0 };
+            let mut miss = Miss::default();
+            let mut best: Option<(usize, usize, usize)> = None; // (pos, idx, in flight)
+            for _ in 0..positions {
+                let idx = self.key_at(pos);
+                match self.classify(idx, model, exclude, now) {
+                    Class::Usable if !least_in_flight => {
+                        best = Some((pos, idx, 0));
+                        break;
+                    }
+                    Class::Usable => {
+                        let in_flight = self.slots[idx].in_flight.load(Ordering::Relaxed);
+                        if best.is_none_or(|(_, _, b)| in_flight < b) {
+                            best = Some((pos, idx, in_flight));
+                            if in_flight == 0 {
+                                // Nothing beats an idle key, and the first one from the
+                                // cursor is the rotation's choice among idle keys.
+                                break;
+                            }
+                        }
+                    }
+                    class => miss.note(&class),
+                }
+                pos += 1;
+                if pos == positions {
+                    pos = 0;
+                }
+            }
+            let Some((pos, idx, _)) = best else {
+                return Err(miss.outcome());
+            };
+            let next = if pos + 1 == positions { 0 } else { pos + 1 };
+            if self
+                .cursor
+                .0
+                .compare_exchange(start, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(idx);
+            }
+        }
+    }
+
+    /// Rejection sampling is exactly uniform among usable keys and O(1) while most keys are
+    /// usable; when draws keep missing, one scan from a random start settles it.
+    fn pick_random(
+        &self,
+        model: &str,
+        exclude: &[usize],
+        now: &mut LazyNow<'_>,
+    ) -> Result<usize, Pick> {
+        let n = self.slots.len();
+        let mut rng = rand::rng();
+        for _ in 0..RANDOM_DRAWS {
+            let idx = rng.random_range(0..n);
+            if let Class::Usable = self.classify(idx, model, exclude, now) {
+                return Ok(idx);
+            }
+        }
+        let start = rng.random_range(0..n);
+        let mut miss = Miss::default();
+        for step in 0..n {
+            let idx = (start + step) % n;
+            match self.classify(idx, model, exclude, now) {
+                Class::Usable => return Ok(idx),
+                class => miss.note(&class),
+            }
+        }
+        Err(miss.outcome())
+    }
+
+    fn cool(&self, idx: usize, model: &str, requested: Option<Duration>, why: &str) -> Duration {
+        let Some(slot) = self.slots.get(idx) else {
+            return Duration::ZERO;
+        };
+        let cooled = slot.cool(model, requested, &self.cooldown, self.clock.now());
+        let scope = if model.is_empty() {
+            "all models"
+        } else {
+            model
+        };
+        let source = match requested {
+            Some(_) => "as asked",
+            None => "backoff",
+        };
+        if cooled.extended {
+            info!(
+                "key {}/{} cooling for {} {:.1?} ({why}, {source}, strike {})",
+                self.upstream, slot.name, scope, cooled.remaining, cooled.strikes
+            );
+        } else {
+            debug!(
+                "key {}/{} {why} for {} (strike {}): cooldown unchanged at {:.1?}",
+                self.upstream, slot.name, scope, cooled.strikes, cooled.remaining
+            );
+        }
+        cooled.remaining
+    }
+}
+
+impl KeyPool {
+    /// A pool over `keys`, in that order (indices are positions in `keys`), all ready.
+    pub fn new(
+        upstream: &str,
+        keys: Vec<KeySpec>,
+        policy: KeyPolicy,
+        cooldown: CooldownPolicy,
+        clock: SharedClock,
+    ) -> KeyPool {
+        let ring = match policy {
+            KeyPolicy::Weighted => {
+                let weights: Vec<u32> = keys.iter().map(|k| k.weight).collect();
+                policy::weighted_ring(&weights).into_boxed_slice()
+            }
+            _ => Box::default(),
+        };
+        let mut accounts: HashMap<Box<str>, Vec<KeyIndex>> = HashMap::new();
+        for (idx, key) in keys.iter().enumerate() {
+            if let Some(account) = &key.account {
+                accounts
+                    .entry(account.as_str().into())
+                    .or_default()
+                    .push(idx);
+            }
+        }
+        let slots = keys
+            .into_iter()
+            .map(|k| Slot::new(k.name, k.secret, k.account, k.weight))
+            .collect();
+        KeyPool {
+            inner: Arc::new(Inner {
+                upstream: upstream.into(),
+                slots,
+                policy,
+                cooldown,
+                clock,
+                cursor: CachePadded(AtomicUsize::new(0)),
+                ring,
+                accounts,
+            }),
+        }
+    }
+
+    /// The upstream's name, as used in logs.
+    pub fn upstream(&self) -> &str {
+        &self.inner.upstream
+    }
+
+    /// The selection policy.
+    pub fn policy(&self) -> KeyPolicy {
+        self.inner.policy
+    }
+
+    /// The number of keys.
+    pub fn len(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Whether the pool has no keys.
+    pub fn is_empty(&self) -> bool {
+        self.inner.slots.is_empty()
+    }
+
+    /// Chooses a key for one attempt at `model` ([`ALL_MODELS`] when the request names none),
+    /// skipping disabled keys, keys cooling for `model` or for every model, and `exclude` (the
+    /// keys already tried in this request).
+    pub fn pick(&self, model: &str, exclude: &[KeyIndex]) -> Pick {
+        let inner = &*self.inner;
+        if inner.slots.is_empty() {
+            return Pick::AllDisabled;
+        }
+        let mut now = LazyNow::new(&*inner.clock);
+        let picked = match inner.policy {
+            KeyPolicy::RoundRobin | KeyPolicy::Weighted => {
+                inner.pick_rotating(model, exclude, false, &mut now)
+            }
+            KeyPolicy::LeastInFlight => inner.pick_rotating(model, exclude, true, &mut now),
+            KeyPolicy::Random => inner.pick_random(model, exclude, &mut now),
+        };
+        match picked {
+            Ok(idx) => {
+                inner.slots[idx].in_flight.fetch_add(1, Ordering::Relaxed);
+                Pick::Key(KeyLease {
+                    pool: Arc::clone(&self.inner),
+                    idx,
+                })
+            }
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// A success on key `idx` for `model`: the exponential backoff for that key and model (and
+    /// for every-model cooldowns of the key) starts over from `base`.
+    pub fn on_success(&self, idx: KeyIndex, model: &str) {
+        let inner = &*self.inner;
+        if let Some(slot) = inner.slots.get(idx) {
+            slot.succeed(model, &inner.cooldown, &mut LazyNow::new(&*inner.clock));
+        }
+    }
+
+    /// A 429 on key `idx` for `model` ([`ALL_MODELS`]: every model). `requested` is what the
+    /// upstream asked for (see [`crate::retry_after::requested_cooldown`]): applied exactly,
+    /// capped at `max`, and zero means "retry now" (no cooldown, but the 429 still counts
+    /// towards the backoff). `None` applies the backoff: `base`, `2*base`, `4*base`…, capped at
+    /// `max_backoff`. A running cooldown is never shortened.
+    ///
+    /// Returns how long the key now stays out for `model` (zero: not at all). An unknown index
+    /// is ignored.
+    pub fn cool_down(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Duration {
+        self.inner.cool(idx, model, requested, "429")
+    }
+
+    /// An organisation-wide 429 (see [`crate::retry_after::is_org_wide_limit`]): cools every key
+    /// of `account` for `model` as [`KeyPool::cool_down`] would, each with its own backoff.
+    /// Returns the keys cooled; empty for an unknown account.
+    pub fn cool_down_account(
+        &self,
+        account: &str,
+        model: &str,
+        requested: Option<Duration>,
+    ) -> Vec<KeyIndex> {
+        let Some(keys) = self.inner.accounts.get(account) else {
+            return Vec::new();
+        };
+        for &idx in keys {
+            self.inner.cool(idx, model, requested, "org-wide 429");
+        }
+        keys.clone()
+    }
+
+    /// Takes key `idx` out for every model until [`KeyPool::enable`]. True if it was enabled;
+    /// a key already disabled keeps its first reason.
+    pub fn disable(&self, idx: KeyIndex, reason: DisableReason) -> bool {
+        let Some(slot) = self.inner.slots.get(idx) else {
+            return false;
+        };
+        let changed = slot.disable(reason);
+        if changed {
+            info!(
+                "key {}/{} disabled: {reason}",
+                self.inner.upstream, slot.name
+            );
+        }
+        changed
+    }
+
+    /// Puts key `idx` back into rotation (its cooldowns, if any, still run). True if it was
+    /// disabled.
+    pub fn enable(&self, idx: KeyIndex) -> bool {
+        let Some(slot) = self.inner.slots.get(idx) else {
+            return false;
+        };
+        match slot.enable() {
+            Some(reason) => {
+                info!(
+                    "key {}/{} re-enabled (was {reason})",
+                    self.inner.upstream, slot.name
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The disabled keys and why, for the background prober.
+    pub fn disabled(&self) -> Vec<(KeyIndex, DisableReason)> {
+        self.inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(idx, slot)| slot.disabled_reason().map(|r| (idx, r)))
+            .collect()
+    }
+
+    /// Every key's state, in index order.
+    pub fn status(&self) -> Vec<KeyStatus> {
+        let now = self.inner.clock.now();
+        self.inner
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                let state = match slot.disabled_reason() {
+                    Some(reason) => KeyState::Disabled { reason },
+                    None => {
+                        let cooldowns: Vec<ModelCooldown> = slot
+                            .cooling(now)
+                            .into_iter()
+                            .map(|c| ModelCooldown {
+                                model: c.model,
+                                remaining: c.remaining,
+                            })
+                            .collect();
+                        if cooldowns.is_empty() {
+                            KeyState::Ready
+                        } else {
+                            KeyState::Cooling { cooldowns }
+                        }
+                    }
+                };
+                KeyStatus {
+                    index,
+                    name: slot.name.to_string(),
+                    account: slot.account.as_deref().map(str::to_owned),
+                    weight: slot.weight,
+                    state,
+                    in_flight: slot.in_flight.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// How many keys are ready, cooling and disabled. One pass without allocating; locks only
+    /// the keys that have cooldown entries, one at a time.
+    pub fn counts(&self) -> StateCounts {
+        let now = self.inner.clock.now();
+        let mut counts = StateCounts::default();
+        for slot in self.inner.slots.iter() {
+            if slot.disabled_reason().is_some() {
+                counts.disabled += 1;
+            } else if slot.is_cooling(now) {
+                counts.cooling += 1;
+            } else {
+                counts.ready += 1;
+            }
+        }
+        counts
+    }
+
+    /// The index of the key named `name`.
+    pub fn index_of(&self, name: &str) -> Option<KeyIndex> {
+        self.inner.slots.iter().position(|s| &*s.name == name)
+    }
+
+    /// The name of key `idx`.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`KeyPool::len`], like slice indexing.
+    pub fn name(&self, idx: KeyIndex) -> &str {
+        &self.inner.slots[idx].name
+    }
+
+    /// The credential of key `idx`.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`KeyPool::len`], like slice indexing.
+    pub fn secret(&self, idx: KeyIndex) -> &Secret {
+        &self.inner.slots[idx].secret
+    }
+
+    /// The account of key `idx`, if configured.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`KeyPool::len`], like slice indexing.
+    pub fn account(&self, idx: KeyIndex) -> Option<&str> {
+        self.inner.slots[idx].account.as_deref()
+    }
+}

@@ -1,0 +1,519 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::clock::{ManualClock, SharedClock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const GPT4O: &str = "gpt-4o";
+const MINI: &str = "gpt-4o-mini";
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn spec(name: &str) -> KeySpec {
+    KeySpec {
+        name: name.to_string(),
+        secret: Secret::new(format!("sk-secret-{name}")),
+        weight: 1,
+        account: None,
+    }
+}
+
+fn pool_of(specs: Vec<KeySpec>, policy: KeyPolicy) -> (KeyPool, Arc<ManualClock>) {
+    let clock = ManualClock::new();
+    let shared: SharedClock = clock.clone();
+    let pool = KeyPool::new("openai", specs, policy, CooldownPolicy::default(), shared);
+    (pool, clock)
+}
+
+fn pool(names: &[&str], policy: KeyPolicy) -> (KeyPool, Arc<ManualClock>) {
+    pool_of(names.iter().map(|n| spec(n)).collect(), policy)
+}
+
+/// Picks and drops the lease at once; panics on anything but a key.
+fn pick_idx(pool: &KeyPool, model: &str, exclude: &[usize]) -> usize {
+    match pool.pick(model, exclude) {
+        Pick::Key(lease) => lease.index(),
+        other => panic!("expected a key, got {other:?}"),
+    }
+}
+
+fn tally(pool: &KeyPool, model: &str, picks: usize) -> Vec<usize> {
+    let mut counts = vec![0; pool.len()];
+    for _ in 0..picks {
+        counts[pick_idx(pool, model, &[])] += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_300_picks_over_3_keys_gives_exactly_100_each() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    assert_eq!(tally(&pool, GPT4O, 300), vec![100, 100, 100]);
+}
+
+#[test]
+fn round_robin_visits_keys_in_order() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    let order: Vec<usize> = (0..6).map(|_| pick_idx(&pool, GPT4O, &[])).collect();
+    assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn round_robin_stays_fair_over_the_usable_keys_when_some_cool() {
+    let (pool, _) = pool(&["a", "b", "c", "d"], KeyPolicy::RoundRobin);
+    pool.cool_down(1, GPT4O, Some(secs(60)));
+    assert_eq!(tally(&pool, GPT4O, 300), vec![100, 0, 100, 100]);
+}
+
+#[test]
+fn cooldown_for_one_model_leaves_the_key_usable_for_another() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    assert_eq!(pool.cool_down(0, GPT4O, Some(secs(2))), secs(2));
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { .. }));
+    assert_eq!(pick_idx(&pool, MINI, &[]), 0);
+}
+
+#[test]
+fn cooldown_for_all_models_blocks_every_model() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, ALL_MODELS, Some(secs(2)));
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { .. }));
+    assert!(matches!(pool.pick(MINI, &[]), Pick::AllCooling { .. }));
+    assert!(matches!(
+        pool.pick(ALL_MODELS, &[]),
+        Pick::AllCooling { .. }
+    ));
+}
+
+#[test]
+fn a_model_cooldown_does_not_block_requests_without_a_model() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(2)));
+    assert_eq!(pick_idx(&pool, ALL_MODELS, &[]), 0);
+}
+
+#[test]
+fn cooldown_expires_when_the_clock_passes_it() {
+    let (pool, clock) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(5)));
+    clock.advance(Duration::from_millis(4999));
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+    clock.advance(Duration::from_millis(1));
+    let picked: Vec<usize> = (0..2).map(|_| pick_idx(&pool, GPT4O, &[])).collect();
+    assert!(picked.contains(&0), "{picked:?}");
+    assert_eq!(pool.counts().cooling, 0);
+}
+
+#[test]
+fn backoff_doubles_caps_and_resets_on_success() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    let mut applied = Vec::new();
+    for _ in 0..8 {
+        let d = pool.cool_down(0, GPT4O, None);
+        applied.push(d.as_secs());
+        clock.advance(d);
+    }
+    assert_eq!(applied, vec![1, 2, 4, 8, 16, 32, 60, 60]);
+    // A success for another model resets nothing for this one.
+    pool.on_success(0, MINI);
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(60));
+    clock.advance(secs(60));
+    pool.on_success(0, GPT4O);
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(1));
+}
+
+#[test]
+fn backoff_is_per_key_and_model() {
+    let (pool, clock) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(1));
+    clock.advance(secs(1));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+    assert_eq!(pool.cool_down(0, MINI, None), secs(1));
+    assert_eq!(pool.cool_down(1, GPT4O, None), secs(1));
+}
+
+#[test]
+fn backoff_is_forgotten_after_a_quiet_max_backoff() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, None);
+    clock.advance(secs(1));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+    clock.advance(secs(2) + secs(60));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(1));
+}
+
+#[test]
+fn requested_cooldown_is_exact_and_capped_at_max() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    assert_eq!(
+        pool.cool_down(0, GPT4O, Some(Duration::from_millis(1500))),
+        Duration::from_millis(1500)
+    );
+    assert_eq!(pool.cool_down(1, GPT4O, Some(secs(3600))), secs(300));
+}
+
+#[test]
+fn requested_zero_applies_no_cooldown_but_counts_towards_backoff() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    assert_eq!(
+        pool.cool_down(0, GPT4O, Some(Duration::ZERO)),
+        Duration::ZERO
+    );
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 0);
+    assert_eq!(pool.counts().ready, 1);
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+}
+
+#[test]
+fn a_running_cooldown_is_never_shortened() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(30)));
+    assert_eq!(pool.cool_down(0, GPT4O, Some(secs(1))), secs(30));
+    assert_eq!(pool.cool_down(0, GPT4O, Some(secs(45))), secs(45));
+}
+
+#[test]
+fn all_disabled_when_every_key_is_disabled() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    assert!(pool.disable(0, DisableReason::Unauthorized));
+    assert!(pool.disable(1, DisableReason::InsufficientQuota));
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllDisabled));
+    assert!(matches!(pool.pick(GPT4O, &[0]), Pick::AllDisabled));
+}
+
+#[test]
+fn empty_pool_answers_all_disabled() {
+    let (pool, _) = pool(&[], KeyPolicy::RoundRobin);
+    assert!(pool.is_empty());
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllDisabled));
+}
+
+#[test]
+fn cooling_and_disabled_give_all_cooling_with_the_shortest_remaining() {
+    let (pool, clock) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(30)));
+    pool.cool_down(1, GPT4O, Some(secs(10)));
+    pool.disable(2, DisableReason::Forbidden);
+    clock.advance(secs(4));
+    match pool.pick(GPT4O, &[]) {
+        Pick::AllCooling { retry_in } => assert_eq!(retry_in, secs(6)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn excluded_cooling_keys_still_count_as_cooling() {
+    // The caller tried key a, which answered 429 and cooled: the answer is "all cooling".
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(3)));
+    pool.disable(1, DisableReason::Unauthorized);
+    assert!(matches!(
+        pool.pick(GPT4O, &[0]),
+        Pick::AllCooling { retry_in } if retry_in == secs(3)
+    ));
+}
+
+#[test]
+fn exhausted_when_only_excluded_keys_are_usable() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    pool.disable(2, DisableReason::Unauthorized);
+    assert_eq!(pick_idx(&pool, GPT4O, &[0]), 1);
+    assert!(matches!(pool.pick(GPT4O, &[0, 1]), Pick::Exhausted));
+    // Even with cooling keys around, usable-but-tried keys mean the keys are not the problem.
+    pool.cool_down(1, GPT4O, Some(secs(5)));
+    assert!(matches!(pool.pick(GPT4O, &[0]), Pick::Exhausted));
+}
+
+#[test]
+fn exclude_is_honoured_by_every_policy() {
+    for policy in [
+        KeyPolicy::RoundRobin,
+        KeyPolicy::Weighted,
+        KeyPolicy::Random,
+        KeyPolicy::LeastInFlight,
+    ] {
+        let (pool, _) = pool(&["a", "b", "c"], policy);
+        for _ in 0..50 {
+            assert_eq!(pick_idx(&pool, GPT4O, &[0, 2]), 1, "{policy:?}");
+        }
+        assert!(matches!(pool.pick(GPT4O, &[0, 1, 2]), Pick::Exhausted));
+    }
+}
+
+#[test]
+fn disable_and_enable_report_whether_the_state_changed() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    assert!(pool.disable(1, DisableReason::Unauthorized));
+    assert!(!pool.disable(1, DisableReason::Forbidden));
+    assert_eq!(pool.disabled(), vec![(1, DisableReason::Unauthorized)]);
+    for _ in 0..5 {
+        assert_eq!(pick_idx(&pool, GPT4O, &[]), 0);
+    }
+    assert!(pool.enable(1));
+    assert!(!pool.enable(1));
+    assert!(pool.disabled().is_empty());
+    assert_eq!(tally(&pool, GPT4O, 10), vec![5, 5]);
+}
+
+#[test]
+fn unknown_indices_are_ignored_by_state_changes() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    assert_eq!(pool.cool_down(7, GPT4O, None), Duration::ZERO);
+    assert!(!pool.disable(7, DisableReason::Forbidden));
+    assert!(!pool.enable(7));
+    pool.on_success(7, GPT4O);
+    assert_eq!(pool.counts().ready, 1);
+}
+
+#[test]
+fn account_cooldown_cools_exactly_that_accounts_keys() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c", "d"].iter().map(|n| spec(n)).collect();
+    specs[0].account = Some("org-1".into());
+    specs[2].account = Some("org-1".into());
+    specs[3].account = Some("org-2".into());
+    let (pool, _) = pool_of(specs, KeyPolicy::RoundRobin);
+    assert_eq!(
+        pool.cool_down_account("org-1", GPT4O, Some(secs(20))),
+        vec![0, 2]
+    );
+    assert_eq!(tally(&pool, GPT4O, 20), vec![0, 10, 0, 10]);
+    assert_eq!(tally(&pool, MINI, 20), vec![5, 5, 5, 5]);
+    assert!(pool.cool_down_account("org-404", GPT4O, None).is_empty());
+    assert_eq!(pool.account(0), Some("org-1"));
+    assert_eq!(pool.account(1), None);
+}
+
+#[test]
+fn weighted_gives_weight_2_twice_the_picks_of_weight_1() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c"].iter().map(|n| spec(n)).collect();
+    specs[1].weight = 2;
+    let (pool, _) = pool_of(specs, KeyPolicy::Weighted);
+    assert_eq!(tally(&pool, GPT4O, 400), vec![100, 200, 100]);
+}
+
+#[test]
+fn weighted_skips_cooling_keys_and_keeps_the_others_ratio() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c"].iter().map(|n| spec(n)).collect();
+    specs[0].weight = 3;
+    specs[1].weight = 1;
+    specs[2].weight = 5;
+    let (pool, _) = pool_of(specs, KeyPolicy::Weighted);
+    pool.cool_down(2, GPT4O, Some(secs(60)));
+    assert_eq!(tally(&pool, GPT4O, 400), vec![300, 100, 0]);
+}
+
+#[test]
+fn random_picks_only_usable_keys_and_reaches_all_of_them() {
+    let (pool, _) = pool(&["a", "b", "c", "d"], KeyPolicy::Random);
+    pool.cool_down(1, GPT4O, Some(secs(60)));
+    pool.disable(3, DisableReason::Forbidden);
+    let counts = tally(&pool, GPT4O, 2000);
+    assert_eq!(counts[1] + counts[3], 0, "{counts:?}");
+    assert!(counts[0] > 800 && counts[2] > 800, "{counts:?}");
+    pool.cool_down(0, GPT4O, Some(secs(60)));
+    pool.cool_down(2, GPT4O, Some(secs(30)));
+    assert!(matches!(
+        pool.pick(GPT4O, &[]),
+        Pick::AllCooling { retry_in } if retry_in == secs(30)
+    ));
+}
+
+#[test]
+fn least_in_flight_prefers_keys_with_fewer_leases_held() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::LeastInFlight);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        match pool.pick(GPT4O, &[]) {
+            Pick::Key(lease) => held.push(lease),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut first: Vec<usize> = held.iter().map(KeyLease::index).collect();
+    first.sort_unstable();
+    assert_eq!(first, vec![0, 1, 2]);
+    // Release b: it is the only key with nothing in flight.
+    held.retain(|l| l.index() != 1);
+    for _ in 0..3 {
+        assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+    }
+    // Hold a second lease on b: a and c (1 each) now beat it (2), in rotation.
+    let extra = match pool.pick(GPT4O, &[]) {
+        Pick::Key(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(extra.index(), 1);
+    let extra2 = match pool.pick(GPT4O, &[]) {
+        Pick::Key(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(extra2.index(), 1);
+    let statuses = pool.status();
+    let in_flight: Vec<usize> = statuses.iter().map(|s| s.in_flight).collect();
+    assert_eq!(in_flight.iter().sum::<usize>(), 4);
+    drop((held, extra, extra2));
+    assert!(pool.status().iter().all(|s| s.in_flight == 0));
+}
+
+#[test]
+fn least_in_flight_breaks_ties_by_rotation() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::LeastInFlight);
+    assert_eq!(tally(&pool, GPT4O, 300), vec![100, 100, 100]);
+}
+
+#[test]
+fn status_and_counts_report_each_state() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c", "d"].iter().map(|n| spec(n)).collect();
+    specs[0].account = Some("org-1".into());
+    let (pool, clock) = pool_of(specs, KeyPolicy::RoundRobin);
+    pool.cool_down(1, GPT4O, Some(secs(10)));
+    pool.cool_down(1, ALL_MODELS, Some(secs(5)));
+    pool.disable(2, DisableReason::InsufficientQuota);
+    pool.cool_down(2, GPT4O, Some(secs(10)));
+    clock.advance(secs(1));
+    assert_eq!(
+        pool.counts(),
+        StateCounts {
+            ready: 2,
+            cooling: 1,
+            disabled: 1
+        }
+    );
+    let status = pool.status();
+    assert_eq!(status[0].name, "a");
+    assert_eq!(status[0].account.as_deref(), Some("org-1"));
+    assert_eq!(status[0].state, KeyState::Ready);
+    assert_eq!(
+        status[1].state,
+        KeyState::Cooling {
+            cooldowns: vec![
+                ModelCooldown {
+                    model: Some(GPT4O.into()),
+                    remaining: secs(9)
+                },
+                ModelCooldown {
+                    model: None,
+                    remaining: secs(4)
+                },
+            ]
+        }
+    );
+    assert_eq!(
+        status[2].state,
+        KeyState::Disabled {
+            reason: DisableReason::InsufficientQuota
+        }
+    );
+    let json = serde_json::to_string(&status[1]).unwrap();
+    assert!(json.contains(r#""state":"cooling""#), "{json}");
+    assert!(json.contains(r#""remaining_ms":9000"#), "{json}");
+    let json = serde_json::to_string(&status[2]).unwrap();
+    assert!(json.contains(r#""reason":"insufficient_quota""#), "{json}");
+}
+
+#[test]
+fn lease_gives_name_secret_and_account() {
+    let mut specs = vec![spec("a")];
+    specs[0].account = Some("org-1".into());
+    let (pool, _) = pool_of(specs, KeyPolicy::RoundRobin);
+    let Pick::Key(lease) = pool.pick(GPT4O, &[]) else {
+        panic!("no key")
+    };
+    assert_eq!(lease.name(), "a");
+    assert_eq!(lease.secret().expose(), "sk-secret-a");
+    assert_eq!(lease.account(), Some("org-1"));
+    assert_eq!(pool.name(0), "a");
+    assert_eq!(pool.secret(0).expose(), "sk-secret-a");
+    assert_eq!(pool.index_of("a"), Some(0));
+    assert_eq!(pool.index_of("zz"), None);
+}
+
+#[test]
+fn nothing_the_pool_debug_prints_contains_a_secret() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(3)));
+    let pick = pool.pick(GPT4O, &[]);
+    let shown = format!(
+        "{pool:?} {pick:?} {:?} {:?} {:?}",
+        pool.status(),
+        pool.secret(1),
+        KeySpec::from_secret(Secret::new("sk-secret-x"))
+    );
+    assert!(!shown.contains("sk-secret"), "{shown}");
+    assert!(shown.contains("openai"));
+}
+
+#[test]
+fn unnamed_key_is_named_after_its_hash() {
+    let spec = KeySpec::from_secret(Secret::new("abc"));
+    assert_eq!(spec.name, "key-ba7816bf");
+    assert_eq!(key_id("abc"), "key-ba7816bf");
+    assert_eq!(spec.weight, 1);
+}
+
+#[test]
+fn pool_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<KeyPool>();
+    assert_send_sync::<KeyLease>();
+}
+
+#[test]
+fn concurrent_round_robin_picks_stay_exactly_fair() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    let threads = 8;
+    let per_thread = 3000;
+    let counts: Vec<HashMap<usize, usize>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut counts = HashMap::new();
+                    for _ in 0..per_thread {
+                        *counts.entry(pick_idx(&pool, GPT4O, &[])).or_insert(0) += 1;
+                    }
+                    counts
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total = [0usize; 3];
+    for c in counts {
+        for (k, v) in c {
+            total[k] += v;
+        }
+    }
+    let expected = threads * per_thread / 3;
+    for t in total {
+        assert!(t.abs_diff(expected) <= 1, "{total:?}");
+    }
+}
+
+#[test]
+fn many_keys_with_a_third_cooling_pick_only_usable_ones_fairly() {
+    let n = 3000;
+    let names: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    let (pool, _) = pool_of(
+        names.iter().map(|n| spec(n)).collect(),
+        KeyPolicy::RoundRobin,
+    );
+    // A contiguous third, the worst case for a scan that does not move the cursor past it.
+    for i in 0..n / 3 {
+        pool.cool_down(i, GPT4O, Some(secs(60)));
+    }
+    let counts = tally(&pool, GPT4O, 2 * (n - n / 3));
+    assert!(counts[..n / 3].iter().all(|&c| c == 0));
+    assert!(counts[n / 3..].iter().all(|&c| c == 2));
+    assert_eq!(
+        pool.counts(),
+        StateCounts {
+            ready: n - n / 3,
+            cooling: n / 3,
+            disabled: 0
+        }
+    );
+}

@@ -1,0 +1,77 @@
+//! Reading the request body before routing, so that Pingora replays it on every attempt.
+//!
+//! Routing needs `model` before `upstream_peer`, so the body is read in `request_filter`. Pingora
+//! then has no body left to send, except what its 64 KiB retry buffer holds: it hands that buffer
+//! to `request_body_filter` once per attempt. So the body is read with the buffer off until at
+//! most 64 KiB remain, the buffer is switched on for the tail, and the filter swaps the tail for
+//! keygate's full copy (see [`crate::proxy`]). With buffering on from the start, a body over
+//! 64 KiB would truncate the buffer and Pingora would then send no body at all.
+//! This leans on Pingora 0.9 internals (pinned in Cargo.toml); the integration tests cover
+//! every size so an upgrade that changes it fails loudly.
+
+use bytes::{Bytes, BytesMut};
+use pingora_proxy::Session;
+
+/// Pingora's retry buffer size (`BODY_BUF_LIMIT` in pingora-core 0.9).
+pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// Why a body could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    /// Larger than the configured cap.
+    #[error("request body larger than {limit} bytes")]
+    TooLarge {
+        /// The cap.
+        limit: usize,
+    },
+    /// A chunked body over 64 KiB cannot be replayed by Pingora.
+    #[error("chunked request body over 64 KiB; send a Content-Length")]
+    ChunkedTooLarge,
+    /// The client went away or sent garbage.
+    #[error("reading the request body: {0}")]
+    Downstream(Box<pingora_error::Error>),
+}
+
+/// Reads the whole body (bounded by `max`), leaving Pingora able to replay it per attempt.
+pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, BodyReadError> {
+    let content_length = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(cl) = content_length {
+        if cl > max {
+            return Err(BodyReadError::TooLarge { limit: max });
+        }
+    }
+    if session.as_mut().is_body_empty() {
+        return Ok(Bytes::new());
+    }
+    let mut buf = BytesMut::with_capacity(content_length.unwrap_or(16 * 1024).min(max));
+    if content_length.is_none() {
+        // Unknown length: only bodies that fit the retry buffer can be replayed.
+        session.as_mut().enable_retry_buffering();
+    }
+    loop {
+        if let Some(cl) = content_length {
+            if cl.saturating_sub(buf.len()) <= RETRY_BUFFER_LIMIT {
+                session.as_mut().enable_retry_buffering();
+            }
+        }
+        let chunk = session
+            .as_mut()
+            .read_request_body()
+            .await
+            .map_err(BodyReadError::Downstream)?;
+        let Some(chunk) = chunk else { break };
+        if buf.len() + chunk.len() > max {
+            return Err(BodyReadError::TooLarge { limit: max });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if content_length.is_none() && buf.len() > RETRY_BUFFER_LIMIT {
+        return Err(BodyReadError::ChunkedTooLarge);
+    }
+    Ok(buf.freeze())
+}

@@ -1,0 +1,87 @@
+//! Per-request state kept across Pingora's hooks and across retry attempts.
+
+use super::errors::LocalResponse;
+use crate::keys::KeyLease;
+use bytes::Bytes;
+use pingora_load_balancing::Backend;
+use std::time::Instant;
+
+/// One try of a request against one upstream key and endpoint.
+pub struct Attempt {
+    /// Index of the upstream.
+    pub upstream: usize,
+    /// The key in use (none for `auth: none` upstreams); released on drop.
+    pub key: Option<KeyLease>,
+    /// The endpoint in use.
+    pub endpoint: Backend,
+    /// When the attempt started, for time to first byte.
+    pub started: Instant,
+}
+
+/// What a request carries through the hooks.
+pub struct RequestCtx {
+    /// When keygate took the request.
+    pub started: Instant,
+    /// The (possibly rewritten) body, replayed on every attempt.
+    pub body: Bytes,
+    /// Whether the request had a body that keygate must supply to the upstream.
+    pub has_body: bool,
+    /// The attempt number whose body has been handed to Pingora.
+    pub body_sent_for: u32,
+    /// `model` as the client asked.
+    pub model: Option<String>,
+    /// `model` as sent upstream (after an alias rewrite).
+    pub upstream_model: Option<String>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Index of the matched route.
+    pub route: Option<usize>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// (upstream, key) pairs already tried for this request.
+    pub tried: Vec<(usize, usize)>,
+    /// The attempt in flight.
+    pub current: Option<Attempt>,
+    /// A response keygate must write itself (from `fail_to_proxy`).
+    pub local: Option<LocalResponse>,
+    /// A replacement body for an upstream response (sanitised 401/403).
+    pub replace_body: Option<Bytes>,
+    /// Status of the last upstream response.
+    pub upstream_status: Option<u16>,
+}
+
+impl RequestCtx {
+    /// A fresh context.
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            body: Bytes::new(),
+            has_body: false,
+            body_sent_for: 0,
+            model: None,
+            upstream_model: None,
+            stream: false,
+            route: None,
+            attempts: 0,
+            tried: Vec::new(),
+            current: None,
+            local: None,
+            replace_body: None,
+            upstream_status: None,
+        }
+    }
+
+    /// The model name used for key cooldowns: the one sent upstream.
+    pub fn cooldown_model(&self) -> &str {
+        self.upstream_model
+            .as_deref()
+            .or(self.model.as_deref())
+            .unwrap_or("")
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,164 @@
+//! keygate's own answers, shaped like OpenAI's errors: `{"error":{"message","type","param","code"}}`.
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+use std::time::Duration;
+
+/// A response keygate writes itself instead of proxying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error `type`.
+    pub kind: &'static str,
+    /// OpenAI error `code`.
+    pub code: &'static str,
+    /// `Retry-After` in whole seconds, for 429s and 503s.
+    pub retry_after: Option<u64>,
+}
+
+impl LocalResponse {
+    /// An error with `status`, `message`, `type` and `code`.
+    pub fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code,
+            retry_after: None,
+        }
+    }
+
+    /// 400 for a request keygate cannot read.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", "invalid_request", message)
+    }
+
+    /// 404 for a model no route serves.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist or is not served by this gateway."),
+        )
+    }
+
+    /// 413 for a body over the configured cap.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("Request body is larger than this gateway accepts ({limit} bytes)."),
+        )
+    }
+
+    /// 429 when every key that could serve the request is cooling down.
+    pub fn all_cooling(retry_in: Duration) -> Self {
+        let secs = whole_seconds_up(retry_in);
+        let mut r = Self::new(
+            429,
+            "rate_limit_exceeded",
+            "rate_limit_exceeded",
+            format!("All upstream keys for this model are rate limited; retry in {secs} s."),
+        );
+        r.retry_after = Some(secs);
+        r
+    }
+
+    /// 503 when every key that could serve the request is disabled.
+    pub fn all_disabled() -> Self {
+        Self::new(
+            503,
+            "service_unavailable",
+            "no_available_keys",
+            "No upstream key is currently usable for this request (all are disabled).",
+        )
+    }
+
+    /// 502 when no upstream could be reached.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, "upstream_error", "bad_gateway", message)
+    }
+
+    /// 504 when the upstream did not answer in time.
+    pub fn gateway_timeout() -> Self {
+        Self::new(
+            504,
+            "upstream_error",
+            "timeout",
+            "The upstream did not answer in time.",
+        )
+    }
+
+    /// The replacement for an upstream 401/403 body, which may echo part of the key.
+    pub fn upstream_auth_failed(status: u16) -> Self {
+        Self::new(
+            status,
+            "upstream_auth_error",
+            "upstream_auth_failed",
+            "The gateway's upstream credential was refused; the operator has been notified in the logs.",
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// The response header for a body of `len` bytes.
+    pub fn header(&self, len: usize) -> pingora_error::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(self.status, Some(4))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", len.to_string())?;
+        if let Some(s) = self.retry_after {
+            h.insert_header("retry-after", s.to_string())?;
+        }
+        Ok(h)
+    }
+}
+
+/// Rounds a duration up to whole seconds, at least 1.
+pub fn whole_seconds_up(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&LocalResponse::model_not_found("x").body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("`x`"));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(2000)), 2);
+        assert_eq!(whole_seconds_up(Duration::from_millis(2001)), 3);
+        let r = LocalResponse::all_cooling(Duration::from_millis(1500));
+        assert_eq!(r.retry_after, Some(2));
+        assert_eq!(
+            r.header(10).unwrap().headers.get("retry-after").unwrap(),
+            "2"
+        );
+    }
+}

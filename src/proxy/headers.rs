@@ -1,0 +1,201 @@
+//! Header rules: what leaves for the upstream and what comes back to the client.
+
+use crate::config::AuthStyle;
+use http::header::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// Headers a client may use to send its own credential; never forwarded.
+pub const CLIENT_CREDENTIAL_HEADERS: [&str; 4] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "proxy-authorization",
+];
+
+/// Response headers that tell a client which account served it, or set state on it.
+pub const DROPPED_RESPONSE_HEADERS: [&str; 3] =
+    ["set-cookie", "openai-organization", "openai-project"];
+
+/// Problems Pingora would only report after connecting upstream: a `Connection` header that
+/// nominates a protected field or is malformed. Mirrors pingora-proxy 0.9's checks.
+pub fn connection_header_problem(req: &RequestHeader) -> Option<&'static str> {
+    let mut count = 0;
+    for token in req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        count += 1;
+        if count >= 10 {
+            return Some("too many Connection header tokens");
+        }
+        if !token.iter().all(|b| is_tchar(*b)) {
+            return Some("malformed token in the Connection header");
+        }
+        let lower = token.to_ascii_lowercase();
+        if matches!(
+            lower.as_slice(),
+            b"host" | b"x-forwarded-for" | b"x-forwarded-host" | b"x-forwarded-proto"
+        ) {
+            return Some("the Connection header may not name a protected header");
+        }
+    }
+    None
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Rewrites the outgoing request for one attempt: credentials out, ours in, Host, path, length.
+pub fn prepare_upstream_request(
+    req: &mut RequestHeader,
+    auth: AuthStyle,
+    secret: Option<&str>,
+    host: &str,
+    path_and_query: &str,
+    body_len: Option<usize>,
+) -> Result<()> {
+    for h in CLIENT_CREDENTIAL_HEADERS {
+        req.remove_header(h);
+    }
+    // keygate already answered the client's 100-continue and holds the body.
+    req.remove_header("expect");
+    if let (Some(secret), Some((name, prefix))) = (secret, auth_header(auth)) {
+        let mut value = HeaderValue::from_str(&format!("{prefix}{secret}")).map_err(|_| {
+            pingora_error::Error::explain(
+                pingora_error::ErrorType::InternalError,
+                "key is not a valid header value",
+            )
+        })?;
+        // Pingora logs request headers at DEBUG; a sensitive value prints as "Sensitive".
+        value.set_sensitive(true);
+        req.insert_header(name, value)?;
+    }
+    req.insert_header(http::header::HOST, host)?;
+    let uri: http::Uri = path_and_query.parse().map_err(|_| {
+        pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "bad upstream path")
+    })?;
+    req.set_uri(uri);
+    if let Some(len) = body_len {
+        req.remove_header(&http::header::TRANSFER_ENCODING);
+        req.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+    }
+    Ok(())
+}
+
+/// The header an auth style uses, and the value prefix.
+pub fn auth_header(auth: AuthStyle) -> Option<(HeaderName, &'static str)> {
+    match auth {
+        AuthStyle::Bearer => Some((http::header::AUTHORIZATION, "Bearer ")),
+        AuthStyle::Azure => Some((HeaderName::from_static("api-key"), "")),
+        AuthStyle::XApiKey => Some((HeaderName::from_static("x-api-key"), "")),
+        AuthStyle::None => None,
+    }
+}
+
+/// Removes response headers that must not reach the client.
+pub fn sanitize_response(resp: &mut ResponseHeader) {
+    for h in DROPPED_RESPONSE_HEADERS {
+        resp.remove_header(h);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn client_credentials_are_replaced_by_exactly_one_pool_key() {
+        let mut r = request(&[
+            ("authorization", "Bearer client-token"),
+            ("api-key", "client"),
+            ("x-api-key", "client"),
+        ]);
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::Bearer,
+            Some("sk-pool"),
+            "api.example",
+            "/v1/x",
+            Some(5),
+        )
+        .unwrap();
+        let auth: Vec<_> = r.headers.get_all("authorization").iter().collect();
+        assert_eq!(auth.len(), 1);
+        assert_eq!(auth[0], "Bearer sk-pool");
+        assert!(auth[0].is_sensitive());
+        assert!(r.headers.get("api-key").is_none());
+        assert!(r.headers.get("x-api-key").is_none());
+        assert_eq!(r.headers.get("host").unwrap(), "api.example");
+        assert_eq!(r.headers.get("content-length").unwrap(), "5");
+    }
+
+    #[test]
+    fn azure_style_uses_api_key_header() {
+        let mut r = request(&[("authorization", "Bearer client")]);
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::Azure,
+            Some("az"),
+            "h",
+            "/openai/x?api-version=1",
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.headers.get("api-key").unwrap(), "az");
+        assert!(r.headers.get("authorization").is_none());
+        assert_eq!(r.uri.to_string(), "/openai/x?api-version=1");
+    }
+
+    #[test]
+    fn debug_output_of_upstream_request_hides_the_key() {
+        let mut r = request(&[]);
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::Bearer,
+            Some("sk-canary-123456"),
+            "h",
+            "/",
+            None,
+        )
+        .unwrap();
+        assert!(!format!("{r:?}").contains("canary"));
+    }
+
+    #[test]
+    fn connection_naming_host_is_a_problem_but_authorization_is_not() {
+        assert!(
+            connection_header_problem(&request(&[("connection", "keep-alive, host")])).is_some()
+        );
+        assert!(connection_header_problem(&request(&[("connection", "\"x\"")])).is_some());
+        assert!(connection_header_problem(&request(&[("connection", "authorization")])).is_none());
+    }
+
+    #[test]
+    fn account_revealing_response_headers_are_dropped() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("set-cookie", "a=b").unwrap();
+        resp.append_header("openai-organization", "org").unwrap();
+        resp.append_header("openai-project", "p").unwrap();
+        resp.append_header("x-request-id", "r").unwrap();
+        sanitize_response(&mut resp);
+        assert!(resp.headers.get("set-cookie").is_none());
+        assert!(resp.headers.get("openai-organization").is_none());
+        assert!(resp.headers.get("openai-project").is_none());
+        assert!(resp.headers.get("x-request-id").is_some());
+    }
+}

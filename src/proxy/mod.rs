@@ -1,0 +1,614 @@
+//! The Pingora `ProxyHttp` glue: each hook reads the request state and calls plain-Rust logic.
+//!
+//! ```text
+//! request_filter          read body (bounded) · model/stream · route · alias rewrite
+//! upstream_peer           key from the KeyPool · endpoint from the LoadBalancer
+//! upstream_request_filter client credentials out · key in · Host · base path · Content-Length
+//! request_body_filter     hand Pingora the full body for this attempt
+//! upstream_response_filter 429 ⇒ cool · 401/403 ⇒ disable · 5xx ⇒ retry elsewhere
+//! response_filter         drop account-revealing headers
+//! ```
+
+pub mod body_replay;
+pub mod ctx;
+pub mod errors;
+pub mod headers;
+
+use crate::clock::SharedClock;
+use crate::keys::Pick;
+use crate::outcome::Outcome;
+use crate::request_body;
+use crate::retry_after;
+use crate::routes::{endpoint_needs_model, RouteTable};
+use crate::upstream::Upstream;
+use async_trait::async_trait;
+use body_replay::BodyReadError;
+use bytes::Bytes;
+use ctx::{Attempt, RequestCtx};
+use errors::LocalResponse;
+use log::{debug, info, warn};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-route settings the proxy needs at run time.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Upstream indexes in fallback order.
+    pub upstreams: Vec<usize>,
+    /// Extra attempts after a failed one.
+    pub retries: u32,
+    /// Response-header timeout per attempt.
+    pub ttfb_timeout: Duration,
+}
+
+/// The gateway: everything the hooks need, shared by all worker threads.
+pub struct Gateway {
+    upstreams: Vec<Upstream>,
+    routes: RouteTable,
+    plans: Vec<RoutePlan>,
+    max_body_bytes: usize,
+    clock: SharedClock,
+}
+
+impl Gateway {
+    /// Assembles the gateway from its parts; `plans[i]` belongs to route `i`.
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        routes: RouteTable,
+        plans: Vec<RoutePlan>,
+        max_body_bytes: usize,
+        clock: SharedClock,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            upstreams,
+            routes,
+            plans,
+            max_body_bytes,
+            clock,
+        })
+    }
+
+    /// The upstreams, in config order.
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    fn plan(&self, ctx: &RequestCtx) -> Option<&RoutePlan> {
+        ctx.route.and_then(|r| self.plans.get(r))
+    }
+
+    /// Whether some key not yet tried could take this request now.
+    fn has_candidate(&self, ctx: &RequestCtx) -> bool {
+        let Some(plan) = self.plan(ctx) else {
+            return false;
+        };
+        plan.upstreams.iter().any(|&u| {
+            let up = &self.upstreams[u];
+            if up.keys.is_empty() {
+                return !ctx.tried.iter().any(|(tu, _)| *tu == u) && up.pick_endpoint().is_some();
+            }
+            let exclude = tried_keys(ctx, u);
+            matches!(up.keys.pick(ctx.cooldown_model(), &exclude), Pick::Key(_))
+        })
+    }
+
+    /// Chooses the next (upstream, key, endpoint), or the local answer when none is usable.
+    fn choose(
+        &self,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(Attempt, HttpPeer), LocalResponse> {
+        let plan = self
+            .plan(ctx)
+            .ok_or_else(|| LocalResponse::bad_gateway("request was not routed"))?;
+        let mut soonest: Option<Duration> = None;
+        let mut endpoints_down = false;
+        for &u in &plan.upstreams {
+            let up = &self.upstreams[u];
+            let key = if up.keys.is_empty() {
+                if ctx.tried.iter().any(|(tu, _)| *tu == u) {
+                    continue;
+                }
+                None
+            } else {
+                match up.keys.pick(ctx.cooldown_model(), &tried_keys(ctx, u)) {
+                    Pick::Key(lease) => Some(lease),
+                    Pick::AllCooling { retry_in } => {
+                        soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
+                        continue;
+                    }
+                    Pick::AllDisabled | Pick::Exhausted => continue,
+                }
+            };
+            let Some(endpoint) = up.pick_endpoint() else {
+                endpoints_down = true;
+                warn!("upstream {}: no live endpoint", up.name);
+                continue;
+            };
+            let Some(peer) = up.peer(&endpoint, plan.ttfb_timeout) else {
+                endpoints_down = true;
+                continue;
+            };
+            ctx.tried
+                .push((u, key.as_ref().map_or(usize::MAX, |k| k.index())));
+            let attempt = Attempt {
+                upstream: u,
+                key,
+                endpoint,
+                started: Instant::now(),
+            };
+            return Ok((attempt, peer));
+        }
+        Err(if let Some(wait) = soonest {
+            LocalResponse::all_cooling(wait)
+        } else if endpoints_down {
+            LocalResponse::bad_gateway("No upstream endpoint is reachable.")
+        } else {
+            LocalResponse::all_disabled()
+        })
+    }
+
+    /// Applies what an upstream status says about the key that got it.
+    fn judge(&self, ctx: &RequestCtx, status: u16, resp: &ResponseHeader) -> Outcome {
+        let outcome = Outcome::of(status);
+        let Some(att) = ctx.current.as_ref() else {
+            return outcome;
+        };
+        let up = &self.upstreams[att.upstream];
+        let Some(lease) = att.key.as_ref() else {
+            return outcome;
+        };
+        let idx = lease.index();
+        let model = ctx.cooldown_model();
+        match outcome {
+            Outcome::Success => up.keys.on_success(idx, model),
+            Outcome::RateLimited => {
+                let wanted = retry_after::requested_cooldown(&resp.headers, self.clock.wall());
+                match up.keys.account(idx) {
+                    Some(account) if retry_after::is_org_wide_limit(&resp.headers, b"", None) => {
+                        let account = account.to_string();
+                        up.keys.cool_down_account(&account, model, wanted);
+                    }
+                    _ => {
+                        up.keys.cool_down(idx, model, wanted);
+                    }
+                }
+            }
+            Outcome::KeyRefused(reason) => {
+                up.keys.disable(idx, reason);
+            }
+            Outcome::ServerError | Outcome::ClientError => {}
+        }
+        outcome
+    }
+
+    async fn respond_local(&self, session: &mut Session, resp: &LocalResponse) -> Result<()> {
+        let body = resp.body();
+        let header = resp.header(body.len())?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+}
+
+fn tried_keys(ctx: &RequestCtx, upstream: usize) -> Vec<usize> {
+    ctx.tried
+        .iter()
+        .filter(|(u, _)| *u == upstream)
+        .map(|(_, k)| *k)
+        .collect()
+}
+
+fn local_error(resp: LocalResponse, ctx: &mut RequestCtx) -> Box<Error> {
+    let status = resp.status;
+    ctx.local = Some(resp);
+    let mut e = Error::explain(ErrorType::HTTPStatus(status), "answered by keygate");
+    e.set_retry(false);
+    e
+}
+
+/// Reads what routing needs from the request and picks the route, or says why not.
+fn parse_and_route(
+    gw: &Gateway,
+    req: &RequestHeader,
+    body: Bytes,
+    ctx: &mut RequestCtx,
+) -> std::result::Result<(), LocalResponse> {
+    let path = req.uri.path();
+    let needs_model = endpoint_needs_model(req.method.as_str(), path);
+    let content_type = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut json_info = None;
+    if content_type.starts_with("multipart/form-data") {
+        match request_body::multipart_field(&body, content_type, "model") {
+            Ok(m) => ctx.model = m,
+            Err(e) if needs_model => return Err(LocalResponse::bad_request(e.to_string())),
+            Err(_) => {}
+        }
+    } else if !body.is_empty() && (needs_model || content_type.contains("json")) {
+        match request_body::scan_json(&body) {
+            Ok(info) => {
+                ctx.model = info.model.clone();
+                ctx.stream = info.stream;
+                json_info = Some(info);
+            }
+            Err(e) if needs_model => return Err(LocalResponse::bad_request(e.to_string())),
+            Err(_) => {}
+        }
+    }
+    if needs_model && ctx.model.is_none() {
+        return Err(LocalResponse::bad_request(
+            "You must provide a model parameter.".to_string(),
+        ));
+    }
+    let Some((idx, route)) = gw.routes.route(path, ctx.model.as_deref()) else {
+        return Err(match ctx.model.as_deref() {
+            Some(m) => LocalResponse::model_not_found(m),
+            None => LocalResponse::new(
+                404,
+                "invalid_request_error",
+                "unknown_url",
+                format!("No route serves {} {path}.", req.method),
+            ),
+        });
+    };
+    ctx.route = Some(idx);
+    ctx.body = body;
+    if let (Some(new_model), Some(_)) = (route.rewrite_model.as_deref(), ctx.model.as_deref()) {
+        if let Some(info) = json_info.as_ref() {
+            ctx.body = Bytes::from(info.rewrite_model(&ctx.body, new_model));
+        } else if let Some(b) =
+            request_body::rewrite_multipart_field(&ctx.body, content_type, "model", new_model)
+        {
+            ctx.body = Bytes::from(b);
+        }
+        ctx.upstream_model = Some(new_model.to_string());
+    }
+    Ok(())
+}
+
+fn is_expect_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Pingora's `ProxyHttp` wrapper around a shared [`Gateway`].
+pub struct GatewayProxy(pub Arc<Gateway>);
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let gw = &self.0;
+        if let Some(problem) = headers::connection_header_problem(session.req_header()) {
+            gw.respond_local(session, &LocalResponse::bad_request(problem))
+                .await?;
+            return Ok(true);
+        }
+        if is_expect_continue(session.req_header()) && !session.is_http2() {
+            let cont = ResponseHeader::build(100, Some(0))?;
+            session.write_response_header(Box::new(cont), false).await?;
+        }
+        ctx.has_body = !session.as_mut().is_body_empty();
+        let body = match body_replay::read_body(session, gw.max_body_bytes).await {
+            Ok(b) => b,
+            Err(BodyReadError::TooLarge { limit }) => {
+                gw.respond_local(session, &LocalResponse::too_large(limit))
+                    .await?;
+                return Ok(true);
+            }
+            Err(BodyReadError::ChunkedTooLarge) => {
+                let r = LocalResponse::new(
+                    411,
+                    "invalid_request_error",
+                    "length_required",
+                    "Send a Content-Length header with request bodies over 64 KiB.",
+                );
+                gw.respond_local(session, &r).await?;
+                return Ok(true);
+            }
+            Err(BodyReadError::Downstream(e)) => return Err(e),
+        };
+        let req = session.req_header().clone();
+        if let Err(resp) = parse_and_route(gw, &req, body, ctx) {
+            gw.respond_local(session, &resp).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // Release the previous attempt's key before choosing the next one.
+        ctx.current = None;
+        match self.0.choose(ctx) {
+            Ok((attempt, peer)) => {
+                ctx.attempts += 1;
+                ctx.current = Some(attempt);
+                Ok(Box::new(peer))
+            }
+            Err(local) => Err(local_error(local, ctx)),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(att) = ctx.current.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "no attempt in progress");
+        };
+        let up = &self.0.upstreams[att.upstream];
+        let path = session
+            .req_header()
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str());
+        let secret = att.key.as_ref().map(|k| up.keys.secret(k.index()).expose());
+        headers::prepare_upstream_request(
+            upstream_request,
+            up.auth,
+            secret,
+            &up.host_header,
+            &up.upstream_path(path),
+            ctx.has_body.then_some(ctx.body.len()),
+        )
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !ctx.has_body {
+            return Ok(());
+        }
+        // Pingora hands over only its retry buffer (the tail); send keygate's full copy instead,
+        // once per attempt.
+        if ctx.body_sent_for != ctx.attempts {
+            ctx.body_sent_for = ctx.attempts;
+            *body = Some(ctx.body.clone());
+        } else {
+            *body = None;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if status < 200 {
+            return Ok(());
+        }
+        ctx.upstream_status = Some(status);
+        let outcome = self.0.judge(ctx, status, resp);
+        let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
+        if outcome.worth_retrying() && ctx.attempts <= retries && self.0.has_candidate(ctx) {
+            let (up, key) = describe_attempt(&self.0, ctx);
+            info!("upstream {up} key {key} answered {status}; retrying elsewhere");
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "upstream answer worth retrying",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        if matches!(outcome, Outcome::KeyRefused(_)) {
+            // OpenAI's 401 bodies echo part of the key: never pass them on.
+            let replacement = LocalResponse::upstream_auth_failed(status);
+            let body = replacement.body();
+            *resp = replacement.header(body.len())?;
+            ctx.replace_body = Some(body);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        headers::sanitize_response(resp);
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(replacement) = ctx.replace_body.take() {
+            *body = Some(replacement);
+        } else if ctx.upstream_status.is_some_and(|s| s == 401 || s == 403) {
+            *body = None;
+        }
+        Ok(None)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer {peer}"));
+        // Settle the flag first: reading an undecided retry flag panics.
+        e.retry.decide_reuse(client_reused);
+        let ours = matches!(e.etype(), ErrorType::HTTPStatus(_));
+        if session.response_written().is_some() {
+            // Bytes already reached the client: a retry would duplicate or splice responses.
+            e.set_retry(false);
+        } else if !ours {
+            let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
+            let retry = ctx.attempts <= retries && self.0.has_candidate(ctx);
+            e.set_retry(retry);
+        }
+        e
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // The key was never used: let it be tried again on another endpoint.
+        if let Some(att) = ctx.current.as_ref() {
+            let u = att.upstream;
+            let k = att.key.as_ref().map_or(usize::MAX, |k| k.index());
+            if let Some(pos) = ctx.tried.iter().rposition(|t| *t == (u, k)) {
+                ctx.tried.remove(pos);
+            }
+            warn!(
+                "upstream {}: cannot connect to {peer}: {:?}",
+                self.0.upstreams[u].name,
+                e.etype()
+            );
+        }
+        let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
+        e.set_retry(ctx.attempts <= retries);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let resp = match ctx.local.take() {
+            Some(r) => Some(r),
+            None => match e.etype() {
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectError
+                | ErrorType::TLSHandshakeFailure
+                | ErrorType::TLSHandshakeTimedout
+                | ErrorType::InvalidCert
+                | ErrorType::HandshakeError => Some(LocalResponse::bad_gateway(
+                    "Could not connect to the upstream.",
+                )),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    Some(LocalResponse::gateway_timeout())
+                }
+                ErrorType::HTTPStatus(code) => Some(LocalResponse::new(
+                    *code,
+                    "upstream_error",
+                    "upstream_error",
+                    "The upstream request failed.",
+                )),
+                ErrorType::InvalidHTTPHeader if e.esource() == &ErrorSource::Upstream => Some(
+                    LocalResponse::bad_request("The request headers could not be forwarded."),
+                ),
+                _ => match e.esource() {
+                    ErrorSource::Upstream => Some(LocalResponse::bad_gateway(
+                        "The upstream connection failed.",
+                    )),
+                    ErrorSource::Downstream => None,
+                    _ => Some(LocalResponse::new(
+                        500,
+                        "server_error",
+                        "internal_error",
+                        "keygate failed to handle the request.",
+                    )),
+                },
+            },
+        };
+        let Some(resp) = resp else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if session.response_written().is_none() {
+            let body = resp.body();
+            if let Ok(header) = resp.header(body.len()) {
+                if let Err(err) = session.write_error_response(header, body).await {
+                    debug!("could not send the error response: {err}");
+                }
+            }
+        }
+        FailToProxy {
+            error_code: resp.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (up, key) = describe_attempt(&self.0, ctx);
+        debug!(
+            "{} {} model={} upstream={up} key={key} attempts={} status={status} ms={}{}",
+            session.req_header().method,
+            session.req_header().uri.path(),
+            ctx.model.as_deref().unwrap_or("-"),
+            ctx.attempts,
+            ctx.started.elapsed().as_millis(),
+            e.map(|e| format!(" error={}", e.etype().as_str()))
+                .unwrap_or_default()
+        );
+        ctx.current = None;
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // keygate logs its own retries at INFO with the key's name.
+        matches!(error.etype(), ErrorType::HTTPStatus(_))
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // Local answers (all keys cooling, …) are expected outcomes, not errors.
+        ctx.local.is_some()
+    }
+}
+
+fn describe_attempt(gw: &Gateway, ctx: &RequestCtx) -> (String, String) {
+    match ctx.current.as_ref() {
+        Some(att) => {
+            let up = &gw.upstreams[att.upstream];
+            let key = att.key.as_ref().map_or_else(
+                || "-".to_string(),
+                |k| format!("{}/{}", up.name, up.keys.name(k.index())),
+            );
+            (up.name.clone(), key)
+        }
+        None => ("-".into(), "-".into()),
+    }
+}

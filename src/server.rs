@@ -1,0 +1,135 @@
+//! Turning a validated [`Config`] into a running Pingora server.
+
+use crate::clock::{self, SharedClock};
+use crate::config::Config;
+use crate::proxy::{Gateway, GatewayProxy, RoutePlan};
+use crate::routes::RouteTable;
+use crate::upstream::Upstream;
+use log::{info, warn};
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::configuration::Opt;
+use pingora_core::server::Server;
+use std::sync::Arc;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A TLS listener's certificate or key could not be used.
+    #[error("listen[{index}].tls: {reason}")]
+    Tls {
+        /// Listener index.
+        index: usize,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Builds the gateway (upstreams, routes, background services) from the config.
+pub fn build_gateway(
+    config: &Config,
+    clock: SharedClock,
+) -> (
+    Arc<Gateway>,
+    Vec<pingora_core::services::background::GenBackgroundService<crate::upstream::Endpoints>>,
+) {
+    let mut upstreams = Vec::new();
+    let mut services = Vec::new();
+    for u in &config.upstreams {
+        let (up, service) = Upstream::build(u, clock.clone());
+        upstreams.push(up);
+        services.push(service);
+    }
+    let routes = RouteTable::new(config.routes.iter().map(|r| r.spec.clone()).collect());
+    let plans = config
+        .routes
+        .iter()
+        .map(|r| RoutePlan {
+            upstreams: r.upstreams.clone(),
+            retries: r.retries,
+            ttfb_timeout: r.ttfb_timeout,
+        })
+        .collect();
+    let gw = Gateway::new(upstreams, routes, plans, config.max_body_bytes, clock);
+    (gw, services)
+}
+
+/// Resolves every upstream once before listening, so the first requests have endpoints.
+fn resolve_endpoints_now(gw: &Gateway) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!("cannot resolve upstreams before start: {e}");
+            return;
+        }
+    };
+    for up in gw.upstreams() {
+        if let Err(e) = rt.block_on(up.endpoints.update()) {
+            warn!("upstream {}: {e}; will retry in the background", up.name);
+        }
+    }
+}
+
+/// Runs keygate until it is told to stop. `opt` carries Pingora's `-u`/`-d` flags.
+pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
+    let listen: Vec<_> = config
+        .listen
+        .iter()
+        .map(|l| (l.addr, l.tls.clone()))
+        .collect();
+    let (gw, services) = build_gateway(&config, clock::system());
+    resolve_endpoints_now(&gw);
+
+    let mut server = Server::new_with_opt_and_conf(opt, config.server);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        GatewayProxy(gw.clone()),
+        "keygate",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        // Plain listeners also speak HTTP/2 with prior knowledge; h1 clients are detected by preface.
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    for (index, (addr, tls)) in listen.iter().enumerate() {
+        let addr = addr.to_string();
+        match tls {
+            None => proxy.add_tcp(&addr),
+            Some((cert, key)) => {
+                let (Some(cert), Some(key)) = (cert.to_str(), key.to_str()) else {
+                    return Err(StartError::Tls {
+                        index,
+                        reason: "certificate and key paths must be UTF-8".into(),
+                    });
+                };
+                let mut settings =
+                    TlsSettings::intermediate(cert, key).map_err(|e| StartError::Tls {
+                        index,
+                        reason: e.to_string(),
+                    })?;
+                settings.enable_h2();
+                proxy.add_tls_with_settings(&addr, None, settings);
+            }
+        }
+        info!(
+            "listening on {addr}{}",
+            if tls.is_some() { " (TLS)" } else { "" }
+        );
+    }
+    server.add_service(proxy);
+    for s in services {
+        server.add_service(s);
+    }
+    info!(
+        "keygate ready: {} upstream(s), {} key(s)",
+        gw.upstreams().len(),
+        gw.upstreams().iter().map(|u| u.keys.len()).sum::<usize>()
+    );
+    server.run_forever()
+}

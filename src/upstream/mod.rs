@@ -1,0 +1,149 @@
+//! One upstream at run time: where it is, how it wants its key, its keys and its endpoints.
+//!
+//! Two levels of rotation: keys (credentials) live in keygate's [`KeyPool`]; endpoints
+//! (resolved addresses) live in a Pingora `LoadBalancer`, health-checked in the background.
+
+pub mod discovery;
+
+use crate::clock::SharedClock;
+use crate::config::{AuthStyle, UpstreamConfig};
+use crate::keys::KeyPool;
+use discovery::DnsDiscovery;
+use pingora_core::protocols::tls::CaType;
+use pingora_core::services::background::{background_service, GenBackgroundService};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::WrappedX509;
+use pingora_load_balancing::health_check::TcpHealthCheck;
+use pingora_load_balancing::selection::RoundRobin;
+use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The endpoint pool of one upstream.
+pub type Endpoints = LoadBalancer<RoundRobin>;
+
+/// One upstream, ready to serve requests.
+pub struct Upstream {
+    /// Its config name.
+    pub name: String,
+    /// Credential style.
+    pub auth: AuthStyle,
+    /// Keys and their state.
+    pub keys: Arc<KeyPool>,
+    /// Resolved, health-checked addresses.
+    pub endpoints: Arc<Endpoints>,
+    /// Value of the `Host` header sent upstream.
+    pub host_header: String,
+    /// Path prefix put before the client's path.
+    pub base_path: String,
+    tls: bool,
+    sni: String,
+    ca: Option<Arc<CaType>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Builds the upstream and the background service that resolves and checks its endpoints.
+    pub fn build(
+        cfg: &UpstreamConfig,
+        clock: SharedClock,
+    ) -> (Upstream, GenBackgroundService<Endpoints>) {
+        let ca = cfg.ca_certs.as_ref().map(|certs| {
+            let list: Vec<WrappedX509> = certs
+                .iter()
+                .map(|der| {
+                    WrappedX509::new(der.clone(), |raw| pingora_core::utils::tls::parse_x509(raw))
+                })
+                .collect();
+            Arc::<CaType>::from(list.into_boxed_slice())
+        });
+        let discovery = DnsDiscovery {
+            upstream: cfg.name.clone(),
+            host: cfg.host.clone(),
+            port: cfg.port,
+        };
+        let mut lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(discovery)));
+        if let Some(interval) = cfg.health_interval {
+            let mut check = if cfg.tls {
+                TcpHealthCheck::new_tls(&cfg.host)
+            } else {
+                TcpHealthCheck::new()
+            };
+            check.peer_template.options.ca = ca.clone();
+            check.peer_template.options.connection_timeout =
+                Some(cfg.connect_timeout.min(Duration::from_secs(5)));
+            lb.set_health_check(check);
+            lb.health_check_frequency = Some(interval);
+            lb.parallel_health_check = true;
+        }
+        lb.update_frequency = Some(cfg.resolve_every);
+        let service = background_service(&format!("endpoints {}", cfg.name), lb);
+        let endpoints = service.task();
+
+        let default_port = if cfg.tls { 443 } else { 80 };
+        let host = if cfg.host.contains(':') {
+            format!("[{}]", cfg.host)
+        } else {
+            cfg.host.clone()
+        };
+        let host_header = if cfg.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", cfg.port)
+        };
+        let upstream = Upstream {
+            name: cfg.name.clone(),
+            auth: cfg.auth,
+            keys: Arc::new(KeyPool::new(
+                &cfg.name,
+                cfg.keys.clone(),
+                cfg.key_policy,
+                cfg.cooldown,
+                clock,
+            )),
+            endpoints,
+            host_header,
+            base_path: cfg.base_path.clone(),
+            tls: cfg.tls,
+            sni: cfg.host.clone(),
+            ca,
+            connect_timeout: cfg.connect_timeout,
+        };
+        (upstream, service)
+    }
+
+    /// Picks a live endpoint, or `None` when every endpoint is down.
+    pub fn pick_endpoint(&self) -> Option<Backend> {
+        self.endpoints.select(b"", 256)
+    }
+
+    /// Builds the Pingora peer for one attempt on `endpoint`.
+    pub fn peer(&self, endpoint: &Backend, ttfb_timeout: Duration) -> Option<HttpPeer> {
+        let addr = *endpoint.addr.as_inet()?;
+        // SNI is always the configured host: with rustls an empty SNI turns certificate checks off.
+        let mut peer = HttpPeer::new(addr, self.tls, self.sni.clone());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.connect_timeout + Duration::from_secs(5));
+        // Per read: bounds the wait for the response header; a flowing stream is never cut by it.
+        peer.options.read_timeout = Some(ttfb_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(90));
+        peer.options.ca = self.ca.clone();
+        Some(peer)
+    }
+
+    /// The path sent upstream: base path + the client's path and query.
+    pub fn upstream_path(&self, client_path_and_query: &str) -> String {
+        let mut p = String::with_capacity(self.base_path.len() + client_path_and_query.len());
+        p.push_str(&self.base_path);
+        p.push_str(client_path_and_query);
+        p
+    }
+}

@@ -1,0 +1,229 @@
+//! Shared helpers for integration tests: start the real `keygate` and `keygate-mock` binaries on
+//! ephemeral loopback ports, and stop them when the test ends.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `keygate-mock`, killed on drop.
+pub struct Mock {
+    child: Child,
+    /// `http://127.0.0.1:PORT` (or https).
+    pub url: String,
+    /// Bound address.
+    pub addr: SocketAddr,
+}
+
+impl Mock {
+    /// Starts the mock with extra CLI args; waits until it prints its address.
+    pub fn start(args: &[&str]) -> Mock {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-mock"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start keygate-mock");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_else(|| panic!("unexpected mock banner: {line:?}"))
+            .to_string();
+        let hostport = url.split("://").nth(1).unwrap().to_string();
+        let addr: SocketAddr = hostport
+            .parse()
+            .unwrap_or_else(|_| panic!("bad mock address in {line:?}"));
+        Mock { child, url, addr }
+    }
+
+    /// The mock's `/_mock/stats` JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        let url = format!("http://{}/_mock/stats", self.addr);
+        reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+
+    /// Requests the mock saw with this key.
+    pub async fn count(&self, key: &str) -> u64 {
+        self.stats().await["keys"][key]["requests"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Changes one key's behaviour at run time.
+    pub async fn set_behavior(&self, key: &str, spec: serde_json::Value) {
+        let url = format!("http://{}/_mock/behavior", self.addr);
+        let r = reqwest::Client::new()
+            .post(url)
+            .json(&serde_json::json!({"key": key, "spec": spec}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "set_behavior: {}", r.status());
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released: the window for a clash is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `keygate`, stopped on drop.
+pub struct Keygate {
+    child: Child,
+    /// Its directory (config, pid file, upgrade socket).
+    pub dir: tempfile::TempDir,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The listening port.
+    pub port: u16,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+/// Writes a config into a fresh temp dir. `{port}` and `{dir}` in `yaml` are filled in;
+/// `server:` is added (pid file and upgrade socket in the temp dir) unless the text has one.
+pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut text = yaml
+        .replace("{port}", &port.to_string())
+        .replace("{dir}", dir.path().to_str().unwrap());
+    if !text.contains("server:") {
+        text = format!(
+            "server:\n  threads: 2\n  pid_file: {d}/keygate.pid\n  upgrade_sock: {d}/upgrade.sock\n{text}",
+            d = dir.path().display()
+        );
+    }
+    if !text.contains("listen:") {
+        text.push_str(&format!("\nlisten:\n  - addr: 127.0.0.1:{port}\n"));
+    }
+    let path = dir.path().join("keygate.yaml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path, port)
+}
+
+impl Keygate {
+    /// Starts keygate with `yaml` (see [`write_config`]) and env vars; waits until it listens.
+    pub fn start(yaml: &str, env: &[(&str, &str)]) -> Keygate {
+        let (dir, path, port) = write_config(yaml);
+        Self::start_with(dir, &path, port, env)
+    }
+
+    /// Starts keygate on an already written config.
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        path: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Keygate {
+        let log = dir.path().join("keygate.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["-c", path.to_str().unwrap()])
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("KEYGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start keygate");
+        let mut kg = Keygate {
+            child,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            log,
+        };
+        kg.wait_listening();
+        kg
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("keygate exited early ({status}): {}", self.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("keygate did not listen within 30s: {}", self.log_text());
+    }
+
+    /// Everything keygate wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Keygate {
+    fn drop(&mut self) {
+        // SIGINT is Pingora's fast stop; fall back to SIGKILL if it lingers.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `keygate -t -c FILE` on `yaml` and returns (exit code, stderr).
+pub fn check_config(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let (dir, path, _) = write_config(yaml);
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["-t", "-c", path.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    drop(dir);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal chat request body.
+pub fn chat(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// A reqwest client that never pools connections across tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
