@@ -24,17 +24,19 @@ impl ConfigError {
         }
     }
 
-    /// Turns a serde_yaml error (which carries the field path in its message) into ours.
-    pub fn from_yaml(file: &Path, e: &serde_yaml::Error) -> Self {
-        let text = e.to_string();
-        // serde_yaml writes "a.b[0].c: reason at line L column C"; split the path off so the
-        // message reads the same as our own validation errors.
-        match text.split_once(": ") {
-            Some((field, reason)) if !field.contains(' ') => {
-                Self::new(file, field, reason.to_string())
+    /// Turns a parse error (with the path of the field it happened in) into ours.
+    pub fn from_yaml(file: &Path, e: &serde_path_to_error::Error<serde_yaml::Error>) -> Self {
+        let field = e.path().to_string();
+        let inner = e.inner().to_string();
+        // serde_yaml may prefix its own copy of the path; keep one.
+        let reason = match inner.split_once(": ") {
+            Some((prefix, rest)) if !prefix.contains(' ') && field.ends_with(prefix) => {
+                rest.to_string()
             }
-            _ => Self::new(file, "", text),
-        }
+            _ => inner,
+        };
+        let field = if field == "." { String::new() } else { field };
+        Self::new(file, field, reason)
     }
 }
 

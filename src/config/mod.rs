@@ -26,7 +26,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; `path` is used in messages and to resolve relative paths.
 pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    // serde_path_to_error keeps the field path even through custom and untagged deserializers.
     let file: ConfigFile =
-        serde_yaml::from_str(text).map_err(|e| ConfigError::from_yaml(path, &e))?;
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+            .map_err(|e| ConfigError::from_yaml(path, &e))?;
     validate(path, file)
 }

@@ -1,14 +1,16 @@
 //! Per-key state: disabled (with a reason), cooling per model with an exponential backoff, and
 //! the number of requests in flight.
 //!
-//! Everything the pick path reads on a key that is ready is an atomic, so scanning past ready
-//! keys takes no lock; only keys with cooldown entries lock their own small mutex.
+//! Everything the pick path reads on a key is an atomic in a compact slot, so scanning takes no
+//! lock and touches little memory; only a key cooling for several models at once is looked at
+//! under its own small mutex.
 
-use crate::clock::Clock;
+use crate::clock::SharedClock;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use super::secret::Secret;
@@ -104,38 +106,92 @@ impl CooldownPolicy {
             .min(self.max_backoff)
             .min(self.max)
     }
+}
 
-    /// How long an expired cooldown entry is remembered for its backoff.
-    ///
-    /// Without this, a key that got a 429 for a model nobody asks for again would keep an entry
-    /// forever; a key that stayed quiet for a whole `max_backoff` after its cooldown starts over
-    /// from `base`, which is what a fresh key would get.
-    fn forget_after(&self) -> Duration {
-        self.max_backoff
+/// Scope tags of the per-key cooldown summary; a model's tag is its hash, moved off these.
+const SCOPE_NONE: u64 = 0;
+const SCOPE_ALL: u64 = 1;
+const SCOPE_SEVERAL: u64 = 2;
+
+/// Pool-wide facts that per-key operations need: the clock, the epoch times are counted from,
+/// and the keyed hasher that turns model names into tags.
+pub(super) struct TimeBase {
+    pub(super) clock: SharedClock,
+    epoch: Instant,
+    hasher: RandomState,
+}
+
+impl TimeBase {
+    pub(super) fn new(clock: SharedClock) -> Self {
+        Self {
+            epoch: clock.now(),
+            clock,
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Nanoseconds since the pool was made: fits an atomic, and 584 years of headroom.
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn now(&self) -> u64 {
+        self.nanos(self.clock.now())
+    }
+
+    /// The tag of a model scope. Models are compared by a 64-bit SipHash with a random key per
+    /// pool, so that the pick path never chases a pointer to a model name; a collision (2^-64
+    /// per pair of names, and not steerable by clients, who do not know the key) would at worst
+    /// make a key look cooling for the other model.
+    fn tag(&self, model: &str) -> u64 {
+        if model.is_empty() {
+            return SCOPE_ALL;
+        }
+        let h = self.hasher.hash_one(model);
+        if h <= SCOPE_SEVERAL {
+            h + 3
+        } else {
+            h
+        }
     }
 }
 
-/// `now()` read at most once per operation, and only when a cooldown has to be compared: the
-/// common pick over ready keys never reads the clock.
-pub(super) struct LazyNow<'a> {
-    clock: &'a dyn Clock,
-    now: Option<Instant>,
+/// What one pick needs to know about time and the model, each computed at most once and only
+/// when a key with cooldowns is met: a pick over ready keys neither reads the clock nor hashes.
+pub(super) struct Probe<'a> {
+    base: &'a TimeBase,
+    model: &'a str,
+    now: Option<u64>,
+    tag: Option<u64>,
 }
 
-impl<'a> LazyNow<'a> {
-    pub(super) fn new(clock: &'a dyn Clock) -> Self {
-        Self { clock, now: None }
+impl<'a> Probe<'a> {
+    pub(super) fn new(base: &'a TimeBase, model: &'a str) -> Self {
+        Self {
+            base,
+            model,
+            now: None,
+            tag: None,
+        }
     }
 
-    pub(super) fn get(&mut self) -> Instant {
-        *self.now.get_or_insert_with(|| self.clock.now())
+    fn now(&mut self) -> u64 {
+        *self.now.get_or_insert_with(|| self.base.now())
+    }
+
+    fn tag(&mut self) -> u64 {
+        *self.tag.get_or_insert_with(|| self.base.tag(self.model))
     }
 }
 
-/// One model's cooldown on one key. `model` is empty for "every model".
+/// One model's cooldown on one key.
 struct Entry {
+    /// [`TimeBase::tag`] of `model`.
+    tag: u64,
+    /// Empty for "every model"; kept for status.
     model: Box<str>,
-    until: Instant,
+    /// Nanoseconds since the pool's epoch.
+    until: u64,
     /// 429s since the last success for this model: the exponent of the next backoff.
     strikes: u32,
 }
@@ -157,40 +213,60 @@ pub(super) struct Cooled {
     pub(super) strikes: u32,
 }
 
-/// A point-in-time view of one key's cooldowns, for status.
+/// A point-in-time view of one of a key's cooldowns, for status.
 pub(super) struct CoolingSnapshot {
     pub(super) model: Option<String>,
     pub(super) remaining: Duration,
 }
 
-/// One key and its state.
-pub(super) struct Slot {
+/// What a key is, as opposed to what state it is in; behind a pointer so that the slot array
+/// the pick path scans stays small enough for the CPU cache with 100 000 keys.
+pub(super) struct KeyInfo {
     pub(super) name: Box<str>,
     pub(super) secret: Secret,
     pub(super) account: Option<Box<str>>,
     pub(super) weight: u32,
+    /// Usually empty, so no allocation; a handful of models at most when not.
+    entries: Mutex<Vec<Entry>>,
+}
+
+/// One key and its state: 32 bytes of atomics the pick path reads, then the rest by pointer.
+///
+/// The cooldown entries live behind the key's own mutex; `cool_until` and `cool_scope` summarise
+/// them (latest end of a running cooldown, and which model it is for, or "all", or "several") so
+/// that a pick decides most keys from the atomics alone, taking the lock only for a key cooling
+/// for several models at once. The summary is rewritten under the lock whenever the entries
+/// change; a reader racing with that may see one field new and one old, which at worst picks a
+/// key that started cooling a moment ago (as an in-flight request would have used it anyway) or
+/// skips a key once.
+pub(super) struct Slot {
     /// 0: enabled; otherwise a [`DisableReason`] code.
     disabled: AtomicU8,
-    /// Whether `cooldowns` may be non-empty: lets picks skip the lock for the ~all keys that
-    /// have never seen a 429. Written only under the lock; a stale read at worst picks a key
-    /// that started cooling a moment ago, as an in-flight request would have used it anyway.
-    has_cooldowns: AtomicBool,
-    pub(super) in_flight: AtomicUsize,
-    /// Usually empty, so no allocation; a handful of models at most when not.
-    cooldowns: Mutex<Vec<Entry>>,
+    /// Whether `entries` is non-empty (including expired entries kept for their backoff).
+    has_entries: AtomicBool,
+    pub(super) in_flight: AtomicU32,
+    /// The latest end of a running cooldown, in nanoseconds since the epoch; 0: none.
+    cool_until: AtomicU64,
+    /// `SCOPE_NONE`, `SCOPE_ALL`, `SCOPE_SEVERAL` or the tag of the one cooling model.
+    cool_scope: AtomicU64,
+    pub(super) info: Box<KeyInfo>,
 }
 
 impl Slot {
     pub(super) fn new(name: String, secret: Secret, account: Option<String>, weight: u32) -> Self {
         Self {
-            name: name.into_boxed_str(),
-            secret,
-            account: account.map(String::into_boxed_str),
-            weight,
             disabled: AtomicU8::new(0),
-            has_cooldowns: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            cooldowns: Mutex::new(Vec::new()),
+            has_entries: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
+            cool_until: AtomicU64::new(0),
+            cool_scope: AtomicU64::new(SCOPE_NONE),
+            info: Box::new(KeyInfo {
+                name: name.into_boxed_str(),
+                secret,
+                account: account.map(String::into_boxed_str),
+                weight,
+                entries: Mutex::new(Vec::new()),
+            }),
         }
     }
 
@@ -198,31 +274,43 @@ impl Slot {
         DisableReason::from_code(self.disabled.load(Ordering::Acquire))
     }
 
-    /// Whether the key may serve `model` now, and if cooling, for how much longer.
+    /// Whether the key may serve the probe's model now, and if cooling, for how much longer.
     pub(super) fn availability(
         &self,
-        model: &str,
+        probe: &mut Probe<'_>,
         policy: &CooldownPolicy,
-        now: &mut LazyNow<'_>,
     ) -> Availability {
         if self.disabled.load(Ordering::Acquire) != 0 {
             return Availability::Disabled;
         }
-        if !self.has_cooldowns.load(Ordering::Acquire) {
+        let until = self.cool_until.load(Ordering::Acquire);
+        if until == 0 {
             return Availability::Ready;
         }
-        let now = now.get();
-        let mut entries = self.cooldowns.lock();
+        let now = probe.now();
+        if now >= until {
+            return Availability::Ready;
+        }
+        let scope = self.cool_scope.load(Ordering::Acquire);
+        if scope == SCOPE_ALL || scope == probe.tag() {
+            return Availability::Cooling(Duration::from_nanos(until - now));
+        }
+        if scope != SCOPE_SEVERAL {
+            return Availability::Ready;
+        }
+        let tag = probe.tag();
+        let mut entries = self.info.entries.lock();
         self.prune(&mut entries, policy, now);
-        let remaining = entries
+        let until = entries
             .iter()
-            .filter(|e| e.model.is_empty() || &*e.model == model)
-            .filter_map(|e| e.until.checked_duration_since(now))
-            .filter(|d| !d.is_zero())
-            .max();
-        match remaining {
-            Some(d) => Availability::Cooling(d),
-            None => Availability::Ready,
+            .filter(|e| e.tag == SCOPE_ALL || e.tag == tag)
+            .map(|e| e.until)
+            .max()
+            .unwrap_or(0);
+        if until > now {
+            Availability::Cooling(Duration::from_nanos(until - now))
+        } else {
+            Availability::Ready
         }
     }
 
@@ -232,22 +320,25 @@ impl Slot {
     /// no cooldown, but the strike still counts); `None` applies the exponential backoff.
     pub(super) fn cool(
         &self,
+        base: &TimeBase,
         model: &str,
         requested: Option<Duration>,
         policy: &CooldownPolicy,
-        now: Instant,
     ) -> Cooled {
-        let mut entries = self.cooldowns.lock();
+        let now = base.now();
+        let tag = base.tag(model);
+        let mut entries = self.info.entries.lock();
+        // Forget a stale backoff before building on it.
         self.prune(&mut entries, policy, now);
-        let pos = match entries.iter().position(|e| &*e.model == model) {
+        let pos = match entries.iter().position(|e| e.tag == tag) {
             Some(pos) => pos,
             None => {
                 entries.push(Entry {
+                    tag,
                     model: model.into(),
-                    until: now,
+                    until: 0,
                     strikes: 0,
                 });
-                self.has_cooldowns.store(true, Ordering::Release);
                 entries.len() - 1
             }
         };
@@ -257,50 +348,64 @@ impl Slot {
             None => policy.backoff(entry.strikes),
         };
         entry.strikes = entry.strikes.saturating_add(1);
+        let until = now.saturating_add(u64::try_from(applied.as_nanos()).unwrap_or(u64::MAX));
         // Never shorten a cooldown: a concurrent request on the same key may come back with a
         // smaller Retry-After than the one that started it.
-        let until = now.checked_add(applied).unwrap_or(entry.until);
-        let extended = until > entry.until && !applied.is_zero();
-        if extended {
-            entry.until = until;
-        }
-        Cooled {
-            remaining: entry.until.saturating_duration_since(now),
+        let extended = until > entry.until.max(now);
+        // Even a zero cooldown moves `until` to now: the backoff is remembered from the last 429.
+        entry.until = entry.until.max(until);
+        let cooled = Cooled {
+            remaining: Duration::from_nanos(entry.until.saturating_sub(now)),
             extended,
             strikes: entry.strikes,
-        }
+        };
+        self.prune(&mut entries, policy, now);
+        cooled
     }
 
     /// A success for `model`: its backoff (and that of an every-model cooldown) starts over.
-    pub(super) fn succeed(&self, model: &str, policy: &CooldownPolicy, now: &mut LazyNow<'_>) {
-        if !self.has_cooldowns.load(Ordering::Acquire) {
+    pub(super) fn succeed(&self, probe: &mut Probe<'_>, policy: &CooldownPolicy) {
+        if !self.has_entries.load(Ordering::Acquire) {
             return;
         }
-        let now = now.get();
-        let mut entries = self.cooldowns.lock();
+        let (now, tag) = (probe.now(), probe.tag());
+        let mut entries = self.info.entries.lock();
         for entry in entries.iter_mut() {
-            if entry.model.is_empty() || &*entry.model == model {
+            if entry.tag == SCOPE_ALL || entry.tag == tag {
                 entry.strikes = 0;
             }
         }
-        // An expired entry without strikes carries nothing; a still-running cooldown (started
-        // by a request that overlapped this one) is kept until it ends.
-        entries.retain(|e| e.strikes > 0 || e.until > now);
         self.prune(&mut entries, policy, now);
     }
 
-    /// Drops entries whose cooldown ended long enough ago to forget their backoff.
-    fn prune(&self, entries: &mut Vec<Entry>, policy: &CooldownPolicy, now: Instant) {
-        let forget = policy.forget_after();
-        entries.retain(|e| match e.until.checked_add(forget) {
-            Some(stale_at) => now < stale_at,
-            None => true,
-        });
+    /// Drops entries that carry nothing any more, and rewrites the summary atomics.
+    ///
+    /// An entry goes when its cooldown is over and either its backoff was reset by a success, or
+    /// it ended a whole `max_backoff` ago: without the latter, a key that got a 429 for a model
+    /// nobody asks for again would keep the entry forever; a key quiet that long starts over
+    /// from `base`, as a fresh key would.
+    fn prune(&self, entries: &mut Vec<Entry>, policy: &CooldownPolicy, now: u64) {
+        let forget = u64::try_from(policy.max_backoff.as_nanos()).unwrap_or(u64::MAX);
+        entries
+            .retain(|e| e.until > now || (e.strikes > 0 && now < e.until.saturating_add(forget)));
         if entries.is_empty() {
             // Give the memory back: after a burst of 429s across 100k keys, this is most of it.
             *entries = Vec::new();
-            self.has_cooldowns.store(false, Ordering::Release);
         }
+        let mut running = entries.iter().filter(|e| e.until > now);
+        let (until, scope) = match (running.next(), running.next()) {
+            (None, _) => (0, SCOPE_NONE),
+            (Some(e), None) => (e.until, e.tag),
+            (Some(_), Some(_)) => {
+                let latest = entries.iter().map(|e| e.until).max().unwrap_or(0);
+                (latest, SCOPE_SEVERAL)
+            }
+        };
+        // Scope first: a reader that sees the new end also sees what it is for.
+        self.cool_scope.store(scope, Ordering::Release);
+        self.cool_until.store(until, Ordering::Release);
+        self.has_entries
+            .store(!entries.is_empty(), Ordering::Release);
     }
 
     /// Takes the key out for every model; false if it already was (the first reason stays).
@@ -315,26 +420,26 @@ impl Slot {
         DisableReason::from_code(self.disabled.swap(0, Ordering::AcqRel))
     }
 
-    /// The cooldowns running now.
-    pub(super) fn cooling(&self, now: Instant) -> Vec<CoolingSnapshot> {
-        if !self.has_cooldowns.load(Ordering::Acquire) {
+    /// The cooldowns running at `now`.
+    pub(super) fn cooling(&self, now: u64) -> Vec<CoolingSnapshot> {
+        if !self.is_cooling(now) {
             return Vec::new();
         }
-        self.cooldowns
+        self.info
+            .entries
             .lock()
             .iter()
             .filter(|e| e.until > now)
             .map(|e| CoolingSnapshot {
                 model: (!e.model.is_empty()).then(|| e.model.to_string()),
-                remaining: e.until - now,
+                remaining: Duration::from_nanos(e.until - now),
             })
             .collect()
     }
 
-    /// Whether any cooldown is running now, for any model.
-    pub(super) fn is_cooling(&self, now: Instant) -> bool {
-        self.has_cooldowns.load(Ordering::Acquire)
-            && self.cooldowns.lock().iter().any(|e| e.until > now)
+    /// Whether any cooldown is running at `now`, for any model.
+    pub(super) fn is_cooling(&self, now: u64) -> bool {
+        self.cool_until.load(Ordering::Acquire) > now
     }
 }
 

@@ -97,6 +97,35 @@ fn a_model_cooldown_does_not_block_requests_without_a_model() {
 }
 
 #[test]
+fn key_cooling_for_several_models_blocks_exactly_those() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(secs(10)));
+    pool.cool_down(0, MINI, Some(secs(5)));
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { retry_in } if retry_in == secs(10)));
+    assert!(matches!(pool.pick(MINI, &[]), Pick::AllCooling { retry_in } if retry_in == secs(5)));
+    assert_eq!(pick_idx(&pool, "o3", &[]), 0);
+    clock.advance(secs(5));
+    assert_eq!(pick_idx(&pool, MINI, &[]), 0);
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { retry_in } if retry_in == secs(5)));
+    pool.cool_down(0, ALL_MODELS, Some(secs(8)));
+    assert!(matches!(pool.pick("o3", &[]), Pick::AllCooling { retry_in } if retry_in == secs(8)));
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { retry_in } if retry_in == secs(8)));
+}
+
+#[test]
+fn success_during_a_running_cooldown_resets_backoff_but_keeps_the_cooldown() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, None);
+    clock.advance(secs(1));
+    pool.cool_down(0, GPT4O, Some(secs(10)));
+    // A request that started before the 429 succeeds.
+    pool.on_success(0, GPT4O);
+    assert!(matches!(pool.pick(GPT4O, &[]), Pick::AllCooling { .. }));
+    clock.advance(secs(10));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(1));
+}
+
+#[test]
 fn cooldown_expires_when_the_clock_passes_it() {
     let (pool, clock) = pool(&["a", "b"], KeyPolicy::RoundRobin);
     pool.cool_down(0, GPT4O, Some(secs(5)));

@@ -1,11 +1,14 @@
 //! The response body type: a whole buffer, an SSE stream, or a buffer cut off mid-way.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
 
 use crate::sse::SseBody;
 
@@ -21,6 +24,27 @@ impl fmt::Display for Broken {
 
 impl std::error::Error for Broken {}
 
+/// How long a breaking body waits before failing. Hyper flushes what it has written whenever the
+/// body is pending, but drops its unflushed buffer (HTTP/1) or the stream's queued frames (h2)
+/// when the body fails, so without this pause the client would see nothing at all.
+const BREAK_DELAY: Duration = Duration::from_millis(20);
+
+/// The pause-then-fail step of a deliberately broken body.
+#[derive(Default)]
+pub struct Break {
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl Break {
+    /// Pending for `BREAK_DELAY` from the first poll, then `Broken`.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Broken> {
+        let pause = self
+            .pause
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(BREAK_DELAY)));
+        pause.as_mut().poll(cx).map(|()| Broken)
+    }
+}
+
 /// Every response body the mock sends. An enum instead of a boxed trait object keeps the common
 /// case (one buffer) free of extra allocations.
 pub enum MockBody {
@@ -34,6 +58,8 @@ pub enum MockBody {
         head: Option<Bytes>,
         /// The content-length announced.
         len: u64,
+        /// The pause before the break.
+        brk: Break,
     },
 }
 
@@ -50,6 +76,7 @@ impl MockBody {
             MockBody::Full(Some(b)) => MockBody::Truncated {
                 len: b.len() as u64,
                 head: Some(b.slice(..b.len() / 2)),
+                brk: Break::default(),
             },
             other => other,
         }
@@ -67,9 +94,9 @@ impl Body for MockBody {
         match self.get_mut() {
             MockBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             MockBody::Sse(s) => s.poll_event(cx),
-            MockBody::Truncated { head, .. } => match head.take() {
+            MockBody::Truncated { head, brk, .. } => match head.take() {
                 Some(h) if !h.is_empty() => Poll::Ready(Some(Ok(Frame::data(h)))),
-                _ => Poll::Ready(Some(Err(Broken))),
+                _ => brk.poll(cx).map(|b| Some(Err(b))),
             },
         }
     }

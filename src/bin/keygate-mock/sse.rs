@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper::body::Frame;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::Broken;
+use crate::body::{Break, Broken};
 use crate::openai::{self, Completion, Flavor, Usage, UsageField};
 
 /// Everything a stream needs to produce its events.
@@ -47,6 +47,7 @@ pub struct SseBody {
     next: u32,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    brk: Break,
     done: bool,
 }
 
@@ -59,6 +60,7 @@ impl SseBody {
             next: 0,
             sleep: None,
             armed: false,
+            brk: Break::default(),
             done: false,
         }
     }
@@ -75,8 +77,9 @@ impl SseBody {
         let event = self.next;
         if let Some(after) = plan.break_after {
             if event >= after.min(plan.chunks) {
+                let broken: Broken = std::task::ready!(self.brk.poll(cx));
                 self.done = true;
-                return Poll::Ready(Some(Err(Broken)));
+                return Poll::Ready(Some(Err(broken)));
             }
         }
         if event >= 1 && event < plan.chunks && !plan.interval.is_zero() {
