@@ -59,9 +59,7 @@ impl Upstream {
         let ca = cfg.ca_certs.as_ref().map(|certs| {
             let list: Vec<WrappedX509> = certs
                 .iter()
-                .map(|der| {
-                    WrappedX509::new(der.clone(), |raw| pingora_core::utils::tls::parse_x509(raw))
-                })
+                .map(|der| WrappedX509::new(der.clone(), pingora_core::utils::tls::parse_x509))
                 .collect();
             Arc::<CaType>::from(list.into_boxed_slice())
         });
