@@ -13,8 +13,11 @@
 //! - [`retry_after`]: reading how long an upstream wants a key to wait after a 429.
 //! - [`outcome`]: what an upstream status means for the key and endpoint that produced it.
 //! - [`glob`] and [`routes`]: which upstreams serve which model or path.
+//! - [`strategy`]: the order a route tries its upstreams in (fallback, weighted, fastest by TTFB).
 //! - [`request_body`]: reading `model`/`stream` from a request body without a full parse; alias rewrite.
+//! - [`outlier`]: endpoint ejection after consecutive 5xx/connect failures, with a percent cap.
 //! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
+//! - [`prober`]: background upkeep: disabled-key probes, quota checks, keep-warm pings.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
 //! - [`server`]: turning a validated config into a running Pingora server.
 //! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
@@ -28,9 +31,12 @@ pub mod config;
 pub mod glob;
 pub mod keys;
 pub mod outcome;
+pub mod outlier;
+pub mod prober;
 pub mod proxy;
 pub mod request_body;
 pub mod retry_after;
 pub mod routes;
 pub mod server;
+pub mod strategy;
 pub mod upstream;

@@ -25,14 +25,15 @@ pub enum StartError {
     },
 }
 
+/// The background service that resolves and health-checks one upstream's endpoints.
+pub type EndpointService =
+    pingora_core::services::background::GenBackgroundService<crate::upstream::Endpoints>;
+
 /// Builds the gateway (upstreams, routes, background services) from the config.
 pub fn build_gateway(
     config: &Config,
     clock: SharedClock,
-) -> (
-    Arc<Gateway>,
-    Vec<pingora_core::services::background::GenBackgroundService<crate::upstream::Endpoints>>,
-) {
+) -> (Arc<Gateway>, Vec<EndpointService>, crate::prober::Prober) {
     let mut upstreams = Vec::new();
     let mut services = Vec::new();
     for u in &config.upstreams {
@@ -50,8 +51,17 @@ pub fn build_gateway(
             ttfb_timeout: r.ttfb_timeout,
         })
         .collect();
-    let gw = Gateway::new(upstreams, routes, plans, config.max_body_bytes, clock);
-    (gw, services)
+    let (suspects, suspect_rx) = crate::prober::suspect_channel();
+    let gw = Gateway::new(
+        upstreams,
+        routes,
+        plans,
+        config.max_body_bytes,
+        clock,
+        suspects,
+    );
+    let prober = crate::prober::Prober::new(gw.clone(), suspect_rx);
+    (gw, services, prober)
 }
 
 /// Resolves every upstream once before listening, so the first requests have endpoints.
@@ -80,7 +90,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         .iter()
         .map(|l| (l.addr, l.tls.clone()))
         .collect();
-    let (gw, services) = build_gateway(&config, clock::system());
+    let (gw, services, prober) = build_gateway(&config, clock::system());
     resolve_endpoints_now(&gw);
 
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
@@ -126,6 +136,10 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     for s in services {
         server.add_service(s);
     }
+    server.add_service(pingora_core::services::background::background_service(
+        "key prober",
+        prober,
+    ));
     info!(
         "keygate ready: {} upstream(s), {} key(s)",
         gw.upstreams().len(),

@@ -13,7 +13,7 @@ pub mod validate;
 
 pub use error::ConfigError;
 pub use types::*;
-pub use validate::{validate, Config, ListenerConfig, RouteConfig, UpstreamConfig};
+pub use validate::{validate, Config, KeepWarm, ListenerConfig, RouteConfig, UpstreamConfig};
 
 use std::path::Path;
 

@@ -99,6 +99,29 @@ pub struct UpstreamFile {
     /// TCP (and TLS) connect timeout (default 10s).
     #[serde(default)]
     pub connect_timeout: Option<Dur>,
+    /// How often a disabled key is probed to see whether it works again (default 5m).
+    #[serde(default)]
+    pub probe_interval: Option<Dur>,
+    /// Cheap model for the 1-token completion that checks a key's quota (default `gpt-4o-mini`).
+    #[serde(default)]
+    pub probe_model: Option<String>,
+    /// Ping the upstream when it had no traffic for a while (serverless relays fall asleep).
+    #[serde(default)]
+    pub keep_warm: Option<KeepWarmFile>,
+}
+
+/// Keep-warm pings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepWarmFile {
+    /// Ping after this long without traffic.
+    pub every: Dur,
+    /// Path to request (default `/v1/models`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// JSON body; when given the ping is a POST, otherwise a GET.
+    #[serde(default)]
+    pub body: Option<String>,
 }
 
 /// One key, taken from the environment.

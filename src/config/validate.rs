@@ -74,6 +74,23 @@ pub struct UpstreamConfig {
     pub ca_certs: Option<Vec<Vec<u8>>>,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Interval between probes of a disabled key.
+    pub probe_interval: Duration,
+    /// Model for quota probes.
+    pub probe_model: String,
+    /// Keep-warm pings, when configured.
+    pub keep_warm: Option<KeepWarm>,
+}
+
+/// A validated keep-warm setting.
+#[derive(Debug, Clone)]
+pub struct KeepWarm {
+    /// Idle time before a ping.
+    pub every: Duration,
+    /// Path to request.
+    pub path: String,
+    /// POST body, or `None` for a GET.
+    pub body: Option<String>,
 }
 
 /// A validated route.
@@ -414,8 +431,47 @@ fn validate_upstream(
         }
     };
 
+    let probe_interval = u.probe_interval.map_or(Duration::from_secs(300), |d| d.0);
+    if probe_interval < Duration::from_millis(100) {
+        return Err(err("probe_interval", "must be at least 100ms".into()));
+    }
+    let probe_model = u
+        .probe_model
+        .clone()
+        .unwrap_or_else(|| "gpt-4o-mini".to_string());
+    if probe_model.trim().is_empty() {
+        return Err(err("probe_model", "must not be empty".into()));
+    }
+    let keep_warm = match &u.keep_warm {
+        None => None,
+        Some(k) => {
+            if k.every.0 < Duration::from_secs(1) {
+                return Err(err("keep_warm.every", "must be at least 1s".into()));
+            }
+            let path = k.path.clone().unwrap_or_else(|| "/v1/models".to_string());
+            if !path.starts_with('/') {
+                return Err(err(
+                    "keep_warm.path",
+                    format!("must start with '/': {path:?}"),
+                ));
+            }
+            if let Some(b) = &k.body {
+                serde_json::from_str::<serde_json::Value>(b)
+                    .map_err(|e| err("keep_warm.body", format!("not JSON: {e}")))?;
+            }
+            Some(KeepWarm {
+                every: k.every.0,
+                path,
+                body: k.body.clone(),
+            })
+        }
+    };
+
     Ok(UpstreamConfig {
         name: name.to_string(),
+        probe_interval,
+        probe_model,
+        keep_warm,
         tls,
         host,
         port,

@@ -48,6 +48,8 @@ pub struct RequestCtx {
     pub replace_body: Option<Bytes>,
     /// Status of the last upstream response.
     pub upstream_status: Option<u16>,
+    /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
+    pub error_body: Option<bytes::BytesMut>,
 }
 
 impl RequestCtx {
@@ -68,6 +70,7 @@ impl RequestCtx {
             local: None,
             replace_body: None,
             upstream_status: None,
+            error_body: None,
         }
     }
 

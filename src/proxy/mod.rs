@@ -15,8 +15,9 @@ pub mod errors;
 pub mod headers;
 
 use crate::clock::SharedClock;
-use crate::keys::Pick;
+use crate::keys::{DisableReason, Pick};
 use crate::outcome::Outcome;
+use crate::prober::{Suspect, SuspectSender};
 use crate::request_body;
 use crate::retry_after;
 use crate::routes::{endpoint_needs_model, RouteTable};
@@ -52,6 +53,7 @@ pub struct Gateway {
     plans: Vec<RoutePlan>,
     max_body_bytes: usize,
     clock: SharedClock,
+    suspects: SuspectSender,
 }
 
 impl Gateway {
@@ -62,6 +64,7 @@ impl Gateway {
         plans: Vec<RoutePlan>,
         max_body_bytes: usize,
         clock: SharedClock,
+        suspects: SuspectSender,
     ) -> Arc<Self> {
         Arc::new(Self {
             upstreams,
@@ -69,6 +72,7 @@ impl Gateway {
             plans,
             max_body_bytes,
             clock,
+            suspects,
         })
     }
 
@@ -134,6 +138,7 @@ impl Gateway {
             };
             ctx.tried
                 .push((u, key.as_ref().map_or(usize::MAX, |k| k.index())));
+            up.touch();
             let attempt = Attempt {
                 upstream: u,
                 key,
@@ -176,6 +181,14 @@ impl Gateway {
                         up.keys.cool_down(idx, model, wanted);
                     }
                 }
+                if wanted.is_none() {
+                    // No rate-limit header: this may be an empty quota, which only the body
+                    // says. The body is gone when the request is retried, so ask the prober.
+                    let _ = self.suspects.send(Suspect {
+                        upstream: att.upstream,
+                        key: idx,
+                    });
+                }
             }
             Outcome::KeyRefused(reason) => {
                 up.keys.disable(idx, reason);
@@ -183,6 +196,28 @@ impl Gateway {
             Outcome::ServerError | Outcome::ClientError => {}
         }
         outcome
+    }
+
+    /// A 429 body that reaches the client can be read: an empty quota disables the key, an
+    /// organisation-wide limit cools every key of its account.
+    fn judge_429_body(&self, ctx: &RequestCtx, body: &[u8]) {
+        let Some(att) = ctx.current.as_ref() else {
+            return;
+        };
+        let Some(lease) = att.key.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        let idx = lease.index();
+        if retry_after::quota_error_code(body).is_some() {
+            up.keys.disable(idx, DisableReason::InsufficientQuota);
+        } else if let Some(account) = up.keys.account(idx) {
+            if retry_after::is_org_wide_limit(&http::HeaderMap::new(), body, None) {
+                let account = account.to_string();
+                up.keys
+                    .cool_down_account(&account, ctx.cooldown_model(), None);
+            }
+        }
     }
 
     async fn respond_local(&self, session: &mut Session, resp: &LocalResponse) -> Result<()> {
@@ -418,6 +453,9 @@ impl ProxyHttp for GatewayProxy {
             e.set_retry(true);
             return Err(e);
         }
+        if status == 429 {
+            ctx.error_body = Some(bytes::BytesMut::new());
+        }
         if matches!(outcome, Outcome::KeyRefused(_)) {
             // OpenAI's 401 bodies echo part of the key: never pass them on.
             let replacement = LocalResponse::upstream_auth_failed(status);
@@ -442,13 +480,24 @@ impl ProxyHttp for GatewayProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(replacement) = ctx.replace_body.take() {
             *body = Some(replacement);
         } else if ctx.upstream_status.is_some_and(|s| s == 401 || s == 403) {
             *body = None;
+        }
+        if let Some(buf) = ctx.error_body.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                let room = retry_after::MAX_BODY_SCAN.saturating_sub(buf.len());
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            if end_of_stream {
+                if let Some(buf) = ctx.error_body.take() {
+                    self.0.judge_429_body(ctx, &buf);
+                }
+            }
         }
         Ok(None)
     }

@@ -4,9 +4,10 @@
 //! (resolved addresses) live in a Pingora `LoadBalancer`, health-checked in the background.
 
 pub mod discovery;
+pub mod probe;
 
 use crate::clock::SharedClock;
-use crate::config::{AuthStyle, UpstreamConfig};
+use crate::config::{AuthStyle, KeepWarm, UpstreamConfig};
 use crate::keys::KeyPool;
 use discovery::DnsDiscovery;
 use pingora_core::protocols::tls::CaType;
@@ -16,6 +17,7 @@ use pingora_core::utils::tls::WrappedX509;
 use pingora_load_balancing::health_check::TcpHealthCheck;
 use pingora_load_balancing::selection::RoundRobin;
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +38,16 @@ pub struct Upstream {
     pub host_header: String,
     /// Path prefix put before the client's path.
     pub base_path: String,
+    /// Interval between probes of a disabled key.
+    pub probe_interval: Duration,
+    /// Model for quota probes.
+    pub probe_model: String,
+    /// Keep-warm pings, when configured.
+    pub keep_warm: Option<KeepWarm>,
+    clock: SharedClock,
+    born: std::time::Instant,
+    /// Milliseconds after `born` of the last request sent (for keep-warm).
+    last_activity_ms: AtomicU64,
     tls: bool,
     sni: String,
     ca: Option<Arc<CaType>>,
@@ -105,8 +117,14 @@ impl Upstream {
                 cfg.keys.clone(),
                 cfg.key_policy,
                 cfg.cooldown,
-                clock,
+                clock.clone(),
             )),
+            probe_interval: cfg.probe_interval,
+            probe_model: cfg.probe_model.clone(),
+            keep_warm: cfg.keep_warm.clone(),
+            born: clock.now(),
+            clock,
+            last_activity_ms: AtomicU64::new(0),
             endpoints,
             host_header,
             base_path: cfg.base_path.clone(),
@@ -135,6 +153,25 @@ impl Upstream {
         peer.options.idle_timeout = Some(Duration::from_secs(90));
         peer.options.ca = self.ca.clone();
         Some(peer)
+    }
+
+    /// Notes that a request is being sent now.
+    pub fn touch(&self) {
+        let ms = self
+            .clock
+            .now()
+            .saturating_duration_since(self.born)
+            .as_millis();
+        self.last_activity_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long since the last request was sent (or since start).
+    pub fn idle_for(&self) -> Duration {
+        let now = self.clock.now().saturating_duration_since(self.born);
+        now.saturating_sub(Duration::from_millis(
+            self.last_activity_ms.load(Ordering::Relaxed),
+        ))
     }
 
     /// The path sent upstream: base path + the client's path and query.

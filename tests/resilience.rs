@@ -1,0 +1,378 @@
+//! A client never sees a 429 or 401 that another key could have answered, and no request is
+//! wasted on a key known to be cooling or dead.
+#![allow(clippy::unwrap_used)]
+
+mod utils;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+use utils::*;
+
+const KEYS: &[(&str, &str)] = &[("KA", "sk-a"), ("KB", "sk-b"), ("KC", "sk-c")];
+
+fn config(mock: &Mock, upstream_extra: &str, route_extra: &str) -> String {
+    format!(
+        "upstreams:\n  mock:\n    url: {}\n{upstream_extra}    keys:\n      - {{ name: a, env: KA }}\n      - {{ name: b, env: KB }}\n      - {{ name: c, env: KC }}\nroutes:\n  - {{ upstreams: [mock]{route_extra} }}\n",
+        mock.url
+    )
+}
+
+async fn send(kg: &Keygate, model: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&chat(model))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The mock's request log for `key` (oldest first).
+fn requests_of<'a>(stats: &'a Value, key: &str) -> Vec<&'a Value> {
+    stats["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["key"] == key)
+        .collect()
+}
+
+/// Checks that after its 429 for `model`, `key` got no request for that model for `min_gap`.
+fn assert_rested(stats: &Value, key: &str, model: &str, min_gap: Duration) -> usize {
+    let reqs: Vec<&Value> = requests_of(stats, key)
+        .into_iter()
+        .filter(|r| r["model"] == model && r["path"] == "/v1/chat/completions")
+        .collect();
+    let limited = reqs
+        .iter()
+        .position(|r| r["status"] == 429)
+        .expect("a 429 happened");
+    let t429 = reqs[limited]["time_ms_since_start"].as_f64().unwrap();
+    if let Some(next) = reqs.get(limited + 1) {
+        let gap = next["time_ms_since_start"].as_f64().unwrap() - t429;
+        assert!(
+            gap >= min_gap.as_millis() as f64,
+            "{key} was used again after {gap} ms"
+        );
+    }
+    reqs.len() - limited - 1
+}
+
+/// `a` answers one 429 for gpt-4o with `spec`; it must rest at least `min_rest` and be back
+/// after `max_rest`.
+async fn rate_limit_case(spec: &str, min_rest: Duration, max_rest: Duration) {
+    let mock = Mock::start(&["--key", &format!("sk-a={spec}:first=1:models=gpt-4o")]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    let start = Instant::now();
+    // Phase 1: traffic while a rests. Every answer is a 200.
+    while start.elapsed() < min_rest.mul_f32(0.6) {
+        let r = send(&kg, "gpt-4o").await;
+        assert_eq!(r.status(), 200);
+    }
+    // Another model may still use a.
+    for _ in 0..3 {
+        assert_eq!(send(&kg, "gpt-4o-mini").await.status(), 200);
+    }
+    let stats = mock.stats().await;
+    assert!(requests_of(&stats, "sk-a")
+        .iter()
+        .any(|r| r["model"] == "gpt-4o-mini"));
+    // Phase 2: once the rest is over, a takes gpt-4o traffic again.
+    tokio::time::sleep(max_rest.saturating_sub(start.elapsed()) + Duration::from_millis(300)).await;
+    for _ in 0..6 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    let stats = mock.stats().await;
+    let after = assert_rested(&stats, "sk-a", "gpt-4o", min_rest.mul_f32(0.95));
+    assert!(after >= 1, "a came back for gpt-4o");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_seconds_rests_the_key_for_that_model_only() {
+    let two = Duration::from_secs(2);
+    rate_limit_case("rate_limit:retry_after=2", two, two).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_ms_rests_the_key_for_that_long() {
+    let half = Duration::from_millis(500);
+    rate_limit_case("rate_limit:retry_after_ms=500", half, half).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_http_date_is_honoured() {
+    // An HTTP-date has whole-second resolution: "3 s from now" means between 2 and 3 s.
+    rate_limit_case(
+        "rate_limit:retry_after=3:retry_after_date=true",
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_key_gets_one_request_until_a_probe_revives_it() {
+    let mock = Mock::start(&["--key", "sk-a=unauthorized"]);
+    let kg = Keygate::start(&config(&mock, "    probe_interval: 500ms\n", ""), KEYS);
+    for _ in 0..30 {
+        assert_eq!(
+            send(&kg, "gpt-4o").await.status(),
+            200,
+            "clients never see the 401"
+        );
+    }
+    let chat_to_a = |stats: &Value| {
+        requests_of(stats, "sk-a")
+            .iter()
+            .filter(|r| r["path"] == "/v1/chat/completions")
+            .count()
+    };
+    assert_eq!(chat_to_a(&mock.stats().await), 1);
+    mock.set_behavior("sk-a", serde_json::json!({"mode": "ok"}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+        if chat_to_a(&mock.stats().await) > 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a never came back: {}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = mock.stats().await;
+    let probes = requests_of(&stats, "sk-a")
+        .iter()
+        .filter(|r| r["path"] == "/v1/models")
+        .count();
+    assert!(probes >= 1, "the prober used GET /v1/models");
+    assert!(
+        kg.log_text().contains("key mock/a disabled"),
+        "{}",
+        kg.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_quota_disables_but_a_plain_429_only_cools() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=insufficient_quota",
+        "--key",
+        "sk-b=rate_limit:retry_after=1:first=1",
+    ]);
+    let kg = Keygate::start(&config(&mock, "    probe_interval: 60s\n", ""), KEYS);
+    for _ in 0..12 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    // The quota check runs in the background right after the ambiguous 429.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kg.log_text().contains("key mock/a disabled") {
+        assert!(
+            Instant::now() < deadline,
+            "a was not disabled: {}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..12 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    let stats = mock.stats().await;
+    let a_traffic = requests_of(&stats, "sk-a")
+        .iter()
+        .filter(|r| r["model"] == "gpt-4o")
+        .count();
+    assert_eq!(a_traffic, 1, "a disabled after its quota error");
+    let b_after = assert_rested(&stats, "sk-b", "gpt-4o", Duration::from_millis(950));
+    assert!(b_after >= 1, "b only cooled and came back");
+    let log = kg.log_text();
+    assert!(!log.contains("key mock/b disabled"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_keys_cooling_gets_a_local_429_with_retry_after() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=rate_limit:retry_after=20",
+        "--key",
+        "sk-b=rate_limit:retry_after=20",
+        "--key",
+        "sk-c=rate_limit:retry_after=20",
+    ]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    // Three attempts, three 429s: the last upstream answer passes through.
+    let r = send(&kg, "gpt-4o").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 3);
+    let started = Instant::now();
+    let r = send(&kg, "gpt-4o").await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry_after), "retry-after {retry_after}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(
+        mock.stats().await["total"].as_u64().unwrap(),
+        3,
+        "nothing more went upstream"
+    );
+    // Answered locally (the 50 ms goal is measured in benches; this bound only catches upstream calls).
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_keys_disabled_gets_a_503() {
+    let mock = Mock::start(&[
+        "--key", "sk-a=401", "--key", "sk-b=401", "--key", "sk-c=401",
+    ]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    let r = send(&kg, "gpt-4o").await;
+    assert_eq!(r.status(), 401, "last upstream answer passes, sanitised");
+    let body = r.text().await.unwrap();
+    assert!(
+        !body.contains("sk-"),
+        "an upstream 401 body may echo the key: {body}"
+    );
+    assert!(body.contains("upstream_auth_failed"), "{body}");
+    let r = send(&kg, "gpt-4o").await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_available_keys");
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_replays_a_one_mib_body_identically() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=server_error:status=503",
+        "--key",
+        "sk-b=429:retry_after=30",
+    ]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "z".repeat(1 << 20)}]});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Two requests: whichever key rotation starts on, one of them meets a failing key first.
+    for _ in 0..2 {
+        let r = client()
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .header("content-type", "application/json")
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let stats = mock.stats().await;
+    let reqs = stats["requests"].as_array().unwrap();
+    assert!(reqs.len() >= 3, "at least one failover happened");
+    for r in reqs {
+        assert_eq!(r["body_sha256"], digest.as_str());
+        assert_eq!(r["body_len"].as_u64().unwrap() as usize, bytes.len());
+    }
+    assert_eq!(reqs.last().unwrap()["key"], "sk-c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_is_not_retried() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=break_stream:after=3",
+        "--key",
+        "sk-b=break_stream:after=3",
+        "--key",
+        "sk-c=break_stream:after=3",
+    ]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    let mut r = client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&serde_json::json!({"model": "gpt-4o", "stream": true, "mock": {"chunks": 10, "interval_ms": 20}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    let mut errored = false;
+    loop {
+        match r.chunk().await {
+            Ok(Some(c)) => text.push_str(&String::from_utf8_lossy(&c)),
+            Ok(None) => break,
+            Err(_) => {
+                errored = true;
+                break;
+            }
+        }
+    }
+    assert!(errored, "the client must see the stream fail, got: {text}");
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(text.matches("chat.completion.chunk").count(), 3);
+    assert_eq!(
+        mock.stats().await["total"].as_u64().unwrap(),
+        1,
+        "no retry after bytes went out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_pass_through_once_and_move_no_key() {
+    let mock = Mock::start(&["--key", "sk-a=bad_request:first=1"]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: a, env: KA }} ]\nroutes:\n  - {{ upstreams: [mock] }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    let r = send(&kg, "gpt-4o").await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].is_string(),
+        "the upstream's own error body: {v}"
+    );
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 1);
+    // The key neither cooled nor was disabled: the next request uses it at once.
+    assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    assert_eq!(mock.count("sk-a").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_wide_429_cools_every_key_of_that_account() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=rate_limit:retry_after=3:org_wide=true:first=1",
+    ]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys:\n      - {{ name: a, env: KA, account: org1 }}\n      - {{ name: b, env: KB, account: org1 }}\n      - {{ name: c, env: KC, account: org2 }}\nroutes:\n  - {{ upstreams: [mock] }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    // Drive traffic until a has answered its 429.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.count("sk-a").await == 0 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+        assert!(Instant::now() < deadline);
+    }
+    let b_before = mock.count("sk-b").await;
+    for _ in 0..10 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    assert_eq!(mock.count("sk-a").await, 1);
+    assert_eq!(
+        mock.count("sk-b").await,
+        b_before,
+        "b shares a's organisation"
+    );
+    assert!(mock.count("sk-c").await >= 10);
+}
