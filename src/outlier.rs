@@ -198,7 +198,7 @@ impl OutlierDetector {
                 state.ejected_until = None;
                 state.consecutive_failures = 0;
                 info!(
-                    "upstream {}: endpoint {ep} returns after ejection {} in a row",
+                    "upstream {}: endpoint {ep} returns after its ejection ({} in a row)",
                     self.upstream, state.ejections_in_row
                 );
                 back.push(*ep);

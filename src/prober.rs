@@ -1,5 +1,5 @@
 //! Background upkeep: probing disabled keys back into rotation, checking keys suspected of an
-//! empty quota, and keep-warm pings for idle upstreams.
+//! empty quota, returning ejected endpoints when their time is up, and keep-warm pings.
 //!
 //! Why two probe kinds: listing models is free, so `GET /v1/models` proves a key authenticates
 //! but says nothing about quota; a quota failure needs a 1-token completion on a cheap model.
@@ -135,6 +135,7 @@ impl Inner {
     fn tick(self: Arc<Self>) {
         let now = Instant::now();
         for (u, up) in self.gw.upstreams().iter().enumerate() {
+            up.return_ejected();
             let disabled = up.keys.disabled();
             {
                 let mut last = self.last_probe.lock();

@@ -4,6 +4,7 @@ use crate::clock::{self, SharedClock};
 use crate::config::Config;
 use crate::proxy::{Gateway, GatewayProxy, RoutePlan};
 use crate::routes::RouteTable;
+use crate::strategy::RouteOrder;
 use crate::upstream::Upstream;
 use log::{info, warn};
 use pingora_core::apps::HttpServerOptions;
@@ -46,7 +47,13 @@ pub fn build_gateway(
         .routes
         .iter()
         .map(|r| RoutePlan {
-            upstreams: r.upstreams.clone(),
+            order: RouteOrder::new(
+                r.strategy,
+                r.upstreams.clone(),
+                r.weights.clone(),
+                r.explore,
+            ),
+            deadline: r.deadline,
             retries: r.retries,
             ttfb_timeout: r.ttfb_timeout,
         })

@@ -179,3 +179,34 @@ fn server_refuses_to_start_on_bad_config() {
     );
     drop(dir);
 }
+
+#[test]
+fn strategy_settings_are_checked() {
+    let yaml = GOOD_UPSTREAM.replace(
+        "- { upstreams: [openai] }",
+        "- { upstreams: [openai], weights: [1] }",
+    );
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["routes[0].weights", "weighted"],
+    );
+    let yaml = GOOD_UPSTREAM.replace(
+        "- { upstreams: [openai] }",
+        "- { upstreams: [openai], strategy: weighted, weights: [1, 2] }",
+    );
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["routes[0].weights", "one per upstream"],
+    );
+    let yaml = GOOD_UPSTREAM.replace(
+        "- { upstreams: [openai] }",
+        "- { upstreams: [openai], strategy: quickest }",
+    );
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["routes[0].strategy", "quickest"],
+    );
+}

@@ -376,3 +376,134 @@ async fn org_wide_429_cools_every_key_of_that_account() {
     );
     assert!(mock.count("sk-c").await >= 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_503s_eject_the_endpoint_until_its_time_is_up() {
+    let mock = Mock::start(&["--key", "sk-a=server_error:status=503:first=5"]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: a, env: KA }} ]\n    health: {{ interval: 200ms }}\n    outlier: {{ consecutive: 5, base_ejection: 1s }}\nroutes:\n  - {{ upstreams: [mock], retries: 0 }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    for _ in 0..5 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 503);
+    }
+    let r = send(&kg, "gpt-4o").await;
+    assert_eq!(r.status(), 502, "the only endpoint is ejected");
+    assert_eq!(
+        mock.stats().await["total"].as_u64().unwrap(),
+        5,
+        "nothing sent to an ejected endpoint"
+    );
+    assert!(kg.log_text().contains("ejected"), "{}", kg.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if send(&kg, "gpt-4o").await.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "endpoint never came back: {}",
+            kg.log_text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastest_strategy_prefers_the_faster_upstream() {
+    let slow = Mock::start(&["--latency", "50ms", "--name", "slow"]);
+    let fast = Mock::start(&["--latency", "5ms", "--name", "fast"]);
+    let yaml = format!(
+        "upstreams:\n  slow:\n    url: {}\n    keys: [ {{ env: KA }} ]\n  fast:\n    url: {}\n    keys: [ {{ env: KB }} ]\nroutes:\n  - {{ upstreams: [slow, fast], strategy: fastest }}\n",
+        slow.url, fast.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    for _ in 0..100 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    let (s, f) = (slow.count("sk-a").await, fast.count("sk-b").await);
+    assert_eq!(s + f, 100);
+    assert!(f >= 75, "fast got {f}, slow {s}");
+    assert!(s >= 1, "the slow one is still measured");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_strategy_splits_first_attempts_by_weight() {
+    let a = Mock::start(&["--name", "a"]);
+    let b = Mock::start(&["--name", "b"]);
+    let yaml = format!(
+        "upstreams:\n  a:\n    url: {}\n    keys: [ {{ env: KA }} ]\n  b:\n    url: {}\n    keys: [ {{ env: KB }} ]\nroutes:\n  - {{ upstreams: [a, b], strategy: weighted, weights: [3, 1] }}\n",
+        a.url, b.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    for _ in 0..200 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    let (na, nb) = (a.count("sk-a").await, b.count("sk-b").await);
+    assert_eq!(na + nb, 200);
+    assert!((120..=175).contains(&na), "a got {na}, b {nb}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_byte_times_out_and_fails_over() {
+    let mock = Mock::start(&["--key", "sk-a=ok:latency=5s"]);
+    let kg = Keygate::start(&config(&mock, "", ", ttfb_timeout: 700ms"), KEYS);
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no attempt waited for the slow key"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_retry_starts_after_the_deadline() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=rate_limit:retry_after=30:latency=400ms",
+        "--key",
+        "sk-b=rate_limit:retry_after=30:latency=400ms",
+        "--key",
+        "sk-c=rate_limit:retry_after=30:latency=400ms",
+    ]);
+    let kg = Keygate::start(&config(&mock, "", ", deadline: 200ms"), KEYS);
+    assert_eq!(send(&kg, "gpt-4o").await.status(), 429);
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstreams_get_keep_warm_pings() {
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(
+        &config(
+            &mock,
+            "    keep_warm: { every: 1s, path: /v1/models }\n",
+            "",
+        ),
+        KEYS,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = mock.stats().await;
+        let pings = stats["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["path"] == "/v1/models" && r["key"].as_str().is_some_and(|k| k.starts_with("sk-"))
+            })
+            .count();
+        if pings >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keep-warm pings: {}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

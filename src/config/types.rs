@@ -108,6 +108,27 @@ pub struct UpstreamFile {
     /// Ping the upstream when it had no traffic for a while (serverless relays fall asleep).
     #[serde(default)]
     pub keep_warm: Option<KeepWarmFile>,
+    /// Endpoint outlier ejection after consecutive 5xx answers or connect errors.
+    #[serde(default)]
+    pub outlier: Option<OutlierFile>,
+}
+
+/// Outlier ejection settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    /// Consecutive failures that eject an endpoint (default 5).
+    #[serde(default)]
+    pub consecutive: Option<u32>,
+    /// First ejection time, multiplied by ejections in a row (default 30s).
+    #[serde(default)]
+    pub base_ejection: Option<Dur>,
+    /// Longest ejection (default 300s).
+    #[serde(default)]
+    pub max_ejection: Option<Dur>,
+    /// Most endpoints ejected at once, in percent (default 50; one is always ejectable).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u8>,
 }
 
 /// Keep-warm pings.
@@ -192,4 +213,16 @@ pub struct RouteFile {
     /// How long to wait for a response header from the upstream (default 600s).
     #[serde(default)]
     pub ttfb_timeout: Option<Dur>,
+    /// No new attempt starts after this long since the request arrived.
+    #[serde(default)]
+    pub deadline: Option<Dur>,
+    /// Order of upstreams per request: `fallback` (default), `weighted`, `fastest`.
+    #[serde(default)]
+    pub strategy: Option<crate::strategy::Strategy>,
+    /// Weights for `weighted`, one per upstream in `upstreams` (default 1 each).
+    #[serde(default)]
+    pub weights: Vec<u32>,
+    /// Share of requests `fastest` sends elsewhere to keep measuring (default 0.05).
+    #[serde(default)]
+    pub explore: Option<f64>,
 }

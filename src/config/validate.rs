@@ -5,7 +5,9 @@ use super::types::*;
 use super::ConfigError;
 use crate::glob::Glob;
 use crate::keys::{key_id, CooldownPolicy, KeyPolicy, KeySpec, Secret};
+use crate::outlier::OutlierPolicy;
 use crate::routes::RouteSpec;
+use crate::strategy::{Strategy, DEFAULT_EXPLORE};
 use pingora_core::server::configuration::ServerConf;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -80,6 +82,8 @@ pub struct UpstreamConfig {
     pub probe_model: String,
     /// Keep-warm pings, when configured.
     pub keep_warm: Option<KeepWarm>,
+    /// Endpoint outlier ejection.
+    pub outlier: OutlierPolicy,
 }
 
 /// A validated keep-warm setting.
@@ -104,6 +108,14 @@ pub struct RouteConfig {
     pub retries: u32,
     /// Response-header timeout per attempt.
     pub ttfb_timeout: Duration,
+    /// No new attempt after this long.
+    pub deadline: Option<Duration>,
+    /// Upstream order per request.
+    pub strategy: Strategy,
+    /// Weights for `weighted`, parallel to `upstreams`.
+    pub weights: Vec<u32>,
+    /// Exploration share for `fastest`.
+    pub explore: f64,
 }
 
 /// Checks everything the file says and loads the secrets it points to.
@@ -246,7 +258,53 @@ pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
                 "must be greater than zero".into(),
             ));
         }
+        let strategy = r.strategy.unwrap_or_default();
+        if !r.weights.is_empty() {
+            if strategy != Strategy::Weighted {
+                return Err(err(
+                    &field("weights"),
+                    "only used with `strategy: weighted`".into(),
+                ));
+            }
+            if r.weights.len() != r.upstreams.len() {
+                return Err(err(
+                    &field("weights"),
+                    format!(
+                        "{} weights for {} upstreams: give one per upstream",
+                        r.weights.len(),
+                        r.upstreams.len()
+                    ),
+                ));
+            }
+            if r.weights.iter().all(|w| *w == 0) {
+                return Err(err(
+                    &field("weights"),
+                    "at least one weight must be above 0".into(),
+                ));
+            }
+        }
+        let explore = r.explore.unwrap_or(DEFAULT_EXPLORE);
+        if !(0.0..=1.0).contains(&explore) {
+            return Err(err(
+                &field("explore"),
+                format!("{explore} is not between 0 and 1"),
+            ));
+        }
+        if r.explore.is_some() && strategy != Strategy::Fastest {
+            return Err(err(
+                &field("explore"),
+                "only used with `strategy: fastest`".into(),
+            ));
+        }
+        let deadline = r.deadline.map(|d| d.0);
+        if deadline.is_some_and(|d| d.is_zero()) {
+            return Err(err(&field("deadline"), "must be greater than zero".into()));
+        }
         routes.push(RouteConfig {
+            deadline,
+            strategy,
+            weights: r.weights.clone(),
+            explore,
             spec: RouteSpec {
                 name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
                 models,
@@ -467,8 +525,41 @@ fn validate_upstream(
         }
     };
 
+    let outlier_defaults = OutlierPolicy::default();
+    let outlier = match &u.outlier {
+        None => outlier_defaults,
+        Some(o) => OutlierPolicy {
+            consecutive: o.consecutive.unwrap_or(outlier_defaults.consecutive),
+            base_ejection: o
+                .base_ejection
+                .map_or(outlier_defaults.base_ejection, |d| d.0),
+            max_ejection: o
+                .max_ejection
+                .map_or(outlier_defaults.max_ejection, |d| d.0),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .unwrap_or(outlier_defaults.max_ejection_percent),
+        },
+    };
+    if outlier.consecutive == 0 {
+        return Err(err("outlier.consecutive", "must be at least 1".into()));
+    }
+    if outlier.max_ejection_percent > 100 {
+        return Err(err(
+            "outlier.max_ejection_percent",
+            "must be between 0 and 100".into(),
+        ));
+    }
+    if outlier.max_ejection < outlier.base_ejection {
+        return Err(err(
+            "outlier.max_ejection",
+            "must not be shorter than base_ejection".into(),
+        ));
+    }
+
     Ok(UpstreamConfig {
         name: name.to_string(),
+        outlier,
         probe_interval,
         probe_model,
         keep_warm,

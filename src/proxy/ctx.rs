@@ -36,6 +36,8 @@ pub struct RequestCtx {
     pub stream: bool,
     /// Index of the matched route.
     pub route: Option<usize>,
+    /// Upstreams in the order this request tries them.
+    pub order: Vec<usize>,
     /// Attempts made so far.
     pub attempts: u32,
     /// (upstream, key) pairs already tried for this request.
@@ -64,6 +66,7 @@ impl RequestCtx {
             upstream_model: None,
             stream: false,
             route: None,
+            order: Vec::new(),
             attempts: 0,
             tried: Vec::new(),
             current: None,

@@ -21,6 +21,7 @@ use crate::prober::{Suspect, SuspectSender};
 use crate::request_body;
 use crate::retry_after;
 use crate::routes::{endpoint_needs_model, RouteTable};
+use crate::strategy::{LatencyTable, RouteOrder};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use body_replay::BodyReadError;
@@ -38,8 +39,10 @@ use std::time::{Duration, Instant};
 /// Per-route settings the proxy needs at run time.
 #[derive(Debug, Clone)]
 pub struct RoutePlan {
-    /// Upstream indexes in fallback order.
-    pub upstreams: Vec<usize>,
+    /// Upstream indexes and the strategy that orders them per request.
+    pub order: RouteOrder,
+    /// No new attempt after this long since the request arrived.
+    pub deadline: Option<Duration>,
     /// Extra attempts after a failed one.
     pub retries: u32,
     /// Response-header timeout per attempt.
@@ -54,6 +57,7 @@ pub struct Gateway {
     max_body_bytes: usize,
     clock: SharedClock,
     suspects: SuspectSender,
+    latency: LatencyTable,
 }
 
 impl Gateway {
@@ -67,10 +71,11 @@ impl Gateway {
         suspects: SuspectSender,
     ) -> Arc<Self> {
         Arc::new(Self {
-            upstreams,
             routes,
             plans,
             max_body_bytes,
+            latency: LatencyTable::new(upstreams.len()),
+            upstreams,
             clock,
             suspects,
         })
@@ -90,7 +95,10 @@ impl Gateway {
         let Some(plan) = self.plan(ctx) else {
             return false;
         };
-        plan.upstreams.iter().any(|&u| {
+        if plan.deadline.is_some_and(|d| ctx.started.elapsed() >= d) {
+            return false;
+        }
+        plan.order.upstreams().iter().any(|&u| {
             let up = &self.upstreams[u];
             if up.keys.is_empty() {
                 return !ctx.tried.iter().any(|(tu, _)| *tu == u) && up.pick_endpoint().is_some();
@@ -108,9 +116,14 @@ impl Gateway {
         let plan = self
             .plan(ctx)
             .ok_or_else(|| LocalResponse::bad_gateway("request was not routed"))?;
+        if ctx.order.is_empty() {
+            // Decided once per request, so retries walk the same fallback order.
+            plan.order
+                .order_into(&self.latency, &mut rand::rng(), &mut ctx.order);
+        }
         let mut soonest: Option<Duration> = None;
         let mut endpoints_down = false;
-        for &u in &plan.upstreams {
+        for &u in &ctx.order {
             let up = &self.upstreams[u];
             let key = if up.keys.is_empty() {
                 if ctx.tried.iter().any(|(tu, _)| *tu == u) {
@@ -196,6 +209,21 @@ impl Gateway {
             Outcome::ServerError | Outcome::ClientError => {}
         }
         outcome
+    }
+
+    /// Feeds an attempt's network result to outlier ejection and the latency table.
+    fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
+        let Some(att) = ctx.current.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        if ok {
+            up.endpoint_ok(&att.endpoint);
+            self.latency.record(att.upstream, att.started.elapsed());
+        } else {
+            up.endpoint_failed(&att.endpoint);
+            self.latency.penalize(att.upstream);
+        }
     }
 
     /// A 429 body that reaches the client can be read: an empty quota disables the key, an
@@ -442,6 +470,7 @@ impl ProxyHttp for GatewayProxy {
         }
         ctx.upstream_status = Some(status);
         let outcome = self.0.judge(ctx, status, resp);
+        self.0.note_endpoint(ctx, outcome != Outcome::ServerError);
         let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
         if outcome.worth_retrying() && ctx.attempts <= retries && self.0.has_candidate(ctx) {
             let (up, key) = describe_attempt(&self.0, ctx);
@@ -518,6 +547,10 @@ impl ProxyHttp for GatewayProxy {
             // Bytes already reached the client: a retry would duplicate or splice responses.
             e.set_retry(false);
         } else if !ours {
+            if e.esource() == &ErrorSource::Upstream {
+                // Reset or timeout before any answer: the endpoint's fault, not the client's.
+                self.0.note_endpoint(ctx, false);
+            }
             let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
             let retry = ctx.attempts <= retries && self.0.has_candidate(ctx);
             e.set_retry(retry);
@@ -532,6 +565,7 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.0.note_endpoint(ctx, false);
         // The key was never used: let it be tried again on another endpoint.
         if let Some(att) = ctx.current.as_ref() {
             let u = att.upstream;

@@ -9,6 +9,7 @@ pub mod probe;
 use crate::clock::SharedClock;
 use crate::config::{AuthStyle, KeepWarm, UpstreamConfig};
 use crate::keys::KeyPool;
+use crate::outlier::{OutlierDetector, Verdict};
 use discovery::DnsDiscovery;
 use pingora_core::protocols::tls::CaType;
 use pingora_core::services::background::{background_service, GenBackgroundService};
@@ -44,6 +45,8 @@ pub struct Upstream {
     pub probe_model: String,
     /// Keep-warm pings, when configured.
     pub keep_warm: Option<KeepWarm>,
+    /// Consecutive-failure tracking per endpoint.
+    pub outliers: OutlierDetector,
     clock: SharedClock,
     born: std::time::Instant,
     /// Milliseconds after `born` of the last request sent (for keep-warm).
@@ -122,6 +125,7 @@ impl Upstream {
             probe_interval: cfg.probe_interval,
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
+            outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),
             clock,
             last_activity_ms: AtomicU64::new(0),
@@ -153,6 +157,39 @@ impl Upstream {
         peer.options.idle_timeout = Some(Duration::from_secs(90));
         peer.options.ca = self.ca.clone();
         Some(peer)
+    }
+
+    /// Records a 5xx or connect error from `endpoint`; ejects it from rotation when it is an outlier.
+    pub fn endpoint_failed(&self, endpoint: &Backend) {
+        let Some(addr) = endpoint.addr.as_inet() else {
+            return;
+        };
+        self.outliers
+            .set_endpoint_count(self.endpoints.backends().get_backend().len());
+        if let Verdict::Eject { .. } = self.outliers.on_failure(*addr) {
+            // Pingora never re-enables a backend by itself: `return_ejected` does, when time is up.
+            self.endpoints.backends().set_enable(endpoint, false);
+        }
+    }
+
+    /// Records a good answer from `endpoint`.
+    pub fn endpoint_ok(&self, endpoint: &Backend) {
+        if let Some(addr) = endpoint.addr.as_inet() {
+            self.outliers.on_success(*addr);
+        }
+    }
+
+    /// Puts endpoints whose ejection time is over back into rotation (their health check still
+    /// has to pass before traffic flows).
+    pub fn return_ejected(&self) {
+        for addr in self.outliers.due_returns() {
+            let backend = Backend {
+                addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
+                weight: 1,
+                ext: http::Extensions::new(),
+            };
+            self.endpoints.backends().set_enable(&backend, true);
+        }
     }
 
     /// Notes that a request is being sent now.
