@@ -6,14 +6,19 @@ MOCK_ADDR ?= 127.0.0.1:18000
 
 .PHONY: run test deps fmt lint unit build release bench clean
 
-## deps: install what the build needs that a fresh machine lacks (cmake for pingora's zlib-ng).
+## deps: install what the build and tests need that a fresh machine lacks:
+## cmake (pingora's zlib-ng) and promtool (Debian's `prometheus` package; the metrics test uses it).
 deps:
-	@command -v cmake >/dev/null || { \
-	  echo "installing cmake (pingora needs it)"; \
+	@missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake >/dev/null; \
-	  else echo "please install cmake with your package manager" >&2; exit 1; fi; }
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "please install:$$missing (cmake; promtool from Prometheus)" >&2; exit 1; fi; \
+	fi
 
 build: deps
 	$(CARGO) build --release --bins

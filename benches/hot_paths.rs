@@ -1,2 +1,256 @@
-//! Criterion micro-benchmarks of keygate's hot paths (filled in by the benchmarks work).
-fn main() {}
+//! Criterion micro-benchmarks of keygate's per-request hot paths.
+//!
+//! Run with `cargo bench --bench hot_paths` (or `make bench`, which also runs the load benchmark
+//! in `bench/load.py`). A quick smoke run:
+//! `cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 2`.
+//!
+//! Groups, as they appear in criterion's report (`target/criterion/report/index.html`):
+//! - `key_pool_pick/<policy>/<keys>`: one `KeyPool::pick` (and dropping its lease) with 10,
+//!   1 000 and 100 000 keys, every third key cooling for the model asked.
+//! - `scan_json/<size>/<where model is>`: reading `model`/`stream` from a chat body.
+//! - `rewrite_model/<size>`: the alias rewrite of a body already scanned.
+//! - `requested_cooldown/<header>`: reading how long a 429 asks a key to rest.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use keygate::clock::{ManualClock, SharedClock};
+use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick, Secret};
+use keygate::request_body::{scan_json, BodyInfo};
+use keygate::retry_after::{parse_http_date, requested_cooldown};
+
+const MODEL: &str = "gpt-4o-mini";
+
+// ---------------------------------------------------------------------------------------------
+// KeyPool::pick
+
+/// A pool of `n` keys under `policy`, with every third key (indices 0, 3, 6, ...) cooling for
+/// [`MODEL`] for ten minutes. The clock is manual, so nothing expires during the run.
+fn cooling_pool(n: usize, policy: KeyPolicy) -> KeyPool {
+    let specs = (0..n)
+        .map(|i| KeySpec {
+            name: format!("key-{i}"),
+            secret: Secret::new(format!("sk-bench-{i:08}-0123456789abcdef0123456789abcdef")),
+            weight: 1,
+            account: None,
+        })
+        .collect();
+    let clock: SharedClock = ManualClock::new();
+    let pool = KeyPool::new("bench", specs, policy, CooldownPolicy::default(), clock);
+    for idx in (0..n).step_by(3) {
+        pool.cool_down(idx, MODEL, Some(Duration::from_secs(600)));
+    }
+    pool
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_pool_pick");
+    for (label, policy) in [
+        ("round_robin", KeyPolicy::RoundRobin),
+        ("least_in_flight", KeyPolicy::LeastInFlight),
+    ] {
+        for n in [10usize, 1_000, 100_000] {
+            let pool = cooling_pool(n, policy);
+            // Sanity: the pool hands out keys, and never a cooling one.
+            for _ in 0..(2 * n).min(10_000) {
+                match pool.pick(MODEL, &[]) {
+                    Pick::Key(lease) => assert!(lease.index() % 3 != 0, "picked a cooling key"),
+                    other => panic!("expected a key from {n} keys, got {other:?}"),
+                }
+            }
+            group.throughput(Throughput::Elements(1));
+            group.bench_with_input(BenchmarkId::new(label, n), &pool, |b, pool| {
+                // The lease is dropped at once: the request "finishes" before the next pick,
+                // so least_in_flight sees idle keys, as on a lightly loaded gateway.
+                b.iter(|| black_box(pool.pick(black_box(MODEL), black_box(&[]))));
+            });
+        }
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies
+
+/// Prose with the escapes real chat contents carry (newlines, quotes, a non-ASCII escape).
+const PARAGRAPH: &str = "You are reviewing a pull request. The change moves the retry logic \
+    into its own module and adds a \\\"budget\\\" per route.\\nPlease list risks, then suggest \
+    tests; keep the answer under 200 words. Caf\\u00e9 names and code like `fn main() {}` may \
+    appear.\\n\\n";
+
+/// A chat completion request of about `target` bytes: a system prompt and alternating
+/// user/assistant turns with long contents. `model_first` puts `model` first (as most SDKs
+/// do); otherwise it is the last key, so the scanner must walk the whole body to find it.
+fn chat_body(target: usize, model_first: bool) -> Vec<u8> {
+    let turn_len = if target >= 64 * 1024 { 4096 } else { 300 };
+    let mut content = String::new();
+    while content.len() < turn_len {
+        content.push_str(PARAGRAPH);
+    }
+    let head = if model_first {
+        format!("{{\"model\":\"{MODEL}\",\"messages\":[")
+    } else {
+        "{\"messages\":[".to_string()
+    };
+    let tail = if model_first {
+        "],\"temperature\":0.7,\"max_tokens\":512,\"stream\":false}".to_string()
+    } else {
+        format!("],\"temperature\":0.7,\"max_tokens\":512,\"stream\":false,\"model\":\"{MODEL}\"}}")
+    };
+    let mut body = head.into_bytes();
+    body.extend_from_slice(b"{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"}");
+    let mut turn = 0usize;
+    while body.len() + tail.len() < target {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        let msg = format!(",{{\"role\":\"{role}\",\"content\":\"{content}\"}}");
+        let room = target.saturating_sub(body.len() + tail.len());
+        if msg.len() > room && turn > 0 {
+            // Fill the remainder with a shorter last turn so the size is close to the target.
+            let short: String = content.chars().take(room.saturating_sub(40)).collect();
+            // Do not cut an escape sequence in half.
+            let short = short.trim_end_matches('\\');
+            body.extend_from_slice(
+                format!(",{{\"role\":\"{role}\",\"content\":\"{short}\"}}").as_bytes(),
+            );
+            break;
+        }
+        body.extend_from_slice(msg.as_bytes());
+        turn += 1;
+    }
+    body.extend_from_slice(tail.as_bytes());
+    body
+}
+
+fn body_cases() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    vec![
+        ("1KiB", "model_first", chat_body(1024, true)),
+        ("1KiB", "model_last", chat_body(1024, false)),
+        ("1MiB", "model_first", chat_body(1024 * 1024, true)),
+        ("1MiB", "model_last", chat_body(1024 * 1024, false)),
+    ]
+}
+
+fn scanned(body: &[u8]) -> BodyInfo {
+    let info = scan_json(body).expect("the benchmark body is valid JSON");
+    assert_eq!(info.model.as_deref(), Some(MODEL));
+    // The scanner must agree with a full parser on what it read.
+    let full: serde_json::Value = serde_json::from_slice(body).expect("serde_json parses it");
+    assert_eq!(full["model"].as_str(), Some(MODEL));
+    info
+}
+
+fn bench_scan_json(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scan_json");
+    for (size, place, body) in body_cases() {
+        scanned(&body);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new(size, place), &body, |b, body| {
+            b.iter(|| scan_json(black_box(body)));
+        });
+    }
+    group.finish();
+}
+
+fn bench_rewrite_model(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rewrite_model");
+    for (size, place, body) in body_cases() {
+        if place != "model_last" {
+            continue;
+        }
+        let info = scanned(&body);
+        let rewritten = info.rewrite_model(&body, "gpt-4o-mini-2024-07-18");
+        let again = scan_json(&rewritten).expect("the rewritten body is valid JSON");
+        assert_eq!(again.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| info.rewrite_model(black_box(body), black_box("gpt-4o-mini-2024-07-18")));
+        });
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry-After
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for &(name, value) in pairs {
+        map.append(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(value).expect("a valid header value"),
+        );
+    }
+    map
+}
+
+/// The headers a 429 from OpenAI carries besides the retry hint.
+const TYPICAL: &[(&str, &str)] = &[
+    ("date", "Wed, 21 Oct 2015 07:28:00 GMT"),
+    ("content-type", "application/json; charset=utf-8"),
+    ("content-length", "312"),
+    ("openai-processing-ms", "12"),
+    ("x-request-id", "req_0123456789abcdef0123456789abcdef"),
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-limit-tokens", "2000000"),
+];
+
+fn bench_requested_cooldown(c: &mut Criterion) {
+    let date = "Wed, 21 Oct 2015 07:28:30 GMT";
+    let now = parse_http_date(date).expect("a valid HTTP-date") - Duration::from_secs(30);
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut all = TYPICAL.to_vec();
+        all.extend_from_slice(extra);
+        headers(&all)
+    };
+    let cases: Vec<(&str, HeaderMap, Option<Duration>)> = vec![
+        (
+            "retry_after_ms",
+            with(&[("retry-after-ms", "1500"), ("retry-after", "2")]),
+            Some(Duration::from_millis(1500)),
+        ),
+        (
+            "retry_after_http_date",
+            with(&[("retry-after", date)]),
+            Some(Duration::from_secs(30)),
+        ),
+        (
+            "x_ratelimit_reset_tokens",
+            with(&[
+                ("x-ratelimit-remaining-requests", "9999"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-requests", "6ms"),
+                ("x-ratelimit-reset-tokens", "6m0s"),
+            ]),
+            Some(Duration::from_secs(360)),
+        ),
+        ("no_hint", with(&[]), None),
+    ];
+    let mut group = c.benchmark_group("requested_cooldown");
+    for (label, map, expected) in cases {
+        assert_eq!(requested_cooldown(&map, now), expected, "{label}");
+        group.bench_with_input(BenchmarkId::from_parameter(label), &map, |b, map| {
+            b.iter(|| requested_cooldown(black_box(map), black_box(now)));
+        });
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Short defaults so `cargo bench` finishes in a few minutes; criterion's command line
+/// (`--measurement-time`, `--warm-up-time`, a filter) still overrides them: `criterion_group!`
+/// applies it after this.
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = hot_paths;
+    config = config();
+    targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown
+}
+criterion_main!(hot_paths);

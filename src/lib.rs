@@ -7,6 +7,7 @@
 //! config ──► upstream (KeyPool + Pingora LoadBalancer) / routes ──► proxy hooks ──► (metrics)
 //! ```
 //!
+//! - [`access_log`]: one JSON line per request, written by a background thread.
 //! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
 //! - [`clock`]: real and manual time sources, injected into everything time-driven.
 //! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
@@ -18,18 +19,22 @@
 //! - [`outlier`]: endpoint ejection after consecutive 5xx/connect failures, with a percent cap.
 //! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
 //! - [`prober`]: background upkeep: disabled-key probes, quota checks, keep-warm pings.
+//! - [`usage`]: token usage read from response bodies (JSON tail, SSE events) as they stream; stripping the usage chunk keygate asked for.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` side port.
 //! - [`server`]: turning a validated config into a running Pingora server.
 //! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
 //! binary (`src/bin/keygate-mock/`).
 
+pub mod access_log;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod glob;
 pub mod keys;
+pub mod metrics;
 pub mod outcome;
 pub mod outlier;
 pub mod prober;
@@ -40,3 +45,4 @@ pub mod routes;
 pub mod server;
 pub mod strategy;
 pub mod upstream;
+pub mod usage;

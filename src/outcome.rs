@@ -32,6 +32,17 @@ impl Outcome {
         }
     }
 
+    /// The `outcome` label of `keygate_upstream_attempts_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::KeyRefused(_) => "key_refused",
+            Outcome::ServerError => "server_error",
+            Outcome::ClientError => "client_error",
+        }
+    }
+
     /// Whether another key or upstream could answer better.
     pub fn worth_retrying(self) -> bool {
         matches!(

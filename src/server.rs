@@ -2,7 +2,7 @@
 
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
-use crate::proxy::{Gateway, GatewayProxy, RoutePlan};
+use crate::proxy::{Gateway, GatewayOptions, GatewayProxy, RoutePlan};
 use crate::routes::RouteTable;
 use crate::strategy::RouteOrder;
 use crate::upstream::Upstream;
@@ -24,6 +24,9 @@ pub enum StartError {
         /// What went wrong.
         reason: String,
     },
+    /// The access log could not be opened.
+    #[error("access_log: {0}")]
+    AccessLog(String),
 }
 
 /// The background service that resolves and health-checks one upstream's endpoints.
@@ -34,6 +37,7 @@ pub type EndpointService =
 pub fn build_gateway(
     config: &Config,
     clock: SharedClock,
+    options: GatewayOptions,
 ) -> (Arc<Gateway>, Vec<EndpointService>, crate::prober::Prober) {
     let mut upstreams = Vec::new();
     let mut services = Vec::new();
@@ -66,6 +70,7 @@ pub fn build_gateway(
         config.max_body_bytes,
         clock,
         suspects,
+        options,
     );
     let prober = crate::prober::Prober::new(gw.clone(), suspect_rx);
     (gw, services, prober)
@@ -97,7 +102,27 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         .iter()
         .map(|l| (l.addr, l.tls.clone()))
         .collect();
-    let (gw, services, prober) = build_gateway(&config, clock::system());
+    let config_metrics_addr = config.metrics_addr;
+    let access_log = match &config.access_log {
+        None => None,
+        Some(path) => Some(
+            crate::access_log::AccessLog::open(path.as_deref())
+                .map_err(|e| StartError::AccessLog(e.to_string()))?,
+        ),
+    };
+    let options = GatewayOptions {
+        access_log,
+        stream_usage: config.stream_usage,
+    };
+    let (gw, services, prober) = build_gateway(&config, clock::system(), options);
+    let pools = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
+    if let Err(e) = pingora_prometheus::prometheus::default_registry()
+        .register(Box::new(crate::metrics::KeyStateCollector::new(pools)))
+    {
+        warn!("cannot register the key state gauge: {e}");
+    }
+    // Touch the metrics so every family is registered before the first scrape.
+    let _ = crate::metrics::global();
     resolve_endpoints_now(&gw);
 
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
@@ -140,6 +165,16 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         );
     }
     server.add_service(proxy);
+    if let Some(addr) = config_metrics_addr {
+        let app = crate::metrics::MetricsApp::new(listen.iter().map(|(a, _)| *a).collect());
+        let mut service = pingora_core::services::listening::Service::new(
+            "keygate metrics".to_string(),
+            pingora_core::apps::http_app::HttpServer::new_app(app),
+        );
+        service.add_tcp(&addr.to_string());
+        server.add_service(service);
+        info!("metrics on http://{addr}/metrics");
+    }
     for s in services {
         server.add_service(s);
     }

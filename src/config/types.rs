@@ -28,6 +28,46 @@ pub struct ConfigFile {
     /// Which requests go to which upstreams, first match wins.
     #[serde(default)]
     pub routes: Vec<RouteFile>,
+    /// The Prometheus side port (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub metrics: Option<MetricsFile>,
+    /// One JSON line per request.
+    #[serde(default)]
+    pub access_log: Option<AccessLogFile>,
+    /// Where key states are kept across restarts and upgrades.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// `inject`: add `stream_options.include_usage` to streams that lack it (and hide the extra
+    /// usage chunk from the client) so every stream is metered; `pass` (default): leave requests as they are.
+    #[serde(default)]
+    pub stream_usage: Option<StreamUsage>,
+}
+
+/// The metrics side port.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `IP:PORT`, e.g. `127.0.0.1:9091`.
+    pub addr: String,
+}
+
+/// Access log destination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    /// A file path, or `stdout`.
+    pub path: String,
+}
+
+/// What to do with streaming requests that do not ask for usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamUsage {
+    /// Leave them alone (such streams are not metered).
+    #[default]
+    Pass,
+    /// Ask for usage upstream and strip the usage chunk from the client's stream.
+    Inject,
 }
 
 /// One listening socket.

@@ -1,6 +1,7 @@
 //! Meaning checks: turns a parsed [`ConfigFile`] into a [`Config`] or the first precise mistake.
 
 use super::secrets;
+use super::types::StreamUsage;
 use super::types::*;
 use super::ConfigError;
 use crate::glob::Glob;
@@ -36,6 +37,14 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, in config order.
     pub routes: Vec<RouteConfig>,
+    /// Metrics side port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Access log: `None` off, `Some(None)` stdout, `Some(Some(path))` a file.
+    pub access_log: Option<Option<PathBuf>>,
+    /// Key state file.
+    pub state_file: Option<PathBuf>,
+    /// Streaming usage handling.
+    pub stream_usage: StreamUsage,
 }
 
 /// A validated listener.
@@ -318,8 +327,65 @@ pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
         });
     }
 
+    let metrics_addr = match &file.metrics {
+        None => None,
+        Some(m) => {
+            let addr: SocketAddr = m.addr.parse().map_err(|_| {
+                err(
+                    "metrics.addr",
+                    format!("not an IP:PORT address: {:?}", m.addr),
+                )
+            })?;
+            if listen.iter().any(|l| l.addr == addr) {
+                return Err(err(
+                    "metrics.addr",
+                    format!("{addr} is also a proxy listener"),
+                ));
+            }
+            Some(addr)
+        }
+    };
+    let access_log = match &file.access_log {
+        None => None,
+        Some(a) if a.path == "stdout" || a.path == "-" => Some(None),
+        Some(a) => {
+            let p = resolve(Path::new(&a.path));
+            let dir_ok = p
+                .parent()
+                .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !dir_ok {
+                return Err(err(
+                    "access_log.path",
+                    format!("no such directory for {}", p.display()),
+                ));
+            }
+            Some(Some(p))
+        }
+    };
+    let state_file = match &file.state_file {
+        None => None,
+        Some(p) => {
+            let p = resolve(p);
+            let dir_ok = p
+                .parent()
+                .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !dir_ok {
+                return Err(err(
+                    "state_file",
+                    format!("no such directory for {}", p.display()),
+                ));
+            }
+            Some(p)
+        }
+    };
+    check_upgrade_sock_dir(&server.upgrade_sock).map_err(|e| err("server.upgrade_sock", e))?;
+
     Ok(Config {
         path: path.to_path_buf(),
+        metrics_addr,
+        access_log,
+        state_file,
+        stream_usage: file.stream_usage.unwrap_or_default(),
         server,
         listen,
         max_body_bytes,
@@ -576,6 +642,45 @@ fn validate_upstream(
         ca_certs,
         connect_timeout: u.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
     })
+}
+
+/// The upgrade socket is created mode 0666 by Pingora: its directory must keep others out.
+/// A missing directory is created with mode 0700.
+fn check_upgrade_sock_dir(sock: &str) -> Result<(), String> {
+    let Some(dir) = Path::new(sock)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    else {
+        return Ok(());
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            return Ok(());
+        }
+        // The shared /tmp default is tolerated for a first try, with a warning at start.
+        if dir == Path::new("/tmp") {
+            return Ok(());
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "directory {} is open to group/others (mode {mode:04o}); the upgrade socket needs a 0700 directory",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads PEM certificates and checks each one parses, so a bad file fails here, not per request.

@@ -2,8 +2,10 @@
 
 use super::errors::LocalResponse;
 use crate::keys::KeyLease;
+use crate::usage::{Usage, UsageChunkStripper, UsageMeter};
 use bytes::Bytes;
 use pingora_load_balancing::Backend;
+use pingora_prometheus::prometheus;
 use std::time::Instant;
 
 /// One try of a request against one upstream key and endpoint.
@@ -52,6 +54,39 @@ pub struct RequestCtx {
     pub upstream_status: Option<u16>,
     /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
     pub error_body: Option<bytes::BytesMut>,
+    /// Counts the request in `keygate_in_flight_requests` while it lives.
+    pub in_flight: Option<InFlight>,
+    /// Time to the response header of the last attempt.
+    pub ttfb: Option<std::time::Duration>,
+    /// Response body bytes sent to the client.
+    pub bytes_sent: usize,
+    /// Why keygate answered by itself, for the access log.
+    pub note: Option<&'static str>,
+    /// Reads `usage` from the response as it passes.
+    pub usage_meter: Option<UsageMeter>,
+    /// Tokens the upstream reported.
+    pub usage: Option<Usage>,
+    /// keygate asked for stream usage the client did not: hide the usage chunk.
+    pub strip_usage: bool,
+    /// Does the hiding.
+    pub stripper: Option<UsageChunkStripper>,
+}
+
+/// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
+pub struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    /// Increments `gauge` until dropped.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl RequestCtx {
@@ -74,6 +109,14 @@ impl RequestCtx {
             replace_body: None,
             upstream_status: None,
             error_body: None,
+            in_flight: None,
+            ttfb: None,
+            bytes_sent: 0,
+            note: None,
+            usage_meter: None,
+            usage: None,
+            strip_usage: false,
+            stripper: None,
         }
     }
 

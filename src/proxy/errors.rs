@@ -109,6 +109,22 @@ impl LocalResponse {
         )
     }
 
+    /// The reason label for `keygate_local_responses_total`.
+    pub fn reason(&self) -> &'static str {
+        match self.code {
+            "rate_limit_exceeded" => "all_cooling",
+            "no_available_keys" => "all_disabled",
+            "bad_gateway" => "no_endpoint",
+            "model_not_found" | "unknown_url" => "not_found",
+            "request_too_large" => "too_large",
+            "timeout" => "timeout",
+            "upstream_auth_failed" => "upstream_auth",
+            "length_required" => "length_required",
+            "internal_error" | "upstream_error" => "error",
+            _ => "bad_request",
+        }
+    }
+
     /// The JSON body.
     pub fn body(&self) -> Bytes {
         let v = serde_json::json!({

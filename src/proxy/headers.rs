@@ -65,6 +65,8 @@ pub fn prepare_upstream_request(
     }
     // keygate already answered the client's 100-continue and holds the body.
     req.remove_header("expect");
+    // Token accounting reads `usage` from the response: ask for it uncompressed.
+    req.remove_header(&http::header::ACCEPT_ENCODING);
     if let (Some(secret), Some((name, prefix))) = (secret, auth_header(auth)) {
         let mut value = HeaderValue::from_str(&format!("{prefix}{secret}")).map_err(|_| {
             pingora_error::Error::explain(

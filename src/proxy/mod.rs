@@ -14,8 +14,11 @@ pub mod ctx;
 pub mod errors;
 pub mod headers;
 
+use crate::access_log::{AccessEntry, AccessLog};
 use crate::clock::SharedClock;
+use crate::config::StreamUsage;
 use crate::keys::{DisableReason, Pick};
+use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::prober::{Suspect, SuspectSender};
 use crate::request_body;
@@ -23,6 +26,7 @@ use crate::retry_after;
 use crate::routes::{endpoint_needs_model, RouteTable};
 use crate::strategy::{LatencyTable, RouteOrder};
 use crate::upstream::Upstream;
+use crate::usage::{UsageChunkStripper, UsageMeter};
 use async_trait::async_trait;
 use body_replay::BodyReadError;
 use bytes::Bytes;
@@ -58,6 +62,18 @@ pub struct Gateway {
     clock: SharedClock,
     suspects: SuspectSender,
     latency: LatencyTable,
+    metrics: &'static Metrics,
+    access_log: Option<AccessLog>,
+    stream_usage: StreamUsage,
+}
+
+/// Optional parts of the gateway.
+#[derive(Default)]
+pub struct GatewayOptions {
+    /// Where access log lines go.
+    pub access_log: Option<AccessLog>,
+    /// Streaming usage handling.
+    pub stream_usage: StreamUsage,
 }
 
 impl Gateway {
@@ -69,6 +85,7 @@ impl Gateway {
         max_body_bytes: usize,
         clock: SharedClock,
         suspects: SuspectSender,
+        options: GatewayOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
             routes,
@@ -78,6 +95,9 @@ impl Gateway {
             upstreams,
             clock,
             suspects,
+            metrics: crate::metrics::global(),
+            access_log: options.access_log,
+            stream_usage: options.stream_usage,
         })
     }
 
@@ -188,10 +208,13 @@ impl Gateway {
                 match up.keys.account(idx) {
                     Some(account) if retry_after::is_org_wide_limit(&resp.headers, b"", None) => {
                         let account = account.to_string();
-                        up.keys.cool_down_account(&account, model, wanted);
+                        for k in up.keys.cool_down_account(&account, model, wanted) {
+                            self.count_cooldown(up, k, "account_limit");
+                        }
                     }
                     _ => {
                         up.keys.cool_down(idx, model, wanted);
+                        self.count_cooldown(up, idx, "rate_limit");
                     }
                 }
                 if wanted.is_none() {
@@ -204,11 +227,30 @@ impl Gateway {
                 }
             }
             Outcome::KeyRefused(reason) => {
-                up.keys.disable(idx, reason);
+                if up.keys.disable(idx, reason) {
+                    self.count_cooldown(up, idx, reason.as_str());
+                }
             }
             Outcome::ServerError | Outcome::ClientError => {}
         }
         outcome
+    }
+
+    fn count_cooldown(&self, up: &Upstream, key: usize, reason: &str) {
+        self.metrics
+            .cooldowns
+            .with_label_values(&[up.name.as_str(), up.keys.name(key), reason])
+            .inc();
+    }
+
+    fn count_attempt(&self, ctx: &RequestCtx, outcome: &str) {
+        if let Some(att) = ctx.current.as_ref() {
+            let up = self.upstreams[att.upstream].name.as_str();
+            self.metrics
+                .attempts
+                .with_label_values(&[up, outcome])
+                .inc();
+        }
     }
 
     /// Feeds an attempt's network result to outlier ejection and the latency table.
@@ -249,6 +291,10 @@ impl Gateway {
     }
 
     async fn respond_local(&self, session: &mut Session, resp: &LocalResponse) -> Result<()> {
+        self.metrics
+            .local_responses
+            .with_label_values(&[resp.reason()])
+            .inc();
         let body = resp.body();
         let header = resp.header(body.len())?;
         session
@@ -335,6 +381,16 @@ fn parse_and_route(
         }
         ctx.upstream_model = Some(new_model.to_string());
     }
+    if gw.stream_usage == StreamUsage::Inject
+        && ctx.stream
+        && json_info.as_ref().is_some_and(|i| !i.include_usage)
+    {
+        // Rescan: the body may have been rewritten above.
+        if let Ok(info) = request_body::scan_json(&ctx.body) {
+            ctx.body = Bytes::from(info.inject_include_usage(&ctx.body));
+            ctx.strip_usage = true;
+        }
+    }
     Ok(())
 }
 
@@ -357,6 +413,7 @@ impl ProxyHttp for GatewayProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let gw = &self.0;
+        ctx.in_flight = Some(ctx::InFlight::new(&gw.metrics.in_flight));
         if let Some(problem) = headers::connection_header_problem(session.req_header()) {
             gw.respond_local(session, &LocalResponse::bad_request(problem))
                 .await?;
@@ -470,6 +527,17 @@ impl ProxyHttp for GatewayProxy {
         }
         ctx.upstream_status = Some(status);
         let outcome = self.0.judge(ctx, status, resp);
+        if let Some(att) = ctx.current.as_ref() {
+            let ttfb = att.started.elapsed();
+            ctx.ttfb = Some(ttfb);
+            let up = self.0.upstreams[att.upstream].name.as_str();
+            self.0
+                .metrics
+                .ttfb
+                .with_label_values(&[up])
+                .observe(ttfb.as_secs_f64());
+        }
+        self.0.count_attempt(ctx, outcome.label());
         self.0.note_endpoint(ctx, outcome != Outcome::ServerError);
         let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
         if outcome.worth_retrying() && ctx.attempts <= retries && self.0.has_candidate(ctx) {
@@ -484,6 +552,18 @@ impl ProxyHttp for GatewayProxy {
         }
         if status == 429 {
             ctx.error_body = Some(bytes::BytesMut::new());
+        }
+        if (200..300).contains(&status) {
+            let content_type = resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let meter = UsageMeter::for_response(content_type);
+            if ctx.strip_usage && content_type.starts_with("text/event-stream") {
+                ctx.stripper = Some(UsageChunkStripper::new());
+            }
+            ctx.usage_meter = Some(meter);
         }
         if matches!(outcome, Outcome::KeyRefused(_)) {
             // OpenAI's 401 bodies echo part of the key: never pass them on.
@@ -516,6 +596,30 @@ impl ProxyHttp for GatewayProxy {
             *body = Some(replacement);
         } else if ctx.upstream_status.is_some_and(|s| s == 401 || s == 403) {
             *body = None;
+        }
+        if let Some(meter) = ctx.usage_meter.as_mut() {
+            if let Some(b) = body.as_ref() {
+                meter.feed(b);
+            }
+            if end_of_stream {
+                ctx.usage = meter.finish();
+            }
+        }
+        if let Some(stripper) = ctx.stripper.as_mut() {
+            let mut out = body.take().map(|b| stripper.filter(b)).unwrap_or_default();
+            if end_of_stream {
+                let rest = stripper.finish();
+                if !rest.is_empty() {
+                    let mut joined = bytes::BytesMut::from(&out[..]);
+                    joined.extend_from_slice(&rest);
+                    out = joined.freeze();
+                }
+            }
+            // An empty chunk could read as the end of a chunked body: send nothing instead.
+            *body = (!out.is_empty()).then_some(out);
+        }
+        if let Some(b) = body.as_ref() {
+            ctx.bytes_sent += b.len();
         }
         if let Some(buf) = ctx.error_body.as_mut() {
             if let Some(chunk) = body.as_ref() {
@@ -550,6 +654,11 @@ impl ProxyHttp for GatewayProxy {
             if e.esource() == &ErrorSource::Upstream {
                 // Reset or timeout before any answer: the endpoint's fault, not the client's.
                 self.0.note_endpoint(ctx, false);
+                let outcome = match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+                    _ => "connect_error",
+                };
+                self.0.count_attempt(ctx, outcome);
             }
             let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
             let retry = ctx.attempts <= retries && self.0.has_candidate(ctx);
@@ -566,6 +675,7 @@ impl ProxyHttp for GatewayProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.0.note_endpoint(ctx, false);
+        self.0.count_attempt(ctx, "connect_error");
         // The key was never used: let it be tried again on another endpoint.
         if let Some(att) = ctx.current.as_ref() {
             let u = att.upstream;
@@ -635,6 +745,14 @@ impl ProxyHttp for GatewayProxy {
                 can_reuse_downstream: false,
             };
         };
+        if ctx.note.is_none() {
+            ctx.note = Some(resp.reason());
+        }
+        self.0
+            .metrics
+            .local_responses
+            .with_label_values(&[resp.reason()])
+            .inc();
         if session.response_written().is_none() {
             let body = resp.body();
             if let Ok(header) = resp.header(body.len()) {
@@ -650,17 +768,72 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let gw = &self.0;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let (up, key) = describe_attempt(&self.0, ctx);
+        let route = ctx.route.map_or("-", |r| gw.routes.get(r).name.as_str());
+        let (upstream, key) = match ctx.current.as_ref() {
+            Some(att) => {
+                let up = &gw.upstreams[att.upstream];
+                let key = att.key.as_ref().map_or("-", |k| up.keys.name(k.index()));
+                (up.name.as_str(), key)
+            }
+            None => ("-", "-"),
+        };
+        let m = gw.metrics;
+        let mut status_buf = itoa::Buffer::new();
+        m.requests
+            .with_label_values(&[route, upstream, status_buf.format(status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if ctx.attempts > 1 {
+            m.retries
+                .with_label_values(&[route])
+                .inc_by(u64::from(ctx.attempts - 1));
+        }
+        if let Some(usage) = ctx.usage {
+            let model = m.model_label(
+                ctx.upstream_model
+                    .as_deref()
+                    .or(ctx.model.as_deref())
+                    .unwrap_or("-"),
+            );
+            m.tokens
+                .with_label_values(&[model, upstream, "-", "prompt"])
+                .inc_by(usage.prompt);
+            m.tokens
+                .with_label_values(&[model, upstream, "-", "completion"])
+                .inc_by(usage.completion);
+        }
+        if let Some(log) = gw.access_log.as_ref() {
+            log.write(&AccessEntry {
+                time: crate::access_log::now_rfc3339(),
+                client: "-",
+                method: session.req_header().method.as_str(),
+                path: session.req_header().uri.path(),
+                route,
+                model: ctx.model.as_deref().unwrap_or("-"),
+                upstream,
+                key,
+                attempts: ctx.attempts,
+                status,
+                bytes: ctx.bytes_sent,
+                prompt_tokens: ctx.usage.map(|u| u.prompt),
+                completion_tokens: ctx.usage.map(|u| u.completion),
+                ttfb_ms: ctx.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+                total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+                stream: ctx.stream,
+                note: ctx.note.or_else(|| e.map(|e| e.etype().as_str())),
+            });
+        }
         debug!(
-            "{} {} model={} upstream={up} key={key} attempts={} status={status} ms={}{}",
+            "{} {} model={} upstream={upstream} key={key} attempts={} status={status} ms={}",
             session.req_header().method,
             session.req_header().uri.path(),
             ctx.model.as_deref().unwrap_or("-"),
             ctx.attempts,
             ctx.started.elapsed().as_millis(),
-            e.map(|e| format!(" error={}", e.etype().as_str()))
-                .unwrap_or_default()
         );
         ctx.current = None;
     }

@@ -108,7 +108,7 @@ pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf, u16) {
         .replace("{dir}", dir.path().to_str().unwrap());
     if !text.contains("server:") {
         text = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/keygate.pid\n  upgrade_sock: {d}/upgrade.sock\n{text}",
+            "server:\n  threads: 2\n  pid_file: {d}/keygate.pid\n  upgrade_sock: {d}/run/upgrade.sock\n{text}",
             d = dir.path().display()
         );
     }
@@ -137,11 +137,11 @@ impl Keygate {
         let log = dir.path().join("keygate.log");
         let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["-c", path.to_str().unwrap()])
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("KEYGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

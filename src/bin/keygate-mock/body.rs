@@ -114,3 +114,42 @@ impl Body for MockBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn next(body: &mut MockBody) -> Option<Result<Frame<Bytes>, Broken>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test]
+    async fn full_body_is_one_frame_with_length() {
+        let mut b = MockBody::full(Bytes::from_static(b"hello"));
+        assert_eq!(b.size_hint().exact(), Some(5));
+        let frame = next(&mut b)
+            .await
+            .and_then(Result::ok)
+            .and_then(|f| f.into_data().ok());
+        assert_eq!(frame.as_deref(), Some(&b"hello"[..]));
+        assert!(next(&mut b).await.is_none());
+        assert!(b.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn truncated_announces_full_length_sends_half_then_breaks() {
+        let mut b = MockBody::full(Bytes::from_static(b"0123456789")).truncate();
+        assert_eq!(b.size_hint().exact(), Some(10));
+        let frame = next(&mut b)
+            .await
+            .and_then(Result::ok)
+            .and_then(|f| f.into_data().ok());
+        assert_eq!(frame.as_deref(), Some(&b"01234"[..]));
+        let started = tokio::time::Instant::now();
+        assert!(matches!(next(&mut b).await, Some(Err(Broken))));
+        assert!(
+            started.elapsed() >= BREAK_DELAY,
+            "pauses so hyper flushes first"
+        );
+    }
+}

@@ -46,7 +46,7 @@ impl Ids {
 
     /// A completion id for request `n` (`chatcmpl-…` / `cmpl-…`).
     pub fn completion_id(&self, prefix: &str, n: u64) -> String {
-        format!("{prefix}-mock{:08x}{n}", self.prefix)
+        format!("{prefix}-mock{:08x}{n:08x}", self.prefix)
     }
 }
 

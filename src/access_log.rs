@@ -1,0 +1,171 @@
+//! The access log: one JSON line per request, written off the request path.
+//!
+//! It carries names and numbers only: never prompts, completions or secrets.
+
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+/// Lines waiting to be written before new ones are dropped (and counted).
+const QUEUE: usize = 16 * 1024;
+
+/// One request's entry.
+#[derive(Debug, Serialize)]
+pub struct AccessEntry<'a> {
+    /// RFC 3339 time the request finished.
+    pub time: String,
+    /// Client name (`-` for an open gateway).
+    pub client: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path (no query string: it may carry tokens).
+    pub path: &'a str,
+    /// Matched route.
+    pub route: &'a str,
+    /// Model asked for.
+    pub model: &'a str,
+    /// Upstream of the last attempt.
+    pub upstream: &'a str,
+    /// Key name of the last attempt.
+    pub key: &'a str,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Response body bytes sent to the client.
+    pub bytes: usize,
+    /// Prompt tokens reported by the upstream.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens reported by the upstream.
+    pub completion_tokens: Option<u64>,
+    /// Milliseconds to the upstream's response header (last attempt).
+    pub ttfb_ms: Option<f64>,
+    /// Milliseconds for the whole request.
+    pub total_ms: f64,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// A note on anything unusual (e.g. why the request was answered locally).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'a str>,
+}
+
+/// Where entries go.
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    dropped: AtomicU64,
+}
+
+impl AccessLog {
+    /// Opens the log: `None` for stdout, or a file (appended, created mode 0640).
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let mut out: Box<dyn Write + Send> = match path {
+            None => Box::new(std::io::stdout()),
+            Some(p) => {
+                let mut opts = std::fs::OpenOptions::new();
+                opts.create(true).append(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    opts.mode(0o640);
+                }
+                Box::new(opts.open(p)?)
+            }
+        };
+        let (tx, rx) = sync_channel::<String>(QUEUE);
+        std::thread::Builder::new()
+            .name("keygate-access-log".into())
+            .spawn(move || {
+                let mut w = std::io::BufWriter::new(&mut out);
+                while let Ok(line) = rx.recv() {
+                    let _ = w.write_all(line.as_bytes());
+                    // Drain what is queued, then flush: prompt when idle, batched under load.
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = w.write_all(more.as_bytes());
+                    }
+                    let _ = w.flush();
+                }
+                let _ = w.flush();
+            })?;
+        Ok(Self {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues an entry; drops it (and counts) if the writer cannot keep up.
+    pub fn write(&self, entry: &AccessEntry<'_>) {
+        let Ok(mut line) = serde_json::to_string(entry) else {
+            return;
+        };
+        line.push('\n');
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                if self
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(10_000)
+                {
+                    log::warn!("access log cannot keep up; dropping lines");
+                }
+            }
+        }
+    }
+}
+
+/// Now, formatted as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_written_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(Some(&path)).unwrap();
+        for i in 0..3 {
+            log.write(&AccessEntry {
+                time: now_rfc3339(),
+                client: "-",
+                method: "POST",
+                path: "/v1/chat/completions",
+                route: "r",
+                model: "gpt-4o",
+                upstream: "u",
+                key: "a",
+                attempts: i,
+                status: 200,
+                bytes: 10,
+                prompt_tokens: Some(3),
+                completion_tokens: Some(4),
+                ttfb_ms: Some(1.5),
+                total_ms: 2.0,
+                stream: false,
+                note: None,
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 3 {
+                for line in text.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    assert_eq!(v["model"], "gpt-4o");
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lines not written: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! Operators scrape keygate, read its access log, and never find a secret in anything it writes.
+#![allow(clippy::unwrap_used)]
+
+mod utils;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use utils::*;
+
+fn config(mock: &Mock, metrics_port: u16, extra: &str) -> String {
+    format!(
+        "metrics: {{ addr: 127.0.0.1:{metrics_port} }}\naccess_log: {{ path: {{dir}}/access.log }}\n{extra}upstreams:\n  mock:\n    url: {}\n    keys:\n      - {{ name: a, env: KA }}\n      - {{ name: b, env: KB }}\nroutes:\n  - {{ name: chat, models: [\"gpt-*\"], upstreams: [mock] }}\n",
+        mock.url
+    )
+}
+
+async fn scrape(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Sum of a metric's samples whose label set contains every `labels` pair.
+fn sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_match_the_traffic_sent() {
+    let mock = Mock::start(&["--key", "sk-aaaa=rate_limit:retry_after=30:first=1"]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(&mock, mport, ""),
+        &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
+    );
+    let c = client();
+    for _ in 0..50 {
+        let r = c
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .json(&chat("gpt-4o"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&chat("llama"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let m = scrape(mport).await;
+    assert_eq!(sum(&m, "keygate_requests_total", &[]), 51.0, "{m}");
+    assert_eq!(
+        sum(
+            &m,
+            "keygate_requests_total",
+            &[("route", "chat"), ("status", "200")]
+        ),
+        50.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "keygate_upstream_attempts_total",
+            &[("outcome", "rate_limited")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "keygate_upstream_attempts_total",
+            &[("outcome", "success")]
+        ),
+        50.0
+    );
+    assert_eq!(sum(&m, "keygate_retries_total", &[("route", "chat")]), 1.0);
+    assert_eq!(
+        sum(
+            &m,
+            "keygate_key_cooldowns_total",
+            &[("key", "a"), ("reason", "rate_limit")]
+        ),
+        1.0
+    );
+    assert_eq!(sum(&m, "keygate_keys", &[("state", "cooling")]), 1.0);
+    assert_eq!(sum(&m, "keygate_keys", &[("state", "ready")]), 1.0);
+    assert_eq!(
+        sum(
+            &m,
+            "keygate_local_responses_total",
+            &[("reason", "not_found")]
+        ),
+        1.0
+    );
+    assert_eq!(sum(&m, "keygate_ttfb_seconds_count", &[]), 51.0);
+    assert_eq!(sum(&m, "keygate_in_flight_requests", &[]), 0.0);
+
+    // Every request got one access log line, with names and numbers only.
+    let log_path = kg.dir.path().join("access.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.lines().count() >= 51 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(text.lines().count(), 51);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for field in [
+        "time", "route", "model", "upstream", "key", "attempts", "status", "bytes", "ttfb_ms",
+        "total_ms",
+    ] {
+        assert!(first.get(field).is_some(), "missing {field}: {first}");
+    }
+    assert!(!text.contains("hi\""), "no prompt text in the access log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_output_passes_promtool() {
+    let Ok(promtool) = which("promtool") else {
+        panic!("promtool is required (Debian package `prometheus`; `make deps` installs it)");
+    };
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(&mock, mport, ""),
+        &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
+    );
+    for _ in 0..5 {
+        client()
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .json(&chat("gpt-4o"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let m = scrape(mport).await;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_answer_on_the_metrics_port() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-aaaa=429:retry_after=60",
+        "--key",
+        "sk-bbbb=429:retry_after=60",
+    ]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(&mock, mport, ""),
+        &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
+    );
+    for path in ["/healthz", "/readyz"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = reqwest::get(format!("http://127.0.0.1:{mport}{path}"))
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{path} never became 200");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A 429 storm does not make the instance unready.
+    client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    let r = reqwest::get(format!("http://127.0.0.1:{mport}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::get(format!("http://127.0.0.1:{mport}/nope"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_access_log_or_metrics() {
+    let canary = "sk-canary-7f3a9c21b4e8d5f60a1b2c3d4e5f6a7b8c9d0e1f";
+    let other = "sk-other-0123456789abcdef0123456789abcdef";
+    let mock = Mock::start(&[
+        "--strict",
+        "--key",
+        &format!("{canary}=unauthorized"),
+        "--key",
+        &format!("{other}=ok"),
+    ]);
+    let mport = free_port();
+    let (dir, path, port) = write_config(&config(&mock, mport, ""));
+    // Even asking for TRACE must not let Pingora dump raw request bytes.
+    std::env::set_var("KEYGATE_TEST_LOG", "trace");
+    let kg = Keygate::start_with(dir, &path, port, &[("KA", canary), ("KB", other)]);
+    std::env::remove_var("KEYGATE_TEST_LOG");
+    let c = client();
+    for _ in 0..4 {
+        let r = c
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .header("authorization", "Bearer client-token")
+            .json(&chat("gpt-4o"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.unwrap();
+        assert!(!body.contains(&canary[..8]));
+    }
+    let m = scrape(mport).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let access = std::fs::read_to_string(kg.dir.path().join("access.log")).unwrap();
+    let log = kg.log_text();
+    assert!(
+        log.contains("DEBUG"),
+        "the diagnostic log ran at debug level or more"
+    );
+    for secret in [canary, other] {
+        let n = secret.len();
+        for needle in [secret, &secret[..8], &secret[n - 8..]] {
+            assert!(!log.contains(needle), "diagnostic log leaks {needle}");
+            assert!(!access.contains(needle), "access log leaks {needle}");
+            assert!(!m.contains(needle), "metrics leak {needle}");
+        }
+    }
+}
+
+fn which(cmd: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(cmd))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_match_the_usage_the_upstream_reported() {
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(&mock, mport, ""),
+        &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
+    );
+    let c = client();
+    let (mut prompt, mut completion) = (0u64, 0u64);
+    for i in 0..5 {
+        let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * i)}]});
+        let v: serde_json::Value = c
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        prompt += v["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion += v["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    for _ in 0..3 {
+        let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hello"}], "mock": {"chunks": 4}});
+        let text = c
+            .post(format!("{}/v1/chat/completions", kg.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let usage_line = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .find(|v| v["usage"].is_object())
+            .expect("the client asked for usage and got it");
+        prompt += usage_line["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion += usage_line["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    let m = scrape(mport).await;
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) as u64,
+        prompt,
+        "{m}"
+    );
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "completion")]) as u64,
+        completion
+    );
+    assert!(
+        sum(
+            &m,
+            "keygate_tokens_total",
+            &[("model", "gpt-4o-mini"), ("kind", "completion")]
+        ) > 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_stream_usage_is_metered_but_hidden_from_the_client() {
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(&mock, mport, "stream_usage: inject\n"),
+        &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
+    );
+    let body = serde_json::json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hello"}],
+        "mock": {"chunks": 6, "completion_tokens": 7}});
+    let text = client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.matches("chat.completion.chunk").count(), 6, "{text}");
+    assert!(
+        !text.contains("\"prompt_tokens\""),
+        "the client did not ask for usage: {text}"
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    // The mock sends a usage chunk only when asked: tokens counted prove keygate asked.
+    let m = scrape(mport).await;
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "completion")]),
+        7.0,
+        "{m}"
+    );
+    assert!(sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) > 0.0);
+}
