@@ -7,7 +7,8 @@ MOCK_ADDR ?= 127.0.0.1:18000
 .PHONY: run test deps fmt lint unit build release bench clean
 
 ## deps: install what the build and tests need that a fresh machine lacks:
-## cmake (pingora's zlib-ng) and promtool (Debian's `prometheus` package; the metrics test uses it).
+## cmake (pingora's zlib-ng), promtool (Debian's `prometheus` package; the metrics test uses it)
+## and the `openai` Python SDK (the upgrade test's keep-alive client).
 deps:
 	@missing=""; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
@@ -19,6 +20,8 @@ deps:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "please install:$$missing (cmake; promtool from Prometheus)" >&2; exit 1; fi; \
 	fi
+	@python3 -c "import openai" 2>/dev/null || { echo "installing the openai Python SDK (upgrade test client)"; \
+	  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai; }
 
 build: deps
 	$(CARGO) build --release --bins

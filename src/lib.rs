@@ -19,10 +19,11 @@
 //! - [`outlier`]: endpoint ejection after consecutive 5xx/connect failures, with a percent cap.
 //! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
 //! - [`prober`]: background upkeep: disabled-key probes, quota checks, keep-warm pings.
-//! - [`usage`]: token usage read from response bodies (JSON tail, SSE events) as they stream; stripping the usage chunk keygate asked for.
+//! - [`usage`]: token usage read from response bodies as they stream; hiding the injected usage chunk.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` side port.
 //! - [`server`]: turning a validated config into a running Pingora server.
+//! - [`state_file`]: key states kept on disk across restarts and graceful upgrades.
 //! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
@@ -43,6 +44,7 @@ pub mod request_body;
 pub mod retry_after;
 pub mod routes;
 pub mod server;
+pub mod state_file;
 pub mod strategy;
 pub mod upstream;
 pub mod usage;

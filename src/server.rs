@@ -115,10 +115,17 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         stream_usage: config.stream_usage,
     };
     let (gw, services, prober) = build_gateway(&config, clock::system(), options);
-    let pools = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
-    if let Err(e) = pingora_prometheus::prometheus::default_registry()
-        .register(Box::new(crate::metrics::KeyStateCollector::new(pools)))
-    {
+    let pools: Vec<_> = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
+    if let Some(path) = &config.state_file {
+        crate::state_file::load(path, &pools);
+    }
+    let state_keeper = config
+        .state_file
+        .clone()
+        .map(|path| crate::state_file::StateKeeper::new(path, pools.clone()));
+    if let Err(e) = pingora_prometheus::prometheus::default_registry().register(Box::new(
+        crate::metrics::KeyStateCollector::new(pools.clone()),
+    )) {
         warn!("cannot register the key state gauge: {e}");
     }
     // Touch the metrics so every family is registered before the first scrape.
@@ -182,6 +189,12 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         "key prober",
         prober,
     ));
+    if let Some(keeper) = state_keeper {
+        server.add_service(pingora_core::services::background::background_service(
+            "state file",
+            keeper,
+        ));
+    }
     info!(
         "keygate ready: {} upstream(s), {} key(s)",
         gw.upstreams().len(),

@@ -11,7 +11,7 @@
 //!
 //! [`UsageMeter`] reads it from the body chunks as the proxy forwards them, without ever buffering
 //! the body: a JSON body leaves only its last [`JSON_TAIL_BYTES`] in a ring buffer, a stream only
-//! its incomplete last event. Chunks without usage cost a `memchr` scan and nothing else: no JSON
+//! its incomplete last event (up to [`MAX_EVENT_BYTES`]). Chunks without usage cost a `memchr` scan and nothing else: no JSON
 //! parsing, no allocation.
 //!
 //! [`UsageChunkStripper`] hides the usage-only chunk from clients that did not ask for it (keygate
@@ -32,9 +32,10 @@ use serde_json::Value;
 /// few hundred bytes; 16 KiB also leaves room for providers that append other fields after it.
 pub const JSON_TAIL_BYTES: usize = 16 * 1024;
 
-/// The largest incomplete SSE event kept between chunks. Usage chunks are well under 1 KiB and a
-/// `response.completed` event repeats the whole response, so 1 MiB is generous; a larger event is
-/// dropped (the meter) or passed through unexamined (the stripper) rather than grown without bound.
+/// The largest SSE event kept whole between chunks. Usage chunks are well under 1 KiB and a
+/// `response.completed` event repeats the whole response, so 1 MiB is generous. Rather than grow
+/// without bound, the meter reads a larger event from its last [`JSON_TAIL_BYTES`] only (where
+/// `usage` is), and the stripper passes it through unexamined (it cannot be a usage-only chunk).
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Capacity kept in a buffer after a large event went through it, so that one huge event does not
@@ -523,7 +524,8 @@ struct ChunkShape {
     usage: Option<Value>,
 }
 
-/// Removes usage-only chunks (`"choices":[]` with a `usage` object) from an SSE stream, passing everything else through byte-for-byte.
+/// Removes usage-only chunks (`"choices":[]` with a `usage` object) from an SSE stream, passing
+/// everything else through byte-for-byte.
 ///
 /// Events are released as soon as they are complete, in order; an event larger than
 /// [`MAX_EVENT_BYTES`] cannot be a usage chunk and is passed through as it arrives instead of
@@ -544,7 +546,9 @@ impl UsageChunkStripper {
         Self::default()
     }
 
-    /// Returns the bytes to send downstream now: all complete events except usage-only ones. An incomplete trailing event is held until it completes (so it is never half-sent and then found to be a usage chunk).
+    /// Returns the bytes to send downstream now: all complete events except usage-only ones. An
+    /// incomplete trailing event is held until it completes (so it is never half-sent and then
+    /// found to be a usage chunk).
     ///
     /// Takes the chunk as [`Bytes`] so that the common case, a chunk of whole events none of
     /// which is removed, returns the same buffer without copying.
@@ -957,7 +961,8 @@ mod tests {
         // The `"usage"` key falls outside the kept tail; only the object's second half is left.
         let pad = "x".repeat(JSON_TAIL_BYTES + 100);
         let body = format!(
-            r#"{{"choices": [], "usage": {{"prompt_tokens": 1, "pad": "{pad}", "completion_tokens": 2}}}}"#
+            r#"{{"choices": [], "usage": {{"prompt_tokens": 1, "pad": "{pad}",
+                "completion_tokens": 2}}}}"#
         );
         assert_eq!(meter_once(JSON, body.as_bytes()), None);
         let in_chunks = metered(JSON, body.as_bytes().chunks(999)).finish();
@@ -1114,29 +1119,64 @@ mod tests {
     }
 
     #[test]
-    fn sse_oversized_event_is_dropped_without_holding_it_and_later_events_still_count() {
+    fn sse_oversized_event_is_not_held_and_later_events_still_count() {
         let big = content_chunk(&"z".repeat(MAX_EVENT_BYTES + MAX_EVENT_BYTES / 2));
-        let big_with_usage = format!(
-            "data: {{\"choices\":[],\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":99}}}}\n\n",
-            "p".repeat(MAX_EVENT_BYTES)
-        );
-        let stream = big.clone() + &usage_chunk(1, 2) + &big_with_usage + DONE;
+        let stream = big.clone() + &usage_chunk(1, 2) + DONE;
         for size in [7 * 1024, 100_000, 3 * MAX_EVENT_BYTES] {
             let mut meter = UsageMeter::for_response(SSE);
             for chunk in stream.as_bytes().chunks(size) {
                 meter.feed(chunk);
                 assert!(sse_held_len(&meter) <= MAX_EVENT_BYTES, "chunks of {size}");
             }
-            // The usage inside the oversized event is lost: documented, and only over 1 MiB.
+            assert_eq!(meter.finish(), usage(1, 2), "chunks of {size}");
+            assert_eq!(parses(&meter), 1, "chunks of {size}");
+        }
+        // Wherever the oversized event's blank line is cut, the next event starts after it.
+        let bytes = stream.as_bytes();
+        for cut in big.len() - 4..=big.len() + 4 {
+            let mut meter = metered(SSE, pieces(bytes, &[MAX_EVENT_BYTES / 2, cut]));
+            assert_eq!(meter.finish(), usage(1, 2), "cut at {cut}");
+            assert_eq!(parses(&meter), 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn sse_oversized_responses_event_is_read_from_its_tail_whatever_the_chunking() {
+        // A response.completed that repeats a large base64 image, with usage after it.
+        let image = "A".repeat(MAX_EVENT_BYTES);
+        let completed = json!({
+            "type": "response.completed",
+            "response": {
+                "output": [{"type": "image_generation_call", "result": image}],
+                "usage": {"input_tokens": 99, "output_tokens": 1},
+            },
+        });
+        let stream =
+            usage_chunk(1, 2) + &format!("event: response.completed\ndata: {completed}\n\n");
+        for size in [7 * 1024, 100_000, MAX_EVENT_BYTES - 1, 3 * MAX_EVENT_BYTES] {
+            let mut meter = metered(SSE, stream.as_bytes().chunks(size));
+            assert!(sse_held_len(&meter) <= MAX_EVENT_BYTES);
+            assert_eq!(meter.finish(), usage(99, 1), "chunks of {size}");
+        }
+        // Stream cut before the blank line: the tail is still read at finish.
+        let unterminated = stream.trim_end();
+        assert_eq!(
+            metered(SSE, unterminated.as_bytes().chunks(65536)).finish(),
+            usage(99, 1)
+        );
+    }
+
+    #[test]
+    fn sse_usage_far_from_the_end_of_an_oversized_event_goes_unread() {
+        let early_usage = format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":99}},\"pad\":\"{}\"}}\n\n",
+            "p".repeat(MAX_EVENT_BYTES)
+        );
+        let stream = usage_chunk(1, 2) + &early_usage + DONE;
+        for size in [7 * 1024, 3 * MAX_EVENT_BYTES] {
+            let mut meter = metered(SSE, stream.as_bytes().chunks(size));
             assert_eq!(meter.finish(), usage(1, 2), "chunks of {size}");
         }
-        // The tail of a dropped event is not mistaken for the start of a new one.
-        let tricky = format!(
-            "data: {}\ndata: {}\n\n",
-            "q".repeat(MAX_EVENT_BYTES),
-            usage_chunk(5, 5).trim_end()
-        );
-        assert_eq!(metered(SSE, tricky.as_bytes().chunks(4096)).finish(), None);
     }
 
     // ---- stripper ----
@@ -1187,7 +1227,7 @@ mod tests {
         // Still zero-copy: a prefix of the input.
         assert_eq!(out.as_ptr(), input.as_ptr());
         assert_eq!(out, first.as_bytes());
-        let out = stripper.filter(Bytes::copy_from_slice(second[10..].as_bytes()));
+        let out = stripper.filter(Bytes::copy_from_slice(&second.as_bytes()[10..]));
         assert_eq!(out, second.as_bytes());
         assert!(stripper.finish().is_empty());
     }
@@ -1243,29 +1283,49 @@ mod tests {
         usage: Option<Usage>,
     }
 
-    fn event() -> impl Strategy<Value = Event> {
+    fn event(text: String, usage_only: bool, usage: Option<Usage>) -> Event {
+        Event {
+            text,
+            usage_only,
+            usage,
+        }
+    }
+
+    fn any_event() -> impl Strategy<Value = Event> {
         let counts = (0u64..1_000_000, 0u64..1_000_000);
-        let event = prop_oneof![
-            any::<String>().prop_map(|s| Event { text: content_chunk(&s), usage_only: false, usage: None }),
-            counts.clone().prop_map(|(p, c)| Event {
-                text: usage_chunk(p, c), usage_only: true, usage: usage(p, c),
-            }),
-            counts.clone().prop_map(|(p, c)| Event {
-                text: format!("data: {{\"choices\": [],\ndata: \"usage\": {{\"input_tokens\": {p}, \"output_tokens\": {c}}}}}\n\n"),
-                usage_only: true, usage: usage(p, c),
-            }),
-            counts.prop_map(|(p, c)| Event {
-                text: format!("data: {{\"choices\":[{{\"delta\":{{}}}}],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n"),
-                usage_only: false, usage: usage(p, c),
-            }),
-            Just(Event { text: DONE.to_string(), usage_only: false, usage: None }),
-            Just(Event { text: ": keep-alive\n\n".to_string(), usage_only: false, usage: None }),
-            any::<String>().prop_map(|s| Event {
-                text: format!("event: response.output_text.delta\ndata: {}\n\n", json!({"delta": s})),
-                usage_only: false, usage: None,
-            }),
+        let split_usage_only = |(p, c)| {
+            let text = format!(
+                "data: {{\"choices\": [],\ndata: \"usage\": \
+                 {{\"input_tokens\": {p}, \"output_tokens\": {c}}}}}\n\n"
+            );
+            event(text, true, usage(p, c))
+        };
+        let usage_with_choices = |(p, c)| {
+            let text = format!(
+                "data: {{\"choices\":[{{\"delta\":{{}}}}],\
+                 \"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n"
+            );
+            event(text, false, usage(p, c))
+        };
+        let responses_delta = |s| {
+            let text = format!(
+                "event: response.output_text.delta\ndata: {}\n\n",
+                json!({"delta": s})
+            );
+            event(text, false, None)
+        };
+        let kind = prop_oneof![
+            any::<String>().prop_map(|s| event(content_chunk(&s), false, None)),
+            counts
+                .clone()
+                .prop_map(|(p, c)| event(usage_chunk(p, c), true, usage(p, c))),
+            counts.clone().prop_map(split_usage_only),
+            counts.prop_map(usage_with_choices),
+            Just(event(DONE.to_string(), false, None)),
+            Just(event(": keep-alive\n\n".to_string(), false, None)),
+            any::<String>().prop_map(responses_delta),
         ];
-        (event, any::<bool>()).prop_map(|(mut event, crlf)| {
+        (kind, any::<bool>()).prop_map(|(mut event, crlf)| {
             if crlf {
                 event.text = event.text.replace('\n', "\r\n");
             }
@@ -1273,17 +1333,29 @@ mod tests {
         })
     }
 
+    fn joined<'a>(events: impl IntoIterator<Item = &'a Event>, partial: &str) -> String {
+        events
+            .into_iter()
+            .map(|e| e.text.as_str())
+            .collect::<String>()
+            + partial
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
         fn stripper_output_is_the_input_minus_usage_only_events_for_any_chunking(
-            events in proptest::collection::vec(event(), 0..12),
-            partial in prop_oneof![Just(""), Just("data: {\"choices\":["), Just("data: {\"choices\":[],\"usage\":{")],
+            events in proptest::collection::vec(any_event(), 0..12),
+            partial in prop_oneof![
+                Just(""),
+                Just("data: {\"choices\":["),
+                Just("data: {\"choices\":[],\"usage\":{"),
+            ],
             cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
         ) {
-            let input: String = events.iter().map(|e| e.text.as_str()).collect::<String>() + partial;
-            let expected: String = events.iter().filter(|e| !e.usage_only).map(|e| e.text.as_str()).collect::<String>() + partial;
+            let input = joined(&events, partial);
+            let expected = joined(events.iter().filter(|e| !e.usage_only), partial);
             let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
             cuts.sort_unstable();
             let chunks = pieces(input.as_bytes(), &cuts);
@@ -1293,11 +1365,12 @@ mod tests {
             let last_stripped = events.iter().rev().find(|e| e.usage_only).and_then(|e| e.usage);
             prop_assert_eq!(stripper.stripped_usage(), last_stripped);
 
+            // The meter on the same chunks: the last usage, each usage event parsed once.
             let mut meter = metered(SSE, chunks.iter().copied());
-            let last_usage = events.iter().rev().find_map(|e| e.usage);
-            prop_assert_eq!(meter.finish(), last_usage);
+            prop_assert_eq!(meter.finish(), events.iter().rev().find_map(|e| e.usage));
             let with_usage = events.iter().filter(|e| e.usage.is_some()).count() as u32;
-            prop_assert_eq!(parses(&meter), with_usage + u32::from(partial.contains("usage")));
+            let partial_with_usage = u32::from(partial.contains("usage"));
+            prop_assert_eq!(parses(&meter), with_usage + partial_with_usage);
         }
     }
 }

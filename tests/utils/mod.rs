@@ -180,6 +180,11 @@ impl Keygate {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Whether the process has exited.
+    pub fn try_wait(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
 }
 
 impl Drop for Keygate {

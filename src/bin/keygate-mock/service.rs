@@ -89,6 +89,8 @@ enum Parsed<'a> {
     Invalid(String),
 }
 
+/// One API request, returning the reply (before the common headers) and the key's header style.
+/// The latency sleep comes last, after the request is counted, so `/_mock/stats` shows it at once.
 async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, Option<KeyStyle>) {
     let at = Instant::now();
     let (parts, body) = req.into_parts();

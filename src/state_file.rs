@@ -1,0 +1,349 @@
+//! Key states that survive a restart or a graceful upgrade: kept in a small JSON file written
+//! when they change (at most once a second) and at shutdown, and read at start.
+//!
+//! Keys are matched by upstream and key name (an unnamed key's name is a hash of its secret, so
+//! it is stable too). Cooldowns are stored as "remaining at write time" plus the write time, so
+//! a reader subtracts the time the file sat on disk.
+
+use crate::keys::{DisableReason, KeyPool, KeyState, ALL_MODELS};
+use async_trait::async_trait;
+use log::{info, warn};
+use parking_lot::Mutex;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often the states are compared with what was last written.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Upstream name → key name → state.
+pub type States = BTreeMap<String, BTreeMap<String, KeySnapshot>>;
+
+/// The file's content.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Wall-clock time of writing, in milliseconds since the Unix epoch.
+    pub written_at_ms: u64,
+    /// Upstream name → key name → state; keys that are simply ready are left out.
+    pub upstreams: States,
+}
+
+/// One key's state.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeySnapshot {
+    /// Why the key is disabled, if it is (`unauthorized`, `forbidden`, `insufficient_quota`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<String>,
+    /// Running cooldowns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cooling: Vec<CoolingSnapshot>,
+}
+
+/// One running cooldown.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CoolingSnapshot {
+    /// The model, or none for every model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Milliseconds left when the file was written.
+    pub remaining_ms: u64,
+}
+
+fn reason_from_str(s: &str) -> Option<DisableReason> {
+    [
+        DisableReason::Unauthorized,
+        DisableReason::Forbidden,
+        DisableReason::InsufficientQuota,
+    ]
+    .into_iter()
+    .find(|r| r.as_str() == s)
+}
+
+fn millis_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Takes a snapshot of the pools (the time is filled in by the writer).
+pub fn capture(pools: &[Arc<KeyPool>]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for pool in pools {
+        let mut keys = BTreeMap::new();
+        for status in pool.status() {
+            let ks = match status.state {
+                KeyState::Ready => continue,
+                KeyState::Disabled { reason } => KeySnapshot {
+                    disabled: Some(reason.as_str().to_string()),
+                    cooling: Vec::new(),
+                },
+                KeyState::Cooling { cooldowns } => KeySnapshot {
+                    disabled: None,
+                    cooling: cooldowns
+                        .into_iter()
+                        .map(|c| CoolingSnapshot {
+                            model: c.model,
+                            remaining_ms: u64::try_from(c.remaining.as_millis())
+                                .unwrap_or(u64::MAX),
+                        })
+                        .collect(),
+                },
+            };
+            keys.insert(status.name, ks);
+        }
+        if !keys.is_empty() {
+            snap.upstreams.insert(pool.upstream().to_string(), keys);
+        }
+    }
+    snap
+}
+
+/// Applies a snapshot written at `snap.written_at_ms` to the pools, as of wall time `now`.
+/// Returns how many keys it changed.
+pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usize {
+    let age = Duration::from_millis(millis_since_epoch(now).saturating_sub(snap.written_at_ms));
+    let mut changed = 0;
+    for pool in pools {
+        let Some(keys) = snap.upstreams.get(pool.upstream()) else {
+            continue;
+        };
+        for (name, ks) in keys {
+            let Some(idx) = pool.index_of(name) else {
+                continue;
+            };
+            if let Some(reason) = ks.disabled.as_deref().and_then(reason_from_str) {
+                pool.disable(idx, reason);
+                changed += 1;
+                continue;
+            }
+            let mut cooled = false;
+            for c in &ks.cooling {
+                let left = Duration::from_millis(c.remaining_ms).saturating_sub(age);
+                if !left.is_zero() {
+                    pool.cool_down(idx, c.model.as_deref().unwrap_or(ALL_MODELS), Some(left));
+                    cooled = true;
+                }
+            }
+            changed += usize::from(cooled);
+        }
+    }
+    changed
+}
+
+/// Reads the state file, if there is one; a broken file is reported and ignored.
+pub fn load(path: &Path, pools: &[Arc<KeyPool>]) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            warn!("state file {}: cannot read: {e}", path.display());
+            return;
+        }
+    };
+    match serde_json::from_str::<Snapshot>(&text) {
+        Ok(snap) => {
+            let n = restore(pools, &snap, SystemTime::now());
+            info!(
+                "state file {}: restored the state of {n} key(s)",
+                path.display()
+            );
+        }
+        Err(e) => warn!("state file {}: ignored, not valid: {e}", path.display()),
+    }
+}
+
+/// Writes `snap` atomically (temp file + rename), readable by the owner only.
+pub fn write(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        use std::io::Write;
+        let mut f = opts.open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The background service that keeps the file current.
+pub struct StateKeeper {
+    path: PathBuf,
+    pools: Vec<Arc<KeyPool>>,
+    /// What was last written (cooldown countdowns zeroed) and when.
+    last: Mutex<Option<(States, SystemTime)>>,
+}
+
+impl StateKeeper {
+    /// A keeper writing `pools`' states to `path`.
+    pub fn new(path: PathBuf, pools: Vec<Arc<KeyPool>>) -> Self {
+        Self {
+            path,
+            pools,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Writes if the states changed since the last write; cooldown countdowns alone do not count.
+    fn sync(&self, at_shutdown: bool) {
+        let mut snap = capture(&self.pools);
+        let shape = strip_remaining(&snap.upstreams);
+        let mut last = self.last.lock();
+        if let Some((prev, written)) = last.as_ref() {
+            if *prev == shape && !at_shutdown {
+                return;
+            }
+            // After a graceful upgrade the new process owns the file: do not overwrite its
+            // newer state with this process's final one.
+            let newer = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > *written);
+            if at_shutdown && newer {
+                return;
+            }
+        }
+        let now = SystemTime::now();
+        snap.written_at_ms = millis_since_epoch(now);
+        match write(&self.path, &snap) {
+            Ok(()) => {
+                let written = std::fs::metadata(&self.path)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(now);
+                *last = Some((shape, written));
+            }
+            Err(e) => warn!("state file {}: cannot write: {e}", self.path.display()),
+        }
+    }
+}
+
+fn strip_remaining(ups: &States) -> States {
+    ups.iter()
+        .map(|(u, keys)| {
+            let keys = keys
+                .iter()
+                .map(|(k, s)| {
+                    let ks = KeySnapshot {
+                        disabled: s.disabled.clone(),
+                        cooling: s
+                            .cooling
+                            .iter()
+                            .map(|c| CoolingSnapshot {
+                                model: c.model.clone(),
+                                remaining_ms: 0,
+                            })
+                            .collect(),
+                    };
+                    (k.clone(), ks)
+                })
+                .collect();
+            (u.clone(), keys)
+        })
+        .collect()
+}
+
+#[async_trait]
+impl BackgroundService for StateKeeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    self.sync(true);
+                    return;
+                }
+                _ = tick.tick() => self.sync(false),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
+
+    fn pool(clock: crate::clock::SharedClock) -> Arc<KeyPool> {
+        let keys = (0..3)
+            .map(|i| KeySpec {
+                name: format!("k{i}"),
+                secret: Secret::new(format!("sk-{i}")),
+                weight: 1,
+                account: None,
+            })
+            .collect();
+        Arc::new(KeyPool::new(
+            "up",
+            keys,
+            KeyPolicy::RoundRobin,
+            CooldownPolicy::default(),
+            clock,
+        ))
+    }
+
+    #[test]
+    fn disabled_and_cooling_keys_survive_a_round_trip() {
+        let a = vec![pool(ManualClock::new())];
+        a[0].disable(0, DisableReason::InsufficientQuota);
+        a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(30)));
+        let mut snap = capture(&a);
+        let now = SystemTime::now();
+        snap.written_at_ms = millis_since_epoch(now);
+        let text = serde_json::to_string(&snap).unwrap();
+        assert!(!text.contains("sk-"), "no secret in the state file");
+
+        let b = vec![pool(ManualClock::new())];
+        let back: Snapshot = serde_json::from_str(&text).unwrap();
+        assert_eq!(restore(&b, &back, now + Duration::from_secs(10)), 2);
+        assert_eq!(b[0].disabled(), vec![(0, DisableReason::InsufficientQuota)]);
+        match &b[0].status()[1].state {
+            KeyState::Cooling { cooldowns } => {
+                assert_eq!(cooldowns[0].model.as_deref(), Some("gpt-4o"));
+                let left = cooldowns[0].remaining;
+                assert!(
+                    left <= Duration::from_secs(20) && left > Duration::from_secs(19),
+                    "{left:?}"
+                );
+            }
+            other => panic!("expected cooling, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cooldowns_that_expired_on_disk_are_not_restored() {
+        let a = vec![pool(ManualClock::new())];
+        a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(5)));
+        let mut snap = capture(&a);
+        let now = SystemTime::now();
+        snap.written_at_ms = millis_since_epoch(now);
+        let b = vec![pool(ManualClock::new())];
+        assert_eq!(restore(&b, &snap, now + Duration::from_secs(6)), 0);
+        assert_eq!(b[0].counts().ready, 3);
+    }
+
+    #[test]
+    fn the_file_is_written_atomically_and_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write(&path, &Snapshot::default()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let back: Snapshot =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back, Snapshot::default());
+    }
+}
