@@ -1,0 +1,18 @@
+-- wrk script used by bench/load.py: POSTs the JSON body in the file named by the first script
+-- argument (`wrk ... -s wrk-post.lua URL -- BODY_FILE`) and prints one machine-readable line.
+init = function(args)
+    local f = assert(io.open(args[1], "rb"))
+    wrk.body = f:read("*a")
+    f:close()
+    wrk.method = "POST"
+    wrk.headers["Content-Type"] = "application/json"
+end
+
+done = function(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format(
+        'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,' ..
+        '"write":%d,"status":%d,"timeout":%d,"p50_us":%.0f,"p99_us":%.0f}\n',
+        summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+        e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
