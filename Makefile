@@ -50,7 +50,8 @@ test: deps fmt lint
 	$(CARGO) nextest run --all-targets --no-fail-fast
 
 bench: deps
-	$(CARGO) bench
+	$(CARGO) bench --bench hot_paths
+	python3 bench/load.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

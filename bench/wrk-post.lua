@@ -1,11 +1,15 @@
 -- wrk script used by bench/load.py: POSTs the JSON body in the file named by the first script
--- argument (`wrk ... -s wrk-post.lua URL -- BODY_FILE`) and prints one machine-readable line.
+-- argument, with the Authorization header given as the optional second one
+-- (`wrk ... -s wrk-post.lua URL -- BODY_FILE ["Bearer KEY"]`), and prints one machine-readable line.
 init = function(args)
     local f = assert(io.open(args[1], "rb"))
     wrk.body = f:read("*a")
     f:close()
     wrk.method = "POST"
     wrk.headers["Content-Type"] = "application/json"
+    if args[2] and args[2] ~= "" then
+        wrk.headers["Authorization"] = args[2]
+    end
 end
 
 done = function(summary, latency, requests)

@@ -10,16 +10,20 @@
 //! - `scan_json/<size>/<where model is>`: reading `model`/`stream` from a chat body.
 //! - `rewrite_model/<size>`: the alias rewrite of a body already scanned.
 //! - `requested_cooldown/<header>`: reading how long a 429 asks a key to rest.
+//! - `usage_meter/...` and `usage_stripper/...`: metering tokens from a response as it streams
+//!   past, per SSE chunk and per whole stream, and hiding the usage-only chunk.
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::clock::{ManualClock, SharedClock};
 use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick, Secret};
 use keygate::request_body::{scan_json, BodyInfo};
 use keygate::retry_after::{parse_http_date, requested_cooldown};
+use keygate::usage::{Usage, UsageChunkStripper, UsageMeter};
 
 const MODEL: &str = "gpt-4o-mini";
 
@@ -103,7 +107,7 @@ fn chat_body(target: usize, model_first: bool) -> Vec<u8> {
     body.extend_from_slice(b"{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"}");
     let mut turn = 0usize;
     while body.len() + tail.len() < target {
-        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        let role = if turn.is_multiple_of(2) { "user" } else { "assistant" };
         let msg = format!(",{{\"role\":\"{role}\",\"content\":\"{content}\"}}");
         let room = target.saturating_sub(body.len() + tail.len());
         if msg.len() > room && turn > 0 {
@@ -238,6 +242,140 @@ fn bench_requested_cooldown(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Usage metering
+
+const CHUNK_HEAD: &str = "{\"id\":\"chatcmpl-AZb1x2y3z4w5v6u7t8s9r0q1p2o3\",\"object\":\"chat.completion.chunk\",\
+    \"created\":1730000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_0ba0d124f1\"";
+
+/// One content chunk of an OpenAI chat stream, as the upstream sends it when the request set
+/// `stream_options.include_usage` (so every chunk says `"usage":null`).
+fn content_chunk(i: usize) -> String {
+    let word = [
+        " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog.",
+    ][i % 9];
+    format!(
+        "data: {CHUNK_HEAD},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}},\
+         \"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"
+    )
+}
+
+/// The usage-only chunk that ends such a stream.
+fn usage_chunk() -> String {
+    format!(
+        "data: {CHUNK_HEAD},\"choices\":[],\"usage\":{{\"prompt_tokens\":1234,\
+         \"completion_tokens\":100,\"total_tokens\":1334,\"prompt_tokens_details\":\
+         {{\"cached_tokens\":0,\"audio_tokens\":0}},\"completion_tokens_details\":\
+         {{\"reasoning_tokens\":0,\"audio_tokens\":0,\"accepted_prediction_tokens\":0,\
+         \"rejected_prediction_tokens\":0}}}}}}\n\n"
+    )
+}
+
+/// A whole stream as network chunks: `n` content events, the usage event, `[DONE]`.
+fn sse_stream(n: usize) -> Vec<Bytes> {
+    let mut chunks: Vec<Bytes> = (0..n).map(|i| Bytes::from(content_chunk(i))).collect();
+    chunks.push(Bytes::from(usage_chunk()));
+    chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    chunks
+}
+
+const EXPECTED: Usage = Usage {
+    prompt: 1234,
+    completion: 100,
+};
+
+fn bench_usage(c: &mut Criterion) {
+    const CHUNKS: usize = 100;
+    let stream = sse_stream(CHUNKS);
+    let one = Bytes::from(content_chunk(3));
+    let json = {
+        let content = "This is a mock reply. ".repeat(40);
+        format!(
+            "{{\"id\":\"chatcmpl-AZb1x2y3z4w5v6u7t8s9r0q1p2o3\",\"object\":\"chat.completion\",\
+             \"created\":1730000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\
+             \"message\":{{\"role\":\"assistant\",\"content\":\"{content}\",\"refusal\":null}},\
+             \"logprobs\":null,\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":1234,\
+             \"completion_tokens\":100,\"total_tokens\":1334}},\"system_fingerprint\":\"fp_0ba0d124f1\"}}"
+        )
+        .into_bytes()
+    };
+
+    // Sanity: the meter and the stripper read what the stream says.
+    let mut meter = UsageMeter::for_response("text/event-stream; charset=utf-8");
+    let mut stripper = UsageChunkStripper::new();
+    let mut passed = 0;
+    for chunk in &stream {
+        meter.feed(chunk);
+        passed += stripper.filter(chunk.clone()).len();
+    }
+    passed += stripper.finish().len();
+    assert_eq!(meter.finish(), Some(EXPECTED));
+    assert_eq!(stripper.stripped_usage(), Some(EXPECTED));
+    let total: usize = stream.iter().map(Bytes::len).sum();
+    assert_eq!(
+        passed,
+        total - usage_chunk().len(),
+        "only the usage chunk is removed"
+    );
+    let mut json_meter = UsageMeter::for_response("application/json");
+    json_meter.feed(&json);
+    assert_eq!(json_meter.finish(), Some(EXPECTED));
+
+    let mut group = c.benchmark_group("usage_meter");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("sse_content_chunk", |b| {
+        // One long-lived meter, as on a long stream: the cost of one more chunk.
+        let mut meter = UsageMeter::for_response("text/event-stream");
+        b.iter(|| meter.feed(black_box(&one)));
+    });
+    group.throughput(Throughput::Elements(stream.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("sse_stream", format!("{CHUNKS}_chunks")),
+        |b| {
+            b.iter(|| {
+                let mut meter = UsageMeter::for_response(black_box("text/event-stream"));
+                for chunk in &stream {
+                    meter.feed(black_box(chunk));
+                }
+                meter.finish()
+            });
+        },
+    );
+    group.throughput(Throughput::Bytes(json.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("json_response", format!("{}B", json.len())),
+        |b| {
+            b.iter(|| {
+                let mut meter = UsageMeter::for_response(black_box("application/json"));
+                meter.feed(black_box(&json));
+                meter.finish()
+            });
+        },
+    );
+    group.finish();
+
+    let mut group = c.benchmark_group("usage_stripper");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("sse_content_chunk", |b| {
+        let mut stripper = UsageChunkStripper::new();
+        b.iter(|| stripper.filter(black_box(one.clone())));
+    });
+    group.throughput(Throughput::Elements(stream.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("sse_stream", format!("{CHUNKS}_chunks")),
+        |b| {
+            b.iter(|| {
+                let mut stripper = UsageChunkStripper::new();
+                for chunk in &stream {
+                    black_box(stripper.filter(chunk.clone()));
+                }
+                (stripper.finish(), stripper.stripped_usage())
+            });
+        },
+    );
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// Short defaults so `cargo bench` finishes in a few minutes; criterion's command line
 /// (`--measurement-time`, `--warm-up-time`, a filter) still overrides them: `criterion_group!`
@@ -251,6 +389,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown
+    targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
+        bench_usage
 }
 criterion_main!(hot_paths);

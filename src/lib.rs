@@ -8,6 +8,7 @@
 //! ```
 //!
 //! - [`access_log`]: one JSON line per request, written by a background thread.
+//! - [`clients`]: gateway tokens, per-client and per-IP limits, client addresses behind proxies.
 //! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
 //! - [`clock`]: real and manual time sources, injected into everything time-driven.
 //! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
@@ -22,6 +23,8 @@
 //! - [`usage`]: token usage read from response bodies as they stream; hiding the injected usage chunk.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` side port.
+//! - [`conn_guard`]: per-connection guards below Pingora's HTTP/1 parser: header timeout and size caps
+//!   (408/431), keep-alive idle timeout.
 //! - [`server`]: turning a validated config into a running Pingora server.
 //! - [`state_file`]: key states kept on disk across restarts and graceful upgrades.
 //! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
@@ -31,8 +34,10 @@
 
 pub mod access_log;
 pub mod cli;
+pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod conn_guard;
 pub mod glob;
 pub mod keys;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Turning a validated [`Config`] into a running Pingora server.
 
+use crate::clients::{Client, ClientTable, IpLimiters};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
 use crate::proxy::{Gateway, GatewayOptions, GatewayProxy, RoutePlan};
@@ -76,6 +77,62 @@ pub fn build_gateway(
     (gw, services, prober)
 }
 
+/// Who may get in and what they see: clients, per-IP limits, deny rules, the model list.
+pub fn gateway_options(config: &Config, clock: SharedClock) -> GatewayOptions {
+    let clients = match &config.clients {
+        None => {
+            warn!(
+                "no `clients:` configured: this gateway is OPEN — anyone who can reach it uses your keys"
+            );
+            ClientTable::default()
+        }
+        Some(list) => ClientTable::new(
+            list.iter()
+                .map(|c| {
+                    Client::new(
+                        c.name.clone(),
+                        c.token.expose(),
+                        c.models.clone(),
+                        c.limits,
+                        clock.clone(),
+                    )
+                })
+                .collect(),
+        ),
+    };
+    let ip_limiters =
+        (!config.ip_limits.is_empty()).then(|| IpLimiters::new(config.ip_limits, clock.clone()));
+    let mut models: Vec<(String, String)> = Vec::new();
+    for u in &config.upstreams {
+        for m in &u.models {
+            if !models.iter().any(|(x, _)| x == m) {
+                models.push((m.clone(), u.name.clone()));
+            }
+        }
+    }
+    // Route aliases (`cheap` → gpt-4o-mini) are models too, as far as clients can tell.
+    for r in &config.routes {
+        if r.spec.rewrite_model.is_some() {
+            for g in r.spec.models.iter().filter(|g| g.is_literal()) {
+                if !models.iter().any(|(x, _)| x == g.as_str()) {
+                    models.push((g.as_str().to_string(), "keygate".to_string()));
+                }
+            }
+        }
+    }
+    GatewayOptions {
+        access_log: None,
+        stream_usage: config.stream_usage,
+        clients,
+        ip_limiters,
+        trusted_proxies: config.trusted_proxies.clone(),
+        deny_user_agents: config.guards.deny_user_agents.clone(),
+        deny_cidrs: config.guards.deny_cidrs.clone(),
+        idle_timeout_secs: Some(config.guards.idle_timeout.as_secs().max(1)),
+        models,
+    }
+}
+
 /// Resolves every upstream once before listening, so the first requests have endpoints.
 fn resolve_endpoints_now(gw: &Gateway) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -110,19 +167,18 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
                 .map_err(|e| StartError::AccessLog(e.to_string()))?,
         ),
     };
-    let options = GatewayOptions {
-        access_log,
-        stream_usage: config.stream_usage,
-    };
+    let mut options = gateway_options(&config, clock::system());
+    options.access_log = access_log;
     let (gw, services, prober) = build_gateway(&config, clock::system(), options);
     let pools: Vec<_> = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
+    let client_limiters = gw.client_limiters();
     if let Some(path) = &config.state_file {
-        crate::state_file::load(path, &pools);
+        crate::state_file::load(path, &pools, &client_limiters);
     }
     let state_keeper = config
         .state_file
         .clone()
-        .map(|path| crate::state_file::StateKeeper::new(path, pools.clone()));
+        .map(|path| crate::state_file::StateKeeper::new(path, pools.clone(), client_limiters));
     if let Err(e) = pingora_prometheus::prometheus::default_registry().register(Box::new(
         crate::metrics::KeyStateCollector::new(pools.clone()),
     )) {
@@ -135,17 +191,17 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        GatewayProxy(gw.clone()),
-        "keygate",
+    let mut app = pingora_proxy::http_proxy(&server.configuration, GatewayProxy(gw.clone()));
+    let mut options = HttpServerOptions::default();
+    // Plain listeners also speak HTTP/2 with prior knowledge; h1 clients are detected by preface.
+    options.h2c = true;
+    app.server_options = Some(options);
+    // Every connection goes through the header timeout/size guards before Pingora's parser.
+    // TODO(lead): plumb the `guards:` config section into these settings.
+    let mut proxy = pingora_core::services::listening::Service::new(
+        "keygate".to_string(),
+        crate::conn_guard::GuardedApp::new(app, crate::conn_guard::GuardSettings::default()),
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        // Plain listeners also speak HTTP/2 with prior knowledge; h1 clients are detected by preface.
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
     for (index, (addr, tls)) in listen.iter().enumerate() {
         let addr = addr.to_string();
         match tls {

@@ -5,6 +5,7 @@
 //! it is stable too). Cooldowns are stored as "remaining at write time" plus the write time, so
 //! a reader subtracts the time the file sat on disk.
 
+use crate::clients::limits::Limiter;
 use crate::keys::{DisableReason, KeyPool, KeyState, ALL_MODELS};
 use async_trait::async_trait;
 use log::{info, warn};
@@ -30,7 +31,22 @@ pub struct Snapshot {
     pub written_at_ms: u64,
     /// Upstream name → key name → state; keys that are simply ready are left out.
     pub upstreams: States,
+    /// Client name → budget usage in the current period.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients: BTreeMap<String, ClientUsage>,
 }
+
+/// A client's budget usage.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientUsage {
+    /// Which day or month (an opaque period number).
+    pub period: u64,
+    /// Tokens charged in it.
+    pub used: u64,
+}
+
+/// A client's name and limiter, whose budget usage is kept in the file.
+pub type ClientLimiter = (String, Arc<Limiter>);
 
 /// One key's state.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,9 +84,16 @@ fn millis_since_epoch(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Takes a snapshot of the pools (the time is filled in by the writer).
-pub fn capture(pools: &[Arc<KeyPool>]) -> Snapshot {
+/// Takes a snapshot of the pools and client budgets (the time is filled in by the writer).
+pub fn capture(pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) -> Snapshot {
     let mut snap = Snapshot::default();
+    for (name, limiter) in clients {
+        let (period, used) = limiter.budget_used();
+        if limiter.limits().budget.is_some() && used > 0 {
+            snap.clients
+                .insert(name.clone(), ClientUsage { period, used });
+        }
+    }
     for pool in pools {
         let mut keys = BTreeMap::new();
         for status in pool.status() {
@@ -99,6 +122,15 @@ pub fn capture(pools: &[Arc<KeyPool>]) -> Snapshot {
         }
     }
     snap
+}
+
+/// Puts back the budget usage of the clients that are still configured.
+pub fn restore_clients(clients: &[ClientLimiter], snap: &Snapshot) {
+    for (name, limiter) in clients {
+        if let Some(u) = snap.clients.get(name) {
+            limiter.restore_budget(u.period, u.used);
+        }
+    }
 }
 
 /// Applies a snapshot written at `snap.written_at_ms` to the pools, as of wall time `now`.
@@ -134,7 +166,7 @@ pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usiz
 }
 
 /// Reads the state file, if there is one; a broken file is reported and ignored.
-pub fn load(path: &Path, pools: &[Arc<KeyPool>]) {
+pub fn load(path: &Path, pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -145,6 +177,7 @@ pub fn load(path: &Path, pools: &[Arc<KeyPool>]) {
     };
     match serde_json::from_str::<Snapshot>(&text) {
         Ok(snap) => {
+            restore_clients(clients, &snap);
             let n = restore(pools, &snap, SystemTime::now());
             info!(
                 "state file {}: restored the state of {n} key(s)",
@@ -179,24 +212,26 @@ pub fn write(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
 pub struct StateKeeper {
     path: PathBuf,
     pools: Vec<Arc<KeyPool>>,
-    /// What was last written (cooldown countdowns zeroed) and when.
-    last: Mutex<Option<(States, SystemTime)>>,
+    clients: Vec<ClientLimiter>,
+    /// What was last written (cooldown countdowns zeroed, with client usage) and when.
+    last: Mutex<Option<(Shape, SystemTime)>>,
 }
 
 impl StateKeeper {
-    /// A keeper writing `pools`' states to `path`.
-    pub fn new(path: PathBuf, pools: Vec<Arc<KeyPool>>) -> Self {
+    /// A keeper writing `pools`' states and the clients' budget usage to `path`.
+    pub fn new(path: PathBuf, pools: Vec<Arc<KeyPool>>, clients: Vec<ClientLimiter>) -> Self {
         Self {
             path,
             pools,
+            clients,
             last: Mutex::new(None),
         }
     }
 
     /// Writes if the states changed since the last write; cooldown countdowns alone do not count.
     fn sync(&self, at_shutdown: bool) {
-        let mut snap = capture(&self.pools);
-        let shape = strip_remaining(&snap.upstreams);
+        let mut snap = capture(&self.pools, &self.clients);
+        let shape = (strip_remaining(&snap.upstreams), snap.clients.clone());
         let mut last = self.last.lock();
         if let Some((prev, written)) = last.as_ref() {
             if *prev == shape && !at_shutdown {
@@ -224,6 +259,9 @@ impl StateKeeper {
         }
     }
 }
+
+/// What decides whether the file needs writing.
+type Shape = (States, BTreeMap<String, ClientUsage>);
 
 fn strip_remaining(ups: &States) -> States {
     ups.iter()
@@ -296,7 +334,7 @@ mod tests {
         let a = vec![pool(ManualClock::new())];
         a[0].disable(0, DisableReason::InsufficientQuota);
         a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(30)));
-        let mut snap = capture(&a);
+        let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
         snap.written_at_ms = millis_since_epoch(now);
         let text = serde_json::to_string(&snap).unwrap();
@@ -323,12 +361,31 @@ mod tests {
     fn cooldowns_that_expired_on_disk_are_not_restored() {
         let a = vec![pool(ManualClock::new())];
         a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(5)));
-        let mut snap = capture(&a);
+        let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
         snap.written_at_ms = millis_since_epoch(now);
         let b = vec![pool(ManualClock::new())];
         assert_eq!(restore(&b, &snap, now + Duration::from_secs(6)), 0);
         assert_eq!(b[0].counts().ready, 3);
+    }
+
+    #[test]
+    fn client_budget_usage_survives_for_the_same_period() {
+        use crate::clients::limits::{Budget, Limits, Period};
+        let limits = Limits {
+            budget: Some(Budget {
+                tokens: 1000,
+                per: Period::Day,
+            }),
+            ..Limits::default()
+        };
+        let a = Limiter::new(limits, ManualClock::new());
+        a.admit(0).unwrap().settle(Some(700));
+        let snap = capture(&[], &[("team".into(), a.clone())]);
+        assert_eq!(snap.clients["team"].used, 700);
+        let b = Limiter::new(limits, ManualClock::new());
+        restore_clients(&[("team".into(), b.clone())], &snap);
+        assert_eq!(b.budget_used().1, 700);
     }
 
     #[test]

@@ -210,3 +210,38 @@ fn strategy_settings_are_checked() {
         &["routes[0].strategy", "quickest"],
     );
 }
+
+#[test]
+fn client_mistakes_are_named() {
+    let yaml = format!("clients:\n  - {{ name: a, token_env: KG_MISSING_TOKEN }}\n{GOOD_UPSTREAM}");
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["clients[0].token_env", "KG_MISSING_TOKEN"],
+    );
+    let yaml = format!("clients:\n  - {{ name: a }}\n{GOOD_UPSTREAM}");
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["clients[0].token_env", "exactly one"],
+    );
+    let yaml =
+        format!("clients:\n  - {{ name: a, token_env: T, limits: {{ rpm: 0 }} }}\n{GOOD_UPSTREAM}");
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x"), ("T", "tok")],
+        &["clients[0].limits.rpm"],
+    );
+    let yaml = format!("clients:\n  - {{ name: a, token_env: T, limits: {{ budget: {{ tokens: 5, per: week }} }} }}\n{GOOD_UPSTREAM}");
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x"), ("T", "tok")],
+        &["clients[0].limits.budget.per", "week"],
+    );
+    let yaml = format!("trusted_proxies: [10.0.0.0/40]\n{GOOD_UPSTREAM}");
+    expect_error(
+        &yaml,
+        &[("KG_TEST_KEY", "sk-x")],
+        &["trusted_proxies", "10.0.0.0/40"],
+    );
+}

@@ -13,7 +13,10 @@ pub mod validate;
 
 pub use error::ConfigError;
 pub use types::*;
-pub use validate::{validate, Config, KeepWarm, ListenerConfig, RouteConfig, UpstreamConfig};
+pub use validate::{
+    validate, ClientConfig, Config, GuardsConfig, KeepWarm, ListenerConfig, RouteConfig,
+    UpstreamConfig,
+};
 
 use std::path::Path;
 

@@ -41,6 +41,90 @@ pub struct ConfigFile {
     /// usage chunk from the client) so every stream is metered; `pass` (default): leave requests as they are.
     #[serde(default)]
     pub stream_usage: Option<StreamUsage>,
+    /// Callers with gateway tokens; absent: an open gateway (keygate warns at start).
+    #[serde(default)]
+    pub clients: Option<Vec<ClientFile>>,
+    /// Limits per client IP, for an open gateway.
+    #[serde(default)]
+    pub ip_limits: Option<LimitsFile>,
+    /// Proxies (CIDR blocks) whose `X-Forwarded-For`/`Forwarded` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Connection and request guards.
+    #[serde(default)]
+    pub guards: Option<GuardsFile>,
+}
+
+/// One client of the gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// Name for logs and metrics.
+    pub name: String,
+    /// Environment variable holding its gateway token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding its gateway token (mode 0600 or stricter).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Model globs it may use (default: any).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Its limits.
+    #[serde(default)]
+    pub limits: Option<LimitsFile>,
+}
+
+/// Limits of a client or an IP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Tokens per UTC day or month.
+    #[serde(default)]
+    pub budget: Option<BudgetFile>,
+}
+
+/// A token budget.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    /// Tokens per period.
+    pub tokens: u64,
+    /// `day` or `month` (UTC calendar).
+    pub per: crate::clients::limits::Period,
+}
+
+/// Guards against abusive connections and requests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardsFile {
+    /// The whole request header must arrive within this (default 10s); else 408.
+    #[serde(default)]
+    pub header_timeout: Option<Dur>,
+    /// Largest request header (default 32KiB); else 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<ByteSize>,
+    /// Most request header lines (default 100); else 431.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// Close keep-alive connections idle this long (default 60s).
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+    /// User-Agent globs answered with 403.
+    #[serde(default)]
+    pub deny_user_agents: Vec<String>,
+    /// Client address blocks answered with 403.
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
 }
 
 /// The metrics side port.
@@ -151,6 +235,9 @@ pub struct UpstreamFile {
     /// Endpoint outlier ejection after consecutive 5xx answers or connect errors.
     #[serde(default)]
     pub outlier: Option<OutlierFile>,
+    /// Models this upstream serves, listed by keygate's `GET /v1/models`.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 /// Outlier ejection settings.

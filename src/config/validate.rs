@@ -4,6 +4,8 @@ use super::secrets;
 use super::types::StreamUsage;
 use super::types::*;
 use super::ConfigError;
+use crate::clients::addr::CidrList;
+use crate::clients::limits::{Budget, Limits};
 use crate::glob::Glob;
 use crate::keys::{key_id, CooldownPolicy, KeyPolicy, KeySpec, Secret};
 use crate::outlier::OutlierPolicy;
@@ -45,6 +47,51 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// Streaming usage handling.
     pub stream_usage: StreamUsage,
+    /// Clients; `None` for an open gateway.
+    pub clients: Option<Vec<ClientConfig>>,
+    /// Per-IP limits (open gateway).
+    pub ip_limits: Limits,
+    /// Trusted proxies.
+    pub trusted_proxies: CidrList,
+    /// Guards.
+    pub guards: GuardsConfig,
+}
+
+/// A validated client.
+pub struct ClientConfig {
+    /// Name.
+    pub name: String,
+    /// Gateway token (a secret).
+    pub token: Secret,
+    /// Allowed model globs (empty: any).
+    pub models: Vec<Glob>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validated guards.
+#[derive(Debug, Clone)]
+pub struct GuardsConfig {
+    /// Request header deadline.
+    pub header_timeout: Duration,
+    /// Request header size cap.
+    pub max_header_bytes: usize,
+    /// Request header line cap.
+    pub max_headers: usize,
+    /// Keep-alive idle timeout.
+    pub idle_timeout: Duration,
+    /// Denied User-Agent globs.
+    pub deny_user_agents: Vec<Glob>,
+    /// Denied client address blocks.
+    pub deny_cidrs: CidrList,
 }
 
 /// A validated listener.
@@ -93,6 +140,8 @@ pub struct UpstreamConfig {
     pub keep_warm: Option<KeepWarm>,
     /// Endpoint outlier ejection.
     pub outlier: OutlierPolicy,
+    /// Models it declares for `GET /v1/models`.
+    pub models: Vec<String>,
 }
 
 /// A validated keep-warm setting.
@@ -380,12 +429,37 @@ pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
     };
     check_upgrade_sock_dir(&server.upgrade_sock).map_err(|e| err("server.upgrade_sock", e))?;
 
+    let clients = match &file.clients {
+        None => None,
+        Some(list) => Some(validate_clients(path, list, &resolve)?),
+    };
+    let ip_limits = match &file.ip_limits {
+        None => Limits::default(),
+        Some(l) => {
+            if clients.is_some() {
+                return Err(err(
+                    "ip_limits",
+                    "only applies to an open gateway (no `clients:`); use each client's `limits`"
+                        .into(),
+                ));
+            }
+            limits_from(path, "ip_limits", l)?
+        }
+    };
+    let trusted_proxies =
+        CidrList::parse(&file.trusted_proxies).map_err(|e| err("trusted_proxies", e))?;
+    let guards = validate_guards(path, file.guards.as_ref())?;
+
     Ok(Config {
         path: path.to_path_buf(),
         metrics_addr,
         access_log,
         state_file,
         stream_usage: file.stream_usage.unwrap_or_default(),
+        clients,
+        ip_limits,
+        trusted_proxies,
+        guards,
         server,
         listen,
         max_body_bytes,
@@ -626,6 +700,7 @@ fn validate_upstream(
     Ok(UpstreamConfig {
         name: name.to_string(),
         outlier,
+        models: u.models.clone(),
         probe_interval,
         probe_model,
         keep_warm,
@@ -642,6 +717,144 @@ fn validate_upstream(
         ca_certs,
         connect_timeout: u.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
     })
+}
+
+fn limits_from(path: &Path, field: &str, l: &LimitsFile) -> Result<Limits, ConfigError> {
+    let err = |f: &str, reason: &str| ConfigError::new(path, format!("{field}.{f}"), reason);
+    if l.rpm == Some(0) {
+        return Err(err("rpm", "must be at least 1"));
+    }
+    if l.tpm == Some(0) {
+        return Err(err("tpm", "must be at least 1"));
+    }
+    if l.concurrency == Some(0) {
+        return Err(err("concurrency", "must be at least 1"));
+    }
+    if l.budget.as_ref().is_some_and(|b| b.tokens == 0) {
+        return Err(err("budget.tokens", "must be at least 1"));
+    }
+    Ok(Limits {
+        rpm: l.rpm,
+        tpm: l.tpm,
+        concurrency: l.concurrency,
+        budget: l.budget.as_ref().map(|b| Budget {
+            tokens: b.tokens,
+            per: b.per,
+        }),
+    })
+}
+
+fn validate_clients(
+    path: &Path,
+    list: &[ClientFile],
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Vec<ClientConfig>, ConfigError> {
+    if list.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "clients",
+            "is empty: remove it for an open gateway, or list at least one client",
+        ));
+    }
+    let mut out: Vec<ClientConfig> = Vec::new();
+    for (i, c) in list.iter().enumerate() {
+        let field = |f: &str| format!("clients[{i}].{f}");
+        let err = |f: &str, reason: String| ConfigError::new(path, field(f), reason);
+        if c.name.trim().is_empty() {
+            return Err(err("name", "must not be empty".into()));
+        }
+        if out.iter().any(|o| o.name == c.name) {
+            return Err(err("name", format!("{:?} is used twice", c.name)));
+        }
+        let token = match (&c.token_env, &c.token_file) {
+            (Some(var), None) => secrets::from_env(var).map_err(|e| err("token_env", e))?,
+            (None, Some(p)) => {
+                let keys =
+                    secrets::read_keys_file(&resolve(p)).map_err(|e| err("token_file", e))?;
+                match keys.as_slice() {
+                    [one] => one.secret.clone(),
+                    _ => return Err(err("token_file", "must hold exactly one token".into())),
+                }
+            }
+            _ => {
+                return Err(err(
+                    "token_env",
+                    "give exactly one of token_env or token_file".into(),
+                ))
+            }
+        };
+        if token.len() > crate::clients::MAX_TOKEN_BYTES {
+            return Err(err("token_env", "token is longer than 4096 bytes".into()));
+        }
+        if out.iter().any(|o| o.token.expose() == token) {
+            return Err(err(
+                "token_env",
+                format!("client {:?} has the same token as another client", c.name),
+            ));
+        }
+        let mut models = Vec::new();
+        for (j, m) in c.models.iter().enumerate() {
+            models.push(Glob::new(m).map_err(|e| err(&format!("models[{j}]"), e.to_string()))?);
+        }
+        let limits = match &c.limits {
+            None => Limits::default(),
+            Some(l) => limits_from(path, &field("limits"), l)?,
+        };
+        out.push(ClientConfig {
+            name: c.name.clone(),
+            token: Secret::new(token),
+            models,
+            limits,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_guards(path: &Path, g: Option<&GuardsFile>) -> Result<GuardsConfig, ConfigError> {
+    let err = |f: &str, reason: String| ConfigError::new(path, format!("guards.{f}"), reason);
+    let mut out = GuardsConfig {
+        header_timeout: Duration::from_secs(10),
+        max_header_bytes: 32 * 1024,
+        max_headers: 100,
+        idle_timeout: Duration::from_secs(60),
+        deny_user_agents: Vec::new(),
+        deny_cidrs: CidrList::default(),
+    };
+    let Some(g) = g else { return Ok(out) };
+    if let Some(d) = g.header_timeout {
+        if d.0 < Duration::from_millis(100) {
+            return Err(err("header_timeout", "must be at least 100ms".into()));
+        }
+        out.header_timeout = d.0;
+    }
+    if let Some(b) = g.max_header_bytes {
+        if !(1024..=1 << 20).contains(&b.0) {
+            return Err(err(
+                "max_header_bytes",
+                "must be between 1KiB and 1MiB".into(),
+            ));
+        }
+        out.max_header_bytes = usize::try_from(b.0).unwrap_or(1 << 20);
+    }
+    if let Some(n) = g.max_headers {
+        if !(8..=256).contains(&n) {
+            return Err(err("max_headers", "must be between 8 and 256".into()));
+        }
+        out.max_headers = n;
+    }
+    if let Some(d) = g.idle_timeout {
+        if d.0 < Duration::from_secs(1) {
+            return Err(err("idle_timeout", "must be at least 1s".into()));
+        }
+        out.idle_timeout = d.0;
+    }
+    for (i, ua) in g.deny_user_agents.iter().enumerate() {
+        out.deny_user_agents.push(
+            Glob::new(ua).map_err(|e| err(&format!("deny_user_agents[{i}]"), e.to_string()))?,
+        );
+    }
+    out.deny_cidrs = CidrList::parse(&g.deny_cidrs).map_err(|e| err("deny_cidrs", e))?;
+    Ok(out)
 }
 
 /// The upgrade socket is created mode 0666 by Pingora: its directory must keep others out.

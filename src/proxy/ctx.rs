@@ -1,6 +1,7 @@
 //! Per-request state kept across Pingora's hooks and across retry attempts.
 
 use super::errors::LocalResponse;
+use crate::clients::limits::Admission;
 use crate::keys::KeyLease;
 use crate::usage::{Usage, UsageChunkStripper, UsageMeter};
 use bytes::Bytes;
@@ -36,6 +37,8 @@ pub struct RequestCtx {
     pub upstream_model: Option<String>,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// `max_tokens` (or its newer names) from the body.
+    pub max_tokens: Option<u64>,
     /// Index of the matched route.
     pub route: Option<usize>,
     /// Upstreams in the order this request tries them.
@@ -70,6 +73,12 @@ pub struct RequestCtx {
     pub strip_usage: bool,
     /// Does the hiding.
     pub stripper: Option<UsageChunkStripper>,
+    /// Index of the authenticated client.
+    pub client: Option<usize>,
+    /// The client's address (behind trusted proxies: the forwarded one).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The request's place in its client's limits.
+    pub admission: Option<Admission>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -100,6 +109,7 @@ impl RequestCtx {
             model: None,
             upstream_model: None,
             stream: false,
+            max_tokens: None,
             route: None,
             order: Vec::new(),
             attempts: 0,
@@ -117,6 +127,9 @@ impl RequestCtx {
             usage: None,
             strip_usage: false,
             stripper: None,
+            client: None,
+            client_ip: None,
+            admission: None,
         }
     }
 

@@ -17,6 +17,8 @@ pub struct LocalResponse {
     pub code: &'static str,
     /// `Retry-After` in whole seconds, for 429s and 503s.
     pub retry_after: Option<u64>,
+    /// Extra headers (`x-ratelimit-*` on client limit rejections).
+    pub extra_headers: Vec<(&'static str, String)>,
 }
 
 impl LocalResponse {
@@ -33,7 +35,65 @@ impl LocalResponse {
             kind,
             code,
             retry_after: None,
+            extra_headers: Vec::new(),
         }
+    }
+
+    /// 401 for a missing, wrong or oversized gateway token: always the same body.
+    pub fn bad_token() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Invalid or missing gateway token. Send it as `Authorization: Bearer <token>`.",
+        )
+    }
+
+    /// 403 for a model this client may not use.
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            403,
+            "invalid_request_error",
+            "model_not_allowed",
+            format!("This client may not use the model `{model}`."),
+        )
+    }
+
+    /// 403 for a denied address or user agent.
+    pub fn denied() -> Self {
+        Self::new(
+            403,
+            "invalid_request_error",
+            "access_denied",
+            "Access denied.",
+        )
+    }
+
+    /// 429 for a client's own limit.
+    pub fn client_limited(rejection: &crate::clients::limits::Rejection) -> Self {
+        use crate::clients::limits::LimitKind;
+        let (kind, message) = match rejection.kind {
+            LimitKind::Budget => (
+                "insufficient_quota",
+                "This client's token budget for the period is spent.",
+            ),
+            LimitKind::Requests => (
+                "rate_limit_exceeded",
+                "Rate limit reached for requests per minute.",
+            ),
+            LimitKind::Tokens => (
+                "rate_limit_exceeded",
+                "Rate limit reached for tokens per minute.",
+            ),
+            LimitKind::Concurrency => (
+                "rate_limit_exceeded",
+                "Too many requests in flight for this client.",
+            ),
+        };
+        let mut r = Self::new(429, kind, rejection.kind.as_str(), message);
+        r.retry_after = Some(whole_seconds_up(rejection.retry_after));
+        r.extra_headers = rejection.headers.clone();
+        r
     }
 
     /// 400 for a request keygate cannot read.
@@ -121,6 +181,13 @@ impl LocalResponse {
             "upstream_auth_failed" => "upstream_auth",
             "length_required" => "length_required",
             "internal_error" | "upstream_error" => "error",
+            "invalid_api_key" => "bad_token",
+            "model_not_allowed" => "model_not_allowed",
+            "access_denied" => "denied",
+            "rate_limit_requests"
+            | "rate_limit_tokens"
+            | "concurrency_limit"
+            | "budget_exhausted" => "client_limit",
             _ => "bad_request",
         }
     }
@@ -140,6 +207,9 @@ impl LocalResponse {
         h.insert_header("content-length", len.to_string())?;
         if let Some(s) = self.retry_after {
             h.insert_header("retry-after", s.to_string())?;
+        }
+        for (name, value) in &self.extra_headers {
+            h.insert_header(*name, value.as_str())?;
         }
         Ok(h)
     }

@@ -15,6 +15,8 @@ pub mod errors;
 pub mod headers;
 
 use crate::access_log::{AccessEntry, AccessLog};
+use crate::clients::addr::{client_ip, CidrList};
+use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::StreamUsage;
 use crate::keys::{DisableReason, Pick};
@@ -63,17 +65,30 @@ pub struct Gateway {
     suspects: SuspectSender,
     latency: LatencyTable,
     metrics: &'static Metrics,
-    access_log: Option<AccessLog>,
-    stream_usage: StreamUsage,
+    options: GatewayOptions,
 }
 
-/// Optional parts of the gateway.
+/// Optional parts of the gateway: logging, metering and who may get in.
 #[derive(Default)]
 pub struct GatewayOptions {
     /// Where access log lines go.
     pub access_log: Option<AccessLog>,
     /// Streaming usage handling.
     pub stream_usage: StreamUsage,
+    /// Clients with gateway tokens (empty: open gateway).
+    pub clients: ClientTable,
+    /// Per-IP limits for an open gateway.
+    pub ip_limiters: Option<IpLimiters>,
+    /// Proxies whose forwarded-for headers are believed.
+    pub trusted_proxies: CidrList,
+    /// User agents answered with 403.
+    pub deny_user_agents: Vec<crate::glob::Glob>,
+    /// Client addresses answered with 403.
+    pub deny_cidrs: CidrList,
+    /// Keep-alive idle timeout in seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// `(model, owner)` pairs for `GET /v1/models`.
+    pub models: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -96,9 +111,18 @@ impl Gateway {
             clock,
             suspects,
             metrics: crate::metrics::global(),
-            access_log: options.access_log,
-            stream_usage: options.stream_usage,
+            options,
         })
+    }
+
+    /// Every client's name and limiter (for the state file).
+    pub fn client_limiters(&self) -> Vec<(String, Arc<crate::clients::limits::Limiter>)> {
+        self.options
+            .clients
+            .clients()
+            .iter()
+            .map(|c| (c.name.clone(), c.limiter.clone()))
+            .collect()
     }
 
     /// The upstreams, in config order.
@@ -253,6 +277,111 @@ impl Gateway {
         }
     }
 
+    /// Who is asking: denied addresses and agents, and (with clients) a valid gateway token.
+    fn check_access(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), LocalResponse> {
+        let o = &self.options;
+        if let Some(idle) = o.idle_timeout_secs {
+            // Without this Pingora waits forever for the next request on a keep-alive connection.
+            session.set_keepalive(Some(idle));
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(peer) = peer {
+            let ip = client_ip(peer, &session.req_header().headers, &o.trusted_proxies);
+            ctx.client_ip = Some(ip);
+            if o.deny_cidrs.contains(ip) {
+                return Err(LocalResponse::denied());
+            }
+        }
+        if !o.deny_user_agents.is_empty() {
+            let ua = session
+                .req_header()
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if o.deny_user_agents.iter().any(|g| g.matches(ua)) {
+                return Err(LocalResponse::denied());
+            }
+        }
+        if !o.clients.is_open() {
+            let token = presented_token(&session.req_header().headers).unwrap_or(b"");
+            let idx = o
+                .clients
+                .authenticate(token)
+                .and_then(|c| o.clients.clients().iter().position(|x| std::ptr::eq(x, c)));
+            match idx {
+                Some(i) => ctx.client = Some(i),
+                None => return Err(LocalResponse::bad_token()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Model permission and the client's (or the IP's) limits, once the body is known.
+    fn admit(&self, ctx: &mut RequestCtx) -> std::result::Result<(), LocalResponse> {
+        let o = &self.options;
+        let client = ctx.client.map(|i| &o.clients.clients()[i]);
+        if let (Some(c), Some(model)) = (client, ctx.model.as_deref()) {
+            if !c.allows(model) {
+                return Err(LocalResponse::model_not_allowed(model));
+            }
+        }
+        let limiter = match (client, &o.ip_limiters, ctx.client_ip) {
+            (Some(c), _, _) => Some(c.limiter.clone()),
+            (None, Some(ips), Some(ip)) => Some(ips.get(ip)),
+            _ => None,
+        };
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        if limiter.limits().is_empty() {
+            return Ok(());
+        }
+        // OpenAI's rule of thumb: about 4 bytes a token, plus what the answer may use.
+        let estimate = (ctx.body.len() as u64).div_ceil(4) + ctx.max_tokens.unwrap_or(0);
+        match limiter.admit(estimate) {
+            Ok(a) => {
+                ctx.admission = Some(a);
+                Ok(())
+            }
+            Err(rejection) => {
+                let who = client.map_or("-", |c| c.name.as_str());
+                self.metrics
+                    .client_rejections
+                    .with_label_values(&[who, rejection.kind.as_str()])
+                    .inc();
+                Err(LocalResponse::client_limited(&rejection))
+            }
+        }
+    }
+
+    /// `GET /v1/models`: the models this client can reach through the routes.
+    async fn answer_models(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
+        let client = ctx.client.map(|i| &self.options.clients.clients()[i]);
+        let data: Vec<serde_json::Value> = self
+            .options
+            .models
+            .iter()
+            .filter(|(m, _)| self.routes.route("/v1/chat/completions", Some(m)).is_some())
+            .filter(|(m, _)| client.is_none_or(|c| c.allows(m)))
+            .map(|(m, owner)| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": owner}))
+            .collect();
+        let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
+        let mut h = ResponseHeader::build(200, Some(2))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
     /// Feeds an attempt's network result to outlier ejection and the latency table.
     fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
         let Some(att) = ctx.current.as_ref() else {
@@ -347,6 +476,7 @@ fn parse_and_route(
             Ok(info) => {
                 ctx.model = info.model.clone();
                 ctx.stream = info.stream;
+                ctx.max_tokens = info.max_tokens;
                 json_info = Some(info);
             }
             Err(e) if needs_model => return Err(LocalResponse::bad_request(e.to_string())),
@@ -381,7 +511,7 @@ fn parse_and_route(
         }
         ctx.upstream_model = Some(new_model.to_string());
     }
-    if gw.stream_usage == StreamUsage::Inject
+    if gw.options.stream_usage == StreamUsage::Inject
         && ctx.stream
         && json_info.as_ref().is_some_and(|i| !i.include_usage)
     {
@@ -419,6 +549,19 @@ impl ProxyHttp for GatewayProxy {
                 .await?;
             return Ok(true);
         }
+        if let Err(resp) = gw.check_access(session, ctx) {
+            gw.respond_local(session, &resp).await?;
+            return Ok(true);
+        }
+        if session.req_header().method == http::Method::GET
+            && matches!(
+                session.req_header().uri.path(),
+                "/v1/models" | "/v1/models/"
+            )
+        {
+            gw.answer_models(session, ctx).await?;
+            return Ok(true);
+        }
         if is_expect_continue(session.req_header()) && !session.is_http2() {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
@@ -444,7 +587,7 @@ impl ProxyHttp for GatewayProxy {
             Err(BodyReadError::Downstream(e)) => return Err(e),
         };
         let req = session.req_header().clone();
-        if let Err(resp) = parse_and_route(gw, &req, body, ctx) {
+        if let Err(resp) = parse_and_route(gw, &req, body, ctx).and_then(|()| gw.admit(ctx)) {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
@@ -792,6 +935,12 @@ impl ProxyHttp for GatewayProxy {
                 .with_label_values(&[route])
                 .inc_by(u64::from(ctx.attempts - 1));
         }
+        let client_name = ctx
+            .client
+            .map_or("-", |i| gw.options.clients.clients()[i].name.as_str());
+        if let Some(admission) = ctx.admission.take() {
+            admission.settle(ctx.usage.map(|u| u.total()));
+        }
         if let Some(usage) = ctx.usage {
             let model = m.model_label(
                 ctx.upstream_model
@@ -800,16 +949,16 @@ impl ProxyHttp for GatewayProxy {
                     .unwrap_or("-"),
             );
             m.tokens
-                .with_label_values(&[model, upstream, "-", "prompt"])
+                .with_label_values(&[model, upstream, client_name, "prompt"])
                 .inc_by(usage.prompt);
             m.tokens
-                .with_label_values(&[model, upstream, "-", "completion"])
+                .with_label_values(&[model, upstream, client_name, "completion"])
                 .inc_by(usage.completion);
         }
-        if let Some(log) = gw.access_log.as_ref() {
+        if let Some(log) = gw.options.access_log.as_ref() {
             log.write(&AccessEntry {
                 time: crate::access_log::now_rfc3339(),
-                client: "-",
+                client: client_name,
                 method: session.req_header().method.as_str(),
                 path: session.req_header().uri.path(),
                 route,

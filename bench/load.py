@@ -1,0 +1,888 @@
+#!/usr/bin/env python3
+"""Load benchmark of keygate on loopback, against the mock upstream direct and three peers.
+
+    python3 bench/load.py            # full run (about 10 minutes), writes BENCHMARKS.md
+    python3 bench/load.py --quick    # smoke run (about a minute), writes BENCHMARKS.md too
+
+What runs, all on 127.0.0.1 ports picked at start, all with one worker thread:
+- `keygate-mock --threads 1 --strict` with three keys: a request carrying no key or a wrong
+  one gets 401, so a peer that fails to inject a key shows up as errors, not as speed;
+- keygate (`bench/keygate.yaml`): three keys from environment variables, one catch-all route;
+- nginx two-hop (`bench/nginx-two-hop.conf`): the usual set-up, one server per key;
+- nginx tuned (`bench/nginx-tuned.conf`): one hop, key header chosen by `split_clients`;
+- HAProxy (`bench/haproxy.cfg`): one hop, strict round-robin over (server, key) pairs.
+
+What is measured, in rounds that alternate the targets so that drift (other processes, thermal
+state) affects all of them alike; each figure is the median over the rounds:
+1. requests/s at 64 connections (wrk) for a small chat POST, for every target;
+2. the same for a streamed reply (`"stream":true`, the mock sends 5 chunks without delay);
+3. requests/s with a 16 KiB body vs a 200-byte one, direct and through keygate;
+4. latency at a fixed 200 req/s (an open-loop client in this file, keep-alive connections),
+   direct and through keygate: p50/p90/p99 and what keygate adds;
+5. a stream of 10 chunks 20 ms apart: time to the first chunk and to the end, direct and
+   through keygate;
+6. keygate's resident memory: idle after start, after the load, and its peak (VmHWM).
+
+Needs: a Rust toolchain, python3 (3.8+, standard library only), and wrk, nginx and haproxy,
+which it installs with apt-get when they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+# Fake credentials: the mock accepts exactly these (it runs with --strict).
+KEYS = {
+    "BENCH_KEY_A": "sk-bench-alpha-0123456789abcdef",
+    "BENCH_KEY_B": "sk-bench-bravo-0123456789abcdef",
+    "BENCH_KEY_C": "sk-bench-charlie-0123456789abcdef",
+}
+
+CHAT_PATH = "/v1/chat/completions"
+TARGET_LABELS = {
+    "direct": "direct (mock)",
+    "keygate": "keygate",
+    "nginx2": "nginx two-hop",
+    "nginx1": "nginx tuned",
+    "haproxy": "HAProxy",
+}
+PEERS = ["direct", "keygate", "nginx2", "nginx1", "haproxy"]
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies
+
+
+def chat_body(size: int, stream: bool = False, mock: dict | None = None) -> bytes:
+    """A chat request of about `size` bytes (at least the minimal one)."""
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": ""}],
+    }
+    if stream:
+        body["stream"] = True
+    if mock:
+        body["mock"] = mock
+    base = len(json.dumps(body, separators=(",", ":")))
+    filler = "Summarise the following notes in three bullet points. " * (size // 50 + 1)
+    body["messages"][0]["content"] = filler[: max(2, size - base)]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class Processes:
+    """Everything started here, stopped in reverse order however the script ends."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen, int]] = []
+
+    def start(self, name: str, cmd: list[str], log_path: Path, env=None, stop_signal=signal.SIGTERM):
+        log(f"starting {name}: {' '.join(cmd)}")
+        out = open(log_path, "wb")
+        # Own session: a Ctrl-C in the terminal reaches only this script, which then stops
+        # everything in order.
+        p = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        out.close()
+        self.procs.append((name, p, stop_signal))
+        return p
+
+    def stop_all(self) -> None:
+        for name, p, sig in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for name, p, _ in reversed(self.procs):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{name} did not stop in time: killing it")
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def fill(template: Path, values: dict[str, object], dest: Path) -> Path:
+    text = template.read_text()
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", str(v))
+    left = re.findall(r"\{\{[A-Z_]+\}\}", text)
+    if left:
+        raise SystemExit(f"{template}: unfilled placeholders {sorted(set(left))}")
+    dest.write_text(text)
+    return dest
+
+
+def auth_for(target: str) -> str:
+    """The client's Authorization: only direct requests carry a key; the proxies inject one."""
+    return "Bearer " + KEYS["BENCH_KEY_A"] if target == "direct" else ""
+
+
+def http_post(port: int, body: bytes, timeout: float = 5.0, auth: str = "") -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = auth
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{CHAT_PATH}", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ready(name: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    body = chat_body(100)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode}; its log:\n{tail(log_path)}")
+        try:
+            status, text = http_post(port, body, timeout=2)
+            if status == 200:
+                return
+            last = f"HTTP {status}: {text[:200]!r}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise SystemExit(f"{name} not ready on port {port} after {timeout:.0f}s ({last}); its log:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM in KiB of one process."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and its descendants (nginx master and workers)."""
+    pids = [pid]
+    for p in pids:
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pids.extend(int(c) for c in children)
+        except OSError:
+            pass
+    return pids
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for p in tree_pids(pid):
+        st = proc_status(p)
+        for k in total:
+            total[k] += st.get(k, 0)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: build, install, start
+
+
+def sudo() -> list[str]:
+    return [] if os.geteuid() == 0 else ["sudo"]
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.exists()), None
+    )
+
+
+def ensure_tools() -> dict[str, str]:
+    wanted = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "haproxy": ["haproxy"]}
+    missing = [t for t in wanted if not find_tool(t)]
+    if missing:
+        if not shutil.which("apt-get"):
+            raise SystemExit(f"missing {', '.join(missing)} and no apt-get: install them and retry")
+        log(f"installing {', '.join(missing)} with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(sudo() + ["apt-get", "update", "-qq"], check=True, env=env)
+        for tool in missing:
+            for pkg in wanted[tool]:
+                r = subprocess.run(sudo() + ["apt-get", "install", "-y", "-qq", pkg], env=env)
+                if r.returncode == 0 and find_tool(tool):
+                    break
+            else:
+                raise SystemExit(f"could not install {tool} (tried {', '.join(wanted[tool])})")
+        # Debian starts nginx/haproxy services on install; they do not matter here (other
+        # ports), so they are left alone.
+    tools = {t: find_tool(t) for t in wanted}
+    return {k: v for k, v in tools.items() if v}
+
+
+def build(skip: bool) -> None:
+    if skip:
+        log("skipping the release build (--no-build)")
+    else:
+        log("cargo build --release --bins")
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    for b in ("keygate", "keygate-mock"):
+        if not (ROOT / "target" / "release" / b).exists():
+            raise SystemExit(f"target/release/{b} is missing: run without --no-build")
+
+
+class Stack:
+    """The mock, keygate and the peers, on loopback."""
+
+    def __init__(self, procs: Processes, tools: dict[str, str], tmp: Path) -> None:
+        self.procs = procs
+        self.tools = tools
+        self.tmp = tmp
+        names = ["mock", "keygate", "nginx2", "nginx1", "haproxy", "key_a", "key_b", "key_c"]
+        self.port = dict(zip(names, free_ports(len(names))))
+        self.port["direct"] = self.port["mock"]
+        self.pid: dict[str, int] = {}
+
+    def start(self) -> None:
+        tmp, port = self.tmp, self.port
+        release = ROOT / "target" / "release"
+        keyvals = {"KEY_A": KEYS["BENCH_KEY_A"], "KEY_B": KEYS["BENCH_KEY_B"], "KEY_C": KEYS["BENCH_KEY_C"]}
+
+        mock_cmd = [str(release / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
+                    "--threads", "1", "--strict", "--name", "bench"]
+        for secret in KEYS.values():
+            mock_cmd += ["--key", f"{secret}=ok"]
+        mock = self.procs.start("keygate-mock", mock_cmd, tmp / "mock.log")
+        self.pid["mock"] = mock.pid
+        wait_ready_plain("keygate-mock", port["mock"], mock, tmp / "mock.log")
+
+        # keygate: its upgrade socket is created mode 0666, so it lives in a 0700 directory.
+        kg_dir = tmp / "keygate"
+        kg_dir.mkdir(mode=0o700)
+        conf = fill(BENCH / "keygate.yaml",
+                    {"KEYGATE_DIR": kg_dir, "KEYGATE_PORT": port["keygate"], "MOCK_PORT": port["mock"]},
+                    kg_dir / "keygate.yaml")
+        env = dict(os.environ, **KEYS)
+        # Warnings only: nginx and HAProxy run without access logs too.
+        env["RUST_LOG"] = os.environ.get("BENCH_RUST_LOG", "warn")
+        check = subprocess.run([str(release / "keygate"), "-t", "-c", str(conf)], env=env,
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"keygate -t rejected the bench config:\n{check.stdout}{check.stderr}")
+        kg = self.procs.start("keygate", [str(release / "keygate"), "-c", str(conf)],
+                              tmp / "keygate.log", env=env, stop_signal=signal.SIGINT)
+        self.pid["keygate"] = kg.pid
+        wait_ready("keygate", port["keygate"], kg, tmp / "keygate.log")
+
+        # nginx's workers may run as `nobody` when started as root: give them a directory they
+        # can use for temp files.
+        for name, template, extra in (
+            ("nginx2", "nginx-two-hop.conf",
+             {"KEY_PORT_A": port["key_a"], "KEY_PORT_B": port["key_b"], "KEY_PORT_C": port["key_c"]}),
+            ("nginx1", "nginx-tuned.conf", {}),
+        ):
+            d = tmp / name
+            d.mkdir()
+            d.chmod(0o777)
+            conf = fill(BENCH / template,
+                        {"DIR": d, "PORT": port[name], "MOCK_PORT": port["mock"], **keyvals, **extra},
+                        d / "nginx.conf")
+            check = subprocess.run([self.tools["nginx"], "-t", "-q", "-p", str(d), "-c", str(conf)],
+                                   capture_output=True, text=True)
+            if check.returncode != 0:
+                raise SystemExit(f"nginx -t rejected {template}:\n{check.stderr}")
+            p = self.procs.start(TARGET_LABELS[name],
+                                 [self.tools["nginx"], "-p", str(d), "-c", str(conf)], d / "stdout.log")
+            self.pid[name] = p.pid
+            wait_ready(TARGET_LABELS[name], port[name], p, d / "error.log")
+
+        d = tmp / "haproxy"
+        d.mkdir()
+        conf = fill(BENCH / "haproxy.cfg", {"DIR": d, "PORT": port["haproxy"], "MOCK_PORT": port["mock"], **keyvals},
+                    d / "haproxy.cfg")
+        check = subprocess.run([self.tools["haproxy"], "-c", "-q", "-f", str(conf)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"haproxy -c rejected haproxy.cfg:\n{check.stdout}{check.stderr}")
+        p = self.procs.start("HAProxy", [self.tools["haproxy"], "-db", "-f", str(conf)], d / "haproxy.log")
+        self.pid["haproxy"] = p.pid
+        wait_ready("HAProxy", port["haproxy"], p, d / "haproxy.log")
+
+    def mock_stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port['mock']}/_mock/stats", timeout=5) as r:
+            return json.load(r)
+
+    def mock_reset(self) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port['mock']}/_mock/reset", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+
+    def verify(self) -> dict[str, dict[str, int]]:
+        """Every target answers 200 and spreads requests over the three keys."""
+        names = {v: k for k, v in KEYS.items()}
+        spread = {}
+        body = chat_body(200)
+        status, text = http_post(self.port["direct"], body, auth=auth_for("direct"))
+        if status != 200:
+            raise SystemExit(f"the mock answered {status}: {text[:300]!r}")
+        for target in PEERS:
+            if target == "direct":
+                continue
+            self.mock_reset()
+            for _ in range(30):
+                status, text = http_post(self.port[target], body)
+                if status != 200:
+                    raise SystemExit(f"{TARGET_LABELS[target]} answered {status}: {text[:300]!r}")
+            seen = keys_seen(self.mock_stats())
+            unknown = [k for k in seen if k not in names]
+            if unknown or sum(seen.values()) != 30:
+                raise SystemExit(f"{TARGET_LABELS[target]}: the mock saw keys {seen} for 30 requests")
+            spread[target] = {names[k][-1].lower(): n for k, n in sorted(seen.items())}
+            if len(seen) != 3:
+                raise SystemExit(f"{TARGET_LABELS[target]} used only {len(seen)} of 3 keys: {spread[target]}")
+        self.mock_reset()
+        return spread
+
+
+def keys_seen(stats: dict) -> dict[str, int]:
+    """{secret: requests} from the mock's /_mock/stats, whatever its exact layout."""
+    for field in ("keys", "by_key", "per_key"):
+        per_key = stats.get(field)
+        if isinstance(per_key, dict):
+            return {k: (v.get("requests", 0) if isinstance(v, dict) else int(v)) for k, v in per_key.items() if k}
+    raise SystemExit(f"unexpected /_mock/stats layout: {json.dumps(stats)[:300]}")
+
+
+def wait_ready_plain(name: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode}; its log:\n{tail(log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{name} not listening on {port} after {timeout:.0f}s")
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements: wrk (closed loop, throughput)
+
+
+def run_wrk(wrk: str, stack: "Stack", target: str, body_file: Path, seconds: float, conns: int, threads: int) -> dict:
+    cmd = [wrk, "-t", str(threads), "-c", str(conns), "-d", f"{seconds:g}s", "--timeout", "10s",
+           "-s", str(BENCH / "wrk-post.lua"), f"http://127.0.0.1:{stack.port[target]}{CHAT_PATH}",
+           "--", str(body_file), auth_for(target)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in r.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            res = json.loads(line[len("WRKJSON "):])
+            res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+            res["errors"] = sum(res[k] for k in ("connect", "read", "write", "status", "timeout"))
+            return res
+    raise SystemExit(f"wrk failed ({r.returncode}): {r.stdout}{r.stderr}")
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements: a small HTTP/1.1 client (open loop at a fixed rate; stream timings)
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+
+async def open_conn(port: int) -> Conn:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Conn(reader, writer)
+
+
+def request_bytes(port: int, body: bytes, auth: str) -> bytes:
+    extra = f"Authorization: {auth}\r\n" if auth else ""
+    return (
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
+    """Reads one response; returns (status, time the first body bytes arrived, keep-alive)."""
+    r = conn.reader
+    head = await r.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+    keep = headers.get("connection") != "close"
+    first = None
+    if "chunked" in headers.get("transfer-encoding", ""):
+        while True:
+            size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                break
+            await r.readexactly(size + 2)
+            if first is None:
+                first = time.perf_counter()
+    elif "content-length" in headers:
+        n = int(headers["content-length"])
+        if n:
+            await r.readexactly(n)
+        first = time.perf_counter()
+    else:
+        await r.read()
+        first, keep = time.perf_counter(), False
+    return status, first, keep
+
+
+async def fixed_rate(port: int, auth: str, body: bytes, rate: float, seconds: float) -> dict:
+    """Open loop: request i is sent at t0 + i/rate on an idle keep-alive connection (a new one
+    when all are busy), whatever the earlier ones are doing. Latency runs from the send to the
+    last byte of the response."""
+    idle: list[Conn] = [await open_conn(port) for _ in range(8)]
+    payload = request_bytes(port, body, auth)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        conn = idle.pop() if idle else await open_conn(port)
+        t = time.perf_counter()
+        try:
+            conn.writer.write(payload)
+            status, _, keep = await read_response(conn)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+            conn.writer.close()
+            return
+        latencies.append(time.perf_counter() - t)
+        if status != 200:
+            errors += 1
+        if keep:
+            idle.append(conn)
+        else:
+            conn.writer.close()
+
+    n = int(rate * seconds)
+    tasks = []
+    t0 = time.perf_counter() + 0.05
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    for c in idle:
+        c.writer.close()
+    return {"latencies": latencies, "errors": errors, "sent": n}
+
+
+async def stream_timings(port: int, auth: str, body: bytes, count: int) -> dict:
+    """One stream at a time on one keep-alive connection: time to the first chunk, to the end."""
+    conn = await open_conn(port)
+    payload = request_bytes(port, body, auth)
+    first, last, errors = [], [], 0
+    for _ in range(count):
+        t = time.perf_counter()
+        conn.writer.write(payload)
+        status, t_first, keep = await read_response(conn)
+        t_end = time.perf_counter()
+        if status != 200 or t_first is None:
+            errors += 1
+        else:
+            first.append(t_first - t)
+            last.append(t_end - t)
+        if not keep:
+            conn.writer.close()
+            conn = await open_conn(port)
+    conn.writer.close()
+    return {"first": first, "last": last, "errors": errors}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+
+    def version(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return {
+        "cpus": str(os.cpu_count()),
+        "nproc": version(["nproc"]),
+        "cpu": model,
+        "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "rustc": version(["rustc", "-V"]),
+        "nginx": version([find_tool("nginx") or "nginx", "-v"]),
+        "haproxy": version([find_tool("haproxy") or "haproxy", "-v"]),
+        "wrk": version([find_tool("wrk") or "wrk", "-v"]),
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "loadavg": Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?",
+    }
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run (one round of 3 s runs)")
+    ap.add_argument("--rounds", type=int, help="rounds of the throughput runs (default 3; quick 1)")
+    ap.add_argument("--seconds", type=float, help="length of each wrk run (default 10; quick 3)")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: the machine is shared)")
+    ap.add_argument("--rate", type=float, default=200, help="fixed request rate of the latency test (default 200/s)")
+    ap.add_argument("--latency-seconds", type=float, help="length of each fixed-rate run (default 15; quick 3)")
+    ap.add_argument("--streams", type=int, help="streams per target in the stream-timing test (default 50; quick 10)")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the report")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (3 if args.quick else 10)
+    lat_seconds = args.latency_seconds or (3 if args.quick else 15)
+    streams = args.streams or (10 if args.quick else 50)
+    warmup = 1 if args.quick else 2
+
+    build(args.no_build)
+    tools = ensure_tools()
+    info = machine()
+
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+    tmp.chmod(0o755)  # nginx workers (nobody) must reach their own subdirectory
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack = Stack(procs, tools, tmp)
+        stack.start()
+        spread = stack.verify()
+        log("all targets answer 200 with the three keys: " +
+            ", ".join(f"{TARGET_LABELS[t]} {s}" for t, s in spread.items()))
+        kg_pid = stack.pid["keygate"]
+        idle_rss = proc_status(kg_pid).get("VmRSS", 0)
+
+        bodies = {
+            "small": chat_body(200),
+            "sse": chat_body(200, stream=True),
+            "16k": chat_body(16 * 1024),
+        }
+        files = {}
+        for k, b in bodies.items():
+            files[k] = tmp / f"body-{k}.json"
+            files[k].write_bytes(b)
+
+        # (scenario, targets): the throughput matrix.
+        matrix = [
+            ("chat", "small", PEERS),
+            ("sse", "sse", PEERS),
+            ("body16k", "16k", ["direct", "keygate"]),
+        ]
+        wrk = tools["wrk"]
+        log(f"warm-up: {warmup:g} s per target")
+        for _, body, targets in matrix:
+            for t in targets:
+                run_wrk(wrk, stack, t, files[body], warmup, args.connections, args.wrk_threads)
+
+        tput: dict[tuple[str, str], list[dict]] = {}
+        for rnd in range(rounds):
+            for scenario, body, targets in matrix:
+                # Rotate the order each round so that no target always runs first or last.
+                order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
+                for t in order:
+                    res = run_wrk(wrk, stack, t, files[body], seconds, args.connections, args.wrk_threads)
+                    tput.setdefault((scenario, t), []).append(res)
+                    log(f"round {rnd + 1}/{rounds} {scenario:8} {TARGET_LABELS[t]:14} "
+                        f"{res['rps']:9.0f} req/s  p50 {res['p50_us'] / 1000:.2f} ms  "
+                        f"p99 {res['p99_us'] / 1000:.2f} ms  errors {res['errors']}")
+        loaded_rss = proc_status(kg_pid).get("VmRSS", 0)
+
+        # Latency at a fixed rate, and stream timings: direct and keygate, alternating.
+        lat: dict[str, list[float]] = {"direct": [], "keygate": []}
+        lat_err = {"direct": 0, "keygate": 0}
+        sse_t: dict[str, dict[str, list[float]]] = {t: {"first": [], "last": []} for t in lat}
+        sse_err = {"direct": 0, "keygate": 0}
+        slow = chat_body(200, stream=True, mock={"chunks": 10, "interval_ms": 20})
+        for rnd in range(rounds):
+            order = ["direct", "keygate"] if rnd % 2 == 0 else ["keygate", "direct"]
+            for t in order:
+                r = asyncio.run(fixed_rate(stack.port[t], auth_for(t), bodies["small"], args.rate, lat_seconds))
+                lat[t] += r["latencies"]
+                lat_err[t] += r["errors"]
+                log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s {TARGET_LABELS[t]:14} "
+                    f"p50 {pct(r['latencies'], 50) * 1000:.3f} ms  p99 {pct(r['latencies'], 99) * 1000:.3f} ms  "
+                    f"errors {r['errors']}")
+            for t in order:
+                r = asyncio.run(stream_timings(stack.port[t], auth_for(t), slow, max(1, streams // rounds)))
+                sse_t[t]["first"] += r["first"]
+                sse_t[t]["last"] += r["last"]
+                sse_err[t] += r["errors"]
+                log(f"round {rnd + 1}/{rounds} stream 10x20ms {TARGET_LABELS[t]:14} "
+                    f"first {pct(r['first'], 50) * 1000:.2f} ms  last {pct(r['last'], 50) * 1000:.2f} ms  "
+                    f"errors {r['errors']}")
+
+        mem = proc_status(kg_pid)
+        peers_mem = {t: tree_memory(stack.pid[t]) for t in ("nginx2", "nginx1", "haproxy")}
+        mock_mem = proc_status(stack.pid["mock"])
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    report = render(
+        args=sys.argv[1:], quick=args.quick, info=info, rounds=rounds, seconds=seconds,
+        conns=args.connections, rate=args.rate, lat_seconds=lat_seconds, streams=streams,
+        tput=tput, lat=lat, lat_err=lat_err, sse_t=sse_t, sse_err=sse_err, spread=spread,
+        rss={"idle": idle_rss, "loaded": loaded_rss, "end": mem.get("VmRSS", 0), "peak": mem.get("VmHWM", 0)},
+        peers_mem=peers_mem, mock_mem=mock_mem, wrk_threads=args.wrk_threads,
+    )
+    print(report["terminal"])
+    Path(args.out).write_text(report["markdown"])
+    log(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def render(**r) -> dict[str, str]:
+    tput = r["tput"]
+
+    def rps(scenario: str, t: str) -> float:
+        return median([x["rps"] for x in tput.get((scenario, t), [])])
+
+    def errs(scenario: str, t: str) -> int:
+        return sum(x["errors"] for x in tput.get((scenario, t), []))
+
+    def p99(scenario: str, t: str) -> float:
+        return median([x["p99_us"] for x in tput.get((scenario, t), [])]) / 1000
+
+    rows: list[list[str]] = []
+    header = ["", *(TARGET_LABELS[t] for t in PEERS)]
+    for scenario, label in (("chat", "chat POST, req/s"), ("sse", "stream, 5 chunks, req/s")):
+        base = rps(scenario, "direct")
+        rows.append([label, *(f"{rps(scenario, t):,.0f}" + (" (!)" if errs(scenario, t) else "") for t in PEERS)])
+        rows.append(["  of direct", *(f"{rps(scenario, t) / base:.0%}" for t in PEERS)])
+        rows.append(["  wrk p99, ms", *(f"{p99(scenario, t):.2f}" for t in PEERS)])
+    t1 = table(header, rows)
+
+    kg_small, kg_big = rps("chat", "keygate"), rps("body16k", "keygate")
+    d_small, d_big = rps("chat", "direct"), rps("body16k", "direct")
+    t2 = table(
+        ["request body", "direct req/s", "keygate req/s", "keygate / direct"],
+        [
+            ["200 B", f"{d_small:,.0f}", f"{kg_small:,.0f}", f"{kg_small / d_small:.0%}"],
+            ["16 KiB", f"{d_big:,.0f}" + (" (!)" if errs("body16k", "direct") else ""),
+             f"{kg_big:,.0f}" + (" (!)" if errs("body16k", "keygate") else ""), f"{kg_big / d_big:.0%}"],
+            ["16 KiB / 200 B", f"{d_big / d_small:.0%}", f"{kg_big / kg_small:.0%}", ""],
+        ],
+    )
+
+    lat, sse_t = r["lat"], r["sse_t"]
+    ms = lambda v: f"{v * 1000:.3f}"  # noqa: E731
+    lat_rows = []
+    for p in (50, 90, 99):
+        d, k = pct(lat["direct"], p), pct(lat["keygate"], p)
+        lat_rows.append([f"p{p}", ms(d), ms(k), ms(k - d)])
+    t3 = table(["latency at %g req/s, ms" % r["rate"], "direct", "keygate", "added"], lat_rows)
+
+    sse_rows = []
+    for key, label in (("first", "first chunk"), ("last", "last byte")):
+        for p in (50, 99):
+            d, k = pct(sse_t["direct"][key], p), pct(sse_t["keygate"][key], p)
+            sse_rows.append([f"{label} p{p}", ms(d), ms(k), ms(k - d)])
+    t4 = table(["stream, 10 chunks 20 ms apart, ms", "direct", "keygate", "added"], sse_rows)
+
+    rss, pm = r["rss"], r["peers_mem"]
+    mib = lambda kib: f"{kib / 1024:.1f}"  # noqa: E731
+    t5 = table(
+        ["memory, MiB", "RSS idle", "RSS after load", "RSS at end", "peak (VmHWM)"],
+        [["keygate", mib(rss["idle"]), mib(rss["loaded"]), mib(rss["end"]), mib(rss["peak"])],
+         *([TARGET_LABELS[t] + " (all processes)", "", "", mib(pm[t]["VmRSS"]), mib(pm[t]["VmHWM"])] for t in pm),
+         ["keygate-mock", "", "", mib(r["mock_mem"].get("VmRSS", 0)), mib(r["mock_mem"].get("VmHWM", 0))]],
+    )
+
+    problems = []
+    for (scenario, t), runs in sorted(tput.items()):
+        e = sum(x["errors"] for x in runs)
+        if e:
+            problems.append(f"{scenario} via {TARGET_LABELS[t]}: {e} errors (socket or non-2xx)")
+    for t in ("direct", "keygate"):
+        if r["lat_err"][t]:
+            problems.append(f"fixed-rate via {TARGET_LABELS[t]}: {r['lat_err'][t]} errors")
+        if r["sse_err"][t]:
+            problems.append(f"stream timing via {TARGET_LABELS[t]}: {r['sse_err'][t]} errors")
+
+    info = r["info"]
+    cmd = "python3 bench/load.py" + ("" if not r["args"] else " " + " ".join(r["args"]))
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    spread = ", ".join(f"{TARGET_LABELS[t]} {'/'.join(str(n) for n in s.values())}" for t, s in r["spread"].items())
+    tables = "\n\n".join([t1, t2, t3, t4, t5])
+    method = f"""\
+- {r['rounds']} round(s); in each, every target in turn (order rotated per round) for {r['seconds']:g} s with
+  wrk, {r['conns']} connections, {r['wrk_threads']} wrk thread(s); figures are medians over rounds. `(!)` marks a
+  figure with errors (listed below).
+- keygate, nginx (each config), HAProxy and the mock each run with one worker thread; wrk and the Python
+  client share the same {info['nproc']} CPUs, so everything competes for the same cores.
+- Latency: an open-loop client (bench/load.py) sends {r['rate']:g} req/s for {r['lat_seconds']:g} s per round on
+  keep-alive connections; latency is from the send to the last byte. Python adds its own ~0.1 ms to both sides.
+- Streams: {r['streams']} streams per target, one at a time; "first chunk" is when the first SSE chunk's bytes are in.
+- The mock runs with `--strict`: a request without a valid key gets 401 and counts as an error. Before
+  measuring, 30 requests through each proxy reached the mock with all three keys ({spread} per key a/b/c).
+- keygate runs with `RUST_LOG=warn`; nginx and HAProxy without access logs."""
+
+    md = f"""# keygate load benchmark{' (quick smoke run — not representative)' if r['quick'] else ''}
+
+Generated by `make bench` / `{cmd}` on {when}. Everything runs on one machine, over loopback,
+against the bundled `keygate-mock`.
+
+**Ratios within one run are what matter** (e.g. keygate vs nginx, keygate vs direct): absolute numbers
+depend on the machine and on whatever else it was doing, and all processes here share its cores.
+
+## Machine
+
+| | |
+| --- | --- |
+| CPUs (`nproc`) | {info['nproc']} |
+| CPU | {info['cpu']} |
+| memory | {info['memory']} |
+| kernel | {info['kernel']} |
+| load average at start | {info['loadavg']} |
+| keygate | {info['commit']}, {info['rustc']} |
+| peers | {info['nginx']}; {info['haproxy'].split(' - ')[0]}; {info['wrk'].split(' [')[0]} |
+
+## Results
+
+{tables}
+
+{"Problems seen:" + chr(10) + chr(10).join("- " + p for p in problems) if problems else "No errors: every request got a 200."}
+
+## Method
+
+{method}
+
+The peers: **nginx two-hop** is the set-up commonly used today (one `server` per key on its own port
+injecting `Authorization`, a round-robin `upstream` over those servers in front; every request crosses
+nginx twice); **nginx tuned** is one hop, the key chosen by `split_clients` on `$request_id`, `keepalive 64`;
+**HAProxy** is one hop, a stick-table counter picks the key and the matching `server` line. Their
+configs are `bench/nginx-two-hop.conf`, `bench/nginx-tuned.conf`, `bench/haproxy.cfg`; keygate's is
+`bench/keygate.yaml`. The peers only rotate keys: none of them cools a key on 429, retries elsewhere,
+or reads the body; keygate does all of that on every request.
+"""
+    term = f"\n{tables}\n\n" + ("\n".join("! " + p for p in problems) + "\n" if problems else "no errors\n")
+    return {"markdown": md, "terminal": term}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    def line(cells):  # noqa: E306
+        return "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)
