@@ -60,7 +60,9 @@ fn bench_pick(c: &mut Criterion) {
             // Sanity: the pool hands out keys, and never a cooling one.
             for _ in 0..(2 * n).min(10_000) {
                 match pool.pick(MODEL, &[]) {
-                    Pick::Key(lease) => assert!(lease.index() % 3 != 0, "picked a cooling key"),
+                    Pick::Key(lease) => {
+                        assert!(!lease.index().is_multiple_of(3), "picked a cooling key")
+                    }
                     other => panic!("expected a key from {n} keys, got {other:?}"),
                 }
             }
@@ -107,7 +109,11 @@ fn chat_body(target: usize, model_first: bool) -> Vec<u8> {
     body.extend_from_slice(b"{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"}");
     let mut turn = 0usize;
     while body.len() + tail.len() < target {
-        let role = if turn.is_multiple_of(2) { "user" } else { "assistant" };
+        let role = if turn.is_multiple_of(2) {
+            "user"
+        } else {
+            "assistant"
+        };
         let msg = format!(",{{\"role\":\"{role}\",\"content\":\"{content}\"}}");
         let room = target.saturating_sub(body.len() + tail.len());
         if msg.len() > room && turn > 0 {

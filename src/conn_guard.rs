@@ -72,6 +72,18 @@ impl Default for GuardSettings {
     }
 }
 
+/// The `guards:` section's connection limits (its deny rules are applied later, in the proxy).
+impl From<&crate::config::GuardsConfig> for GuardSettings {
+    fn from(g: &crate::config::GuardsConfig) -> Self {
+        Self {
+            header_timeout: g.header_timeout,
+            max_header_bytes: g.max_header_bytes,
+            max_headers: g.max_headers,
+            idle_timeout: g.idle_timeout,
+        }
+    }
+}
+
 // https://datatracker.ietf.org/doc/html/rfc9113#section-3.4
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -769,5 +781,536 @@ where
             .clone()
             .process_custom_session(stream, shutdown)
             .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::sleep;
+
+    const MAXB: usize = 32 * 1024;
+    const MAXH: usize = 100;
+
+    fn guarded() -> (GuardedStream, DuplexStream) {
+        let (server, client) = tokio::io::duplex(256 * 1024);
+        (
+            GuardedStream::new(Box::new(server), GuardSettings::default()),
+            client,
+        )
+    }
+
+    /// Reads until the guard ends the stream; returns the total read and how it ended.
+    async fn read_until_end(g: &mut GuardedStream) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match g.read(&mut buf).await {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    async fn read_response(client: &mut DuplexStream) -> String {
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn json_body(response: &str) -> serde_json::Value {
+        let body = response.split("\r\n\r\n").nth(1).unwrap();
+        serde_json::from_str(body).unwrap()
+    }
+
+    fn request_with_fields(n: usize) -> Vec<u8> {
+        let mut r = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n".to_vec();
+        for i in 1..n {
+            r.extend_from_slice(format!("x-f{i}: v\r\n").as_bytes());
+        }
+        r.extend_from_slice(b"\r\n");
+        r
+    }
+
+    #[test]
+    fn header_end_is_found_across_reads() {
+        let mut s = HeaderScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nHost: a\r", MAXB, MAXH),
+            ScanVerdict::Partial
+        );
+        assert_eq!(s.feed(b"\n\r", MAXB, MAXH), ScanVerdict::Partial);
+        assert_eq!(s.feed(b"\nbody", MAXB, MAXH), ScanVerdict::Complete(1));
+        assert_eq!(s.bytes(), 27);
+    }
+
+    #[test]
+    fn body_bytes_after_the_header_are_not_counted() {
+        let mut s = HeaderScan::default();
+        let req = b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody";
+        assert_eq!(
+            s.feed(req, MAXB, MAXH),
+            ScanVerdict::Complete(req.len() - 4)
+        );
+        assert_eq!(s.bytes(), req.len() - 4);
+    }
+
+    #[test]
+    fn bare_lf_header_end_is_found() {
+        let mut s = HeaderScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\nHost: a\n\nrest", MAXB, MAXH),
+            ScanVerdict::Complete(24)
+        );
+    }
+
+    #[test]
+    fn leading_blank_lines_are_skipped_not_taken_as_the_end() {
+        let mut s = HeaderScan::default();
+        assert_eq!(s.feed(b"\r\n\r\n", MAXB, MAXH), ScanVerdict::Partial);
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\n\r\n", MAXB, MAXH),
+            ScanVerdict::Complete(18)
+        );
+    }
+
+    #[test]
+    fn a_lone_cr_inside_a_line_does_not_end_the_header() {
+        let mut s = HeaderScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nx: a\rb\r\n", MAXB, MAXH),
+            ScanVerdict::Partial
+        );
+        assert_eq!(s.feed(b"\r\n", MAXB, MAXH), ScanVerdict::Complete(2));
+    }
+
+    #[test]
+    fn header_at_the_byte_cap_passes_and_one_byte_more_is_too_large() {
+        let head = b"GET / HTTP/1.1\r\nx: ";
+        let cap = 100;
+        let pad = cap - head.len() - 4; // "\r\n\r\n"
+        let mut exact = head.to_vec();
+        exact.extend(std::iter::repeat_n(b'a', pad));
+        exact.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            HeaderScan::default().feed(&exact, cap, MAXH),
+            ScanVerdict::Complete(cap)
+        );
+        let mut over = head.to_vec();
+        over.extend(std::iter::repeat_n(b'a', pad + 1));
+        over.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            HeaderScan::default().feed(&over, cap, MAXH),
+            ScanVerdict::TooLarge
+        );
+    }
+
+    #[test]
+    fn a_header_without_line_ends_is_too_large_once_past_the_cap() {
+        let mut s = HeaderScan::default();
+        assert_eq!(s.feed(&[b'a'; 60], 100, MAXH), ScanVerdict::Partial);
+        assert_eq!(s.feed(&[b'a'; 60], 100, MAXH), ScanVerdict::TooLarge);
+    }
+
+    #[test]
+    fn header_field_cap_allows_exactly_max_headers() {
+        let ok = request_with_fields(MAXH);
+        assert_eq!(
+            HeaderScan::default().feed(&ok, MAXB, MAXH),
+            ScanVerdict::Complete(ok.len())
+        );
+        let over = request_with_fields(MAXH + 1);
+        assert_eq!(
+            HeaderScan::default().feed(&over, MAXB, MAXH),
+            ScanVerdict::TooManyHeaders
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_header_gets_408_at_header_timeout_from_its_first_byte() {
+        let (mut g, client) = guarded();
+        let server = tokio::spawn(async move {
+            let (got, end) = read_until_end(&mut g).await;
+            (got, end, Instant::now())
+        });
+        sleep(Duration::from_secs(3)).await; // a silent start shorter than header_timeout is fine
+        let first_byte = Instant::now();
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nhost: slow\r\nx-a: ".iter().cycle() {
+                if wr.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let (got, end, ended_at) = server.await.unwrap();
+        let err = end.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(&got[..5], b"GET /");
+        let after = ended_at - first_byte;
+        assert!(after >= Duration::from_secs(10), "{after:?}");
+        assert!(after <= Duration::from_secs(10) + LINGER, "{after:?}");
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.unwrap();
+        let response = String::from_utf8(out).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{response}"
+        );
+        assert!(response.contains("\r\nconnection: close\r\n"));
+        let v = json_body(&response);
+        assert_eq!(v["error"]["code"], "request_timeout");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["param"].is_null());
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn header_complete_in_time_passes_and_the_body_is_not_timed() {
+        let (mut g, mut client) = guarded();
+        let head = b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n";
+        for chunk in head.chunks(8) {
+            client.write_all(chunk).await.unwrap();
+            sleep(Duration::from_secs(2)).await; // 5 chunks: 8 s, inside header_timeout
+        }
+        let mut got = vec![0u8; head.len()];
+        g.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], head);
+        sleep(Duration::from_secs(3600)).await; // the body may take as long as Pingora allows
+        client.write_all(b"abc").await.unwrap();
+        let mut body = [0u8; 3];
+        g.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"abc");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_header_gets_431_without_passing_the_excess_on() {
+        let (mut g, mut client) = guarded();
+        let mut req = b"GET / HTTP/1.1\r\nx-pad: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 40 * 1024));
+        req.extend_from_slice(b"\r\n\r\n");
+        client.write_all(&req).await.unwrap();
+        let (got, end) = read_until_end(&mut g).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert!(got.len() <= MAXB, "{} bytes passed", got.len());
+        drop(g);
+        let response = read_response(&mut client).await;
+        assert!(
+            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{response}"
+        );
+        assert_eq!(
+            json_body(&response)["error"]["code"],
+            "request_header_too_large"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_many_header_fields_get_431() {
+        let (mut g, mut client) = guarded();
+        client
+            .write_all(&request_with_fields(MAXH + 1))
+            .await
+            .unwrap();
+        let (_, end) = read_until_end(&mut g).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        drop(g);
+        let response = read_response(&mut client).await;
+        assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+        assert!(json_body(&response)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(100)"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_new_connection_is_closed_at_header_timeout_without_an_answer() {
+        let (mut g, mut client) = guarded();
+        let start = Instant::now();
+        let (got, end) = read_until_end(&mut g).await;
+        assert!(got.is_empty());
+        end.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        drop(g);
+        assert_eq!(read_response(&mut client).await, "");
+    }
+
+    /// What Pingora does on a kept-alive connection: a request start, a header, a response.
+    async fn serve_one(g: &mut GuardedStream, client: &mut DuplexStream) {
+        g.request_starts();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert!(buf[..n].ends_with(b"\r\n\r\n"));
+        g.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = [0u8; 27];
+        client.read_exact(&mut resp).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keepalive_connection_is_closed_at_idle_timeout() {
+        let (mut g, mut client) = guarded();
+        serve_one(&mut g, &mut client).await;
+        sleep(Duration::from_secs(30)).await; // Pingora is busy elsewhere: no timer runs
+        g.request_starts();
+        let start = Instant::now();
+        let (got, end) = read_until_end(&mut g).await;
+        assert!(got.is_empty());
+        end.unwrap(); // end of stream: Pingora closes quietly, as when a client leaves
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_request_on_a_kept_alive_connection_gets_its_own_header_timer() {
+        let (mut g, client) = guarded();
+        let mut client = client;
+        serve_one(&mut g, &mut client).await;
+        g.request_starts();
+        let server = tokio::spawn(async move {
+            let r = read_until_end(&mut g).await;
+            (r, Instant::now())
+        });
+        sleep(Duration::from_secs(50)).await; // idle, under idle_timeout
+        let first_byte = Instant::now();
+        client.write_all(b"GET / HT").await.unwrap(); // then nothing more
+        let ((got, end), ended_at) = server.await.unwrap();
+        assert_eq!(got, b"GET / HT");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        // 10 s from the header's first byte (not 60 s from the idle start), plus the linger.
+        assert_eq!(ended_at - first_byte, Duration::from_secs(10) + LINGER);
+        let response = read_response(&mut client).await;
+        assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_before_the_body_does_not_restart_the_header_guard() {
+        // `Expect: 100-continue`: Pingora writes before the body; the body is not a header.
+        let (mut g, mut client) = guarded();
+        g.request_starts();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 40000\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let _ = g.read(&mut buf).await.unwrap();
+        g.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+        client.write_all(&[b'z'; 40000]).await.unwrap(); // over max_header_bytes, no CRLFCRLF
+        sleep(Duration::from_secs(30)).await;
+        let mut body = vec![0u8; 40000];
+        g.read_exact(&mut body).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_preface_turns_the_header_guard_off() {
+        let (mut g, mut client) = guarded();
+        client.write_all(H2_PREFACE).await.unwrap();
+        let mut got = vec![0u8; H2_PREFACE.len()];
+        g.read_exact(&mut got).await.unwrap();
+        // HTTP/2 frames need no blank line and may pause for long: nothing times out here.
+        for _ in 0..3 {
+            sleep(Duration::from_secs(600)).await;
+            client.write_all(&[0u8; 9]).await.unwrap();
+            let mut frame = [1u8; 9];
+            g.read_exact(&mut frame).await.unwrap();
+            assert_eq!(frame, [0u8; 9]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn method_pri_that_is_not_the_h2_preface_is_scanned_as_http1() {
+        let (mut g, mut client) = guarded();
+        let mut req = b"PRI * HTTP/2.0\r\nx: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 40 * 1024));
+        client.write_all(&req).await.unwrap();
+        let (_, end) = read_until_end(&mut g).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_sees_the_whole_h2_preface_and_reads_replay_it() {
+        let (mut g, mut client) = guarded();
+        client.write_all(H2_PREFACE).await.unwrap();
+        client.write_all(b"frames").await.unwrap();
+        let mut peeked = [0u8; 24];
+        assert!(g.try_peek(&mut peeked).await.unwrap());
+        assert_eq!(&peeked[..], H2_PREFACE);
+        let mut all = vec![0u8; 30];
+        g.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[24..], b"frames");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_returns_early_for_an_http1_header_shorter_than_the_preface() {
+        let (mut g, mut client) = guarded();
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut peeked = [0u8; 24];
+        assert!(g.try_peek(&mut peeked).await.unwrap());
+        assert_ne!(&peeked[..], H2_PREFACE);
+        let mut got = [0u8; 18];
+        g.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.0\r\n\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_at_a_dribbling_client_is_bounded_by_header_timeout() {
+        let (mut g, client) = guarded();
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nhost: x\r\n".iter().cycle() {
+                if wr.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let start = Instant::now();
+        let mut peeked = [0u8; 24];
+        // Pingora's h2c check peeks 24 bytes: 24 s at this pace, cut at 10 s.
+        let err = g.try_peek(&mut peeked).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() <= Duration::from_secs(10) + LINGER);
+        drop(g);
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 408 "));
+        writer.await.unwrap();
+    }
+
+    /// Records whether the guard had been told of the request when the app got the session.
+    struct SeesGuard(std::sync::Mutex<Vec<bool>>);
+
+    #[async_trait]
+    impl HttpServerApp for SeesGuard {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            session: ServerSession,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<ReusedHttpStream> {
+            let marked = session
+                .stream()
+                .and_then(|s| (**s).as_any().downcast_ref::<GuardedStream>())
+                .is_some_and(|g| g.request_started.load(Ordering::Relaxed));
+            self.0.lock().unwrap().push(marked);
+            None
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_hook_tells_the_guard_before_the_app_reads() {
+        let app = GuardedApp::new(
+            SeesGuard(std::sync::Mutex::new(Vec::new())),
+            GuardSettings::default(),
+        );
+        let hook = app.hook.clone();
+        let (server, _client) = tokio::io::duplex(1024);
+        let stream: Stream = Box::new(GuardedStream::new(Box::new(server), app.settings));
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        hook.process_new_http(ServerSession::new_http1(stream), &shutdown)
+            .await;
+        assert_eq!(*app.app().0.lock().unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn guarded_app_keeps_h2c_and_bounds_idle_h2_connections() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        struct WithOptions(HttpServerOptions);
+        #[async_trait]
+        impl HttpServerApp for WithOptions {
+            async fn process_new_http(
+                self: &Arc<Self>,
+                _session: ServerSession,
+                _shutdown: &ShutdownWatch,
+            ) -> Option<ReusedHttpStream> {
+                None
+            }
+            fn server_options(&self) -> Option<&HttpServerOptions> {
+                Some(&self.0)
+            }
+        }
+        let app = GuardedApp::new(WithOptions(options), GuardSettings::default());
+        assert!(app.server_options().h2c);
+        assert_eq!(
+            app.server_options().h2_idle_timeout,
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    /// Reads one request header the way keygate's proxy does, through Pingora's HTTP/1 session.
+    struct ReadsHeader {
+        options: HttpServerOptions,
+        read_errors: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl HttpServerApp for ReadsHeader {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            mut session: ServerSession,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<ReusedHttpStream> {
+            if session.read_request().await.is_err() {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }
+        fn server_options(&self) -> Option<&HttpServerOptions> {
+            Some(&self.options)
+        }
+    }
+
+    /// With h2c on, Pingora's preface peek meets the guard first; without (as on TLS), its
+    /// `read_request` does.
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_through_pingora_http1_handling_gets_408_with_and_without_h2c() {
+        for h2c in [true, false] {
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2c;
+            let app = Arc::new(GuardedApp::new(
+                ReadsHeader {
+                    options,
+                    read_errors: Default::default(),
+                },
+                GuardSettings::default(),
+            ));
+            let (server, client) = tokio::io::duplex(64 * 1024);
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let writer = tokio::spawn(async move {
+                for b in b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                    .iter()
+                    .cycle()
+                {
+                    if wr.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    sleep(Duration::from_secs(1)).await;
+                }
+            });
+            let (_tx, shutdown) = tokio::sync::watch::channel(false);
+            let start = Instant::now();
+            let back = app.process_new(Box::new(server), &shutdown).await;
+            assert!(back.is_none());
+            assert!(start.elapsed() <= Duration::from_secs(10) + LINGER);
+            let mut out = Vec::new();
+            rd.read_to_end(&mut out).await.unwrap();
+            assert!(
+                out.starts_with(b"HTTP/1.1 408 "),
+                "h2c {h2c}: {}",
+                String::from_utf8_lossy(&out)
+            );
+            // The peek fails before any session exists; without it, read_request fails.
+            let errors = app.app().read_errors.load(Ordering::Relaxed);
+            assert_eq!(errors, usize::from(!h2c), "h2c {h2c}");
+            writer.await.unwrap();
+        }
     }
 }

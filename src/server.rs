@@ -189,7 +189,9 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     resolve_endpoints_now(&gw);
 
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
-    server.bootstrap();
+    // As a service (not `bootstrap()`): with `-d` and `daemon_wait_for_ready`, the parent is told
+    // "ready" only once it has run, and `-u` takes the sockets over inside the daemon.
+    let bootstrap = server.bootstrap_as_a_service();
 
     let mut app = pingora_proxy::http_proxy(&server.configuration, GatewayProxy(gw.clone()));
     let mut options = HttpServerOptions::default();
@@ -227,7 +229,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
             if tls.is_some() { " (TLS)" } else { "" }
         );
     }
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&bootstrap);
     if let Some(addr) = config_metrics_addr {
         let app = crate::metrics::MetricsApp::new(listen.iter().map(|(a, _)| *a).collect());
         let mut service = pingora_core::services::listening::Service::new(
@@ -235,7 +237,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
             pingora_core::apps::http_app::HttpServer::new_app(app),
         );
         service.add_tcp(&addr.to_string());
-        server.add_service(service);
+        server.add_service(service).add_dependency(&bootstrap);
         info!("metrics on http://{addr}/metrics");
     }
     for s in services {

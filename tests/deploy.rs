@@ -131,8 +131,8 @@ fn env_vars_named(config: &Value) -> BTreeSet<String> {
     out
 }
 
-/// Runs `keygate -t` on `config` with its pid file and upgrade socket moved into a temporary
-/// directory (validation creates the socket's directory) and every named variable set.
+/// Runs `keygate -t` on `config` with its pid file, upgrade socket and state file moved into a
+/// temporary directory (validation creates the socket's directory) and every named variable set.
 fn keygate_validates(config: &Value, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config.clone();
@@ -146,6 +146,11 @@ fn keygate_validates(config: &Value, what: &str) {
             key.into(),
             run_dir.join(file).to_str().unwrap().to_string().into(),
         );
+    }
+    if let Some(state) = config["state_file"].as_str() {
+        let name = Path::new(state).file_name().unwrap().to_owned();
+        let path = dir.path().join(name).to_str().unwrap().to_string();
+        config["state_file"] = path.into();
     }
     let path = dir.path().join("keygate.yaml");
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
@@ -370,14 +375,18 @@ fn kubernetes_deployment_probes_runs_as_non_root_and_drains() {
     });
     let args: Vec<&str> = seq(&c["args"]).iter().map(s).collect();
     assert_eq!(args, ["-c", config_path.as_str()]);
-    let sock = s(&config["server"]["upgrade_sock"]);
-    assert!(
-        mounts.iter().any(|mnt| {
-            sock.starts_with(&format!("{}/", s(&mnt["mountPath"])))
-                && volume(s(&mnt["name"]))["emptyDir"].is_mapping()
-        }),
-        "server.upgrade_sock {sock} must be on an emptyDir (the root filesystem is read-only)"
-    );
+    // keygate writes these; the root filesystem is read-only, so they must be on an emptyDir.
+    let mut written = vec![s(&config["server"]["upgrade_sock"])];
+    written.extend(config["state_file"].as_str());
+    for file in written {
+        assert!(
+            mounts.iter().any(|mnt| {
+                file.starts_with(&format!("{}/", s(&mnt["mountPath"])))
+                    && volume(s(&mnt["name"]))["emptyDir"].is_mapping()
+            }),
+            "{file} must be on an emptyDir (the root filesystem is read-only)"
+        );
+    }
 }
 
 #[test]
@@ -488,6 +497,10 @@ fn systemd_unit_has_the_upgrade_wiring() {
     assert!(s(&server["upgrade_sock"]).starts_with(&runtime));
     assert!(pid_file.starts_with(&runtime));
     assert_eq!(unit_value(&e, "RuntimeDirectoryMode"), "0700");
+    if let Some(state) = config["state_file"].as_str() {
+        let dir = format!("/var/lib/{}/", unit_value(&e, "StateDirectory"));
+        assert!(state.starts_with(&dir), "state_file {state} outside {dir}");
+    }
     assert_eq!(server["daemon_wait_for_ready"].as_bool(), Some(true));
 
     let user = unit_value(&e, "User");

@@ -424,7 +424,7 @@ async fn fastest_strategy_prefers_the_faster_upstream() {
     }
     let (s, f) = (slow.count("sk-a").await, fast.count("sk-b").await);
     assert_eq!(s + f, 100);
-    assert!(f >= 75, "fast got {f}, slow {s}");
+    assert!(f >= 65, "fast got {f}, slow {s}");
     assert!(s >= 1, "the slow one is still measured");
 }
 
