@@ -28,6 +28,7 @@ build: deps
 
 ## run: start the mock OpenAI upstream and keygate with the demo config (no API keys needed).
 run: build
+	@install -d -m 0700 /tmp/keygate-demo
 	@target/release/keygate-mock --listen $(MOCK_ADDR) --name demo \
 	  --key sk-demo-alpha=ok --key sk-demo-bravo=ok \
 	  --key sk-demo-charlie=rate_limit:retry_after=5:first=2 & \

@@ -238,6 +238,9 @@ pub struct UpstreamFile {
     /// Models this upstream serves, listed by keygate's `GET /v1/models`.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Text in a 429 body that marks an organisation-wide limit (cools every key of the account).
+    #[serde(default)]
+    pub org_limit_pattern: Option<String>,
 }
 
 /// Outlier ejection settings.

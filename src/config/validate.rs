@@ -142,6 +142,8 @@ pub struct UpstreamConfig {
     pub outlier: OutlierPolicy,
     /// Models it declares for `GET /v1/models`.
     pub models: Vec<String>,
+    /// Extra body text that marks an organisation-wide 429.
+    pub org_limit_pattern: Option<String>,
 }
 
 /// A validated keep-warm setting.
@@ -701,6 +703,7 @@ fn validate_upstream(
         name: name.to_string(),
         outlier,
         models: u.models.clone(),
+        org_limit_pattern: u.org_limit_pattern.clone().filter(|p| !p.is_empty()),
         probe_interval,
         probe_model,
         keep_warm,

@@ -411,7 +411,7 @@ impl Gateway {
         if retry_after::quota_error_code(body).is_some() {
             up.keys.disable(idx, DisableReason::InsufficientQuota);
         } else if let Some(account) = up.keys.account(idx) {
-            if retry_after::is_org_wide_limit(&http::HeaderMap::new(), body, None) {
+            if retry_after::is_org_wide_limit(&http::HeaderMap::new(), body, up.org_limit_pattern.as_deref()) {
                 let account = account.to_string();
                 up.keys
                     .cool_down_account(&account, ctx.cooldown_model(), None);

@@ -47,6 +47,8 @@ pub struct Upstream {
     pub keep_warm: Option<KeepWarm>,
     /// Consecutive-failure tracking per endpoint.
     pub outliers: OutlierDetector,
+    /// Extra body text that marks an organisation-wide 429.
+    pub org_limit_pattern: Option<String>,
     clock: SharedClock,
     born: std::time::Instant,
     /// Milliseconds after `born` of the last request sent (for keep-warm).
@@ -125,6 +127,7 @@ impl Upstream {
             probe_interval: cfg.probe_interval,
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
+            org_limit_pattern: cfg.org_limit_pattern.clone(),
             outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),
             clock,
