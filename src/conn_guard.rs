@@ -46,7 +46,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The limits one connection is held to. The lead wires these from the config file.
+/// The limits one connection is held to; built from the `guards:` config section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuardSettings {
     /// How long a whole HTTP/1 request header may take from its first byte (and how long a new

@@ -8,6 +8,7 @@
 //! ```
 //!
 //! - [`access_log`]: one JSON line per request, written by a background thread.
+//! - [`calendar`]: UTC calendar arithmetic for budgets and HTTP dates.
 //! - [`clients`]: gateway tokens, per-client and per-IP limits, client addresses behind proxies.
 //! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
 //! - [`clock`]: real and manual time sources, injected into everything time-driven.
@@ -33,6 +34,7 @@
 //! binary (`src/bin/keygate-mock/`).
 
 pub mod access_log;
+pub mod calendar;
 pub mod cli;
 pub mod clients;
 pub mod clock;

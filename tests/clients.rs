@@ -291,12 +291,7 @@ async fn denied_user_agents_and_addresses_get_403() {
         &config(&mock, "", "guards: { deny_cidrs: [127.0.0.0/8] }\n"),
         ENV,
     );
-    let r = client()
-        .post(format!("{}/v1/chat/completions", kg2.url))
-        .json(&chat("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let r = kg2.post_chat(&chat("gpt-4o")).await;
     assert_eq!(r.status(), 403);
     assert_eq!(mock.stats().await["total"], 0);
 }

@@ -162,12 +162,7 @@ async fn connect(kg: &Keygate) -> TcpStream {
 /// A normal request on a fresh connection: 200, and quickly.
 async fn served_promptly(kg: &Keygate) {
     let start = Instant::now();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&chat("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let r = kg.post_chat(&chat("gpt-4o")).await;
     assert_eq!(r.status(), 200, "{}", kg.log_text());
     assert!(
         start.elapsed() < Duration::from_secs(3),
@@ -336,7 +331,7 @@ async fn a_kept_alive_connection_serves_requests_in_a_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipelined_body_sent_after_100_continue_is_not_mistaken_for_a_header() {
+async fn a_body_sent_after_100_continue_is_not_mistaken_for_a_header() {
     // The request body, over max_header_bytes, follows a response-side write (100 Continue).
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, ""), KEYS);

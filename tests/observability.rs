@@ -144,12 +144,7 @@ async fn metrics_output_passes_promtool() {
         &[("KA", "sk-aaaa"), ("KB", "sk-bbbb")],
     );
     for _ in 0..5 {
-        client()
-            .post(format!("{}/v1/chat/completions", kg.url))
-            .json(&chat("gpt-4o"))
-            .send()
-            .await
-            .unwrap();
+        kg.post_chat(&chat("gpt-4o")).await;
     }
     let m = scrape(mport).await;
     let mut child = Command::new(promtool)
@@ -197,12 +192,7 @@ async fn health_endpoints_answer_on_the_metrics_port() {
         }
     }
     // A 429 storm does not make the instance unready.
-    client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&chat("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    kg.post_chat(&chat("gpt-4o")).await;
     let r = reqwest::get(format!("http://127.0.0.1:{mport}/readyz"))
         .await
         .unwrap();
@@ -345,15 +335,7 @@ async fn injected_stream_usage_is_metered_but_hidden_from_the_client() {
     );
     let body = serde_json::json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hello"}],
         "mock": {"chunks": 6, "completion_tokens": 7}});
-    let text = client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = kg.post_chat(&body).await.text().await.unwrap();
     assert_eq!(text.matches("chat.completion.chunk").count(), 6, "{text}");
     assert!(
         !text.contains("\"prompt_tokens\""),

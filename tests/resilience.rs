@@ -18,12 +18,7 @@ fn config(mock: &Mock, upstream_extra: &str, route_extra: &str) -> String {
 }
 
 async fn send(kg: &Keygate, model: &str) -> reqwest::Response {
-    client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&chat(model))
-        .send()
-        .await
-        .unwrap()
+    kg.post_chat(&chat(model)).await
 }
 
 /// The mock's request log for `key` (oldest first).
@@ -297,12 +292,7 @@ async fn a_broken_stream_is_not_retried() {
         "sk-c=break_stream:after=3",
     ]);
     let kg = Keygate::start(&config(&mock, "", ""), KEYS);
-    let mut r = client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&serde_json::json!({"model": "gpt-4o", "stream": true, "mock": {"chunks": 10, "interval_ms": 20}}))
-        .send()
-        .await
-        .unwrap();
+    let mut r = kg.post_chat(&serde_json::json!({"model": "gpt-4o", "stream": true, "mock": {"chunks": 10, "interval_ms": 20}})).await;
     assert_eq!(r.status(), 200);
     let mut text = String::new();
     let mut errored = false;

@@ -56,12 +56,7 @@ async fn https_upstream_with_its_ca_works() {
     ]);
     assert!(mock.url.starts_with("https://"));
     let kg = Keygate::start(&https_upstream_config(&mock, &pki.ca), &[("K1", "sk-tls")]);
-    let r = client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&chat("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let r = kg.post_chat(&chat("gpt-4o")).await;
     assert_eq!(r.status(), 200, "{}", kg.log_text());
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
@@ -82,12 +77,7 @@ async fn https_upstream_signed_by_another_ca_is_refused() {
         &https_upstream_config(&mock, &trusted.ca),
         &[("K1", "sk-tls")],
     );
-    let r = client()
-        .post(format!("{}/v1/chat/completions", kg.url))
-        .json(&chat("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let r = kg.post_chat(&chat("gpt-4o")).await;
     assert_eq!(r.status(), 502);
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v["error"]["message"].is_string());

@@ -4,6 +4,7 @@
 //! Minute limits use sliding windows (a log of admissions over the last 60 s), so "60 per minute"
 //! never lets 120 through in a minute, unlike a token bucket that starts full and refills.
 
+use crate::calendar::{civil_from_days, days_from_civil};
 use crate::clock::SharedClock;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -144,36 +145,12 @@ fn period_id(per: Period, wall: SystemTime) -> (u64, Duration) {
     match per {
         Period::Day => (day, Duration::from_secs((day + 1) * 86_400 - secs)),
         Period::Month => {
-            let (y, m) = civil_year_month(day);
+            let (y, m, _) = civil_from_days(day);
             let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
             let next = days_from_civil(ny, nm, 1) * 86_400;
             (y * 12 + m, Duration::from_secs(next.saturating_sub(secs)))
         }
     }
-}
-
-/// (year, month 1-12) of a day count since 1970-01-01 (Howard Hinnant's civil-from-days).
-fn civil_year_month(days: u64) -> (u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m)
-}
-
-/// Days since 1970-01-01 of a civil date.
-fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// OpenAI writes resets like `1.5s` or `6m0s`.
@@ -485,8 +462,8 @@ mod tests {
         let (id, left) = period_id(Period::Month, t);
         assert_eq!(id, 2024 * 12 + 2);
         assert_eq!(left, Duration::from_secs(43_200));
-        assert_eq!(civil_year_month(days_from_civil(2023, 12, 31)), (2023, 12));
-        assert_eq!(civil_year_month(days_from_civil(2024, 1, 1)), (2024, 1));
+        assert_eq!(civil_from_days(days_from_civil(2023, 12, 31)).1, 12);
+        assert_eq!(civil_from_days(days_from_civil(2024, 1, 1)).1, 1);
     }
 
     #[test]

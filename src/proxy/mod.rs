@@ -411,7 +411,11 @@ impl Gateway {
         if retry_after::quota_error_code(body).is_some() {
             up.keys.disable(idx, DisableReason::InsufficientQuota);
         } else if let Some(account) = up.keys.account(idx) {
-            if retry_after::is_org_wide_limit(&http::HeaderMap::new(), body, up.org_limit_pattern.as_deref()) {
+            if retry_after::is_org_wide_limit(
+                &http::HeaderMap::new(),
+                body,
+                up.org_limit_pattern.as_deref(),
+            ) {
                 let account = account.to_string();
                 up.keys
                     .cool_down_account(&account, ctx.cooldown_model(), None);
@@ -793,6 +797,9 @@ impl ProxyHttp for GatewayProxy {
         if session.response_written().is_some() {
             // Bytes already reached the client: a retry would duplicate or splice responses.
             e.set_retry(false);
+        } else if e.esource() == &ErrorSource::Downstream {
+            // The client went away: nobody is left to answer, so spend no more upstream quota.
+            e.set_retry(false);
         } else if !ours {
             if e.esource() == &ErrorSource::Upstream {
                 // Reset or timeout before any answer: the endpoint's fault, not the client's.
@@ -998,9 +1005,10 @@ impl ProxyHttp for GatewayProxy {
         matches!(error.etype(), ErrorType::HTTPStatus(_))
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
-        // Local answers (all keys cooling, …) are expected outcomes, not errors.
-        ctx.local.is_some()
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        // Local answers (all keys cooling, …) are expected outcomes, and a client hanging up is
+        // the client's business: neither is an error of keygate's.
+        ctx.local.is_some() || error.esource() == &ErrorSource::Downstream
     }
 }
 

@@ -181,6 +181,16 @@ impl Keygate {
         self.child.id()
     }
 
+    /// POSTs `body` to `/v1/chat/completions` with a fresh client.
+    pub async fn post_chat(&self, body: &serde_json::Value) -> reqwest::Response {
+        client()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Whether the process has exited.
     pub fn try_wait(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
