@@ -160,6 +160,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         .map(|l| (l.addr, l.tls.clone()))
         .collect();
     let config_metrics_addr = config.metrics_addr;
+    let guard_settings = crate::conn_guard::GuardSettings::from(&config.guards);
     let access_log = match &config.access_log {
         None => None,
         Some(path) => Some(
@@ -199,10 +200,9 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     options.h2c = true;
     app.server_options = Some(options);
     // Every connection goes through the header timeout/size guards before Pingora's parser.
-    // TODO(lead): plumb the `guards:` config section into these settings.
     let mut proxy = pingora_core::services::listening::Service::new(
         "keygate".to_string(),
-        crate::conn_guard::GuardedApp::new(app, crate::conn_guard::GuardSettings::default()),
+        crate::conn_guard::GuardedApp::new(app, guard_settings),
     );
     for (index, (addr, tls)) in listen.iter().enumerate() {
         let addr = addr.to_string();

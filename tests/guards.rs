@@ -1,9 +1,8 @@
 //! Connection guards below Pingora's parser, against the real binary: slow or oversized request
 //! headers are answered 408/431 and closed while other clients are served; h2c and TLS still work.
 //!
-//! Tests marked `#[ignore]` set `guards:` knobs (`header_timeout`, `idle_timeout`, caps); they run
-//! once `src/server.rs` passes the `guards:` section to the connection guard (see the TODO there).
-//! Until then the default limits (10 s, 32 KiB, 100 fields, 60 s) are what the others exercise.
+//! Some tests set `guards:` knobs (`header_timeout`, `idle_timeout`, caps); the others exercise
+//! the defaults (10 s, 32 KiB, 100 fields, 60 s).
 #![allow(clippy::unwrap_used)]
 
 mod utils;
@@ -228,7 +227,6 @@ async fn slow_header_gets_408_at_the_default_header_timeout_while_others_are_ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs src/server.rs to pass the `guards:` section to the connection guard"]
 async fn slow_header_gets_408_at_a_configured_header_timeout() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, "guards: { header_timeout: 1s }\n"), KEYS);
@@ -392,7 +390,6 @@ async fn h2c_prior_knowledge_is_still_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs src/server.rs to pass the `guards:` section to the connection guard"]
 async fn idle_kept_alive_connection_is_closed_at_a_configured_idle_timeout() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, "guards: { idle_timeout: 1s }\n"), KEYS);
@@ -413,7 +410,6 @@ async fn idle_kept_alive_connection_is_closed_at_a_configured_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs src/server.rs to pass the `guards:` section to the connection guard"]
 async fn configured_header_caps_apply() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(
