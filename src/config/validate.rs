@@ -536,6 +536,17 @@ fn validate_upstream(
                 format!("key name {:?} is used twice", spec.name),
             ));
         }
+        if http::HeaderValue::from_str(spec.secret.expose()).is_err() {
+            // Never echo the secret: name the key only.
+            return Err(ConfigError::new(
+                path,
+                f,
+                format!(
+                    "key {:?} has characters that cannot be sent in a header",
+                    spec.name
+                ),
+            ));
+        }
         if !secrets_seen.insert(spec.secret.expose().to_string()) {
             return Err(ConfigError::new(
                 path,

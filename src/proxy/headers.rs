@@ -51,13 +51,27 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// The credential header value for a key in an auth style, marked sensitive: Pingora logs
+/// request headers at DEBUG, and a sensitive value prints as "Sensitive".
+pub fn auth_value(auth: AuthStyle, secret: &str) -> http::HeaderValue {
+    let prefix = auth_header(auth).map_or("", |(_, p)| p);
+    let mut value = HeaderValue::from_str(&format!("{prefix}{secret}"))
+        // Secrets come from env vars or files; one with control characters cannot be sent.
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
+}
+
 /// Rewrites the outgoing request for one attempt: credentials out, ours in, Host, path, length.
+///
+/// `credential` is the prepared header value of the key ([`auth_value`]); `path_and_query`
+/// is `None` when the client's path is sent unchanged.
 pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     auth: AuthStyle,
-    secret: Option<&str>,
+    credential: Option<&HeaderValue>,
     host: &str,
-    path_and_query: &str,
+    path_and_query: Option<&str>,
     body_len: Option<usize>,
 ) -> Result<()> {
     for h in CLIENT_CREDENTIAL_HEADERS {
@@ -67,22 +81,25 @@ pub fn prepare_upstream_request(
     req.remove_header("expect");
     // Token accounting reads `usage` from the response: ask for it uncompressed.
     req.remove_header(&http::header::ACCEPT_ENCODING);
-    if let (Some(secret), Some((name, prefix))) = (secret, auth_header(auth)) {
-        let mut value = HeaderValue::from_str(&format!("{prefix}{secret}")).map_err(|_| {
-            pingora_error::Error::explain(
+    if let (Some(value), Some((name, _))) = (credential, auth_header(auth)) {
+        if value.is_empty() {
+            return Err(pingora_error::Error::explain(
                 pingora_error::ErrorType::InternalError,
                 "key is not a valid header value",
-            )
-        })?;
-        // Pingora logs request headers at DEBUG; a sensitive value prints as "Sensitive".
-        value.set_sensitive(true);
-        req.insert_header(name, value)?;
+            ));
+        }
+        req.insert_header(name, value.clone())?;
     }
     req.insert_header(http::header::HOST, host)?;
-    let uri: http::Uri = path_and_query.parse().map_err(|_| {
-        pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "bad upstream path")
-    })?;
-    req.set_uri(uri);
+    if let Some(path_and_query) = path_and_query {
+        let uri: http::Uri = path_and_query.parse().map_err(|_| {
+            pingora_error::Error::explain(
+                pingora_error::ErrorType::InternalError,
+                "bad upstream path",
+            )
+        })?;
+        req.set_uri(uri);
+    }
     if let Some(len) = body_len {
         req.remove_header(&http::header::TRANSFER_ENCODING);
         req.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
@@ -130,9 +147,9 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::Bearer,
-            Some("sk-pool"),
+            Some(&auth_value(AuthStyle::Bearer, "sk-pool")),
             "api.example",
-            "/v1/x",
+            Some("/v1/x"),
             Some(5),
         )
         .unwrap();
@@ -152,9 +169,9 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::Azure,
-            Some("az"),
+            Some(&auth_value(AuthStyle::Azure, "az")),
             "h",
-            "/openai/x?api-version=1",
+            Some("/openai/x?api-version=1"),
             None,
         )
         .unwrap();
@@ -169,9 +186,9 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::Bearer,
-            Some("sk-canary-123456"),
+            Some(&auth_value(AuthStyle::Bearer, "sk-canary-123456")),
             "h",
-            "/",
+            Some("/"),
             None,
         )
         .unwrap();

@@ -590,8 +590,8 @@ impl ProxyHttp for GatewayProxy {
             }
             Err(BodyReadError::Downstream(e)) => return Err(e),
         };
-        let req = session.req_header().clone();
-        if let Err(resp) = parse_and_route(gw, &req, body, ctx).and_then(|()| gw.admit(ctx)) {
+        let routed = parse_and_route(gw, session.req_header(), body, ctx);
+        if let Err(resp) = routed.and_then(|()| gw.admit(ctx)) {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
@@ -625,18 +625,22 @@ impl ProxyHttp for GatewayProxy {
             return Error::e_explain(ErrorType::InternalError, "no attempt in progress");
         };
         let up = &self.0.upstreams[att.upstream];
-        let path = session
-            .req_header()
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str());
-        let secret = att.key.as_ref().map(|k| up.keys.secret(k.index()).expose());
+        // Without a base path the client's path goes upstream unchanged: no rewrite needed.
+        let path = (!up.base_path.is_empty()).then(|| {
+            let client_path = session
+                .req_header()
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str());
+            up.upstream_path(client_path)
+        });
+        let credential = att.key.as_ref().and_then(|k| up.auth_value(k.index()));
         headers::prepare_upstream_request(
             upstream_request,
             up.auth,
-            secret,
+            credential,
             &up.host_header,
-            &up.upstream_path(path),
+            path.as_deref(),
             ctx.has_body.then_some(ctx.body.len()),
         )
     }

@@ -49,6 +49,8 @@ pub struct Upstream {
     pub outliers: OutlierDetector,
     /// Extra body text that marks an organisation-wide 429.
     pub org_limit_pattern: Option<String>,
+    /// Each key's credential header value, built once (marked sensitive).
+    auth_values: Vec<http::HeaderValue>,
     clock: SharedClock,
     born: std::time::Instant,
     /// Milliseconds after `born` of the last request sent (for keep-warm).
@@ -128,6 +130,11 @@ impl Upstream {
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
             org_limit_pattern: cfg.org_limit_pattern.clone(),
+            auth_values: cfg
+                .keys
+                .iter()
+                .map(|k| crate::proxy::headers::auth_value(cfg.auth, k.secret.expose()))
+                .collect(),
             outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),
             clock,
@@ -160,6 +167,12 @@ impl Upstream {
         peer.options.idle_timeout = Some(Duration::from_secs(90));
         peer.options.ca = self.ca.clone();
         Some(peer)
+    }
+
+    /// The credential header value of key `idx` (`None` for `auth: none` or a key that is not a
+    /// valid header value).
+    pub fn auth_value(&self, idx: usize) -> Option<&http::HeaderValue> {
+        self.auth_values.get(idx)
     }
 
     /// Records a 5xx or connect error from `endpoint`; ejects it from rotation when it is an outlier.

@@ -53,13 +53,13 @@ pub async fn send(
         let mut header = RequestHeader::build(req.method, req.path.as_bytes(), None)?;
         header.insert_header("content-type", "application/json")?;
         header.insert_header("user-agent", concat!("keygate/", env!("CARGO_PKG_VERSION")))?;
-        let secret = key.map(|k| up.keys.secret(k).expose());
+        let path = up.upstream_path(req.path);
         prepare_upstream_request(
             &mut header,
             up.auth,
-            secret,
+            key.and_then(|k| up.auth_value(k)),
             &up.host_header,
-            &up.upstream_path(req.path),
+            Some(&path),
             req.body.as_ref().map(Bytes::len),
         )?;
         session.write_request_header(Box::new(header)).await?;
