@@ -53,6 +53,7 @@ test: deps fmt lint
 bench: deps
 	$(CARGO) bench --bench hot_paths
 	python3 bench/load.py $(BENCH_ARGS)
+	python3 bench/scale.py $(SCALE_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -65,8 +65,11 @@ TARGET_LABELS = {
     "nginx2": "nginx two-hop",
     "nginx1": "nginx tuned",
     "haproxy": "HAProxy",
+    "pingora": "Pingora floor",
 }
-PEERS = ["direct", "keygate", "nginx2", "nginx1", "haproxy"]
+# "pingora" is examples/bare_passthrough.rs: Pingora with nothing but key injection, the floor
+# any Pingora-based gateway stands on.
+PEERS = ["direct", "keygate", "pingora", "nginx2", "nginx1", "haproxy"]
 
 
 def log(msg: str) -> None:
@@ -278,7 +281,8 @@ def build(skip: bool) -> None:
     else:
         log("cargo build --release --bins")
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
-    for b in ("keygate", "keygate-mock"):
+        subprocess.run(["cargo", "build", "--release", "--example", "bare_passthrough"], cwd=ROOT, check=True)
+    for b in ("keygate", "keygate-mock", "examples/bare_passthrough"):
         if not (ROOT / "target" / "release" / b).exists():
             raise SystemExit(f"target/release/{b} is missing: run without --no-build")
 
@@ -290,7 +294,7 @@ class Stack:
         self.procs = procs
         self.tools = tools
         self.tmp = tmp
-        names = ["mock", "keygate", "nginx2", "nginx1", "haproxy", "key_a", "key_b", "key_c"]
+        names = ["mock", "keygate", "pingora", "nginx2", "nginx1", "haproxy", "key_a", "key_b", "key_c"]
         self.port = dict(zip(names, free_ports(len(names))))
         self.port["direct"] = self.port["mock"]
         self.pid: dict[str, int] = {}
@@ -325,6 +329,14 @@ class Stack:
                               tmp / "keygate.log", env=env, stop_signal=signal.SIGINT)
         self.pid["keygate"] = kg.pid
         wait_ready("keygate", port["keygate"], kg, tmp / "keygate.log")
+
+        bare = self.procs.start(
+            "Pingora floor",
+            [str(release / "examples" / "bare_passthrough"), f"127.0.0.1:{port['pingora']}",
+             f"127.0.0.1:{port['mock']}", *KEYS.values()],
+            tmp / "pingora.log", stop_signal=signal.SIGINT)
+        self.pid["pingora"] = bare.pid
+        wait_ready("Pingora floor", port["pingora"], bare, tmp / "pingora.log")
 
         # nginx's workers may run as `nobody` when started as root: give them a directory they
         # can use for temp files.

@@ -2,7 +2,8 @@
 //! reading, routing, metrics or retries. `bench/load.py` measures it beside keygate so the cost
 //! of keygate's own work is visible.
 //!
-//! Usage: `bare_passthrough LISTEN_ADDR UPSTREAM_ADDR KEY` (e.g. `127.0.0.1:19081 127.0.0.1:19000 sk-a`).
+//! Usage: `bare_passthrough LISTEN_ADDR UPSTREAM_ADDR KEY [KEY...]` (keys in strict rotation),
+//! e.g. `bare_passthrough 127.0.0.1:19081 127.0.0.1:19000 sk-a sk-b`.
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
@@ -11,10 +12,12 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use pingora_proxy::{ProxyHttp, Session};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Bare {
     upstream: SocketAddr,
-    auth: String,
+    auth: Vec<String>,
+    next: AtomicUsize,
 }
 
 #[async_trait]
@@ -37,16 +40,21 @@ impl ProxyHttp for Bare {
         req: &mut RequestHeader,
         _ctx: &mut (),
     ) -> pingora_error::Result<()> {
-        req.insert_header("authorization", self.auth.as_str())
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.auth.len();
+        req.insert_header("authorization", self.auth[i].as_str())
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(listen), Some(upstream), Some(key)) = (args.get(1), args.get(2), args.get(3)) else {
-        eprintln!("usage: bare_passthrough LISTEN_ADDR UPSTREAM_ADDR KEY");
+    let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: bare_passthrough LISTEN_ADDR UPSTREAM_ADDR KEY [KEY...]");
         std::process::exit(2);
     };
+    if args.len() < 4 {
+        eprintln!("usage: bare_passthrough LISTEN_ADDR UPSTREAM_ADDR KEY [KEY...]");
+        std::process::exit(2);
+    }
     let Ok(upstream) = upstream.parse::<SocketAddr>() else {
         eprintln!("bare_passthrough: not an address: {upstream}");
         std::process::exit(2);
@@ -59,7 +67,8 @@ fn main() {
     server.bootstrap();
     let bare = Bare {
         upstream,
-        auth: format!("Bearer {key}"),
+        auth: args[3..].iter().map(|k| format!("Bearer {k}")).collect(),
+        next: AtomicUsize::new(0),
     };
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, bare);
     proxy.add_tcp(listen);

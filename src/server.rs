@@ -10,6 +10,7 @@ use crate::upstream::Upstream;
 use log::{info, warn};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
 use std::sync::Arc;
@@ -152,6 +153,10 @@ fn resolve_endpoints_now(gw: &Gateway) {
     }
 }
 
+/// Per-connection read buffer. Pingora's default is 64 KiB, which an idle keep-alive
+/// connection holds for nothing; LLM requests are read in one or two reads either way.
+const L4_READ_BUFFER: usize = 8 * 1024;
+
 /// Runs keygate until it is told to stop. `opt` carries Pingora's `-u`/`-d` flags.
 pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let listen: Vec<_> = config
@@ -206,8 +211,12 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     );
     for (index, (addr, tls)) in listen.iter().enumerate() {
         let addr = addr.to_string();
+        let endpoint = ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::new(
+            L4_READ_BUFFER,
+            pingora_core::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE,
+        ));
         match tls {
-            None => proxy.add_tcp(&addr),
+            None => proxy.add_listener(endpoint),
             Some((cert, key)) => {
                 let (Some(cert), Some(key)) = (cert.to_str(), key.to_str()) else {
                     return Err(StartError::Tls {
@@ -221,7 +230,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
                         reason: e.to_string(),
                     })?;
                 settings.enable_h2();
-                proxy.add_tls_with_settings(&addr, None, settings);
+                proxy.add_listener(endpoint.tls(settings));
             }
         }
         info!(
