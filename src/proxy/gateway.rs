@@ -1,0 +1,466 @@
+//! The gateway's shared state and the decisions the hooks ask of it: which key and endpoint
+//! take an attempt, what an upstream answer means for the key, who may get in, and how much.
+
+use super::ctx::{Attempt, RequestCtx};
+use super::errors::LocalResponse;
+use crate::access_log::AccessLog;
+use crate::clients::addr::{client_ip, CidrList};
+use crate::clients::{presented_token, ClientTable, IpLimiters};
+use crate::clock::SharedClock;
+use crate::config::StreamUsage;
+use crate::keys::{DisableReason, Pick};
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::prober::{Suspect, SuspectSender};
+use crate::retry_after;
+use crate::routes::RouteTable;
+use crate::strategy::{LatencyTable, RouteOrder};
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use log::warn;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-route settings the proxy needs at run time.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Upstream indexes and the strategy that orders them per request.
+    pub order: RouteOrder,
+    /// No new attempt after this long since the request arrived.
+    pub deadline: Option<Duration>,
+    /// Extra attempts after a failed one.
+    pub retries: u32,
+    /// Response-header timeout per attempt.
+    pub ttfb_timeout: Duration,
+}
+
+/// The gateway: everything the hooks need, shared by all worker threads.
+pub struct Gateway {
+    pub(crate) upstreams: Vec<Upstream>,
+    pub(crate) routes: RouteTable,
+    pub(crate) plans: Vec<RoutePlan>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) clock: SharedClock,
+    pub(crate) suspects: SuspectSender,
+    pub(crate) latency: LatencyTable,
+    pub(crate) metrics: &'static Metrics,
+    pub(crate) options: GatewayOptions,
+}
+
+/// Optional parts of the gateway: logging, metering and who may get in.
+#[derive(Default)]
+pub struct GatewayOptions {
+    /// Where access log lines go.
+    pub access_log: Option<AccessLog>,
+    /// Streaming usage handling.
+    pub stream_usage: StreamUsage,
+    /// Clients with gateway tokens (empty: open gateway).
+    pub clients: ClientTable,
+    /// Per-IP limits for an open gateway.
+    pub ip_limiters: Option<IpLimiters>,
+    /// Proxies whose forwarded-for headers are believed.
+    pub trusted_proxies: CidrList,
+    /// User agents answered with 403.
+    pub deny_user_agents: Vec<crate::glob::Glob>,
+    /// Client addresses answered with 403.
+    pub deny_cidrs: CidrList,
+    /// Keep-alive idle timeout in seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// `(model, owner)` pairs for `GET /v1/models`.
+    pub models: Vec<(String, String)>,
+}
+
+impl Gateway {
+    /// Assembles the gateway from its parts; `plans[i]` belongs to route `i`.
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        routes: RouteTable,
+        plans: Vec<RoutePlan>,
+        max_body_bytes: usize,
+        clock: SharedClock,
+        suspects: SuspectSender,
+        options: GatewayOptions,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            routes,
+            plans,
+            max_body_bytes,
+            latency: LatencyTable::new(upstreams.len()),
+            upstreams,
+            clock,
+            suspects,
+            metrics: crate::metrics::global(),
+            options,
+        })
+    }
+
+    /// Every client's name and limiter (for the state file).
+    pub fn client_limiters(&self) -> Vec<(String, Arc<crate::clients::limits::Limiter>)> {
+        self.options
+            .clients
+            .clients()
+            .iter()
+            .map(|c| (c.name.clone(), c.limiter.clone()))
+            .collect()
+    }
+
+    /// The upstreams, in config order.
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// The route plan of the request's route.
+    pub(crate) fn plan(&self, ctx: &RequestCtx) -> Option<&RoutePlan> {
+        ctx.route.and_then(|r| self.plans.get(r))
+    }
+
+    /// Whether some key not yet tried could take this request now.
+    pub(crate) fn has_candidate(&self, ctx: &RequestCtx) -> bool {
+        let Some(plan) = self.plan(ctx) else {
+            return false;
+        };
+        if plan.deadline.is_some_and(|d| ctx.started.elapsed() >= d) {
+            return false;
+        }
+        plan.order.upstreams().iter().any(|&u| {
+            let up = &self.upstreams[u];
+            if up.keys.is_empty() {
+                return !ctx.tried.iter().any(|(tu, _)| *tu == u) && up.pick_endpoint().is_some();
+            }
+            let exclude = tried_keys(ctx, u);
+            matches!(up.keys.pick(ctx.cooldown_model(), &exclude), Pick::Key(_))
+        })
+    }
+
+    /// Chooses the next (upstream, key, endpoint), or the local answer when none is usable.
+    pub(crate) fn choose(
+        &self,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(Attempt, HttpPeer), LocalResponse> {
+        let plan = self
+            .plan(ctx)
+            .ok_or_else(|| LocalResponse::bad_gateway("request was not routed"))?;
+        if ctx.order.is_empty() {
+            // Decided once per request, so retries walk the same fallback order.
+            plan.order
+                .order_into(&self.latency, &mut rand::rng(), &mut ctx.order);
+        }
+        let mut soonest: Option<Duration> = None;
+        let mut endpoints_down = false;
+        for &u in &ctx.order {
+            let up = &self.upstreams[u];
+            let key = if up.keys.is_empty() {
+                if ctx.tried.iter().any(|(tu, _)| *tu == u) {
+                    continue;
+                }
+                None
+            } else {
+                match up.keys.pick(ctx.cooldown_model(), &tried_keys(ctx, u)) {
+                    Pick::Key(lease) => Some(lease),
+                    Pick::AllCooling { retry_in } => {
+                        soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
+                        continue;
+                    }
+                    Pick::AllDisabled | Pick::Exhausted => continue,
+                }
+            };
+            let Some(endpoint) = up.pick_endpoint() else {
+                endpoints_down = true;
+                warn!("upstream {}: no live endpoint", up.name);
+                continue;
+            };
+            let Some(peer) = up.peer(&endpoint, plan.ttfb_timeout) else {
+                endpoints_down = true;
+                continue;
+            };
+            ctx.tried
+                .push((u, key.as_ref().map_or(usize::MAX, |k| k.index())));
+            up.touch();
+            let attempt = Attempt {
+                upstream: u,
+                key,
+                endpoint,
+                started: Instant::now(),
+            };
+            return Ok((attempt, peer));
+        }
+        Err(if let Some(wait) = soonest {
+            LocalResponse::all_cooling(wait)
+        } else if endpoints_down {
+            LocalResponse::bad_gateway("No upstream endpoint is reachable.")
+        } else {
+            LocalResponse::all_disabled()
+        })
+    }
+
+    /// Applies what an upstream status says about the key that got it.
+    pub(crate) fn judge(&self, ctx: &RequestCtx, status: u16, resp: &ResponseHeader) -> Outcome {
+        let outcome = Outcome::of(status);
+        let Some(att) = ctx.current.as_ref() else {
+            return outcome;
+        };
+        let up = &self.upstreams[att.upstream];
+        let Some(lease) = att.key.as_ref() else {
+            return outcome;
+        };
+        let idx = lease.index();
+        let model = ctx.cooldown_model();
+        match outcome {
+            Outcome::Success => up.keys.on_success(idx, model),
+            Outcome::RateLimited => {
+                let wanted = retry_after::requested_cooldown(&resp.headers, self.clock.wall());
+                match up.keys.account(idx) {
+                    Some(account) if retry_after::is_org_wide_limit(&resp.headers, b"", None) => {
+                        let account = account.to_string();
+                        for k in up.keys.cool_down_account(&account, model, wanted) {
+                            self.count_cooldown(up, k, "account_limit");
+                        }
+                    }
+                    _ => {
+                        up.keys.cool_down(idx, model, wanted);
+                        self.count_cooldown(up, idx, "rate_limit");
+                    }
+                }
+                if wanted.is_none() {
+                    // No rate-limit header: this may be an empty quota, which only the body
+                    // says. The body is gone when the request is retried, so ask the prober.
+                    let _ = self.suspects.send(Suspect {
+                        upstream: att.upstream,
+                        key: idx,
+                    });
+                }
+            }
+            Outcome::KeyRefused(reason) => {
+                if up.keys.disable(idx, reason) {
+                    self.count_cooldown(up, idx, reason.as_str());
+                }
+            }
+            Outcome::ServerError | Outcome::ClientError => {}
+        }
+        outcome
+    }
+
+    /// Counts a key leaving rotation in `keygate_key_cooldowns_total`.
+    pub(crate) fn count_cooldown(&self, up: &Upstream, key: usize, reason: &str) {
+        self.metrics
+            .cooldowns
+            .with_label_values(&[up.name.as_str(), up.keys.name(key), reason])
+            .inc();
+    }
+
+    /// Counts the current attempt's outcome in `keygate_upstream_attempts_total`.
+    pub(crate) fn count_attempt(&self, ctx: &RequestCtx, outcome: &str) {
+        if let Some(att) = ctx.current.as_ref() {
+            let up = self.upstreams[att.upstream].name.as_str();
+            self.metrics
+                .attempts
+                .with_label_values(&[up, outcome])
+                .inc();
+        }
+    }
+
+    /// Who is asking: denied addresses and agents, and (with clients) a valid gateway token.
+    pub(crate) fn check_access(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), LocalResponse> {
+        let o = &self.options;
+        if let Some(idle) = o.idle_timeout_secs {
+            // Without this Pingora waits forever for the next request on a keep-alive connection.
+            session.set_keepalive(Some(idle));
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(peer) = peer {
+            let ip = client_ip(peer, &session.req_header().headers, &o.trusted_proxies);
+            ctx.client_ip = Some(ip);
+            if o.deny_cidrs.contains(ip) {
+                return Err(LocalResponse::denied());
+            }
+        }
+        if !o.deny_user_agents.is_empty() {
+            let ua = session
+                .req_header()
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if o.deny_user_agents.iter().any(|g| g.matches(ua)) {
+                return Err(LocalResponse::denied());
+            }
+        }
+        if !o.clients.is_open() {
+            let token = presented_token(&session.req_header().headers).unwrap_or(b"");
+            let idx = o
+                .clients
+                .authenticate(token)
+                .and_then(|c| o.clients.clients().iter().position(|x| std::ptr::eq(x, c)));
+            match idx {
+                Some(i) => ctx.client = Some(i),
+                None => return Err(LocalResponse::bad_token()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Model permission and the client's (or the IP's) limits, once the body is known.
+    pub(crate) fn admit(&self, ctx: &mut RequestCtx) -> std::result::Result<(), LocalResponse> {
+        let o = &self.options;
+        let client = ctx.client.map(|i| &o.clients.clients()[i]);
+        if let (Some(c), Some(model)) = (client, ctx.model.as_deref()) {
+            if !c.allows(model) {
+                return Err(LocalResponse::model_not_allowed(model));
+            }
+        }
+        let limiter = match (client, &o.ip_limiters, ctx.client_ip) {
+            (Some(c), _, _) => Some(c.limiter.clone()),
+            (None, Some(ips), Some(ip)) => Some(ips.get(ip)),
+            _ => None,
+        };
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        if limiter.limits().is_empty() {
+            return Ok(());
+        }
+        // OpenAI's rule of thumb: about 4 bytes a token, plus what the answer may use.
+        let estimate = (ctx.body.len() as u64).div_ceil(4) + ctx.max_tokens.unwrap_or(0);
+        match limiter.admit(estimate) {
+            Ok(a) => {
+                ctx.admission = Some(a);
+                Ok(())
+            }
+            Err(rejection) => {
+                let who = client.map_or("-", |c| c.name.as_str());
+                self.metrics
+                    .client_rejections
+                    .with_label_values(&[who, rejection.kind.as_str()])
+                    .inc();
+                Err(LocalResponse::client_limited(&rejection))
+            }
+        }
+    }
+
+    /// `GET /v1/models`: the models this client can reach through the routes.
+    pub(crate) async fn answer_models(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+    ) -> Result<()> {
+        let client = ctx.client.map(|i| &self.options.clients.clients()[i]);
+        let data: Vec<serde_json::Value> = self
+            .options
+            .models
+            .iter()
+            .filter(|(m, _)| self.routes.route("/v1/chat/completions", Some(m)).is_some())
+            .filter(|(m, _)| client.is_none_or(|c| c.allows(m)))
+            .map(|(m, owner)| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": owner}))
+            .collect();
+        let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
+        let mut h = ResponseHeader::build(200, Some(2))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    /// Feeds an attempt's network result to outlier ejection and the latency table.
+    pub(crate) fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
+        let Some(att) = ctx.current.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        if ok {
+            up.endpoint_ok(&att.endpoint);
+            self.latency.record(att.upstream, att.started.elapsed());
+        } else {
+            up.endpoint_failed(&att.endpoint);
+            self.latency.penalize(att.upstream);
+        }
+    }
+
+    /// A 429 body that reaches the client can be read: an empty quota disables the key, an
+    /// organisation-wide limit cools every key of its account.
+    pub(crate) fn judge_429_body(&self, ctx: &RequestCtx, body: &[u8]) {
+        let Some(att) = ctx.current.as_ref() else {
+            return;
+        };
+        let Some(lease) = att.key.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        let idx = lease.index();
+        if retry_after::quota_error_code(body).is_some() {
+            up.keys.disable(idx, DisableReason::InsufficientQuota);
+        } else if let Some(account) = up.keys.account(idx) {
+            if retry_after::is_org_wide_limit(
+                &http::HeaderMap::new(),
+                body,
+                up.org_limit_pattern.as_deref(),
+            ) {
+                let account = account.to_string();
+                up.keys
+                    .cool_down_account(&account, ctx.cooldown_model(), None);
+            }
+        }
+    }
+
+    pub(crate) async fn respond_local(
+        &self,
+        session: &mut Session,
+        resp: &LocalResponse,
+    ) -> Result<()> {
+        self.metrics
+            .local_responses
+            .with_label_values(&[resp.reason()])
+            .inc();
+        let body = resp.body();
+        let header = resp.header(body.len())?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+}
+
+/// Keys of `upstream` this request already tried.
+pub(crate) fn tried_keys(ctx: &RequestCtx, upstream: usize) -> Vec<usize> {
+    ctx.tried
+        .iter()
+        .filter(|(u, _)| *u == upstream)
+        .map(|(_, k)| *k)
+        .collect()
+}
+
+/// An error that makes `fail_to_proxy` write `resp`, never retried.
+pub(crate) fn local_error(resp: LocalResponse, ctx: &mut RequestCtx) -> Box<Error> {
+    let status = resp.status;
+    ctx.local = Some(resp);
+    let mut e = Error::explain(ErrorType::HTTPStatus(status), "answered by keygate");
+    e.set_retry(false);
+    e
+}
+
+/// (upstream, upstream/key) names of the current attempt, for logs.
+pub(crate) fn describe_attempt(gw: &Gateway, ctx: &RequestCtx) -> (String, String) {
+    match ctx.current.as_ref() {
+        Some(att) => {
+            let up = &gw.upstreams[att.upstream];
+            let key = att.key.as_ref().map_or_else(
+                || "-".to_string(),
+                |k| format!("{}/{}", up.name, up.keys.name(k.index())),
+            );
+            (up.name.clone(), key)
+        }
+        None => ("-".into(), "-".into()),
+    }
+}

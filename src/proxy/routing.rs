@@ -1,0 +1,85 @@
+//! Reading what routing needs from a request (model, stream, token limit) and choosing its route,
+//! with alias rewrites and stream-usage injection applied to the body that goes upstream.
+
+use super::ctx::RequestCtx;
+use super::errors::LocalResponse;
+use super::gateway::Gateway;
+use crate::config::StreamUsage;
+use crate::request_body;
+use crate::routes::endpoint_needs_model;
+use bytes::Bytes;
+use pingora_http::RequestHeader;
+
+/// Reads what routing needs from the request and picks the route, or says why not.
+pub(crate) fn parse_and_route(
+    gw: &Gateway,
+    req: &RequestHeader,
+    body: Bytes,
+    ctx: &mut RequestCtx,
+) -> std::result::Result<(), LocalResponse> {
+    let path = req.uri.path();
+    let needs_model = endpoint_needs_model(req.method.as_str(), path);
+    let content_type = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut json_info = None;
+    if content_type.starts_with("multipart/form-data") {
+        match request_body::multipart_field(&body, content_type, "model") {
+            Ok(m) => ctx.model = m,
+            Err(e) if needs_model => return Err(LocalResponse::bad_request(e.to_string())),
+            Err(_) => {}
+        }
+    } else if !body.is_empty() && (needs_model || content_type.contains("json")) {
+        match request_body::scan_json(&body) {
+            Ok(info) => {
+                ctx.model = info.model.clone();
+                ctx.stream = info.stream;
+                ctx.max_tokens = info.max_tokens;
+                json_info = Some(info);
+            }
+            Err(e) if needs_model => return Err(LocalResponse::bad_request(e.to_string())),
+            Err(_) => {}
+        }
+    }
+    if needs_model && ctx.model.is_none() {
+        return Err(LocalResponse::bad_request(
+            "You must provide a model parameter.".to_string(),
+        ));
+    }
+    let Some((idx, route)) = gw.routes.route(path, ctx.model.as_deref()) else {
+        return Err(match ctx.model.as_deref() {
+            Some(m) => LocalResponse::model_not_found(m),
+            None => LocalResponse::new(
+                404,
+                "invalid_request_error",
+                "unknown_url",
+                format!("No route serves {} {path}.", req.method),
+            ),
+        });
+    };
+    ctx.route = Some(idx);
+    ctx.body = body;
+    if let (Some(new_model), Some(_)) = (route.rewrite_model.as_deref(), ctx.model.as_deref()) {
+        if let Some(info) = json_info.as_ref() {
+            ctx.body = Bytes::from(info.rewrite_model(&ctx.body, new_model));
+        } else if let Some(b) =
+            request_body::rewrite_multipart_field(&ctx.body, content_type, "model", new_model)
+        {
+            ctx.body = Bytes::from(b);
+        }
+        ctx.upstream_model = Some(new_model.to_string());
+    }
+    if gw.options.stream_usage == StreamUsage::Inject
+        && ctx.stream
+        && json_info.as_ref().is_some_and(|i| !i.include_usage)
+    {
+        // Rescan: the body may have been rewritten above.
+        if let Ok(info) = request_body::scan_json(&ctx.body) {
+            ctx.body = Bytes::from(info.inject_include_usage(&ctx.body));
+            ctx.strip_usage = true;
+        }
+    }
+    Ok(())
+}
