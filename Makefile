@@ -48,7 +48,12 @@ lint: deps
 
 ## test: everything CI runs — formatting, lints, unit and integration tests.
 test: deps fmt lint
-	$(CARGO) nextest run --all-targets --no-fail-fast
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --all-targets --no-fail-fast; \
+	else \
+	  echo "cargo-nextest not found (cargo install cargo-nextest --locked); using cargo test"; \
+	  $(CARGO) test --all-targets --no-fail-fast; \
+	fi
 
 bench: deps
 	$(CARGO) bench --bench hot_paths
