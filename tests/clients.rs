@@ -295,3 +295,23 @@ async fn denied_user_agents_and_addresses_get_403() {
     assert_eq!(r.status(), 403);
     assert_eq!(mock.stats().await["total"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_declared_models_the_upstream_list_passes_through() {
+    let mock = Mock::start(&[]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: one, env: K1 }} ]\nroutes:\n  - {{ upstreams: [mock] }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, ENV);
+    let v: Value = client()
+        .get(format!("{}/v1/models", kg.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["data"].as_array().is_some_and(|d| !d.is_empty()), "{v}");
+    assert_eq!(mock.stats().await["total"], 1, "asked upstream");
+}

@@ -67,7 +67,10 @@ impl ProxyHttp for GatewayProxy {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
-        if session.req_header().method == http::Method::GET
+        // Answered here when upstreams declare their models; otherwise the upstream's own list
+        // passes through the routes like any request.
+        if !gw.options.models.is_empty()
+            && session.req_header().method == http::Method::GET
             && matches!(
                 session.req_header().uri.path(),
                 "/v1/models" | "/v1/models/"
