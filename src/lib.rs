@@ -4,31 +4,27 @@
 //! Data flows top to bottom:
 //!
 //! ```text
-//! config ──► upstream (KeyPool + Pingora LoadBalancer) / routes ──► proxy hooks ──► (metrics)
+//! config ──► keys / routes / upstreams / clients ──► proxy hooks ──► usage, metrics, access log
+//!                       ▲                                  │
+//!                       └──── prober, state file ◄─────────┘   (background)
 //! ```
 //!
-//! - [`access_log`]: one JSON line per request, written by a background thread.
-//! - [`calendar`]: UTC calendar arithmetic for budgets and HTTP dates.
-//! - [`clients`]: gateway tokens, per-client and per-IP limits, client addresses behind proxies.
 //! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
-//! - [`clock`]: real and manual time sources, injected into everything time-driven.
+//! - [`clock`] and [`calendar`]: injected time sources; UTC calendar arithmetic.
 //! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
-//! - [`retry_after`]: reading how long an upstream wants a key to wait after a 429.
-//! - [`outcome`]: what an upstream status means for the key and endpoint that produced it.
-//! - [`glob`] and [`routes`]: which upstreams serve which model or path.
-//! - [`strategy`]: the order a route tries its upstreams in (fallback, weighted, fastest by TTFB).
-//! - [`request_body`]: reading `model`/`stream` from a request body without a full parse; alias rewrite.
-//! - [`outlier`]: endpoint ejection after consecutive 5xx/connect failures, with a percent cap.
-//! - [`upstream`]: one upstream at run time: base URL, auth style, keys, endpoints, discovery, health.
-//! - [`prober`]: background upkeep: disabled-key probes, quota checks, keep-warm pings.
-//! - [`usage`]: token usage read from response bodies as they stream; hiding the injected usage chunk.
+//! - [`retry_after`] and [`outcome`]: what an upstream's 429 asks for; what a status means for a key.
+//! - [`glob`], [`routes`], [`strategy`]: which upstreams serve a model or path, and in what order.
+//! - [`request_body`]: reading `model`/`stream` from a body without a full parse; alias rewrite.
+//! - [`upstream`] and [`outlier`]: one upstream at run time (base URL, auth style, keys, endpoints,
+//!   discovery, probes) and endpoint ejection after consecutive failures.
+//! - [`clients`]: gateway tokens, per-client and per-IP limits, client addresses behind proxies.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
-//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` side port.
-//! - [`conn_guard`]: per-connection guards below Pingora's HTTP/1 parser: header timeout and size caps
-//!   (408/431), keep-alive idle timeout.
-//! - [`server`]: turning a validated config into a running Pingora server.
-//! - [`state_file`]: key states kept on disk across restarts and graceful upgrades.
-//! - [`cli`]: the command line (`-c`, `-t`, `-u`, `-d`).
+//! - [`usage`], [`metrics`], [`access_log`]: token accounting, Prometheus metrics with the health
+//!   endpoints, one JSON line per request.
+//! - [`prober`] and [`state_file`]: background upkeep (key probes, quota checks, keep-warm,
+//!   endpoint returns) and key states kept across restarts and upgrades.
+//! - [`conn_guard`]: per-connection guards below Pingora's HTTP/1 parser (408/431, idle timeout).
+//! - [`server`] and [`cli`]: a validated config turned into a running Pingora server; the command line.
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
 //! binary (`src/bin/keygate-mock/`).
