@@ -472,9 +472,8 @@ def request_bytes(port: int, body: bytes, auth: str) -> bytes:
     ).encode() + body
 
 
-async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
-    """Reads one response; returns (status, time the first body bytes arrived, keep-alive)."""
-    r = conn.reader
+async def read_head(r: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """A response's status and headers (names and values lower-cased)."""
     head = await r.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -483,6 +482,13 @@ async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
         if ":" in line:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip().lower()
+    return status, headers
+
+
+async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
+    """Reads one response; returns (status, time the first body bytes arrived, keep-alive)."""
+    r = conn.reader
+    status, headers = await read_head(r)
     keep = headers.get("connection") != "close"
     first = None
     if "chunked" in headers.get("transfer-encoding", ""):

@@ -61,6 +61,7 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     keys_seen,
     open_conn,
     proc_status,
+    read_head,
     request_bytes,
     table,
     tail,
@@ -242,19 +243,6 @@ def mock_reset(port: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # A small HTTP/1.1 client that keeps the body (load.py's reader drops it)
-
-
-async def read_head(r: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    """A response's status and headers (names lower-cased)."""
-    head = await r.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip().lower()
-    return status, headers
 
 
 async def read_body(r: asyncio.StreamReader, headers: dict[str, str]) -> tuple[bytes, bool]:
