@@ -129,7 +129,6 @@ pub fn gateway_options(config: &Config, clock: SharedClock) -> GatewayOptions {
         trusted_proxies: config.trusted_proxies.clone(),
         deny_user_agents: config.guards.deny_user_agents.clone(),
         deny_cidrs: config.guards.deny_cidrs.clone(),
-        idle_timeout_secs: Some(config.guards.idle_timeout.as_secs().max(1)),
         models,
     }
 }

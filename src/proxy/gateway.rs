@@ -68,8 +68,6 @@ pub struct GatewayOptions {
     pub deny_user_agents: Vec<crate::glob::Glob>,
     /// Client addresses answered with 403.
     pub deny_cidrs: CidrList,
-    /// Keep-alive idle timeout in seconds.
-    pub idle_timeout_secs: Option<u64>,
     /// `(model, owner)` pairs for `GET /v1/models`.
     pub models: Vec<(String, String)>,
 }
@@ -266,14 +264,10 @@ impl Gateway {
     /// Who is asking: denied addresses and agents, and (with clients) a valid gateway token.
     pub(crate) fn check_access(
         &self,
-        session: &mut Session,
+        session: &Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), LocalResponse> {
         let o = &self.options;
-        if let Some(idle) = o.idle_timeout_secs {
-            // Without this Pingora waits forever for the next request on a keep-alive connection.
-            session.set_keepalive(Some(idle));
-        }
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
