@@ -245,3 +245,37 @@ fn client_mistakes_are_named() {
         &["trusted_proxies", "10.0.0.0/40"],
     );
 }
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf");
+    for (file, env) in [
+        (
+            "demo.yaml",
+            [
+                ("DEMO_KEY_A", "sk-demo-alpha"),
+                ("DEMO_KEY_B", "sk-demo-bravo"),
+                ("DEMO_KEY_C", "sk-demo-charlie"),
+            ],
+        ),
+        (
+            "openai.yaml",
+            [
+                ("OPENAI_KEY_A", "sk-test-a"),
+                ("OPENAI_KEY_B", "sk-test-b"),
+                ("OPENAI_KEY_C", "sk-test-c"),
+            ],
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["-t", "-c", &format!("{conf}/{file}")])
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -417,14 +417,12 @@ pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
         None => None,
         Some(p) => {
             let p = resolve(p);
-            let dir_ok = p
+            if let Some(dir) = p
                 .parent()
-                .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
-            if !dir_ok {
-                return Err(err(
-                    "state_file",
-                    format!("no such directory for {}", p.display()),
-                ));
+                .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
+                // Like the upgrade socket's: created private, since it names keys and clients.
+                create_private_dir(dir).map_err(|e| err("state_file", e))?;
             }
             Some(p)
         }
@@ -880,17 +878,12 @@ fn check_upgrade_sock_dir(sock: &str) -> Result<(), String> {
     else {
         return Ok(());
     };
+    if !dir.exists() {
+        return create_private_dir(dir);
+    }
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            return Ok(());
-        }
+        use std::os::unix::fs::PermissionsExt;
         // The shared /tmp default is tolerated for a first try, with a warning at start.
         if dir == Path::new("/tmp") {
             return Ok(());
@@ -908,6 +901,20 @@ fn check_upgrade_sock_dir(sock: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Creates `dir` (and its parents) with mode 0700.
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
 }
 
 /// Reads PEM certificates and checks each one parses, so a bad file fails here, not per request.
