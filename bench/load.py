@@ -70,6 +70,8 @@ TARGET_LABELS = {
 # "pingora" is examples/bare_passthrough.rs: Pingora with nothing but key injection, the floor
 # any Pingora-based gateway stands on.
 PEERS = ["direct", "keygate", "pingora", "nginx2", "nginx1", "haproxy"]
+# Measured for latency and stream timings as well.
+LATENCY_TARGETS = ["direct", "keygate", "pingora"]
 
 
 def log(msg: str) -> None:
@@ -712,14 +714,16 @@ def main() -> int:
                         f"p99 {res['p99_us'] / 1000:.2f} ms  errors {res['errors']}")
         loaded_rss = proc_status(kg_pid).get("VmRSS", 0)
 
-        # Latency at a fixed rate, and stream timings: direct and keygate, alternating.
-        lat: dict[str, list[float]] = {"direct": [], "keygate": []}
-        lat_err = {"direct": 0, "keygate": 0}
+        # Latency at a fixed rate, and stream timings: direct, keygate and the bare Pingora floor,
+        # in rotating order.
+        lat: dict[str, list[float]] = {t: [] for t in LATENCY_TARGETS}
+        lat_err = {t: 0 for t in LATENCY_TARGETS}
         sse_t: dict[str, dict[str, list[float]]] = {t: {"first": [], "last": []} for t in lat}
-        sse_err = {"direct": 0, "keygate": 0}
+        sse_err = {t: 0 for t in LATENCY_TARGETS}
         slow = chat_body(200, stream=True, mock={"chunks": 10, "interval_ms": 20})
         for rnd in range(rounds):
-            order = ["direct", "keygate"] if rnd % 2 == 0 else ["keygate", "direct"]
+            k = rnd % len(LATENCY_TARGETS)
+            order = LATENCY_TARGETS[k:] + LATENCY_TARGETS[:k]
             for t in order:
                 r = asyncio.run(fixed_rate(stack.port[t], auth_for(t), bodies["small"], args.rate, lat_seconds))
                 lat[t] += r["latencies"]
@@ -800,16 +804,19 @@ def render(**r) -> dict[str, str]:
     ms = lambda v: f"{v * 1000:.3f}"  # noqa: E731
     lat_rows = []
     for p in (50, 90, 99):
-        d, k = pct(lat["direct"], p), pct(lat["keygate"], p)
-        lat_rows.append([f"p{p}", ms(d), ms(k), ms(k - d)])
-    t3 = table(["latency at %g req/s, ms" % r["rate"], "direct", "keygate", "added"], lat_rows)
+        d, k, f = pct(lat["direct"], p), pct(lat["keygate"], p), pct(lat["pingora"], p)
+        lat_rows.append([f"p{p}", ms(d), ms(k), ms(k - d), ms(f), ms(f - d)])
+    t3 = table(["latency at %g req/s, ms" % r["rate"], "direct", "keygate", "added",
+                "Pingora floor", "floor added"], lat_rows)
 
     sse_rows = []
     for key, label in (("first", "first chunk"), ("last", "last byte")):
         for p in (50, 99):
             d, k = pct(sse_t["direct"][key], p), pct(sse_t["keygate"][key], p)
-            sse_rows.append([f"{label} p{p}", ms(d), ms(k), ms(k - d)])
-    t4 = table(["stream, 10 chunks 20 ms apart, ms", "direct", "keygate", "added"], sse_rows)
+            f = pct(sse_t["pingora"][key], p)
+            sse_rows.append([f"{label} p{p}", ms(d), ms(k), ms(k - d), ms(f), ms(f - d)])
+    t4 = table(["stream, 10 chunks 20 ms apart, ms", "direct", "keygate", "added",
+                "Pingora floor", "floor added"], sse_rows)
 
     rss, pm = r["rss"], r["peers_mem"]
     mib = lambda kib: f"{kib / 1024:.1f}"  # noqa: E731
@@ -825,7 +832,7 @@ def render(**r) -> dict[str, str]:
         e = sum(x["errors"] for x in runs)
         if e:
             problems.append(f"{scenario} via {TARGET_LABELS[t]}: {e} errors (socket or non-2xx)")
-    for t in ("direct", "keygate"):
+    for t in LATENCY_TARGETS:
         if r["lat_err"][t]:
             problems.append(f"fixed-rate via {TARGET_LABELS[t]}: {r['lat_err'][t]} errors")
         if r["sse_err"][t]:
