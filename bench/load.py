@@ -487,11 +487,10 @@ async def read_head(r: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     return status, headers
 
 
-async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
-    """Reads one response; returns (status, time the first body bytes arrived, keep-alive)."""
-    r = conn.reader
-    status, headers = await read_head(r)
+async def read_body(r: asyncio.StreamReader, headers: dict[str, str]) -> tuple[bytes, bool, float | None]:
+    """The body after read_head: (body, keep-alive, time its first bytes arrived)."""
     keep = headers.get("connection") != "close"
+    parts: list[bytes] = []
     first = None
     if "chunked" in headers.get("transfer-encoding", ""):
         while True:
@@ -500,17 +499,24 @@ async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
                 while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
                     pass
                 break
-            await r.readexactly(size + 2)
+            parts.append((await r.readexactly(size + 2))[:-2])
             if first is None:
                 first = time.perf_counter()
     elif "content-length" in headers:
         n = int(headers["content-length"])
         if n:
-            await r.readexactly(n)
+            parts.append(await r.readexactly(n))
         first = time.perf_counter()
     else:
-        await r.read()
+        parts.append(await r.read())
         first, keep = time.perf_counter(), False
+    return b"".join(parts), keep, first
+
+
+async def read_response(conn: Conn) -> tuple[int, float | None, bool]:
+    """Reads one response; returns (status, time the first body bytes arrived, keep-alive)."""
+    status, headers = await read_head(conn.reader)
+    _, keep, first = await read_body(conn.reader, headers)
     return status, first, keep
 
 

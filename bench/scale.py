@@ -61,6 +61,7 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     keys_seen,
     open_conn,
     proc_status,
+    read_body,
     read_head,
     request_bytes,
     table,
@@ -242,35 +243,13 @@ def mock_reset(port: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A small HTTP/1.1 client that keeps the body (load.py's reader drops it)
-
-
-async def read_body(r: asyncio.StreamReader, headers: dict[str, str]) -> tuple[bytes, bool]:
-    """The body after read_head: (body, keep-alive)."""
-    keep = headers.get("connection") != "close"
-    parts = []
-    if "chunked" in headers.get("transfer-encoding", ""):
-        while True:
-            size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                break
-            parts.append((await r.readexactly(size + 2))[:-2])
-    elif "content-length" in headers:
-        n = int(headers["content-length"])
-        if n:
-            parts.append(await r.readexactly(n))
-    else:
-        parts.append(await r.read())
-        keep = False
-    return b"".join(parts), keep
+# A small HTTP/1.1 client on load.py's response readers
 
 
 async def read_full(r: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     """One response: (status, body, keep-alive)."""
     status, headers = await read_head(r)
-    body, keep = await read_body(r, headers)
+    body, keep, _ = await read_body(r, headers)
     return status, body, keep
 
 
@@ -409,7 +388,7 @@ async def slow_streams(kg: Keygate, mock_pid: int, n: int, settle: float) -> dic
         active += 1
         max_active = max(max_active, active)
         try:
-            body, _ = await asyncio.wait_for(read_body(c.reader, headers), 120)
+            body, _, _ = await asyncio.wait_for(read_body(c.reader, headers), 120)
         except CLIENT_ERRORS as e:
             failures["stream: " + why(e)] += 1
             return

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::clock::{ManualClock, SharedClock};
-use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick, Secret};
+use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick};
 use keygate::request_body::{scan_json, BodyInfo};
 use keygate::retry_after::{parse_http_date, requested_cooldown};
 use keygate::usage::{Usage, UsageChunkStripper, UsageMeter};
@@ -34,11 +34,11 @@ const MODEL: &str = "gpt-4o-mini";
 /// [`MODEL`] for ten minutes. The clock is manual, so nothing expires during the run.
 fn cooling_pool(n: usize, policy: KeyPolicy) -> KeyPool {
     let specs = (0..n)
-        .map(|i| KeySpec {
-            name: format!("key-{i}"),
-            secret: Secret::new(format!("sk-bench-{i:08}-0123456789abcdef0123456789abcdef")),
-            weight: 1,
-            account: None,
+        .map(|i| {
+            KeySpec::named(
+                format!("key-{i}"),
+                format!("sk-bench-{i:08}-0123456789abcdef0123456789abcdef"),
+            )
         })
         .collect();
     let clock: SharedClock = ManualClock::new();

@@ -296,7 +296,7 @@ impl ServeHttp for MetricsApp {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::keys::{CooldownPolicy, DisableReason, KeyPolicy, KeySpec, Secret};
+    use crate::keys::{CooldownPolicy, DisableReason, KeyPolicy, KeySpec};
     use pingora_prometheus::prometheus::Encoder;
 
     #[test]
@@ -313,12 +313,7 @@ mod tests {
     #[test]
     fn key_state_gauge_reflects_the_pool() {
         let keys = (0..3)
-            .map(|i| KeySpec {
-                name: format!("k{i}"),
-                secret: Secret::new(format!("sk-{i}")),
-                weight: 1,
-                account: None,
-            })
+            .map(|i| KeySpec::named(format!("k{i}"), format!("sk-{i}")))
             .collect();
         let pool = Arc::new(KeyPool::new(
             "up",

@@ -309,16 +309,11 @@ impl BackgroundService for StateKeeper {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
+    use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec};
 
     fn pool(clock: crate::clock::SharedClock) -> Arc<KeyPool> {
         let keys = (0..3)
-            .map(|i| KeySpec {
-                name: format!("k{i}"),
-                secret: Secret::new(format!("sk-{i}")),
-                weight: 1,
-                account: None,
-            })
+            .map(|i| KeySpec::named(format!("k{i}"), format!("sk-{i}")))
             .collect();
         Arc::new(KeyPool::new(
             "up",

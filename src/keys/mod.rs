@@ -64,6 +64,16 @@ pub struct KeySpec {
 }
 
 impl KeySpec {
+    /// A key with this name and secret, weight 1, no account.
+    pub fn named(name: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            secret: Secret::new(secret.into()),
+            weight: 1,
+            account: None,
+        }
+    }
+
     /// A key named after its secret's hash, weight 1, no account.
     pub fn from_secret(secret: Secret) -> Self {
         Self {

@@ -8,7 +8,6 @@ mod behavior;
 mod body;
 mod cli;
 mod debug;
-mod httpdate;
 mod openai;
 mod registry;
 mod reply;

@@ -9,7 +9,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::behavior::{Mode, RateLimit};
 use crate::body::MockBody;
-use crate::httpdate;
 use crate::openai;
 use crate::request::KeyStyle;
 
@@ -136,7 +135,7 @@ fn retry_hint(rl: &RateLimit) -> String {
 pub fn rate_limit_headers(rl: &RateLimit, h: &mut HeaderMap, now: SystemTime) {
     if let Some(secs) = rl.retry_after {
         let value = if rl.retry_after_date {
-            httpdate::format(now + Duration::from_secs(secs))
+            keygate::calendar::format_http_date(now + Duration::from_secs(secs))
         } else {
             secs.to_string()
         };
