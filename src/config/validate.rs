@@ -114,6 +114,8 @@ pub struct UpstreamConfig {
     pub host: String,
     /// Port (default by scheme).
     pub port: u16,
+    /// Value of the `Host` header sent upstream: the host, with the port unless it is the default.
+    pub host_header: http::HeaderValue,
     /// Path prefix without a trailing slash (`""` or `/openai`).
     pub base_path: String,
     /// Credential style.
@@ -522,6 +524,12 @@ fn validate_upstream(
         .port_or_known_default()
         .unwrap_or(if tls { 443 } else { 80 });
     let base_path = url.path().trim_end_matches('/').to_string();
+    let host_header = host_header_value(&host, port, tls).ok_or_else(|| {
+        err(
+            "url",
+            format!("the host cannot be sent as a Host header: {:?}", u.url),
+        )
+    })?;
 
     let mut keys = Vec::new();
     let mut names = HashSet::new();
@@ -719,6 +727,7 @@ fn validate_upstream(
         tls,
         host,
         port,
+        host_header,
         base_path,
         auth: u.auth,
         keys,
@@ -729,6 +738,21 @@ fn validate_upstream(
         ca_certs,
         connect_timeout: u.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
     })
+}
+
+/// `Host` for an upstream: IPv6 literals in brackets, the port only when it is not the scheme's.
+fn host_header_value(host: &str, port: u16, tls: bool) -> Option<http::HeaderValue> {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let value = if port == if tls { 443 } else { 80 } {
+        host
+    } else {
+        format!("{host}:{port}")
+    };
+    http::HeaderValue::try_from(value).ok()
 }
 
 fn limits_from(path: &Path, field: &str, l: &LimitsFile) -> Result<Limits, ConfigError> {
@@ -934,4 +958,30 @@ fn load_ca(path: &Path) -> Result<Vec<Vec<u8>>, String> {
         return Err(format!("{}: no PEM certificate found", path.display()));
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::host_header_value;
+
+    #[test]
+    fn host_header_has_the_port_only_when_it_is_not_the_schemes_default() {
+        assert_eq!(
+            host_header_value("api.openai.com", 443, true).unwrap(),
+            "api.openai.com"
+        );
+        assert_eq!(host_header_value("relay", 80, false).unwrap(), "relay");
+        assert_eq!(host_header_value("relay", 443, false).unwrap(), "relay:443");
+        assert_eq!(
+            host_header_value("127.0.0.1", 8080, false).unwrap(),
+            "127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn host_header_puts_ipv6_literals_in_brackets() {
+        assert_eq!(host_header_value("::1", 8443, true).unwrap(), "[::1]:8443");
+        assert_eq!(host_header_value("::1", 443, true).unwrap(), "[::1]");
+    }
 }

@@ -5,17 +5,25 @@ use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+// Header names are constants, not strings: a string is parsed again on every request.
+
 /// Headers a client may use to send its own credential; never forwarded.
-pub const CLIENT_CREDENTIAL_HEADERS: [&str; 4] = [
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "proxy-authorization",
+pub const CLIENT_CREDENTIAL_HEADERS: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    API_KEY,
+    X_API_KEY,
+    http::header::PROXY_AUTHORIZATION,
 ];
 
 /// Response headers that tell a client which account served it, or set state on it.
-pub const DROPPED_RESPONSE_HEADERS: [&str; 3] =
-    ["set-cookie", "openai-organization", "openai-project"];
+pub const DROPPED_RESPONSE_HEADERS: [HeaderName; 3] = [
+    http::header::SET_COOKIE,
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+];
 
 /// Problems Pingora would only report after connecting upstream: a `Connection` header that
 /// nominates a protected field or is malformed. Mirrors pingora-proxy 0.9's checks.
@@ -70,15 +78,15 @@ pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     auth: AuthStyle,
     credential: Option<&HeaderValue>,
-    host: &str,
+    host: &HeaderValue,
     path_and_query: Option<&str>,
     body_len: Option<usize>,
 ) -> Result<()> {
-    for h in CLIENT_CREDENTIAL_HEADERS {
+    for h in &CLIENT_CREDENTIAL_HEADERS {
         req.remove_header(h);
     }
     // keygate already answered the client's 100-continue and holds the body.
-    req.remove_header("expect");
+    req.remove_header(&http::header::EXPECT);
     // Token accounting reads `usage` from the response: ask for it uncompressed.
     req.remove_header(&http::header::ACCEPT_ENCODING);
     if let (Some(value), Some((name, _))) = (credential, auth_header(auth)) {
@@ -90,7 +98,7 @@ pub fn prepare_upstream_request(
         }
         req.insert_header(name, value.clone())?;
     }
-    req.insert_header(http::header::HOST, host)?;
+    req.insert_header(http::header::HOST, host.clone())?;
     if let Some(path_and_query) = path_and_query {
         let uri: http::Uri = path_and_query.parse().map_err(|_| {
             pingora_error::Error::explain(
@@ -102,7 +110,7 @@ pub fn prepare_upstream_request(
     }
     if let Some(len) = body_len {
         req.remove_header(&http::header::TRANSFER_ENCODING);
-        req.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+        req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(len))?;
     }
     Ok(())
 }
@@ -119,7 +127,7 @@ pub fn auth_header(auth: AuthStyle) -> Option<(HeaderName, &'static str)> {
 
 /// Removes response headers that must not reach the client.
 pub fn sanitize_response(resp: &mut ResponseHeader) {
-    for h in DROPPED_RESPONSE_HEADERS {
+    for h in &DROPPED_RESPONSE_HEADERS {
         resp.remove_header(h);
     }
 }
@@ -148,7 +156,7 @@ mod tests {
             &mut r,
             AuthStyle::Bearer,
             Some(&auth_value(AuthStyle::Bearer, "sk-pool")),
-            "api.example",
+            &HeaderValue::from_static("api.example"),
             Some("/v1/x"),
             Some(5),
         )
@@ -170,7 +178,7 @@ mod tests {
             &mut r,
             AuthStyle::Azure,
             Some(&auth_value(AuthStyle::Azure, "az")),
-            "h",
+            &HeaderValue::from_static("h"),
             Some("/openai/x?api-version=1"),
             None,
         )
@@ -187,7 +195,7 @@ mod tests {
             &mut r,
             AuthStyle::Bearer,
             Some(&auth_value(AuthStyle::Bearer, "sk-canary-123456")),
-            "h",
+            &HeaderValue::from_static("h"),
             Some("/"),
             None,
         )

@@ -36,7 +36,7 @@ pub struct Upstream {
     /// Resolved, health-checked addresses.
     pub endpoints: Arc<Endpoints>,
     /// Value of the `Host` header sent upstream.
-    pub host_header: String,
+    pub host_header: http::HeaderValue,
     /// Path prefix put before the client's path.
     pub base_path: String,
     /// Interval between probes of a disabled key.
@@ -105,17 +105,6 @@ impl Upstream {
         let service = background_service(&format!("endpoints {}", cfg.name), lb);
         let endpoints = service.task();
 
-        let default_port = if cfg.tls { 443 } else { 80 };
-        let host = if cfg.host.contains(':') {
-            format!("[{}]", cfg.host)
-        } else {
-            cfg.host.clone()
-        };
-        let host_header = if cfg.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", cfg.port)
-        };
         let upstream = Upstream {
             name: cfg.name.clone(),
             auth: cfg.auth,
@@ -140,7 +129,7 @@ impl Upstream {
             clock,
             last_activity_ms: AtomicU64::new(0),
             endpoints,
-            host_header,
+            host_header: cfg.host_header.clone(),
             base_path: cfg.base_path.clone(),
             tls: cfg.tls,
             sni: cfg.host.clone(),
