@@ -152,9 +152,10 @@ fn resolve_endpoints_now(gw: &Gateway) {
     }
 }
 
-/// Per-connection read buffer. Pingora's default is 64 KiB, which an idle keep-alive
-/// connection holds for nothing; LLM requests are read in one or two reads either way.
-const L4_READ_BUFFER: usize = 8 * 1024;
+/// Per-connection read buffer: none. Pingora's default is 64 KiB, which every connection holds
+/// even when idle; its HTTP/1 parser reads into buffers of its own, so without one the bytes go
+/// from the socket straight there.
+const L4_READ_BUFFER: usize = 0;
 
 /// Runs keygate until it is told to stop. `opt` carries Pingora's `-u`/`-d` flags.
 pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
