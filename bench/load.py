@@ -16,7 +16,7 @@ What is measured, in rounds that alternate the targets so that drift (other proc
 state) affects all of them alike; each figure is the median over the rounds:
 1. requests/s at 64 connections (wrk) for a small chat POST, for every target;
 2. the same for a streamed reply (`"stream":true`, the mock sends 5 chunks without delay);
-3. requests/s with a 16 KiB body vs a 200-byte one, direct and through keygate;
+3. requests/s with a 16 KiB body vs a 200-byte one: direct, keygate, the Pingora floor and HAProxy;
 4. latency at a fixed 200 req/s (an open-loop client in this file, keep-alive connections),
    direct and through keygate: p50/p90/p99 and what keygate adds;
 5. a stream of 10 chunks 20 ms apart: time to the first chunk and to the end, direct and
@@ -699,7 +699,7 @@ def main() -> int:
         matrix = [
             ("chat", "small", PEERS),
             ("sse", "sse", PEERS),
-            ("body16k", "16k", ["direct", "keygate"]),
+            ("body16k", "16k", ["direct", "keygate", "pingora", "haproxy"]),
         ]
         wrk = tools["wrk"]
         log(f"warm-up: {warmup:g} s per target")
@@ -794,15 +794,19 @@ def render(**r) -> dict[str, str]:
         rows.append(["  wrk p99, ms", *(f"{p99(scenario, t):.2f}" for t in PEERS)])
     t1 = table(header, rows)
 
-    kg_small, kg_big = rps("chat", "keygate"), rps("body16k", "keygate")
-    d_small, d_big = rps("chat", "direct"), rps("body16k", "direct")
+    # The body cost, next to what the same 16 KiB costs the mock itself, the bare Pingora floor
+    # and HAProxy.
+    body_targets = ["direct", "keygate", "pingora", "haproxy"]
+
+    def big(t: str) -> str:
+        return f"{rps('body16k', t):,.0f}" + (" (!)" if errs("body16k", t) else "")
+
     t2 = table(
-        ["request body", "direct req/s", "keygate req/s", "keygate / direct"],
+        ["request body", *(f"{TARGET_LABELS[t]} req/s" for t in body_targets)],
         [
-            ["200 B", f"{d_small:,.0f}", f"{kg_small:,.0f}", f"{kg_small / d_small:.0%}"],
-            ["16 KiB", f"{d_big:,.0f}" + (" (!)" if errs("body16k", "direct") else ""),
-             f"{kg_big:,.0f}" + (" (!)" if errs("body16k", "keygate") else ""), f"{kg_big / d_big:.0%}"],
-            ["16 KiB / 200 B", f"{d_big / d_small:.0%}", f"{kg_big / kg_small:.0%}", ""],
+            ["200 B", *(f"{rps('chat', t):,.0f}" for t in body_targets)],
+            ["16 KiB", *(big(t) for t in body_targets)],
+            ["16 KiB / 200 B", *(f"{rps('body16k', t) / rps('chat', t):.0%}" for t in body_targets)],
         ],
     )
 

@@ -10,8 +10,8 @@ use parking_lot::RwLock;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use pingora_prometheus::prometheus::{
-    self, core::Collector, core::Desc, proto::MetricFamily, HistogramOpts, HistogramVec,
-    IntCounterVec, IntGauge, Opts, Registry,
+    self, core::Collector, core::Desc, proto::MetricFamily, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
@@ -135,6 +135,74 @@ impl Metrics {
     /// The label value for a model name (bounded cardinality).
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
         self.models.label(model)
+    }
+}
+
+/// The series every successful request records, looked up once per route and upstream.
+///
+/// A label lookup hashes each label value (SipHash) under a lock: four of them per request were
+/// the largest item of keygate's own code in the profile.
+pub struct RequestSeries {
+    /// `request_duration` by route index.
+    duration: Vec<Histogram>,
+    /// `ttfb` by upstream index.
+    ttfb: Vec<Histogram>,
+    /// `attempts{outcome="success"}` by upstream index.
+    attempt_ok: Vec<IntCounter>,
+    /// `requests{status="200"}` by route: `(upstream index, series)` for the route's upstreams.
+    request_ok: Vec<Vec<(usize, IntCounter)>>,
+}
+
+impl RequestSeries {
+    /// Resolves the series of these routes (name, upstream indexes) and upstream names, both in
+    /// config order.
+    pub fn new(metrics: &Metrics, routes: &[(&str, &[usize])], upstreams: &[&str]) -> Self {
+        RequestSeries {
+            duration: routes
+                .iter()
+                .map(|(r, _)| metrics.request_duration.with_label_values(&[*r]))
+                .collect(),
+            ttfb: upstreams
+                .iter()
+                .map(|u| metrics.ttfb.with_label_values(&[*u]))
+                .collect(),
+            attempt_ok: upstreams
+                .iter()
+                .map(|u| metrics.attempts.with_label_values(&[*u, "success"]))
+                .collect(),
+            request_ok: routes
+                .iter()
+                .map(|(r, ups)| {
+                    ups.iter()
+                        .filter_map(|&i| {
+                            let u = upstreams.get(i)?;
+                            Some((i, metrics.requests.with_label_values(&[*r, *u, "200"])))
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// `keygate_request_duration_seconds` of route `route`.
+    pub fn duration(&self, route: usize) -> Option<&Histogram> {
+        self.duration.get(route)
+    }
+
+    /// `keygate_ttfb_seconds` of upstream `upstream`.
+    pub fn ttfb(&self, upstream: usize) -> Option<&Histogram> {
+        self.ttfb.get(upstream)
+    }
+
+    /// `keygate_upstream_attempts_total{outcome="success"}` of upstream `upstream`.
+    pub fn attempt_ok(&self, upstream: usize) -> Option<&IntCounter> {
+        self.attempt_ok.get(upstream)
+    }
+
+    /// `keygate_requests_total{status="200"}` of a route and upstream.
+    pub fn request_ok(&self, route: usize, upstream: usize) -> Option<&IntCounter> {
+        let ups = self.request_ok.get(route)?;
+        ups.iter().find(|(u, _)| *u == upstream).map(|(_, c)| c)
     }
 }
 
@@ -298,6 +366,38 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::keys::{CooldownPolicy, DisableReason, KeyPolicy, KeySpec};
     use pingora_prometheus::prometheus::Encoder;
+
+    #[test]
+    fn request_series_are_the_labelled_series_of_each_route_and_its_upstreams() {
+        let m = Metrics::new(&Registry::new()).unwrap();
+        let routes: [(&str, &[usize]); 2] = [("chat", &[0, 1]), ("embed", &[1])];
+        let series = RequestSeries::new(&m, &routes, &["openai", "azure"]);
+        series.request_ok(0, 1).unwrap().inc();
+        series.ttfb(1).unwrap().observe(0.5);
+        series.duration(1).unwrap().observe(1.0);
+        series.attempt_ok(0).unwrap().inc_by(2);
+        assert_eq!(
+            m.requests
+                .with_label_values(&["chat", "azure", "200"])
+                .get(),
+            1
+        );
+        assert_eq!(m.ttfb.with_label_values(&["azure"]).get_sample_count(), 1);
+        assert_eq!(
+            m.request_duration
+                .with_label_values(&["embed"])
+                .get_sample_count(),
+            1
+        );
+        assert_eq!(
+            m.attempts.with_label_values(&["openai", "success"]).get(),
+            2
+        );
+        // A route's series exist only for its own upstreams; unknown indexes have none.
+        assert!(series.request_ok(1, 0).is_none());
+        assert!(series.request_ok(2, 0).is_none());
+        assert!(series.ttfb(2).is_none());
+    }
 
     #[test]
     fn model_labels_are_capped() {

@@ -59,7 +59,8 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 
 /// The request path without its query string or fragment.
 fn strip_query(path: &str) -> &str {
-    path.find(['?', '#']).map_or(path, |i| &path[..i])
+    // memchr: a char-set `find` walks the path one char at a time, twice per request.
+    memchr::memchr2(b'?', b'#', path.as_bytes()).map_or(path, |i| &path[..i])
 }
 
 /// The routes in config order, with an index that skips routes which cannot match a model.

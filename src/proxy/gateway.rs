@@ -9,7 +9,7 @@ use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::StreamUsage;
 use crate::keys::{DisableReason, Pick};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
 use crate::prober::{Suspect, SuspectSender};
 use crate::retry_after;
@@ -48,6 +48,7 @@ pub struct Gateway {
     pub(crate) suspects: SuspectSender,
     pub(crate) latency: LatencyTable,
     pub(crate) metrics: &'static Metrics,
+    pub(crate) series: RequestSeries,
     pub(crate) options: GatewayOptions,
 }
 
@@ -83,6 +84,15 @@ impl Gateway {
         suspects: SuspectSender,
         options: GatewayOptions,
     ) -> Arc<Self> {
+        let metrics = crate::metrics::global();
+        let route_names: Vec<(&str, &[usize])> = (0..routes.len())
+            .map(|i| {
+                let ups = plans.get(i).map_or(&[][..], |p| p.order.upstreams());
+                (routes.get(i).name.as_str(), ups)
+            })
+            .collect();
+        let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        let series = RequestSeries::new(metrics, &route_names, &upstream_names);
         Arc::new(Self {
             routes,
             plans,
@@ -91,7 +101,8 @@ impl Gateway {
             upstreams,
             clock,
             suspects,
-            metrics: crate::metrics::global(),
+            metrics,
+            series,
             options,
         })
     }
@@ -253,6 +264,13 @@ impl Gateway {
     /// Counts the current attempt's outcome in `keygate_upstream_attempts_total`.
     pub(crate) fn count_attempt(&self, ctx: &RequestCtx, outcome: &str) {
         if let Some(att) = ctx.current.as_ref() {
+            if let Some(ok) = (outcome == "success")
+                .then(|| self.series.attempt_ok(att.upstream))
+                .flatten()
+            {
+                ok.inc();
+                return;
+            }
             let up = self.upstreams[att.upstream].name.as_str();
             self.metrics
                 .attempts

@@ -194,12 +194,9 @@ impl ProxyHttp for GatewayProxy {
         if let Some(att) = ctx.current.as_ref() {
             let ttfb = att.started.elapsed();
             ctx.ttfb = Some(ttfb);
-            let up = self.0.upstreams[att.upstream].name.as_str();
-            self.0
-                .metrics
-                .ttfb
-                .with_label_values(&[up])
-                .observe(ttfb.as_secs_f64());
+            if let Some(h) = self.0.series.ttfb(att.upstream) {
+                h.observe(ttfb.as_secs_f64());
+            }
         }
         self.0.count_attempt(ctx, outcome.label());
         self.0.note_endpoint(ctx, outcome != Outcome::ServerError);
@@ -447,13 +444,27 @@ impl ProxyHttp for GatewayProxy {
             None => ("-", "-"),
         };
         let m = gw.metrics;
-        let mut status_buf = itoa::Buffer::new();
-        m.requests
-            .with_label_values(&[route, upstream, status_buf.format(status)])
-            .inc();
-        m.request_duration
-            .with_label_values(&[route])
-            .observe(ctx.started.elapsed().as_secs_f64());
+        let ok_series = match (status, ctx.route, ctx.current.as_ref()) {
+            (200, Some(r), Some(att)) => gw.series.request_ok(r, att.upstream),
+            _ => None,
+        };
+        match ok_series {
+            Some(counter) => counter.inc(),
+            None => {
+                let mut status_buf = itoa::Buffer::new();
+                m.requests
+                    .with_label_values(&[route, upstream, status_buf.format(status)])
+                    .inc();
+            }
+        }
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        match ctx.route.and_then(|r| gw.series.duration(r)) {
+            Some(h) => h.observe(elapsed),
+            None => m
+                .request_duration
+                .with_label_values(&[route])
+                .observe(elapsed),
+        }
         if ctx.attempts > 1 {
             m.retries
                 .with_label_values(&[route])
