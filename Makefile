@@ -60,6 +60,7 @@ bench: deps
 	$(CARGO) bench --bench hot_paths
 	python3 bench/load.py $(BENCH_ARGS)
 	python3 bench/scale.py $(SCALE_ARGS)
+	python3 bench/instructions.py
 
 clean:
 	$(CARGO) clean

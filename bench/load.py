@@ -837,6 +837,32 @@ def render(**r) -> dict[str, str]:
          ["keygate-mock", "", "", mib(r["mock_mem"].get("VmRSS", 0)), mib(r["mock_mem"].get("VmHWM", 0))]],
     )
 
+    # Each target of the benchmark issue, met or not, beside what the Pingora floor reaches.
+    def ratio(scenario: str, t: str, peer: str) -> float:
+        return rps(scenario, t) / rps(scenario, peer)
+
+    def body_cost(t: str) -> float:
+        return 1 - rps("body16k", t) / rps("chat", t)
+
+    def added(t: str, p: int) -> float:
+        return (pct(r["lat"][t], p) - pct(r["lat"]["direct"], p)) * 1000
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    kg_idle = r["rss"]["idle"] / 1024
+    goal_rows = []
+    for scenario, label in (("chat", "chat req/s vs HAProxy"), ("sse", "stream req/s vs HAProxy")):
+        k, f = ratio(scenario, "keygate", "haproxy"), ratio(scenario, "pingora", "haproxy")
+        goal_rows.append([label, "≥ 100%", f"{k:.0%}", f"{f:.0%}", verdict(k >= 1)])
+    k, f = body_cost("keygate"), body_cost("pingora")
+    goal_rows.append(["throughput lost to a 16 KiB body", "≤ 10%", f"{k:.0%}", f"{f:.0%}", verdict(k <= 0.10)])
+    for p, limit in ((50, 0.15), (99, 0.3)):
+        k, f = added("keygate", p), added("pingora", p)
+        goal_rows.append([f"added latency p{p}, ms", f"≤ {limit}", f"{k:.3f}", f"{f:.3f}", verdict(k <= limit)])
+    goal_rows.append(["idle RSS, MiB", "≤ 16", f"{kg_idle:.1f}", "", verdict(kg_idle <= 16)])
+    t0 = table(["target (benchmark issue)", "goal", "keygate", "Pingora floor", ""], goal_rows)
+
     problems = []
     for (scenario, t), runs in sorted(tput.items()):
         e = sum(x["errors"] for x in runs)
@@ -852,7 +878,7 @@ def render(**r) -> dict[str, str]:
     cmd = "python3 bench/load.py" + ("" if not r["args"] else " " + " ".join(r["args"]))
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     spread = ", ".join(f"{TARGET_LABELS[t]} {'/'.join(str(n) for n in s.values())}" for t, s in r["spread"].items())
-    tables = "\n\n".join([t1, t2, t3, t4, t5])
+    tables = "\n\n".join([t0, t1, t2, t3, t4, t5])
     method = f"""\
 - {r['rounds']} round(s); in each, every target in turn (order rotated per round) for {r['seconds']:g} s with
   wrk, {r['conns']} connections, {r['wrk_threads']} wrk thread(s); figures are medians over rounds. `(!)` marks a

@@ -619,11 +619,11 @@ script and both servers. RSS is keygate's VmRSS (one process, all its threads).
     return {"markdown": md, "terminal": term}
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces the "## Scale" section of `path` (up to the next # or ## heading), or appends one."""
+def write_section(path: Path, section: str, heading: str = "Scale") -> None:
+    """Replaces the "## {heading}" section of `path` (up to the next # or ## heading), or appends one."""
     text = path.read_text() if path.exists() else ""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if re.match(r"## Scale\b", l)), None)
+    start = next((i for i, l in enumerate(lines) if re.match(rf"## {re.escape(heading)}\b", l)), None)
     section = section.rstrip("\n") + "\n"
     if start is None:
         new = (text.rstrip("\n") + "\n\n" + section) if text.strip() else section
