@@ -878,7 +878,18 @@ def render(**r) -> dict[str, str]:
     cmd = "python3 bench/load.py" + ("" if not r["args"] else " " + " ".join(r["args"]))
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     spread = ", ".join(f"{TARGET_LABELS[t]} {'/'.join(str(n) for n in s.values())}" for t, s in r["spread"].items())
-    tables = "\n\n".join([t0, t1, t2, t3, t4, t5])
+    floor_note = (
+        "The Pingora floor is `examples/bare_passthrough.rs`: Pingora with nothing but key injection "
+        "(no body reading,\nrouting, retries or metrics), on the same mock. A goal the floor misses too is out "
+        "of reach for any\ngateway on Pingora, keygate's fixed base, on this machine; the gap between keygate "
+        "and the floor is\nkeygate's own work (see \"Instructions per request\" below). A 16 KiB body costs "
+        "keygate more\ninstructions than it costs the floor because keygate must read the body before routing "
+        "and Pingora 0.9\ncan only replay such a body from its retry buffer: three more copies of it (into the "
+        "buffer, out of it\nper attempt, and keygate's own copy). The goal of ≤ 20 KiB per idle connection "
+        "is in the Scale\nsection; key selection time (flat from 10 to 100 000 keys) in "
+        "`cargo bench --bench hot_paths`."
+    )
+    tables = "\n\n".join([t0, floor_note, t1, t2, t3, t4, t5])
     method = f"""\
 - {r['rounds']} round(s); in each, every target in turn (order rotated per round) for {r['seconds']:g} s with
   wrk, {r['conns']} connections, {r['wrk_threads']} wrk thread(s); figures are medians over rounds. `(!)` marks a

@@ -1,7 +1,7 @@
 //! The `keygate` binary: see [`keygate::cli`].
 
-// A proxied request allocates and frees many small buffers. Measured with callgrind: 139k
-// instructions per request with glibc's malloc, 119k with mimalloc (BENCHMARKS.md).
+// A proxied request allocates and frees many small buffers. Measured with callgrind: 137k
+// instructions per request with glibc's malloc, 119k with mimalloc (bench/instructions.py).
 // `--no-default-features` builds with the system allocator.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
