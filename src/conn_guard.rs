@@ -295,6 +295,7 @@ impl GuardedStream {
 
     fn reject(&mut self, exit: Exit) {
         debug!("connection guard: {}", exit_message(exit, &self.settings));
+        count_close(exit.label());
         self.phase = Phase::Rejecting {
             exit,
             response: error_response(exit, &self.settings),
@@ -464,8 +465,10 @@ impl GuardedStream {
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => {
                             ready!(self.timer.as_mut().poll(cx));
-                            if matches!(self.phase, Phase::Waiting { .. }) {
+                            if let Phase::Waiting { first } = self.phase {
                                 debug!("connection guard: idle connection closed");
+                                // A new connection that never spoke, or a kept-alive one that went quiet.
+                                count_close(if first { "silent" } else { "idle" });
                                 self.phase = Phase::Closed(Exit::Idle);
                             } else {
                                 self.reject(Exit::HeaderTimeout);
@@ -494,6 +497,25 @@ impl GuardedStream {
             }
         }
     }
+}
+
+impl Exit {
+    /// The `reason` label of `keygate_connection_closes_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Exit::Idle => "idle",
+            Exit::HeaderTimeout => "header_timeout",
+            Exit::TooLarge => "header_too_large",
+            Exit::TooManyHeaders => "too_many_headers",
+        }
+    }
+}
+
+fn count_close(reason: &str) {
+    crate::metrics::global()
+        .connection_closes
+        .with_label_values(&[reason])
+        .inc();
 }
 
 fn exit_message(exit: Exit, s: &GuardSettings) -> String {

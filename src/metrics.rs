@@ -44,6 +44,8 @@ pub struct Metrics {
     pub local_responses: IntCounterVec,
     /// Client requests refused by client limits, by client and reason.
     pub client_rejections: IntCounterVec,
+    /// Connections the request-header guard closed, by reason.
+    pub connection_closes: IntCounterVec,
     models: ModelLabels,
 }
 
@@ -117,6 +119,11 @@ impl Metrics {
                 "Client requests refused by client limits, by client and reason.",
                 &["client", "reason"],
             ),
+            connection_closes: counter(
+                "keygate_connection_closes_total",
+                "Connections closed by the request-header guard: 408, 431, idle or silent.",
+                &["reason"],
+            ),
             models: ModelLabels::default(),
         };
         registry.register(Box::new(m.requests.clone()))?;
@@ -129,6 +136,7 @@ impl Metrics {
         registry.register(Box::new(m.in_flight.clone()))?;
         registry.register(Box::new(m.local_responses.clone()))?;
         registry.register(Box::new(m.client_rejections.clone()))?;
+        registry.register(Box::new(m.connection_closes.clone()))?;
         Ok(m)
     }
 

@@ -879,6 +879,7 @@ const METRICS: &[(&str, &[&str])] = &[
     ("keygate_in_flight_requests", &[]),
     ("keygate_local_responses_total", &["reason"]),
     ("keygate_client_rejections_total", &["client", "reason"]),
+    ("keygate_connection_closes_total", &["reason"]),
 ];
 const HISTOGRAMS: &[&str] = &["keygate_request_duration_seconds", "keygate_ttfb_seconds"];
 /// Labels Prometheus adds to every scraped series.

@@ -431,6 +431,43 @@ async fn configured_header_caps_apply() {
     assert_eq!(read_response(&mut s).await.unwrap().status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_closes_are_counted_by_reason() {
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let guards = format!(
+        "metrics: {{ addr: 127.0.0.1:{mport} }}\nguards: {{ header_timeout: 1s, idle_timeout: 1s, max_headers: 20 }}\n"
+    );
+    let kg = Keygate::start(&config(&mock, &guards), KEYS);
+    // 431: too many header fields.
+    let many: String = (0..25).map(|i| format!("x-field-{i}: v\r\n")).collect();
+    let mut s = connect(&kg).await;
+    s.write_all(&raw_chat(&many)).await.unwrap();
+    assert_eq!(read_response(&mut s).await.unwrap().status, 431);
+    // 408: a header still incomplete at the deadline.
+    let slow = dribble(connect(&kg).await, SLOW_HEADER, Duration::from_millis(200)).await;
+    assert_error_response(&slow.text(), "408", "request_timeout");
+    // Idle: a kept-alive connection that goes quiet; silent: one that never says anything.
+    let mut idle = connect(&kg).await;
+    idle.write_all(&raw_chat("")).await.unwrap();
+    assert_eq!(read_response(&mut idle).await.unwrap().status, 200);
+    let mut silent = connect(&kg).await;
+    for s in [&mut idle, &mut silent] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("closed by the guard")
+            .unwrap();
+    }
+    let m = scrape(mport).await;
+    let closes = |reason| sum(&m, "keygate_connection_closes_total", &[("reason", reason)]);
+    assert_eq!(closes("too_many_headers"), 1.0, "{m}");
+    assert_eq!(closes("header_timeout"), 1.0, "{m}");
+    assert!(closes("idle") >= 1.0, "{m}");
+    assert!(closes("silent") >= 1.0, "{m}");
+    assert_eq!(closes("header_too_large"), 0.0, "{m}");
+}
+
 /// A CA and a server certificate for 127.0.0.1/localhost signed by it, as PEM files.
 fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
