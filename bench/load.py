@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import json
 import os
@@ -529,25 +530,31 @@ async def fixed_rate(port: int, auth: str, body: bytes, rate: float, seconds: fl
     """Open loop: request i is sent at t0 + i/rate on an idle keep-alive connection (a new one
     when all are busy), whatever the earlier ones are doing. Latency runs from the send to the
     last byte of the response."""
-    idle: list[Conn] = [await open_conn(port) for _ in range(8)]
+    idle: collections.deque[Conn] = collections.deque([await open_conn(port) for _ in range(8)])
     payload = request_bytes(port, body, auth)
     latencies: list[float] = []
     errors = 0
+    what: list[str] = []  # the first few errors, for the report
 
     async def one() -> None:
         nonlocal errors
-        conn = idle.pop() if idle else await open_conn(port)
+        # Oldest first, so every connection is used every few requests. Taking the newest would
+        # leave the others unused, and keygate closes a new connection that sends nothing within
+        # its header timeout (10 s), as nginx does: a late burst would then meet closed sockets.
+        conn = idle.popleft() if idle else await open_conn(port)
         t = time.perf_counter()
         try:
             conn.writer.write(payload)
             status, _, keep = await read_response(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
             errors += 1
+            what.append(type(e).__name__)
             conn.writer.close()
             return
         latencies.append(time.perf_counter() - t)
         if status != 200:
             errors += 1
+            what.append(f"HTTP {status}")
         if keep:
             idle.append(conn)
         else:
@@ -564,7 +571,7 @@ async def fixed_rate(port: int, auth: str, body: bytes, rate: float, seconds: fl
     await asyncio.gather(*tasks)
     for c in idle:
         c.writer.close()
-    return {"latencies": latencies, "errors": errors, "sent": n}
+    return {"latencies": latencies, "errors": errors, "sent": n, "what": what[:3]}
 
 
 async def stream_timings(port: int, auth: str, body: bytes, count: int) -> dict:
@@ -732,6 +739,7 @@ def main() -> int:
         # in rotating order.
         lat: dict[str, list[float]] = {t: [] for t in LATENCY_TARGETS}
         lat_err = {t: 0 for t in LATENCY_TARGETS}
+        lat_what: dict[str, list[str]] = {t: [] for t in LATENCY_TARGETS}
         sse_t: dict[str, dict[str, list]] = {t: {"first": [], "last": [], "events": []} for t in lat}
         sse_err = {t: 0 for t in LATENCY_TARGETS}
         slow = chat_body(200, stream=True, mock={"chunks": 10, "interval_ms": 20})
@@ -742,6 +750,7 @@ def main() -> int:
                 r = asyncio.run(fixed_rate(stack.port[t], auth_for(t), bodies["small"], args.rate, lat_seconds))
                 lat[t] += r["latencies"]
                 lat_err[t] += r["errors"]
+                lat_what[t] += r["what"]
                 log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s {TARGET_LABELS[t]:14} "
                     f"p50 {pct(r['latencies'], 50) * 1000:.3f} ms  p99 {pct(r['latencies'], 99) * 1000:.3f} ms  "
                     f"errors {r['errors']}")
@@ -768,7 +777,7 @@ def main() -> int:
     report = render(
         args=sys.argv[1:], quick=args.quick, info=info, rounds=rounds, seconds=seconds,
         conns=args.connections, rate=args.rate, lat_seconds=lat_seconds, streams=streams,
-        tput=tput, lat=lat, lat_err=lat_err, sse_t=sse_t, sse_err=sse_err, spread=spread,
+        tput=tput, lat=lat, lat_err=lat_err, lat_what=lat_what, sse_t=sse_t, sse_err=sse_err, spread=spread,
         rss={"idle": idle_rss, "loaded": loaded_rss, "end": mem.get("VmRSS", 0), "peak": mem.get("VmHWM", 0)},
         peers_mem=peers_mem, mock_mem=mock_mem, wrk_threads=args.wrk_threads,
     )
@@ -892,7 +901,9 @@ def render(**r) -> dict[str, str]:
             problems.append(f"{scenario} via {TARGET_LABELS[t]}: {e} errors (socket or non-2xx)")
     for t in LATENCY_TARGETS:
         if r["lat_err"][t]:
-            problems.append(f"fixed-rate via {TARGET_LABELS[t]}: {r['lat_err'][t]} errors")
+            seen = ", ".join(r.get("lat_what", {}).get(t, [])[:3])
+            problems.append(f"fixed-rate via {TARGET_LABELS[t]}: {r['lat_err'][t]} errors"
+                            + (f" (first: {seen})" if seen else ""))
         if r["sse_err"][t]:
             problems.append(f"stream timing via {TARGET_LABELS[t]}: {r['sse_err'][t]} errors")
 
