@@ -823,14 +823,18 @@ impl<A> RequestHook<A> {
     /// Waits until the connection has bytes to read. `false` when it closed, timed out idle
     /// (the guard's own timer) or the service is shutting down: the caller closes it then.
     async fn first_byte(&self, stream: &mut Stream) -> bool {
-        let shutdown = self.shutdown.notified();
-        tokio::pin!(shutdown);
+        let notified = self.shutdown.notified();
+        tokio::pin!(notified);
         // Registered before the flag is read, so a shutdown in between is not missed.
-        shutdown.as_mut().enable();
-        if self.shutting_down.load(Ordering::Acquire) {
-            return false;
-        }
+        notified.as_mut().enable();
+        let shutdown = async {
+            if !self.shutting_down.load(Ordering::Acquire) {
+                notified.await;
+            }
+        };
         let mut byte = [0u8; 1];
+        // Bytes first, as Pingora's own wait does: a request the client has already sent is
+        // served (its answer closes the connection) even when the shutdown has begun.
         tokio::select! {
             biased;
             peeked = stream.try_peek(&mut byte) => peeked.is_ok(),
@@ -1389,6 +1393,19 @@ mod tests {
             .await;
         assert!(closed.is_none());
         assert!(app2.app().0.lock().unwrap().is_empty());
+        // But a request the client has already sent is still handed to the app, as Pingora's
+        // own wait does (the shutdown then closes the connection after the answer).
+        let (app3, stream3, mut client3) = hooked();
+        app3.hook.http_cleanup().await;
+        client3
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (_tx3, shutdown3) = tokio::sync::watch::channel(true);
+        app3.hook
+            .process_new_http(ServerSession::new_http1(stream3), &shutdown3)
+            .await;
+        assert_eq!(*app3.app().0.lock().unwrap(), vec![true]);
     }
 
     #[test]

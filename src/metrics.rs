@@ -176,7 +176,10 @@ impl RequestSeries {
                 .collect(),
             attempt_ok: upstreams
                 .iter()
-                .map(|u| metrics.attempts.with_label_values(&[*u, "success"]))
+                .map(|u| {
+                    let ok = crate::outcome::Outcome::Success.label();
+                    metrics.attempts.with_label_values(&[*u, ok])
+                })
                 .collect(),
             request_ok: routes
                 .iter()

@@ -263,19 +263,51 @@ impl Gateway {
 
     /// Counts the current attempt's outcome in `keygate_upstream_attempts_total`.
     pub(crate) fn count_attempt(&self, ctx: &RequestCtx, outcome: &str) {
-        if let Some(att) = ctx.current.as_ref() {
-            if let Some(ok) = (outcome == "success")
-                .then(|| self.series.attempt_ok(att.upstream))
-                .flatten()
-            {
-                ok.inc();
-                return;
+        let Some(att) = ctx.current.as_ref() else {
+            return;
+        };
+        let resolved = if outcome == Outcome::Success.label() {
+            self.series.attempt_ok(att.upstream)
+        } else {
+            None
+        };
+        match resolved {
+            Some(counter) => counter.inc(),
+            None => {
+                let up = self.upstreams[att.upstream].name.as_str();
+                self.metrics
+                    .attempts
+                    .with_label_values(&[up, outcome])
+                    .inc();
             }
-            let up = self.upstreams[att.upstream].name.as_str();
-            self.metrics
-                .attempts
-                .with_label_values(&[up, outcome])
-                .inc();
+        }
+    }
+
+    /// Counts a finished request in `keygate_requests_total` and its duration; `route` and
+    /// `upstream` are the label values (`-` when there was none).
+    pub(crate) fn count_request(&self, ctx: &RequestCtx, status: u16, route: &str, upstream: &str) {
+        let resolved = match (status, ctx.route, ctx.current.as_ref()) {
+            (200, Some(r), Some(att)) => self.series.request_ok(r, att.upstream),
+            _ => None,
+        };
+        match resolved {
+            Some(counter) => counter.inc(),
+            None => {
+                let mut status_buf = itoa::Buffer::new();
+                self.metrics
+                    .requests
+                    .with_label_values(&[route, upstream, status_buf.format(status)])
+                    .inc();
+            }
+        }
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        match ctx.route.and_then(|r| self.series.duration(r)) {
+            Some(h) => h.observe(elapsed),
+            None => self
+                .metrics
+                .request_duration
+                .with_label_values(&[route])
+                .observe(elapsed),
         }
     }
 

@@ -5,10 +5,9 @@ use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
+// Header names are constants, not strings: a string is parsed again on every request.
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-
-// Header names are constants, not strings: a string is parsed again on every request.
 
 /// Headers a client may use to send its own credential; never forwarded.
 pub const CLIENT_CREDENTIAL_HEADERS: [HeaderName; 4] = [

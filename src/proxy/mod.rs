@@ -444,27 +444,7 @@ impl ProxyHttp for GatewayProxy {
             None => ("-", "-"),
         };
         let m = gw.metrics;
-        let ok_series = match (status, ctx.route, ctx.current.as_ref()) {
-            (200, Some(r), Some(att)) => gw.series.request_ok(r, att.upstream),
-            _ => None,
-        };
-        match ok_series {
-            Some(counter) => counter.inc(),
-            None => {
-                let mut status_buf = itoa::Buffer::new();
-                m.requests
-                    .with_label_values(&[route, upstream, status_buf.format(status)])
-                    .inc();
-            }
-        }
-        let elapsed = ctx.started.elapsed().as_secs_f64();
-        match ctx.route.and_then(|r| gw.series.duration(r)) {
-            Some(h) => h.observe(elapsed),
-            None => m
-                .request_duration
-                .with_label_values(&[route])
-                .observe(elapsed),
-        }
+        gw.count_request(ctx, status, route, upstream);
         if ctx.attempts > 1 {
             m.retries
                 .with_label_values(&[route])
