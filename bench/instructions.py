@@ -42,11 +42,10 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     ROOT,
     Processes,
     chat_body,
+    ensure_tools,
     fill,
-    find_tool,
     free_ports,
     log,
-    sudo,
     table,
     wait_ready,
     wait_ready_plain,
@@ -55,19 +54,6 @@ from scale import write_section  # noqa: E402
 
 RELEASE = ROOT / "target" / "release"
 WARMUP = 500
-
-
-def ensure_tools() -> None:
-    wanted = {"valgrind": "valgrind", "callgrind_control": "valgrind", "h2load": "nghttp2-client"}
-    missing = sorted({pkg for tool, pkg in wanted.items() if not find_tool(tool)})
-    if not missing:
-        return
-    if not shutil.which("apt-get"):
-        raise SystemExit(f"missing {', '.join(missing)} and no apt-get: install them and retry")
-    log(f"installing {', '.join(missing)} with apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(sudo() + ["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(sudo() + ["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
 
 def h2load(port: int, body_file: Path, n: int) -> None:
@@ -110,7 +96,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="file whose section is written")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (callgrind files, logs)")
     args = ap.parse_args()
-    ensure_tools()
+    ensure_tools({"valgrind": ["valgrind"], "callgrind_control": ["valgrind"], "h2load": ["nghttp2-client"]})
     for b in ("keygate", "keygate-mock", "examples/bare_passthrough"):
         if not (RELEASE / b).exists():
             raise SystemExit(f"target/release/{b} is missing: cargo build --release --bins --example bare_passthrough")

@@ -256,8 +256,11 @@ def find_tool(name: str) -> str | None:
     )
 
 
-def ensure_tools() -> dict[str, str]:
-    wanted = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "haproxy": ["haproxy"]}
+def ensure_tools(wanted: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Finds each tool, installing it with apt-get (trying its packages in turn) when missing.
+    The default is what this benchmark needs: wrk, nginx and HAProxy."""
+    if wanted is None:
+        wanted = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "haproxy": ["haproxy"]}
     missing = [t for t in wanted if not find_tool(t)]
     if missing:
         if not shutil.which("apt-get"):
