@@ -28,7 +28,7 @@
 //! run their keep-alive loop here, and each request's session goes to the proxy only once its
 //! first byte has arrived: 46 KiB → 17 KiB per idle connection (BENCHMARKS.md).
 
-use crate::proxy::errors::LocalResponse;
+use crate::local_response::LocalResponse;
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use log::debug;

@@ -5,7 +5,6 @@
 //! but says nothing about quota; a quota failure needs a 1-token completion on a cheap model.
 
 use crate::keys::{DisableReason, KeyIndex};
-use crate::proxy::Gateway;
 use crate::retry_after;
 use crate::upstream::probe::{self, ProbeAnswer, ProbeRequest};
 use crate::upstream::Upstream;
@@ -75,7 +74,7 @@ pub fn judge_probe(answer: &ProbeAnswer) -> ProbeVerdict {
 }
 
 struct Inner {
-    gw: Arc<Gateway>,
+    upstreams: Arc<[Upstream]>,
     connector: Connector,
     /// When each disabled key was last probed (or first seen disabled).
     last_probe: Mutex<HashMap<(usize, KeyIndex), Instant>>,
@@ -92,11 +91,11 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// A prober for every upstream of `gw`, fed suspects through `rx`.
-    pub fn new(gw: Arc<Gateway>, rx: UnboundedReceiver<Suspect>) -> Self {
+    /// A prober for every upstream in `upstreams`, fed suspects through `rx`.
+    pub fn new(upstreams: Arc<[Upstream]>, rx: UnboundedReceiver<Suspect>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                gw,
+                upstreams,
                 connector: Connector::new(None),
                 last_probe: Mutex::new(HashMap::new()),
                 last_suspect: Mutex::new(HashMap::new()),
@@ -134,7 +133,7 @@ async fn recv(rx: &mut Option<UnboundedReceiver<Suspect>>) -> Option<Suspect> {
 impl Inner {
     fn tick(self: Arc<Self>) {
         let now = Instant::now();
-        for (u, up) in self.gw.upstreams().iter().enumerate() {
+        for (u, up) in self.upstreams.iter().enumerate() {
             up.return_ejected();
             let disabled = up.keys.disabled();
             {
@@ -183,7 +182,7 @@ impl Inner {
             return;
         }
         tokio::spawn(async move {
-            let up = &self.gw.upstreams()[s.upstream];
+            let up = &self.upstreams[s.upstream];
             let answer = probe::send(
                 &self.connector,
                 up,
@@ -202,7 +201,7 @@ impl Inner {
     }
 
     async fn probe_disabled(self: Arc<Self>, u: usize, k: KeyIndex, reason: DisableReason) {
-        let up = &self.gw.upstreams()[u];
+        let up = &self.upstreams[u];
         let req = if reason.needs_completion_probe() {
             completion(up)
         } else {
@@ -248,7 +247,7 @@ impl Inner {
     }
 
     async fn keep_warm(self: Arc<Self>, u: usize) {
-        let up: &Upstream = &self.gw.upstreams()[u];
+        let up: &Upstream = &self.upstreams[u];
         let Some(kw) = up.keep_warm.as_ref() else {
             return;
         };

@@ -4,8 +4,11 @@
 //! [`RouteSpec`]s, so routing can be tested (and reasoned about) on its own.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::glob::Glob;
+use crate::retry_policy::RetryBudget;
+use crate::strategy::RouteOrder;
 
 /// One route, as the config describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +49,17 @@ impl RouteSpec {
     fn only_literal_models(&self) -> bool {
         !self.models.is_empty() && self.models.iter().all(Glob::is_literal)
     }
+}
+
+/// How a matched route serves its requests at run time.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Upstream indexes and the strategy that orders them per request.
+    pub order: RouteOrder,
+    /// How many attempts, for how long.
+    pub budget: RetryBudget,
+    /// Response-header timeout per attempt.
+    pub ttfb_timeout: Duration,
 }
 
 /// Whether `path` lies under `prefix`, comparing whole segments: `/v1/embeddings` covers

@@ -3,8 +3,9 @@
 use crate::clients::{Client, ClientTable, IpLimiters};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
-use crate::proxy::{Gateway, GatewayOptions, GatewayProxy, RoutePlan};
-use crate::routes::RouteTable;
+use crate::proxy::{Gateway, GatewayOptions, GatewayProxy};
+use crate::retry_policy::RetryBudget;
+use crate::routes::{RoutePlan, RouteTable};
 use crate::strategy::RouteOrder;
 use crate::upstream::Upstream;
 use log::{info, warn};
@@ -59,14 +60,16 @@ pub fn build_gateway(
                 r.weights.clone(),
                 r.explore,
             ),
-            deadline: r.deadline,
-            retries: r.retries,
+            budget: RetryBudget {
+                retries: r.retries,
+                deadline: r.deadline,
+            },
             ttfb_timeout: r.ttfb_timeout,
         })
         .collect();
     let (suspects, suspect_rx) = crate::prober::suspect_channel();
     let gw = Gateway::new(
-        upstreams,
+        upstreams.into(),
         routes,
         plans,
         config.max_body_bytes,
@@ -74,7 +77,7 @@ pub fn build_gateway(
         suspects,
         options,
     );
-    let prober = crate::prober::Prober::new(gw.clone(), suspect_rx);
+    let prober = crate::prober::Prober::new(gw.shared_upstreams(), suspect_rx);
     (gw, services, prober)
 }
 

@@ -1,13 +1,18 @@
-//! Per-request state kept across Pingora's hooks and across retry attempts.
+//! Per-request and per-attempt state, kept across Pingora's hooks.
+//!
+//! A [`RequestCtx`] lives as long as the request: what was asked and by whom, the attempt log,
+//! and what went back to the client. An [`Attempt`] lives from `upstream_peer` until the next
+//! attempt replaces it (the last one stays for logging): the key and endpoint in use and the
+//! state of that upstream's answer as it passes.
 
-use super::errors::LocalResponse;
 use crate::clients::limits::Admission;
 use crate::keys::KeyLease;
+use crate::retry_policy::{AttemptLog, Decision};
 use crate::usage::{Usage, UsageChunkStripper, UsageMeter};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora_load_balancing::Backend;
 use pingora_prometheus::prometheus;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One try of a request against one upstream key and endpoint.
 pub struct Attempt {
@@ -19,18 +24,55 @@ pub struct Attempt {
     pub endpoint: Backend,
     /// When the attempt started, for time to first byte.
     pub started: Instant,
+    /// Whether keygate's copy of the body was handed to Pingora for this attempt.
+    pub body_sent: bool,
+    /// The upstream's final response status, once its header arrived.
+    pub status: Option<u16>,
+    /// Time to that response header.
+    pub ttfb: Option<Duration>,
+    /// What the retry policy decided about this attempt.
+    pub decision: Option<Decision>,
+    /// A replacement for the upstream's body (a sanitised 401/403).
+    pub replace_body: Option<Bytes>,
+    /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
+    pub error_body: Option<BytesMut>,
+    /// Reads `usage` from a successful answer as it passes.
+    pub usage_meter: Option<UsageMeter>,
+    /// Hides the usage chunk keygate asked for on the client's behalf.
+    pub stripper: Option<UsageChunkStripper>,
+}
+
+impl Attempt {
+    /// A fresh attempt on `upstream` with `key` at `endpoint`, starting now.
+    pub fn new(upstream: usize, key: Option<KeyLease>, endpoint: Backend) -> Self {
+        Self {
+            upstream,
+            key,
+            endpoint,
+            started: Instant::now(),
+            body_sent: false,
+            status: None,
+            ttfb: None,
+            decision: None,
+            replace_body: None,
+            error_body: None,
+            usage_meter: None,
+            stripper: None,
+        }
+    }
+
+    /// The index of the key in use, if any.
+    pub fn key_index(&self) -> Option<usize> {
+        self.key.as_ref().map(KeyLease::index)
+    }
 }
 
 /// What a request carries through the hooks.
 pub struct RequestCtx {
     /// When keygate took the request.
     pub started: Instant,
-    /// The (possibly rewritten) body, replayed on every attempt.
-    pub body: Bytes,
-    /// Whether the request had a body that keygate must supply to the upstream.
-    pub has_body: bool,
-    /// The attempt number whose body has been handed to Pingora.
-    pub body_sent_for: u32,
+    /// The (possibly rewritten) body, replayed on every attempt; `None` without a body.
+    pub body: Option<Bytes>,
     /// `model` as the client asked.
     pub model: Option<String>,
     /// `model` as sent upstream (after an alias rewrite).
@@ -39,46 +81,30 @@ pub struct RequestCtx {
     pub stream: bool,
     /// `max_tokens` (or its newer names) from the body.
     pub max_tokens: Option<u64>,
-    /// Index of the matched route.
-    pub route: Option<usize>,
-    /// Upstreams in the order this request tries them.
-    pub order: Vec<usize>,
-    /// Attempts made so far.
-    pub attempts: u32,
-    /// (upstream, key) pairs already tried for this request.
-    pub tried: Vec<(usize, usize)>,
-    /// The attempt in flight.
-    pub current: Option<Attempt>,
-    /// A response keygate must write itself (from `fail_to_proxy`).
-    pub local: Option<LocalResponse>,
-    /// A replacement body for an upstream response (sanitised 401/403).
-    pub replace_body: Option<Bytes>,
-    /// Status of the last upstream response.
-    pub upstream_status: Option<u16>,
-    /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
-    pub error_body: Option<bytes::BytesMut>,
-    /// Counts the request in `keygate_in_flight_requests` while it lives.
-    pub in_flight: Option<InFlight>,
-    /// Time to the response header of the last attempt.
-    pub ttfb: Option<std::time::Duration>,
-    /// Response body bytes sent to the client.
-    pub bytes_sent: usize,
-    /// Why keygate answered by itself, for the access log.
-    pub note: Option<&'static str>,
-    /// Reads `usage` from the response as it passes.
-    pub usage_meter: Option<UsageMeter>,
-    /// Tokens the upstream reported.
-    pub usage: Option<Usage>,
     /// keygate asked for stream usage the client did not: hide the usage chunk.
     pub strip_usage: bool,
-    /// Does the hiding.
-    pub stripper: Option<UsageChunkStripper>,
+    /// Index of the matched route.
+    pub route: Option<usize>,
+    /// Upstreams in the order this request tries them (decided at the first attempt).
+    pub order: Vec<usize>,
     /// Index of the authenticated client.
     pub client: Option<usize>,
     /// The client's address (behind trusted proxies: the forwarded one).
     pub client_ip: Option<std::net::IpAddr>,
     /// The request's place in its client's limits.
     pub admission: Option<Admission>,
+    /// Counts the request in `keygate_in_flight_requests` while it lives.
+    pub in_flight: Option<InFlight>,
+    /// Attempts so far and the keys they used.
+    pub log: AttemptLog,
+    /// The attempt in flight, or the last one.
+    pub attempt: Option<Attempt>,
+    /// Response body bytes sent to the client.
+    pub bytes_sent: usize,
+    /// Tokens the upstream reported.
+    pub usage: Option<Usage>,
+    /// Why keygate answered by itself, for the access log.
+    pub note: Option<&'static str>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -101,35 +127,26 @@ impl Drop for InFlight {
 impl RequestCtx {
     /// A fresh context.
     pub fn new() -> Self {
+        let started = Instant::now();
         Self {
-            started: Instant::now(),
-            body: Bytes::new(),
-            has_body: false,
-            body_sent_for: 0,
+            started,
+            body: None,
             model: None,
             upstream_model: None,
             stream: false,
             max_tokens: None,
+            strip_usage: false,
             route: None,
             order: Vec::new(),
-            attempts: 0,
-            tried: Vec::new(),
-            current: None,
-            local: None,
-            replace_body: None,
-            upstream_status: None,
-            error_body: None,
-            in_flight: None,
-            ttfb: None,
-            bytes_sent: 0,
-            note: None,
-            usage_meter: None,
-            usage: None,
-            strip_usage: false,
-            stripper: None,
             client: None,
             client_ip: None,
             admission: None,
+            in_flight: None,
+            log: AttemptLog::new(started),
+            attempt: None,
+            bytes_sent: 0,
+            usage: None,
+            note: None,
         }
     }
 
@@ -139,6 +156,11 @@ impl RequestCtx {
             .as_deref()
             .or(self.model.as_deref())
             .unwrap_or("")
+    }
+
+    /// The body's length, for the token estimate (0 without a body).
+    pub fn body_len(&self) -> usize {
+        self.body.as_ref().map_or(0, Bytes::len)
     }
 }
 

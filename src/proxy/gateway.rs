@@ -2,45 +2,33 @@
 //! take an attempt, what an upstream answer means for the key, who may get in, and how much.
 
 use super::ctx::{Attempt, RequestCtx};
-use super::errors::LocalResponse;
+use super::respond;
 use crate::access_log::AccessLog;
 use crate::clients::addr::{client_ip, CidrList};
 use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::StreamUsage;
 use crate::keys::{DisableReason, Pick};
+use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
 use crate::prober::{Suspect, SuspectSender};
 use crate::retry_after;
-use crate::routes::RouteTable;
-use crate::strategy::{LatencyTable, RouteOrder};
+use crate::routes::{RoutePlan, RouteTable};
+use crate::strategy::LatencyTable;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use log::warn;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// Per-route settings the proxy needs at run time.
-#[derive(Debug, Clone)]
-pub struct RoutePlan {
-    /// Upstream indexes and the strategy that orders them per request.
-    pub order: RouteOrder,
-    /// No new attempt after this long since the request arrived.
-    pub deadline: Option<Duration>,
-    /// Extra attempts after a failed one.
-    pub retries: u32,
-    /// Response-header timeout per attempt.
-    pub ttfb_timeout: Duration,
-}
+use std::time::Duration;
 
 /// The gateway: everything the hooks need, shared by all worker threads.
 pub struct Gateway {
-    pub(crate) upstreams: Vec<Upstream>,
+    pub(crate) upstreams: Arc<[Upstream]>,
     pub(crate) routes: RouteTable,
     pub(crate) plans: Vec<RoutePlan>,
     pub(crate) max_body_bytes: usize,
@@ -76,7 +64,7 @@ pub struct GatewayOptions {
 impl Gateway {
     /// Assembles the gateway from its parts; `plans[i]` belongs to route `i`.
     pub fn new(
-        upstreams: Vec<Upstream>,
+        upstreams: Arc<[Upstream]>,
         routes: RouteTable,
         plans: Vec<RoutePlan>,
         max_body_bytes: usize,
@@ -122,6 +110,11 @@ impl Gateway {
         &self.upstreams
     }
 
+    /// The upstreams, shared (for the background prober).
+    pub fn shared_upstreams(&self) -> Arc<[Upstream]> {
+        self.upstreams.clone()
+    }
+
     /// The route plan of the request's route.
     pub(crate) fn plan(&self, ctx: &RequestCtx) -> Option<&RoutePlan> {
         ctx.route.and_then(|r| self.plans.get(r))
@@ -132,15 +125,12 @@ impl Gateway {
         let Some(plan) = self.plan(ctx) else {
             return false;
         };
-        if plan.deadline.is_some_and(|d| ctx.started.elapsed() >= d) {
-            return false;
-        }
         plan.order.upstreams().iter().any(|&u| {
             let up = &self.upstreams[u];
             if up.keys.is_empty() {
-                return !ctx.tried.iter().any(|(tu, _)| *tu == u) && up.pick_endpoint().is_some();
+                return !ctx.log.tried_upstream(u) && up.pick_endpoint().is_some();
             }
-            let exclude = tried_keys(ctx, u);
+            let exclude = ctx.log.tried_keys(u);
             matches!(up.keys.pick(ctx.cooldown_model(), &exclude), Pick::Key(_))
         })
     }
@@ -163,12 +153,12 @@ impl Gateway {
         for &u in &ctx.order {
             let up = &self.upstreams[u];
             let key = if up.keys.is_empty() {
-                if ctx.tried.iter().any(|(tu, _)| *tu == u) {
+                if ctx.log.tried_upstream(u) {
                     continue;
                 }
                 None
             } else {
-                match up.keys.pick(ctx.cooldown_model(), &tried_keys(ctx, u)) {
+                match up.keys.pick(ctx.cooldown_model(), &ctx.log.tried_keys(u)) {
                     Pick::Key(lease) => Some(lease),
                     Pick::AllCooling { retry_in } => {
                         soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
@@ -186,15 +176,9 @@ impl Gateway {
                 endpoints_down = true;
                 continue;
             };
-            ctx.tried
-                .push((u, key.as_ref().map_or(usize::MAX, |k| k.index())));
+            let attempt = Attempt::new(u, key, endpoint);
+            ctx.log.begin(u, attempt.key_index());
             up.touch();
-            let attempt = Attempt {
-                upstream: u,
-                key,
-                endpoint,
-                started: Instant::now(),
-            };
             return Ok((attempt, peer));
         }
         Err(if let Some(wait) = soonest {
@@ -209,7 +193,7 @@ impl Gateway {
     /// Applies what an upstream status says about the key that got it.
     pub(crate) fn judge(&self, ctx: &RequestCtx, status: u16, resp: &ResponseHeader) -> Outcome {
         let outcome = Outcome::of(status);
-        let Some(att) = ctx.current.as_ref() else {
+        let Some(att) = ctx.attempt.as_ref() else {
             return outcome;
         };
         let up = &self.upstreams[att.upstream];
@@ -263,7 +247,7 @@ impl Gateway {
 
     /// Counts the current attempt's outcome in `keygate_upstream_attempts_total`.
     pub(crate) fn count_attempt(&self, ctx: &RequestCtx, outcome: &str) {
-        let Some(att) = ctx.current.as_ref() else {
+        let Some(att) = ctx.attempt.as_ref() else {
             return;
         };
         let resolved = if outcome == Outcome::Success.label() {
@@ -286,7 +270,7 @@ impl Gateway {
     /// Counts a finished request in `keygate_requests_total` and its duration; `route` and
     /// `upstream` are the label values (`-` when there was none).
     pub(crate) fn count_request(&self, ctx: &RequestCtx, status: u16, route: &str, upstream: &str) {
-        let resolved = match (status, ctx.route, ctx.current.as_ref()) {
+        let resolved = match (status, ctx.route, ctx.attempt.as_ref()) {
             (200, Some(r), Some(att)) => self.series.request_ok(r, att.upstream),
             _ => None,
         };
@@ -375,7 +359,7 @@ impl Gateway {
             return Ok(());
         }
         // OpenAI's rule of thumb: about 4 bytes a token, plus what the answer may use.
-        let estimate = (ctx.body.len() as u64).div_ceil(4) + ctx.max_tokens.unwrap_or(0);
+        let estimate = (ctx.body_len() as u64).div_ceil(4) + ctx.max_tokens.unwrap_or(0);
         match limiter.admit(estimate) {
             Ok(a) => {
                 ctx.admission = Some(a);
@@ -418,7 +402,7 @@ impl Gateway {
 
     /// Feeds an attempt's network result to outlier ejection and the latency table.
     pub(crate) fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
-        let Some(att) = ctx.current.as_ref() else {
+        let Some(att) = ctx.attempt.as_ref() else {
             return;
         };
         let up = &self.upstreams[att.upstream];
@@ -434,7 +418,7 @@ impl Gateway {
     /// A 429 body that reaches the client can be read: an empty quota disables the key, an
     /// organisation-wide limit cools every key of its account.
     pub(crate) fn judge_429_body(&self, ctx: &RequestCtx, body: &[u8]) {
-        let Some(att) = ctx.current.as_ref() else {
+        let Some(att) = ctx.attempt.as_ref() else {
             return;
         };
         let Some(lease) = att.key.as_ref() else {
@@ -457,6 +441,7 @@ impl Gateway {
         }
     }
 
+    /// Writes keygate's own answer and counts it.
     pub(crate) async fn respond_local(
         &self,
         session: &mut Session,
@@ -466,37 +451,13 @@ impl Gateway {
             .local_responses
             .with_label_values(&[resp.reason()])
             .inc();
-        let body = resp.body();
-        let header = resp.header(body.len())?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await?;
-        Ok(())
+        respond::write(session, resp).await
     }
-}
-
-/// Keys of `upstream` this request already tried.
-pub(crate) fn tried_keys(ctx: &RequestCtx, upstream: usize) -> Vec<usize> {
-    ctx.tried
-        .iter()
-        .filter(|(u, _)| *u == upstream)
-        .map(|(_, k)| *k)
-        .collect()
-}
-
-/// An error that makes `fail_to_proxy` write `resp`, never retried.
-pub(crate) fn local_error(resp: LocalResponse, ctx: &mut RequestCtx) -> Box<Error> {
-    let status = resp.status;
-    ctx.local = Some(resp);
-    let mut e = Error::explain(ErrorType::HTTPStatus(status), "answered by keygate");
-    e.set_retry(false);
-    e
 }
 
 /// (upstream, upstream/key) names of the current attempt, for logs.
 pub(crate) fn describe_attempt(gw: &Gateway, ctx: &RequestCtx) -> (String, String) {
-    match ctx.current.as_ref() {
+    match ctx.attempt.as_ref() {
         Some(att) => {
             let up = &gw.upstreams[att.upstream];
             let key = att.key.as_ref().map_or_else(

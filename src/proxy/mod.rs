@@ -11,30 +11,31 @@
 
 pub mod body_replay;
 pub mod ctx;
-pub mod errors;
 pub mod gateway;
-pub mod headers;
+pub mod respond;
 pub mod routing;
 
 use crate::access_log::AccessEntry;
+use crate::header_rules;
+use crate::local_response::LocalResponse;
 use crate::outcome::Outcome;
 use crate::retry_after;
+use crate::retry_policy::{self, Answer, AttemptResult, ClientProgress, Decision, RetryBudget};
 use crate::usage::{UsageChunkStripper, UsageMeter};
 use async_trait::async_trait;
 use body_replay::BodyReadError;
 use bytes::Bytes;
 use ctx::RequestCtx;
-use errors::LocalResponse;
 use log::{debug, info, warn};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use gateway::{describe_attempt, local_error};
-pub use gateway::{Gateway, GatewayOptions, RoutePlan};
+use gateway::describe_attempt;
+pub use gateway::{Gateway, GatewayOptions};
 use routing::parse_and_route;
 
 /// Whether the client waits for `100 Continue` before sending its body.
@@ -44,8 +45,43 @@ fn is_expect_continue(req: &RequestHeader) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// How much of an answer the client has received so far.
+fn client_progress(session: &Session) -> ClientProgress {
+    match session.response_written() {
+        None => ClientProgress::Nothing,
+        Some(h) if h.status.is_informational() => ClientProgress::Interim,
+        Some(_) => ClientProgress::Answering,
+    }
+}
+
 /// Pingora's `ProxyHttp` wrapper around a shared [`Gateway`].
 pub struct GatewayProxy(pub Arc<Gateway>);
+
+impl GatewayProxy {
+    /// Asks the retry policy about the attempt that just ended and keeps its decision there.
+    fn decide(&self, session: &Session, ctx: &mut RequestCtx, result: AttemptResult) -> Decision {
+        let gw = &self.0;
+        let budget = gw.plan(ctx).map_or(
+            RetryBudget {
+                retries: 0,
+                deadline: None,
+            },
+            |p| p.budget,
+        );
+        let decision = retry_policy::decide(
+            result,
+            client_progress(session),
+            &ctx.log,
+            budget,
+            Instant::now(),
+            || gw.has_candidate(ctx),
+        );
+        if let Some(att) = ctx.attempt.as_mut() {
+            att.decision = Some(decision.clone());
+        }
+        decision
+    }
+}
 
 #[async_trait]
 impl ProxyHttp for GatewayProxy {
@@ -58,7 +94,7 @@ impl ProxyHttp for GatewayProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let gw = &self.0;
         ctx.in_flight = Some(ctx::InFlight::new(&gw.metrics.in_flight));
-        if let Some(problem) = headers::connection_header_problem(session.req_header()) {
+        if let Some(problem) = header_rules::connection_header_problem(session.req_header()) {
             gw.respond_local(session, &LocalResponse::bad_request(problem))
                 .await?;
             return Ok(true);
@@ -83,7 +119,7 @@ impl ProxyHttp for GatewayProxy {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
         }
-        ctx.has_body = !session.as_mut().is_body_empty();
+        let has_body = !session.as_mut().is_body_empty();
         let body = match body_replay::read_body(session, gw.max_body_bytes).await {
             Ok(b) => b,
             Err(BodyReadError::TooLarge { limit }) => {
@@ -103,7 +139,7 @@ impl ProxyHttp for GatewayProxy {
             }
             Err(BodyReadError::Downstream(e)) => return Err(e),
         };
-        let routed = parse_and_route(gw, session.req_header(), body, ctx);
+        let routed = parse_and_route(gw, session.req_header(), has_body.then_some(body), ctx);
         if let Err(resp) = routed.and_then(|()| gw.admit(ctx)) {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
@@ -117,14 +153,13 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         // Release the previous attempt's key before choosing the next one.
-        ctx.current = None;
+        ctx.attempt = None;
         match self.0.choose(ctx) {
             Ok((attempt, peer)) => {
-                ctx.attempts += 1;
-                ctx.current = Some(attempt);
+                ctx.attempt = Some(attempt);
                 Ok(Box::new(peer))
             }
-            Err(local) => Err(local_error(local, ctx)),
+            Err(local) => Err(respond::local_error(local)),
         }
     }
 
@@ -134,7 +169,7 @@ impl ProxyHttp for GatewayProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(att) = ctx.current.as_ref() else {
+        let Some(att) = ctx.attempt.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "no attempt in progress");
         };
         let up = &self.0.upstreams[att.upstream];
@@ -147,14 +182,14 @@ impl ProxyHttp for GatewayProxy {
                 .map_or("/", |p| p.as_str());
             up.upstream_path(client_path)
         });
-        let credential = att.key.as_ref().and_then(|k| up.auth_value(k.index()));
-        headers::prepare_upstream_request(
+        let credential = att.key_index().and_then(|k| up.auth_value(k));
+        header_rules::prepare_upstream_request(
             upstream_request,
             up.auth,
             credential,
             &up.host_header,
             path.as_deref(),
-            ctx.has_body.then_some(ctx.body.len()),
+            ctx.body.as_ref().map(Bytes::len),
         )
     }
 
@@ -165,23 +200,23 @@ impl ProxyHttp for GatewayProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.has_body {
+        let (Some(full), Some(att)) = (ctx.body.as_ref(), ctx.attempt.as_mut()) else {
             return Ok(());
-        }
+        };
         // Pingora hands over only its retry buffer (the tail); send keygate's full copy instead,
         // once per attempt.
-        if ctx.body_sent_for != ctx.attempts {
-            ctx.body_sent_for = ctx.attempts;
-            *body = Some(ctx.body.clone());
+        *body = if att.body_sent {
+            None
         } else {
-            *body = None;
-        }
+            att.body_sent = true;
+            Some(full.clone())
+        };
         Ok(())
     }
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -189,30 +224,30 @@ impl ProxyHttp for GatewayProxy {
         if status < 200 {
             return Ok(());
         }
-        ctx.upstream_status = Some(status);
-        let outcome = self.0.judge(ctx, status, resp);
-        if let Some(att) = ctx.current.as_ref() {
+        let gw = &self.0;
+        let outcome = gw.judge(ctx, status, resp);
+        if let Some(att) = ctx.attempt.as_mut() {
             let ttfb = att.started.elapsed();
-            ctx.ttfb = Some(ttfb);
-            if let Some(h) = self.0.series.ttfb(att.upstream) {
+            att.status = Some(status);
+            att.ttfb = Some(ttfb);
+            if let Some(h) = gw.series.ttfb(att.upstream) {
                 h.observe(ttfb.as_secs_f64());
             }
         }
-        self.0.count_attempt(ctx, outcome.label());
-        self.0.note_endpoint(ctx, outcome != Outcome::ServerError);
-        let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
-        if outcome.worth_retrying() && ctx.attempts <= retries && self.0.has_candidate(ctx) {
-            let (up, key) = describe_attempt(&self.0, ctx);
+        gw.count_attempt(ctx, outcome.label());
+        gw.note_endpoint(ctx, outcome != Outcome::ServerError);
+        let result = AttemptResult::Answered { status, outcome };
+        if self.decide(session, ctx, result) == Decision::TryElsewhere {
+            let (up, key) = describe_attempt(gw, ctx);
             info!("upstream {up} key {key} answered {status}; retrying elsewhere");
-            let mut e = Error::explain(
-                ErrorType::HTTPStatus(status),
-                "upstream answer worth retrying",
-            );
-            e.set_retry(true);
-            return Err(e);
+            return Err(respond::try_elsewhere(status));
         }
+        let strip_usage = ctx.strip_usage;
+        let Some(att) = ctx.attempt.as_mut() else {
+            return Ok(());
+        };
         if status == 429 {
-            ctx.error_body = Some(bytes::BytesMut::new());
+            att.error_body = Some(bytes::BytesMut::new());
         }
         if (200..300).contains(&status) {
             let content_type = resp
@@ -220,18 +255,17 @@ impl ProxyHttp for GatewayProxy {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            let meter = UsageMeter::for_response(content_type);
-            if ctx.strip_usage && content_type.starts_with("text/event-stream") {
-                ctx.stripper = Some(UsageChunkStripper::new());
+            if strip_usage && content_type.starts_with("text/event-stream") {
+                att.stripper = Some(UsageChunkStripper::new());
             }
-            ctx.usage_meter = Some(meter);
+            att.usage_meter = Some(UsageMeter::for_response(content_type));
         }
         if matches!(outcome, Outcome::KeyRefused(_)) {
             // OpenAI's 401 bodies echo part of the key: never pass them on.
             let replacement = LocalResponse::upstream_auth_failed(status);
             let body = replacement.body();
-            *resp = replacement.header(body.len())?;
-            ctx.replace_body = Some(body);
+            *resp = respond::header(&replacement, body.len())?;
+            att.replace_body = Some(body);
         }
         Ok(())
     }
@@ -242,7 +276,7 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        headers::sanitize_response(resp);
+        header_rules::sanitize_response(resp);
         Ok(())
     }
 
@@ -253,12 +287,15 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(replacement) = ctx.replace_body.take() {
+        let Some(att) = ctx.attempt.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(replacement) = att.replace_body.take() {
             *body = Some(replacement);
-        } else if ctx.upstream_status.is_some_and(|s| s == 401 || s == 403) {
+        } else if att.status.is_some_and(|s| s == 401 || s == 403) {
             *body = None;
         }
-        if let Some(meter) = ctx.usage_meter.as_mut() {
+        if let Some(meter) = att.usage_meter.as_mut() {
             if let Some(b) = body.as_ref() {
                 meter.feed(b);
             }
@@ -266,7 +303,7 @@ impl ProxyHttp for GatewayProxy {
                 ctx.usage = meter.finish();
             }
         }
-        if let Some(stripper) = ctx.stripper.as_mut() {
+        if let Some(stripper) = att.stripper.as_mut() {
             let mut out = body.take().map(|b| stripper.filter(b)).unwrap_or_default();
             if end_of_stream {
                 let rest = stripper.finish();
@@ -282,16 +319,18 @@ impl ProxyHttp for GatewayProxy {
         if let Some(b) = body.as_ref() {
             ctx.bytes_sent += b.len();
         }
-        if let Some(buf) = ctx.error_body.as_mut() {
+        let mut finished_429_body = None;
+        if let Some(buf) = att.error_body.as_mut() {
             if let Some(chunk) = body.as_ref() {
                 let room = retry_after::MAX_BODY_SCAN.saturating_sub(buf.len());
                 buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             if end_of_stream {
-                if let Some(buf) = ctx.error_body.take() {
-                    self.0.judge_429_body(ctx, &buf);
-                }
+                finished_429_body = att.error_body.take();
             }
+        }
+        if let Some(buf) = finished_429_body {
+            self.0.judge_429_body(ctx, &buf);
         }
         Ok(None)
     }
@@ -307,54 +346,50 @@ impl ProxyHttp for GatewayProxy {
         let mut e = e.more_context(format!("peer {peer}"));
         // Settle the flag first: reading an undecided retry flag panics.
         e.retry.decide_reuse(client_reused);
-        let ours = matches!(e.etype(), ErrorType::HTTPStatus(_));
-        if session.response_written().is_some() {
-            // Bytes already reached the client: a retry would duplicate or splice responses.
-            e.set_retry(false);
-        } else if e.esource() == &ErrorSource::Downstream {
-            // The client went away: nobody is left to answer, so spend no more upstream quota.
-            e.set_retry(false);
-        } else if !ours {
-            if e.esource() == &ErrorSource::Upstream {
+        let decision = if respond::is_try_elsewhere(&e) {
+            // upstream_response_filter asked the policy already: nothing went to the client since.
+            Decision::TryElsewhere
+        } else {
+            let result = respond::attempt_result(&e);
+            if matches!(
+                result,
+                AttemptResult::TimedOut | AttemptResult::Broke | AttemptResult::ConnectFailed
+            ) {
                 // Reset or timeout before any answer: the endpoint's fault, not the client's.
                 self.0.note_endpoint(ctx, false);
-                let outcome = match e.etype() {
-                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-                    _ => "connect_error",
+                let label = if result == AttemptResult::TimedOut {
+                    "timeout"
+                } else {
+                    "connect_error"
                 };
-                self.0.count_attempt(ctx, outcome);
+                self.0.count_attempt(ctx, label);
             }
-            let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
-            let retry = ctx.attempts <= retries && self.0.has_candidate(ctx);
-            e.set_retry(retry);
-        }
+            self.decide(session, ctx, result)
+        };
+        e.set_retry(decision == Decision::TryElsewhere);
         e
     }
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.0.note_endpoint(ctx, false);
         self.0.count_attempt(ctx, "connect_error");
-        // The key was never used: let it be tried again on another endpoint.
-        if let Some(att) = ctx.current.as_ref() {
-            let u = att.upstream;
-            let k = att.key.as_ref().map_or(usize::MAX, |k| k.index());
-            if let Some(pos) = ctx.tried.iter().rposition(|t| *t == (u, k)) {
-                ctx.tried.remove(pos);
-            }
+        if let Some(att) = ctx.attempt.as_ref() {
+            // The key was never used: let it be tried again on another endpoint.
+            ctx.log.release(att.upstream, att.key_index());
             warn!(
                 "upstream {}: cannot connect to {peer}: {:?}",
-                self.0.upstreams[u].name,
+                self.0.upstreams[att.upstream].name,
                 e.etype()
             );
         }
-        let retries = self.0.plan(ctx).map_or(0, |p| p.retries);
-        e.set_retry(ctx.attempts <= retries);
+        let decision = self.decide(session, ctx, AttemptResult::ConnectFailed);
+        e.set_retry(decision == Decision::TryElsewhere);
         e
     }
 
@@ -364,46 +399,14 @@ impl ProxyHttp for GatewayProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let resp = match ctx.local.take() {
-            Some(r) => Some(r),
-            None => match e.etype() {
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectNoRoute
-                | ErrorType::ConnectError
-                | ErrorType::TLSHandshakeFailure
-                | ErrorType::TLSHandshakeTimedout
-                | ErrorType::InvalidCert
-                | ErrorType::HandshakeError => Some(LocalResponse::bad_gateway(
-                    "Could not connect to the upstream.",
-                )),
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                    Some(LocalResponse::gateway_timeout())
-                }
-                ErrorType::HTTPStatus(code) => Some(LocalResponse::new(
-                    *code,
-                    "upstream_error",
-                    "upstream_error",
-                    "The upstream request failed.",
-                )),
-                ErrorType::InvalidHTTPHeader if e.esource() == &ErrorSource::Upstream => Some(
-                    LocalResponse::bad_request("The request headers could not be forwarded."),
-                ),
-                _ => match e.esource() {
-                    ErrorSource::Upstream => Some(LocalResponse::bad_gateway(
-                        "The upstream connection failed.",
-                    )),
-                    ErrorSource::Downstream => None,
-                    _ => Some(LocalResponse::new(
-                        500,
-                        "server_error",
-                        "internal_error",
-                        "keygate failed to handle the request.",
-                    )),
-                },
-            },
+        let stored = ctx.attempt.as_ref().and_then(|a| a.decision.clone());
+        let answer = match (respond::carried_answer(e), stored) {
+            (Some(local), _) => Answer::Local(local.clone()),
+            (None, Some(Decision::Answer(a @ (Answer::Local(_) | Answer::Nobody)))) => a,
+            // A retry was decided but could not happen, or the error came outside an attempt.
+            _ => retry_policy::answer_after_failure(respond::attempt_result(e)),
         };
-        let Some(resp) = resp else {
+        let Answer::Local(resp) = answer else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -418,11 +421,8 @@ impl ProxyHttp for GatewayProxy {
             .with_label_values(&[resp.reason()])
             .inc();
         if session.response_written().is_none() {
-            let body = resp.body();
-            if let Ok(header) = resp.header(body.len()) {
-                if let Err(err) = session.write_error_response(header, body).await {
-                    debug!("could not send the error response: {err}");
-                }
+            if let Err(err) = respond::write_error(session, &resp).await {
+                debug!("could not send the error response: {err}");
             }
         }
         FailToProxy {
@@ -435,20 +435,21 @@ impl ProxyHttp for GatewayProxy {
         let gw = &self.0;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.map_or("-", |r| gw.routes.get(r).name.as_str());
-        let (upstream, key) = match ctx.current.as_ref() {
+        let (upstream, key) = match ctx.attempt.as_ref() {
             Some(att) => {
                 let up = &gw.upstreams[att.upstream];
-                let key = att.key.as_ref().map_or("-", |k| up.keys.name(k.index()));
+                let key = att.key_index().map_or("-", |k| up.keys.name(k));
                 (up.name.as_str(), key)
             }
             None => ("-", "-"),
         };
         let m = gw.metrics;
+        let attempts = ctx.log.attempts();
         gw.count_request(ctx, status, route, upstream);
-        if ctx.attempts > 1 {
+        if attempts > 1 {
             m.retries
                 .with_label_values(&[route])
-                .inc_by(u64::from(ctx.attempts - 1));
+                .inc_by(u64::from(attempts - 1));
         }
         let client_name = ctx
             .client
@@ -480,26 +481,29 @@ impl ProxyHttp for GatewayProxy {
                 model: ctx.model.as_deref().unwrap_or("-"),
                 upstream,
                 key,
-                attempts: ctx.attempts,
+                attempts,
                 status,
                 bytes: ctx.bytes_sent,
                 prompt_tokens: ctx.usage.map(|u| u.prompt),
                 completion_tokens: ctx.usage.map(|u| u.completion),
-                ttfb_ms: ctx.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+                ttfb_ms: ctx
+                    .attempt
+                    .as_ref()
+                    .and_then(|a| a.ttfb)
+                    .map(|d| d.as_secs_f64() * 1000.0),
                 total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 stream: ctx.stream,
                 note: ctx.note.or_else(|| e.map(|e| e.etype().as_str())),
             });
         }
         debug!(
-            "{} {} model={} upstream={upstream} key={key} attempts={} status={status} ms={}",
+            "{} {} model={} upstream={upstream} key={key} attempts={attempts} status={status} ms={}",
             session.req_header().method,
             session.req_header().uri.path(),
             ctx.model.as_deref().unwrap_or("-"),
-            ctx.attempts,
             ctx.started.elapsed().as_millis(),
         );
-        ctx.current = None;
+        ctx.attempt = None;
     }
 
     fn suppress_proxy_warn_log(
@@ -510,12 +514,12 @@ impl ProxyHttp for GatewayProxy {
         _context: pingora_proxy::ProxyWarnLogContext,
     ) -> bool {
         // keygate logs its own retries at INFO with the key's name.
-        matches!(error.etype(), ErrorType::HTTPStatus(_))
+        respond::is_try_elsewhere(error)
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
         // Local answers (all keys cooling, …) are expected outcomes, and a client hanging up is
         // the client's business: neither is an error of keygate's.
-        ctx.local.is_some() || error.esource() == &ErrorSource::Downstream
+        respond::carried_answer(error).is_some() || error.esource() == &ErrorSource::Downstream
     }
 }

@@ -2,21 +2,24 @@
 //! with alias rewrites and stream-usage injection applied to the body that goes upstream.
 
 use super::ctx::RequestCtx;
-use super::errors::LocalResponse;
 use super::gateway::Gateway;
 use crate::config::StreamUsage;
+use crate::local_response::LocalResponse;
 use crate::request_body;
 use crate::routes::endpoint_needs_model;
 use bytes::Bytes;
 use pingora_http::RequestHeader;
 
-/// Reads what routing needs from the request and picks the route, or says why not.
+/// Reads what routing needs from the request and picks the route, or says why not. `body` is
+/// `None` when the request has none.
 pub(crate) fn parse_and_route(
     gw: &Gateway,
     req: &RequestHeader,
-    body: Bytes,
+    body: Option<Bytes>,
     ctx: &mut RequestCtx,
 ) -> std::result::Result<(), LocalResponse> {
+    let has_body = body.is_some();
+    let mut body = body.unwrap_or_default();
     let path = req.uri.path();
     let needs_model = endpoint_needs_model(req.method.as_str(), path);
     let content_type = req
@@ -60,14 +63,13 @@ pub(crate) fn parse_and_route(
         });
     };
     ctx.route = Some(idx);
-    ctx.body = body;
     if let (Some(new_model), Some(_)) = (route.rewrite_model.as_deref(), ctx.model.as_deref()) {
         if let Some(info) = json_info.as_ref() {
-            ctx.body = Bytes::from(info.rewrite_model(&ctx.body, new_model));
+            body = Bytes::from(info.rewrite_model(&body, new_model));
         } else if let Some(b) =
-            request_body::rewrite_multipart_field(&ctx.body, content_type, "model", new_model)
+            request_body::rewrite_multipart_field(&body, content_type, "model", new_model)
         {
-            ctx.body = Bytes::from(b);
+            body = Bytes::from(b);
         }
         ctx.upstream_model = Some(new_model.to_string());
     }
@@ -76,10 +78,11 @@ pub(crate) fn parse_and_route(
         && json_info.as_ref().is_some_and(|i| !i.include_usage)
     {
         // Rescan: the body may have been rewritten above.
-        if let Ok(info) = request_body::scan_json(&ctx.body) {
-            ctx.body = Bytes::from(info.inject_include_usage(&ctx.body));
+        if let Ok(info) = request_body::scan_json(&body) {
+            body = Bytes::from(info.inject_include_usage(&body));
             ctx.strip_usage = true;
         }
     }
+    ctx.body = has_body.then_some(body);
     Ok(())
 }

@@ -122,7 +122,7 @@ impl Upstream {
             auth_values: cfg
                 .keys
                 .iter()
-                .map(|k| crate::proxy::headers::auth_value(cfg.auth, k.secret.expose()))
+                .map(|k| crate::header_rules::auth_value(cfg.auth, k.secret.expose()))
                 .collect(),
             outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),

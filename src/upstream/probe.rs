@@ -4,7 +4,7 @@
 //! proxied traffic, so a probe that passes means the proxy path works too.
 
 use super::Upstream;
-use crate::proxy::headers::prepare_upstream_request;
+use crate::header_rules::prepare_upstream_request;
 use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::http::Connector;
 use pingora_error::{Error, ErrorType, Result};

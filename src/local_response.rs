@@ -1,11 +1,15 @@
 //! keygate's own answers, shaped like OpenAI's errors: `{"error":{"message","type","param","code"}}`.
+//!
+//! Plain data with no Pingora types: the proxy glue turns one into a response header.
 
 use bytes::Bytes;
-use pingora_http::ResponseHeader;
 use std::time::Duration;
 
-/// A response keygate writes itself instead of proxying.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A response keygate writes itself instead of proxying. As an error (it implements
+/// `std::error::Error`) it rides inside a Pingora error from the hook that decided it to the
+/// hook that writes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("keygate answers {status} ({code}): {message}")]
 pub struct LocalResponse {
     /// HTTP status.
     pub status: u16,
@@ -199,20 +203,6 @@ impl LocalResponse {
         });
         Bytes::from(v.to_string())
     }
-
-    /// The response header for a body of `len` bytes.
-    pub fn header(&self, len: usize) -> pingora_error::Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(self.status, Some(4))?;
-        h.insert_header("content-type", "application/json")?;
-        h.insert_header("content-length", len.to_string())?;
-        if let Some(s) = self.retry_after {
-            h.insert_header("retry-after", s.to_string())?;
-        }
-        for (name, value) in &self.extra_headers {
-            h.insert_header(*name, value.as_str())?;
-        }
-        Ok(h)
-    }
 }
 
 /// Rounds a duration up to whole seconds, at least 1.
@@ -242,9 +232,5 @@ mod tests {
         assert_eq!(whole_seconds_up(Duration::from_millis(2001)), 3);
         let r = LocalResponse::all_cooling(Duration::from_millis(1500));
         assert_eq!(r.retry_after, Some(2));
-        assert_eq!(
-            r.header(10).unwrap().headers.get("retry-after").unwrap(),
-            "2"
-        );
     }
 }
