@@ -497,3 +497,59 @@ async fn idle_upstreams_get_keep_warm_pings() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A loopback listener whose accept queue is full: a connection attempt hangs (the kernel drops
+/// the SYN) until the client's connect timeout. Keep the returned values alive while in use.
+fn stalled_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+                return (listener, held, addr);
+            }
+        }
+    }
+    panic!("the accept queue never filled up");
+}
+
+#[tokio::test]
+async fn deadline_stops_retries_after_connect_failures() {
+    // Each attempt waits out a 400 ms connect timeout. Ten retries would take 4.4 s; the
+    // route's 1 s deadline must stop them after about three attempts.
+    let (_listener, _held, addr) = stalled_listener();
+    let metrics_port = free_port();
+    let yaml = format!(
+        "metrics: {{ addr: 127.0.0.1:{metrics_port} }}\nupstreams:\n  stalled:\n    url: http://{addr}\n    connect_timeout: 400ms\n    health: {{ enabled: false }}\n    outlier: {{ consecutive: 100 }}\n    keys: [ {{ name: a, env: KA }} ]\nroutes:\n  - {{ upstreams: [stalled], retries: 10, deadline: 1s }}\n"
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    let start = Instant::now();
+    let r = send(&kg, "gpt-4o").await;
+    let elapsed = start.elapsed();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_gateway");
+    assert!(
+        elapsed < Duration::from_millis(3000),
+        "retries went on past the deadline: {elapsed:?}"
+    );
+    let m = scrape(metrics_port).await;
+    let attempts = sum(
+        &m,
+        "keygate_upstream_attempts_total",
+        &[("outcome", "connect_error")],
+    );
+    assert!(
+        (2.0..=5.0).contains(&attempts),
+        "expected the deadline to allow 2 to 5 attempts, saw {attempts}: {}",
+        kg.log_text()
+    );
+}
