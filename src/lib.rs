@@ -1,7 +1,9 @@
 //! keygate — an LLM API gateway and key load balancer on Pingora.
 //!
 //! # Layout
-//! Data flows top to bottom:
+//!
+//! Data flows from the config through the pools and routes to the proxy hooks, then out to
+//! metrics and logs; background upkeep feeds key and endpoint states back:
 //!
 //! ```text
 //! config ──► keys / routes / upstreams / clients ──► proxy hooks ──► usage, metrics, access log
@@ -9,22 +11,39 @@
 //!                       └──── prober, state file ◄─────────┘   (background)
 //! ```
 //!
-//! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
-//! - [`clock`] and [`calendar`]: injected time sources; UTC calendar arithmetic.
-//! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
-//! - [`retry_after`] and [`outcome`]: what an upstream's 429 asks for; what a status means for a key.
-//! - [`glob`], [`routes`], [`strategy`]: which upstreams serve a model or path, and in what order.
-//! - [`request_body`]: reading `model`/`stream` from a body without a full parse; alias rewrite.
-//! - [`upstream`] and [`outlier`]: one upstream at run time (base URL, auth style, keys, endpoints,
-//!   discovery, probes) and endpoint ejection after consecutive failures.
-//! - [`clients`]: gateway tokens, per-client and per-IP limits, client addresses behind proxies.
-//! - [`proxy`]: the Pingora `ProxyHttp` glue: thin, calling the modules above.
-//! - [`usage`], [`metrics`], [`access_log`]: token accounting, Prometheus metrics with the health
-//!   endpoints, one JSON line per request.
-//! - [`prober`] and [`state_file`]: background upkeep (key probes, quota checks, keep-warm,
-//!   endpoint returns) and key states kept across restarts and upgrades.
-//! - [`conn_guard`]: per-connection guards below Pingora's HTTP/1 parser (408/431, idle timeout).
-//! - [`server`] and [`cli`]: a validated config turned into a running Pingora server; the command line.
+//! The modules stand in layers, bottom first. A module uses only its own layer and the layers
+//! below it, no modules import each other in a cycle, only [`server`] uses [`proxy`], and nothing
+//! below the glue touches Pingora's proxy crate: `tests/layout.rs` checks all of it against the
+//! imports, so this tour stays true.
+//!
+//! 1. **Parsers and primitives**: [`clock`] and [`calendar`] (injected time, UTC dates),
+//!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
+//!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers), [`retry_after`]
+//!    (what an upstream's 429 asks for), [`strategy`] (the order of a route's upstreams),
+//!    [`access_log`] (one JSON line per request).
+//!
+//! 2. **Decisions**, plain Rust without sockets: [`keys`] (the [`keys::KeyPool`]: per-key
+//!    state, cooling per model, disabled, and selection), [`outcome`] (what a status means for a
+//!    key), [`outlier`] (endpoint ejection after consecutive failures), [`clients`] (gateway
+//!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
+//!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere
+//!    or answer), [`routes`] (which upstreams serve a model or path, with their plan).
+//!
+//! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
+//!    validation with precise messages).
+//!
+//! 4. **Run-time parts**: [`header_rules`] (what leaves for the upstream, what comes back),
+//!    [`upstream`] (one upstream: base URL, auth style, keys, endpoints, discovery, probes),
+//!    [`metrics`] (Prometheus metrics and the health endpoints), [`state_file`] (key states
+//!    kept across restarts and upgrades).
+//!
+//! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
+//!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser).
+//!
+//! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
+//!
+//! 7. **Wiring**: [`server`] (a validated config turned into a running Pingora server) and
+//!    [`cli`] (the command line).
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
 //! binary (`src/bin/keygate-mock/`).

@@ -500,11 +500,20 @@ async fn idle_upstreams_get_keep_warm_pings() {
 
 /// A loopback listener whose accept queue is full: a connection attempt hangs (the kernel drops
 /// the SYN) until the client's connect timeout. Keep the returned values alive while in use.
-fn stalled_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, std::net::SocketAddr) {
+fn stalled_listener() -> (
+    socket2::Socket,
+    Vec<std::net::TcpStream>,
+    std::net::SocketAddr,
+) {
     use socket2::{Domain, Socket, Type};
     let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     listener
-        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
         .unwrap();
     listener.listen(0).unwrap();
     let addr = listener.local_addr().unwrap().as_socket().unwrap();
