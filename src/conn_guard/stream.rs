@@ -1,47 +1,23 @@
-//! Request-header guards below Pingora's HTTP/1 parser.
+//! [`GuardedStream`]: the poll state machine around an accepted L4 stream. It watches the bytes
+//! Pingora reads, runs the connection's timers and answers `408`/`431` itself.
 //!
-//! Pingora reads a request header with a timeout per read (so a client sending one byte a second
-//! is never cut off), accepts up to 1 MiB and 256 header fields, and waits for the next request on
-//! a keep-alive connection without limit. None of that is reachable from a `ProxyHttp` hook, which
-//! runs only once the header is parsed. So keygate wraps every accepted connection in a
-//! [`GuardedStream`] that watches the bytes Pingora reads:
-//!
-//! - a fresh connection must send its first byte within `header_timeout` (as nginx's
-//!   `client_header_timeout` does from accept), else it is closed silently;
-//! - each HTTP/1 request header must be complete within `header_timeout` of its first byte, else
-//!   the client gets `408` and the connection closes;
-//! - a header over `max_header_bytes` or `max_headers` gets `431` and the connection closes;
-//! - a keep-alive connection idle for `idle_timeout` between requests is closed silently.
-//!
-//! HTTP/2 (h2c prior knowledge or TLS ALPN `h2`) is left alone after its preface: Pingora's own
-//! `h2_idle_timeout`, which counts in-flight streams, is set to `idle_timeout` instead.
-//!
-//! [`GuardedApp`] wraps the proxy app: it puts each new connection in a [`GuardedStream`] and, as
-//! Pingora starts each HTTP/1 request on a kept-alive connection, tells the stream a new request
-//! begins (so the idle timer, then the header timer, apply again). Knowing where a request starts
-//! from Pingora rather than guessing it from traffic matters: a `100 Continue` is a write before
-//! the request body, which a "first read after a write" rule would mistake for a new header.
-//!
-//! It also keeps idle connections small. Pingora's proxy builds its per-request future (about
-//! 16 KB) as soon as it is handed a session, and an idle keep-alive connection would hold one
-//! while it waits; the generic connection future also has room for HTTP/2. So HTTP/1 connections
-//! run their keep-alive loop here, and each request's session goes to the proxy only once its
-//! first byte has arrived: 46 KiB → 17 KiB per idle connection (BENCHMARKS.md).
+//! A connection moves through phases: waiting for a request's first byte (the fresh-connection or
+//! idle timer runs), inside its header (the header timer runs and the bytes go to a
+//! [`HeaderScan`]), passing bytes through (a body, a response, HTTP/2), rejecting (writing the
+//! answer, then lingering) and closed.
 
+use super::scan::{HeaderScan, ScanVerdict};
+use super::{GuardSettings, H2_PREFACE};
 use crate::local_response::LocalResponse;
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use log::debug;
-use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
-use pingora_core::protocols::http::v2::server::H2Options;
-use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
-use pingora_core::server::ShutdownWatch;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -52,132 +28,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The limits one connection is held to; built from the `guards:` config section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuardSettings {
-    /// How long a whole HTTP/1 request header may take from its first byte (and how long a new
-    /// connection may stay silent). Default 10 s.
-    pub header_timeout: Duration,
-    /// Largest request header (request line, fields and the blank line). Default 32 KiB.
-    pub max_header_bytes: usize,
-    /// Most header fields in one request. Default 100.
-    pub max_headers: usize,
-    /// How long a keep-alive connection may wait for its next request (HTTP/1), or stay without
-    /// an in-flight stream (HTTP/2). Default 60 s.
-    pub idle_timeout: Duration,
-}
-
-impl Default for GuardSettings {
-    fn default() -> Self {
-        Self {
-            header_timeout: Duration::from_secs(10),
-            max_header_bytes: 32 * 1024,
-            max_headers: 100,
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// The `guards:` section's connection limits (its deny rules are applied later, in the proxy).
-impl From<&crate::config::GuardsConfig> for GuardSettings {
-    fn from(g: &crate::config::GuardsConfig) -> Self {
-        Self {
-            header_timeout: g.header_timeout,
-            max_header_bytes: g.max_header_bytes,
-            max_headers: g.max_headers,
-            idle_timeout: g.idle_timeout,
-        }
-    }
-}
-
-// https://datatracker.ietf.org/doc/html/rfc9113#section-3.4
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// After a 408/431, how long the connection lingers to deliver the answer and drain what the
 /// client is still sending: closing with unread bytes makes the kernel send RST, which can destroy
 /// the answer before the client reads it (nginx's `lingering_close` exists for the same reason).
-const LINGER: Duration = Duration::from_secs(1);
+pub(super) const LINGER: Duration = Duration::from_secs(1);
 /// At most this much is drained while lingering; a client flooding past it just gets the close.
 const MAX_DRAIN: usize = 1 << 20;
 /// Drained per poll before yielding, so a fast client cannot hold the worker thread.
 const DRAIN_PER_POLL: usize = 64 * 1024;
-
-/// What [`HeaderScan::feed`] concluded after a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScanVerdict {
-    /// The header is not complete yet.
-    Partial,
-    /// The header ended; this many bytes of the chunk belong to it (the rest is body).
-    Complete(usize),
-    /// The header grew past `max_header_bytes`.
-    TooLarge,
-    /// The header has more than `max_headers` fields.
-    TooManyHeaders,
-}
-
-/// Finds the end of an HTTP/1 request header across reads and counts its bytes and fields.
-///
-/// A line ends at `\n` (a preceding `\r` is part of the ending), as httparse, Pingora's parser,
-/// accepts bare LF too: stopping only at CRLFCRLF would scan into the body of such a request.
-/// Empty lines before the request line are skipped, as RFC 9112 §2.2 allows and httparse does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HeaderScan {
-    bytes: usize,
-    /// Non-empty lines so far: the request line, then one per field.
-    lines: usize,
-    /// Bytes of the current line before its `\n`.
-    line_len: usize,
-    /// Whether the current line's last byte so far is `\r`.
-    last_cr: bool,
-}
-
-impl HeaderScan {
-    /// Header bytes seen so far.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Feeds the next bytes read; only the newly read bytes are scanned (one memchr per line).
-    pub fn feed(&mut self, chunk: &[u8], max_bytes: usize, max_headers: usize) -> ScanVerdict {
-        let mut pos = 0;
-        while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
-            let nl = pos + i;
-            let len = self.line_len + i;
-            let last_cr = if i > 0 {
-                chunk[nl - 1] == b'\r'
-            } else {
-                self.last_cr
-            };
-            self.bytes += i + 1;
-            if self.bytes > max_bytes {
-                return ScanVerdict::TooLarge;
-            }
-            self.line_len = 0;
-            self.last_cr = false;
-            pos = nl + 1;
-            if len == 0 || (len == 1 && last_cr) {
-                if self.lines > 0 {
-                    return ScanVerdict::Complete(pos);
-                }
-                continue;
-            }
-            self.lines += 1;
-            if self.lines - 1 > max_headers {
-                return ScanVerdict::TooManyHeaders;
-            }
-        }
-        let rest = &chunk[pos..];
-        if let Some(&last) = rest.last() {
-            self.bytes += rest.len();
-            self.line_len += rest.len();
-            self.last_cr = last == b'\r';
-        }
-        if self.bytes > max_bytes {
-            return ScanVerdict::TooLarge;
-        }
-        ScanVerdict::Partial
-    }
-}
 
 /// Why a connection is being (or was) closed by the guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,11 +94,11 @@ pub struct GuardedStream {
     timer: Pin<Box<Sleep>>,
     /// Bytes read by [`Peek::try_peek`] (already scanned), handed out again by reads first.
     rewind: BytesMut,
-    /// Set by [`GuardedApp`] when Pingora starts an HTTP/1 request on this connection; an atomic
-    /// because the app only reaches the stream through a shared reference.
-    request_started: AtomicBool,
+    /// Set by [`GuardedApp`](super::GuardedApp) when Pingora starts an HTTP/1 request on this
+    /// connection; an atomic because the app only reaches the stream through a shared reference.
+    pub(super) request_started: AtomicBool,
     /// Whether the first request's start was seen (that one is already covered from accept).
-    first_request_seen: bool,
+    pub(super) first_request_seen: bool,
     /// TLS negotiated `h2`: the first bytes are the preface, nothing to guard.
     h2_by_alpn: bool,
 }
@@ -700,234 +558,13 @@ impl Peek for GuardedStream {
     }
 }
 
-/// A Pingora HTTP app (keygate's proxy) behind the connection guard: a `ServerApp` to put in a
-/// `pingora_core::services::listening::Service` in place of the bare app.
-pub struct GuardedApp<A> {
-    hook: Arc<RequestHook<A>>,
-    settings: GuardSettings,
-}
-
-impl<A: HttpServerApp> GuardedApp<A> {
-    /// Wraps `app`, keeping its `server_options` (h2c, keep-alive limits) and setting
-    /// `h2_idle_timeout` to `settings.idle_timeout` unless the app already sets one.
-    pub fn new(app: A, settings: GuardSettings) -> Self {
-        let mut options = app.server_options().cloned().unwrap_or_default();
-        if options.h2_idle_timeout.is_none() {
-            options.h2_idle_timeout = Some(settings.idle_timeout);
-        }
-        Self {
-            hook: Arc::new(RequestHook {
-                app: Arc::new(app),
-                options,
-                shutting_down: AtomicBool::new(false),
-                shutdown: tokio::sync::Notify::new(),
-            }),
-            settings,
-        }
-    }
-
-    /// The limits each connection is held to.
-    pub fn settings(&self) -> &GuardSettings {
-        &self.settings
-    }
-
-    /// The options Pingora's connection handling sees (the app's, plus the HTTP/2 idle timeout).
-    pub fn server_options(&self) -> &HttpServerOptions {
-        &self.hook.options
-    }
-
-    /// The wrapped app.
-    pub fn app(&self) -> &A {
-        &self.hook.app
-    }
-}
-
-#[async_trait]
-impl<A> ServerApp for GuardedApp<A>
-where
-    A: HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        // A stream handed back for reuse is already guarded; wrapping it twice would restart
-        // its timers and hide it from the request hook.
-        let mut stream: Stream = if (*stream).as_any().is::<GuardedStream>() {
-            stream
-        } else {
-            Box::new(GuardedStream::new(stream, self.settings))
-        };
-        if !self.is_http1(&mut stream).await? {
-            // HTTP/2 (or a custom protocol): Pingora's generic connection handling, on the hook.
-            return ServerApp::process_new(&self.hook, stream, shutdown).await;
-        }
-        // Pingora's HTTP/1 keep-alive loop (pingora-core 0.9 `apps`), run here so that an idle
-        // connection holds this small future rather than the generic one, which also has room
-        // for an HTTP/2 connection (3.5 KiB per connection).
-        let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        session.set_keepalive_reuses_remaining(self.hook.options.keepalive_request_limit);
-        let mut result = self.hook.process_new_http(session, shutdown).await;
-        while let Some((stream, persistent)) = result.map(ReusedHttpStream::consume) {
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(persistent) = persistent {
-                persistent.apply_to_session(&mut session);
-            }
-            result = self.hook.process_new_http(session, shutdown).await;
-        }
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.hook.cleanup().await
-    }
-}
-
-impl<A: HttpServerApp> GuardedApp<A> {
-    /// Whether the connection speaks HTTP/1, decided as Pingora decides it: by ALPN on TLS, by
-    /// the HTTP/2 preface on plain connections when h2c is on. `None`: it closed first.
-    async fn is_http1(&self, stream: &mut Stream) -> Option<bool> {
-        let options = &self.hook.options;
-        if options.force_custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
-            return Some(false);
-        }
-        if stream.get_ssl_digest().is_some() {
-            return Some(!matches!(stream.selected_alpn_proto(), Some(ALPN::H2)));
-        }
-        if !options.h2c {
-            return Some(true);
-        }
-        let mut buf = [0u8; H2_PREFACE.len()];
-        // The guard keeps the peeked bytes for the reads that follow.
-        let peeked = stream.try_peek(&mut buf).await.ok()?;
-        Some(!(peeked && buf[..] == *H2_PREFACE))
-    }
-}
-
-/// Delegates to the app, first telling the connection's guard that an HTTP/1 request starts.
-///
-/// It also waits for the request's first byte before calling the app: Pingora's proxy builds a
-/// ~16 KB future per request as soon as it is called, and would otherwise hold it for as long as
-/// a keep-alive connection sits idle.
-struct RequestHook<A> {
-    app: Arc<A>,
-    options: HttpServerOptions,
-    /// Set by `http_cleanup`: idle keep-alive connections close instead of waiting.
-    shutting_down: AtomicBool,
-    shutdown: tokio::sync::Notify,
-}
-
-impl<A> RequestHook<A> {
-    /// Waits until the connection has bytes to read. `false` when it closed, timed out idle
-    /// (the guard's own timer) or the service is shutting down: the caller closes it then.
-    async fn first_byte(&self, stream: &mut Stream) -> bool {
-        let notified = self.shutdown.notified();
-        tokio::pin!(notified);
-        // Registered before the flag is read, so a shutdown in between is not missed.
-        notified.as_mut().enable();
-        let shutdown = async {
-            if !self.shutting_down.load(Ordering::Acquire) {
-                notified.await;
-            }
-        };
-        let mut byte = [0u8; 1];
-        // Bytes first, as Pingora's own wait does: a request the client has already sent is
-        // served (its answer closes the connection) even when the shutdown has begun.
-        tokio::select! {
-            biased;
-            peeked = stream.try_peek(&mut byte) => peeked.is_ok(),
-            () = shutdown => false,
-        }
-    }
-}
-
-#[async_trait]
-impl<A> HttpServerApp for RequestHook<A>
-where
-    A: HttpServerApp + Send + Sync + 'static,
-{
-    // Written out rather than `async fn`: an async fn keeps its `session` argument (680 bytes)
-    // in its future for as long as the connection waits for its next request. Here the session
-    // is taken apart first and only its stream and settings wait.
-    fn process_new_http<'life0, 'life1, 'async_trait>(
-        self: &'life0 Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &'life1 ShutdownWatch,
-    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        // Only HTTP/1 sessions carry their connection's stream; HTTP/2 streams are left alone.
-        let Some(guard) = session
-            .stream()
-            .and_then(|s| (**s).as_any().downcast_ref::<GuardedStream>())
-        else {
-            return self.app.process_new_http(session, shutdown);
-        };
-        guard.request_starts();
-        // With pipelining on, bytes of the next request may already sit in the session.
-        if session.pipelining_enabled() {
-            return self.app.process_new_http(session, shutdown);
-        }
-        let keepalive = session.get_keepalive();
-        let reuses = session.get_keepalive_reuses_remaining();
-        let user_context = session.take_connection_user_context();
-        let ServerSession::H1(h1) = session else {
-            return self.app.process_new_http(session, shutdown);
-        };
-        let mut stream = h1.into_inner();
-        Box::pin(async move {
-            if !self.first_byte(&mut stream).await {
-                return None;
-            }
-            // The same session Pingora made, rebuilt around the stream.
-            let mut session = ServerSession::new_http1(stream);
-            session.set_keepalive(keepalive);
-            session.set_keepalive_reuses_remaining(reuses);
-            session.set_connection_user_context(user_context);
-            self.app.process_new_http(session, shutdown).await
-        })
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.app.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        Some(&self.options)
-    }
-
-    async fn http_cleanup(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-        self.shutdown.notify_waiters();
-        self.app.http_cleanup().await
-    }
-
-    async fn process_custom_session(
-        self: Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.app
-            .clone()
-            .process_custom_session(stream, shutdown)
-            .await
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::conn_guard::scan::tests::{request_with_fields, MAXB, MAXH};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::time::sleep;
-
-    const MAXB: usize = 32 * 1024;
-    const MAXH: usize = 100;
 
     fn guarded() -> (GuardedStream, DuplexStream) {
         let (server, client) = tokio::io::duplex(256 * 1024);
@@ -959,109 +596,6 @@ mod tests {
     fn json_body(response: &str) -> serde_json::Value {
         let body = response.split("\r\n\r\n").nth(1).unwrap();
         serde_json::from_str(body).unwrap()
-    }
-
-    fn request_with_fields(n: usize) -> Vec<u8> {
-        let mut r = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n".to_vec();
-        for i in 1..n {
-            r.extend_from_slice(format!("x-f{i}: v\r\n").as_bytes());
-        }
-        r.extend_from_slice(b"\r\n");
-        r
-    }
-
-    #[test]
-    fn header_end_is_found_across_reads() {
-        let mut s = HeaderScan::default();
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\nHost: a\r", MAXB, MAXH),
-            ScanVerdict::Partial
-        );
-        assert_eq!(s.feed(b"\n\r", MAXB, MAXH), ScanVerdict::Partial);
-        assert_eq!(s.feed(b"\nbody", MAXB, MAXH), ScanVerdict::Complete(1));
-        assert_eq!(s.bytes(), 27);
-    }
-
-    #[test]
-    fn body_bytes_after_the_header_are_not_counted() {
-        let mut s = HeaderScan::default();
-        let req = b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody";
-        assert_eq!(
-            s.feed(req, MAXB, MAXH),
-            ScanVerdict::Complete(req.len() - 4)
-        );
-        assert_eq!(s.bytes(), req.len() - 4);
-    }
-
-    #[test]
-    fn bare_lf_header_end_is_found() {
-        let mut s = HeaderScan::default();
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\nHost: a\n\nrest", MAXB, MAXH),
-            ScanVerdict::Complete(24)
-        );
-    }
-
-    #[test]
-    fn leading_blank_lines_are_skipped_not_taken_as_the_end() {
-        let mut s = HeaderScan::default();
-        assert_eq!(s.feed(b"\r\n\r\n", MAXB, MAXH), ScanVerdict::Partial);
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\n\r\n", MAXB, MAXH),
-            ScanVerdict::Complete(18)
-        );
-    }
-
-    #[test]
-    fn a_lone_cr_inside_a_line_does_not_end_the_header() {
-        let mut s = HeaderScan::default();
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\nx: a\rb\r\n", MAXB, MAXH),
-            ScanVerdict::Partial
-        );
-        assert_eq!(s.feed(b"\r\n", MAXB, MAXH), ScanVerdict::Complete(2));
-    }
-
-    #[test]
-    fn header_at_the_byte_cap_passes_and_one_byte_more_is_too_large() {
-        let head = b"GET / HTTP/1.1\r\nx: ";
-        let cap = 100;
-        let pad = cap - head.len() - 4; // "\r\n\r\n"
-        let mut exact = head.to_vec();
-        exact.extend(std::iter::repeat_n(b'a', pad));
-        exact.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(
-            HeaderScan::default().feed(&exact, cap, MAXH),
-            ScanVerdict::Complete(cap)
-        );
-        let mut over = head.to_vec();
-        over.extend(std::iter::repeat_n(b'a', pad + 1));
-        over.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(
-            HeaderScan::default().feed(&over, cap, MAXH),
-            ScanVerdict::TooLarge
-        );
-    }
-
-    #[test]
-    fn a_header_without_line_ends_is_too_large_once_past_the_cap() {
-        let mut s = HeaderScan::default();
-        assert_eq!(s.feed(&[b'a'; 60], 100, MAXH), ScanVerdict::Partial);
-        assert_eq!(s.feed(&[b'a'; 60], 100, MAXH), ScanVerdict::TooLarge);
-    }
-
-    #[test]
-    fn header_field_cap_allows_exactly_max_headers() {
-        let ok = request_with_fields(MAXH);
-        assert_eq!(
-            HeaderScan::default().feed(&ok, MAXB, MAXH),
-            ScanVerdict::Complete(ok.len())
-        );
-        let over = request_with_fields(MAXH + 1);
-        assert_eq!(
-            HeaderScan::default().feed(&over, MAXB, MAXH),
-            ScanVerdict::TooManyHeaders
-        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1318,188 +852,5 @@ mod tests {
         rd.read_to_end(&mut out).await.unwrap();
         assert!(out.starts_with(b"HTTP/1.1 408 "));
         writer.await.unwrap();
-    }
-
-    /// Records whether the guard had been told of the request when the app got the session.
-    struct SeesGuard(std::sync::Mutex<Vec<bool>>);
-
-    #[async_trait]
-    impl HttpServerApp for SeesGuard {
-        async fn process_new_http(
-            self: &Arc<Self>,
-            session: ServerSession,
-            _shutdown: &ShutdownWatch,
-        ) -> Option<ReusedHttpStream> {
-            let marked = session
-                .stream()
-                .and_then(|s| (**s).as_any().downcast_ref::<GuardedStream>())
-                .is_some_and(|g| g.request_started.load(Ordering::Relaxed) || g.first_request_seen);
-            self.0.lock().unwrap().push(marked);
-            None
-        }
-    }
-
-    fn hooked() -> (GuardedApp<SeesGuard>, Stream, DuplexStream) {
-        let app = GuardedApp::new(
-            SeesGuard(std::sync::Mutex::new(Vec::new())),
-            GuardSettings::default(),
-        );
-        let (server, client) = tokio::io::duplex(1024);
-        let stream: Stream = Box::new(GuardedStream::new(Box::new(server), app.settings));
-        (app, stream, client)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn request_hook_calls_the_app_only_once_the_request_starts_arriving() {
-        let (app, stream, mut client) = hooked();
-        let hook = app.hook.clone();
-        let (_tx, shutdown) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            hook.process_new_http(ServerSession::new_http1(stream), &shutdown)
-                .await
-                .is_none()
-        });
-        sleep(Duration::from_secs(5)).await;
-        assert!(app.app().0.lock().unwrap().is_empty(), "no byte yet");
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(task.await.unwrap());
-        assert_eq!(*app.app().0.lock().unwrap(), vec![true]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_closes_a_connection_waiting_for_its_next_request() {
-        let (app, stream, _client) = hooked();
-        let hook = app.hook.clone();
-        let (_tx, shutdown) = tokio::sync::watch::channel(false);
-        let waiting = tokio::spawn(async move {
-            hook.process_new_http(ServerSession::new_http1(stream), &shutdown)
-                .await
-                .is_none()
-        });
-        sleep(Duration::from_secs(1)).await;
-        app.hook.http_cleanup().await;
-        assert!(waiting.await.unwrap());
-        assert!(app.app().0.lock().unwrap().is_empty());
-        // A connection that starts waiting after the shutdown closes at once, too.
-        let (app2, stream2, _client2) = hooked();
-        app2.hook.http_cleanup().await;
-        let (_tx2, shutdown2) = tokio::sync::watch::channel(false);
-        let closed = app2
-            .hook
-            .process_new_http(ServerSession::new_http1(stream2), &shutdown2)
-            .await;
-        assert!(closed.is_none());
-        assert!(app2.app().0.lock().unwrap().is_empty());
-        // But a request the client has already sent is still handed to the app, as Pingora's
-        // own wait does (the shutdown then closes the connection after the answer).
-        let (app3, stream3, mut client3) = hooked();
-        app3.hook.http_cleanup().await;
-        client3
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (_tx3, shutdown3) = tokio::sync::watch::channel(true);
-        app3.hook
-            .process_new_http(ServerSession::new_http1(stream3), &shutdown3)
-            .await;
-        assert_eq!(*app3.app().0.lock().unwrap(), vec![true]);
-    }
-
-    #[test]
-    fn guarded_app_keeps_h2c_and_bounds_idle_h2_connections() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        struct WithOptions(HttpServerOptions);
-        #[async_trait]
-        impl HttpServerApp for WithOptions {
-            async fn process_new_http(
-                self: &Arc<Self>,
-                _session: ServerSession,
-                _shutdown: &ShutdownWatch,
-            ) -> Option<ReusedHttpStream> {
-                None
-            }
-            fn server_options(&self) -> Option<&HttpServerOptions> {
-                Some(&self.0)
-            }
-        }
-        let app = GuardedApp::new(WithOptions(options), GuardSettings::default());
-        assert!(app.server_options().h2c);
-        assert_eq!(
-            app.server_options().h2_idle_timeout,
-            Some(Duration::from_secs(60))
-        );
-    }
-
-    /// Reads one request header the way keygate's proxy does, through Pingora's HTTP/1 session.
-    struct ReadsHeader {
-        options: HttpServerOptions,
-        read_errors: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl HttpServerApp for ReadsHeader {
-        async fn process_new_http(
-            self: &Arc<Self>,
-            mut session: ServerSession,
-            _shutdown: &ShutdownWatch,
-        ) -> Option<ReusedHttpStream> {
-            if session.read_request().await.is_err() {
-                self.read_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            None
-        }
-        fn server_options(&self) -> Option<&HttpServerOptions> {
-            Some(&self.options)
-        }
-    }
-
-    /// With h2c on, Pingora's preface peek meets the guard first; without (as on TLS), its
-    /// `read_request` does.
-    #[tokio::test(start_paused = true)]
-    async fn slowloris_through_pingora_http1_handling_gets_408_with_and_without_h2c() {
-        for h2c in [true, false] {
-            let mut options = HttpServerOptions::default();
-            options.h2c = h2c;
-            let app = Arc::new(GuardedApp::new(
-                ReadsHeader {
-                    options,
-                    read_errors: Default::default(),
-                },
-                GuardSettings::default(),
-            ));
-            let (server, client) = tokio::io::duplex(64 * 1024);
-            let (mut rd, mut wr) = tokio::io::split(client);
-            let writer = tokio::spawn(async move {
-                for b in b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-                    .iter()
-                    .cycle()
-                {
-                    if wr.write_all(&[*b]).await.is_err() {
-                        break;
-                    }
-                    sleep(Duration::from_secs(1)).await;
-                }
-            });
-            let (_tx, shutdown) = tokio::sync::watch::channel(false);
-            let start = Instant::now();
-            let back = app.process_new(Box::new(server), &shutdown).await;
-            assert!(back.is_none());
-            assert!(start.elapsed() <= Duration::from_secs(10) + LINGER);
-            let mut out = Vec::new();
-            rd.read_to_end(&mut out).await.unwrap();
-            assert!(
-                out.starts_with(b"HTTP/1.1 408 "),
-                "h2c {h2c}: {}",
-                String::from_utf8_lossy(&out)
-            );
-            // The peek fails before any session exists; without it, read_request fails.
-            let errors = app.app().read_errors.load(Ordering::Relaxed);
-            assert_eq!(errors, usize::from(!h2c), "h2c {h2c}");
-            writer.await.unwrap();
-        }
     }
 }
