@@ -1,5 +1,6 @@
 //! Prometheus metrics (prefix `keygate_`) and the side port that serves them with `/healthz`
-//! and `/readyz`.
+//! and `/readyz`. [`CATALOGUE`] lists every family (name, kind, labels, help); the families are
+//! registered from it, and the deploy kit's dashboard and alerts are tested against it.
 //!
 //! Labels carry names from the config (routes, upstreams, key names) and model names; model
 //! names come from clients, so [`ModelLabels`] caps how many distinct ones become labels.
@@ -49,13 +50,142 @@ pub struct Metrics {
     models: ModelLabels,
 }
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid")
+/// What kind of Prometheus family a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only ever goes up (`_total`).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets: series `_bucket` (with `le`), `_sum` and `_count`.
+    Histogram,
 }
 
-fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("static metric definition is valid")
+/// One metric family keygate exports: what dashboards and alerts may rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricInfo {
+    /// The family name (`keygate_...`; histograms without their series suffixes).
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// Label names, in the order `with_label_values` takes their values.
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub help: &'static str,
+}
+
+const REQUESTS: MetricInfo = MetricInfo {
+    name: "keygate_requests_total",
+    kind: MetricKind::Counter,
+    labels: &["route", "upstream", "status"],
+    help: "Requests served, by route, upstream and status.",
+};
+const REQUEST_DURATION: MetricInfo = MetricInfo {
+    name: "keygate_request_duration_seconds",
+    kind: MetricKind::Histogram,
+    labels: &["route"],
+    help: "Time from request to the end of the response, by route.",
+};
+const TTFB: MetricInfo = MetricInfo {
+    name: "keygate_ttfb_seconds",
+    kind: MetricKind::Histogram,
+    labels: &["upstream"],
+    help: "Time from sending an attempt to the upstream's response header, by upstream.",
+};
+const ATTEMPTS: MetricInfo = MetricInfo {
+    name: "keygate_upstream_attempts_total",
+    kind: MetricKind::Counter,
+    labels: &["upstream", "outcome"],
+    help: "Upstream attempts by outcome.",
+};
+const RETRIES: MetricInfo = MetricInfo {
+    name: "keygate_retries_total",
+    kind: MetricKind::Counter,
+    labels: &["route"],
+    help: "Attempts after the first, by route.",
+};
+const KEYS: MetricInfo = MetricInfo {
+    name: "keygate_keys",
+    kind: MetricKind::Gauge,
+    labels: &["upstream", "state"],
+    help: "Keys by upstream and state (ready, cooling, disabled).",
+};
+const COOLDOWNS: MetricInfo = MetricInfo {
+    name: "keygate_key_cooldowns_total",
+    kind: MetricKind::Counter,
+    labels: &["upstream", "key", "reason"],
+    help: "Keys taken out of rotation, by key and reason.",
+};
+const TOKENS: MetricInfo = MetricInfo {
+    name: "keygate_tokens_total",
+    kind: MetricKind::Counter,
+    labels: &["model", "upstream", "client", "kind"],
+    help: "Tokens reported by upstreams, by model, upstream, client and kind.",
+};
+const IN_FLIGHT: MetricInfo = MetricInfo {
+    name: "keygate_in_flight_requests",
+    kind: MetricKind::Gauge,
+    labels: &[],
+    help: "Requests being served.",
+};
+const LOCAL_RESPONSES: MetricInfo = MetricInfo {
+    name: "keygate_local_responses_total",
+    kind: MetricKind::Counter,
+    labels: &["reason"],
+    help: "Answers keygate wrote itself, by reason.",
+};
+const CLIENT_REJECTIONS: MetricInfo = MetricInfo {
+    name: "keygate_client_rejections_total",
+    kind: MetricKind::Counter,
+    labels: &["client", "reason"],
+    help: "Client requests refused by client limits, by client and reason.",
+};
+const CONNECTION_CLOSES: MetricInfo = MetricInfo {
+    name: "keygate_connection_closes_total",
+    kind: MetricKind::Counter,
+    labels: &["reason"],
+    help: "Connections closed by the request-header guard: 408, 431, idle or silent.",
+};
+
+/// Every metric family keygate exports. The registrations below are built from these entries,
+/// so the deploy kit's dashboard and alerts can be checked against this list.
+pub const CATALOGUE: &[MetricInfo] = &[
+    REQUESTS,
+    REQUEST_DURATION,
+    TTFB,
+    ATTEMPTS,
+    RETRIES,
+    KEYS,
+    COOLDOWNS,
+    TOKENS,
+    IN_FLIGHT,
+    LOCAL_RESPONSES,
+    CLIENT_REJECTIONS,
+    CONNECTION_CLOSES,
+];
+
+fn opts(info: &MetricInfo) -> Opts {
+    Opts::new(info.name, info.help)
+}
+
+fn counter(info: &MetricInfo) -> IntCounterVec {
+    debug_assert_eq!(info.kind, MetricKind::Counter, "{}", info.name);
+    IntCounterVec::new(opts(info), info.labels).expect("static metric definition is valid")
+}
+
+fn histogram(info: &MetricInfo, buckets: Vec<f64>) -> HistogramVec {
+    debug_assert_eq!(info.kind, MetricKind::Histogram, "{}", info.name);
+    let opts = HistogramOpts::new(info.name, info.help).buckets(buckets);
+    HistogramVec::new(opts, info.labels).expect("static metric definition is valid")
+}
+
+fn gauge(info: &MetricInfo) -> IntGauge {
+    debug_assert!(
+        info.kind == MetricKind::Gauge && info.labels.is_empty(),
+        "{}",
+        info.name
+    );
+    IntGauge::with_opts(opts(info)).expect("static metric definition is valid")
 }
 
 /// Buckets from 5 ms to 10 min: LLM calls range from fast embeddings to long generations.
@@ -70,74 +200,40 @@ impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Metrics {
-            requests: counter(
-                "keygate_requests_total",
-                "Requests served, by route, upstream and status.",
-                &["route", "upstream", "status"],
-            ),
-            request_duration: histogram(
-                "keygate_request_duration_seconds",
-                "Time from request to the end of the response, by route.",
-                &["route"],
-                latency_buckets(),
-            ),
-            ttfb: histogram(
-                "keygate_ttfb_seconds",
-                "Time from sending an attempt to the upstream's response header, by upstream.",
-                &["upstream"],
-                latency_buckets(),
-            ),
-            attempts: counter(
-                "keygate_upstream_attempts_total",
-                "Upstream attempts by outcome.",
-                &["upstream", "outcome"],
-            ),
-            retries: counter(
-                "keygate_retries_total",
-                "Attempts after the first, by route.",
-                &["route"],
-            ),
-            cooldowns: counter(
-                "keygate_key_cooldowns_total",
-                "Keys taken out of rotation, by key and reason.",
-                &["upstream", "key", "reason"],
-            ),
-            tokens: counter(
-                "keygate_tokens_total",
-                "Tokens reported by upstreams, by model, upstream, client and kind.",
-                &["model", "upstream", "client", "kind"],
-            ),
-            in_flight: IntGauge::new("keygate_in_flight_requests", "Requests being served.")
-                .expect("static metric definition is valid"),
-            local_responses: counter(
-                "keygate_local_responses_total",
-                "Answers keygate wrote itself, by reason.",
-                &["reason"],
-            ),
-            client_rejections: counter(
-                "keygate_client_rejections_total",
-                "Client requests refused by client limits, by client and reason.",
-                &["client", "reason"],
-            ),
-            connection_closes: counter(
-                "keygate_connection_closes_total",
-                "Connections closed by the request-header guard: 408, 431, idle or silent.",
-                &["reason"],
-            ),
+            requests: counter(&REQUESTS),
+            request_duration: histogram(&REQUEST_DURATION, latency_buckets()),
+            ttfb: histogram(&TTFB, latency_buckets()),
+            attempts: counter(&ATTEMPTS),
+            retries: counter(&RETRIES),
+            cooldowns: counter(&COOLDOWNS),
+            tokens: counter(&TOKENS),
+            in_flight: gauge(&IN_FLIGHT),
+            local_responses: counter(&LOCAL_RESPONSES),
+            client_rejections: counter(&CLIENT_REJECTIONS),
+            connection_closes: counter(&CONNECTION_CLOSES),
             models: ModelLabels::default(),
         };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.request_duration.clone()))?;
-        registry.register(Box::new(m.ttfb.clone()))?;
-        registry.register(Box::new(m.attempts.clone()))?;
-        registry.register(Box::new(m.retries.clone()))?;
-        registry.register(Box::new(m.cooldowns.clone()))?;
-        registry.register(Box::new(m.tokens.clone()))?;
-        registry.register(Box::new(m.in_flight.clone()))?;
-        registry.register(Box::new(m.local_responses.clone()))?;
-        registry.register(Box::new(m.client_rejections.clone()))?;
-        registry.register(Box::new(m.connection_closes.clone()))?;
+        for collector in m.collectors() {
+            registry.register(collector)?;
+        }
         Ok(m)
+    }
+
+    /// Every family of this struct, for registration (`keygate_keys` is [`KeyStateCollector`]'s).
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.ttfb.clone()),
+            Box::new(self.attempts.clone()),
+            Box::new(self.retries.clone()),
+            Box::new(self.cooldowns.clone()),
+            Box::new(self.tokens.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.local_responses.clone()),
+            Box::new(self.client_rejections.clone()),
+            Box::new(self.connection_closes.clone()),
+        ]
     }
 
     /// The label value for a model name (bounded cardinality).
@@ -261,9 +357,9 @@ impl KeyStateCollector {
     /// A collector over these pools.
     pub fn new(pools: Vec<Arc<KeyPool>>) -> Self {
         let desc = Desc::new(
-            "keygate_keys".into(),
-            "Keys by upstream and state (ready, cooling, disabled).".into(),
-            vec!["upstream".into(), "state".into()],
+            KEYS.name.into(),
+            KEYS.help.into(),
+            KEYS.labels.iter().map(|l| l.to_string()).collect(),
             Default::default(),
         )
         .expect("static metric definition is valid");
@@ -277,14 +373,8 @@ impl Collector for KeyStateCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let gauge = prometheus::IntGaugeVec::new(
-            Opts::new(
-                "keygate_keys",
-                "Keys by upstream and state (ready, cooling, disabled).",
-            ),
-            &["upstream", "state"],
-        )
-        .expect("static metric definition is valid");
+        let gauge = prometheus::IntGaugeVec::new(opts(&KEYS), KEYS.labels)
+            .expect("static metric definition is valid");
         for pool in &self.pools {
             let c = pool.counts();
             let up = pool.upstream();
@@ -467,5 +557,78 @@ mod tests {
             .gather()
             .iter()
             .any(|f| f.name() == "keygate_requests_total"));
+    }
+
+    /// `(kind, sorted label names)` of every family, by name.
+    type Families = std::collections::BTreeMap<String, (MetricKind, Vec<String>)>;
+
+    #[test]
+    fn every_registered_family_is_in_the_catalogue_with_its_labels_and_the_reverse() {
+        use prometheus::proto::MetricType;
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        let pool = Arc::new(KeyPool::new(
+            "up",
+            vec![KeySpec::named("k", "sk-k")],
+            KeyPolicy::RoundRobin,
+            CooldownPolicy::default(),
+            ManualClock::new(),
+        ));
+        registry
+            .register(Box::new(KeyStateCollector::new(vec![pool])))
+            .unwrap();
+        // A labelled family is gathered only once it has a series.
+        m.requests.with_label_values(&["r", "u", "200"]).inc();
+        m.request_duration.with_label_values(&["r"]).observe(1.0);
+        m.ttfb.with_label_values(&["u"]).observe(1.0);
+        m.attempts.with_label_values(&["u", "success"]).inc();
+        m.retries.with_label_values(&["r"]).inc();
+        m.cooldowns
+            .with_label_values(&["u", "k", "rate_limit"])
+            .inc();
+        m.tokens.with_label_values(&["m", "u", "c", "prompt"]).inc();
+        m.local_responses.with_label_values(&["not_found"]).inc();
+        m.client_rejections.with_label_values(&["c", "rpm"]).inc();
+        m.connection_closes.with_label_values(&["idle"]).inc();
+
+        let mut registered = Families::new();
+        for family in registry.gather() {
+            let kind = match family.get_field_type() {
+                MetricType::COUNTER => MetricKind::Counter,
+                MetricType::GAUGE => MetricKind::Gauge,
+                MetricType::HISTOGRAM => MetricKind::Histogram,
+                other => panic!("{}: unexpected type {other:?}", family.name()),
+            };
+            let series = family.get_metric();
+            let mut labels: Vec<String> = series[0]
+                .get_label()
+                .iter()
+                .map(|l| l.name().to_string())
+                .collect();
+            labels.sort();
+            // Every series of a family carries the same label names.
+            for s in series {
+                let mut own: Vec<String> =
+                    s.get_label().iter().map(|l| l.name().to_string()).collect();
+                own.sort();
+                assert_eq!(own, labels, "{}", family.name());
+            }
+            let entry = CATALOGUE.iter().find(|c| c.name == family.name());
+            assert_eq!(
+                entry.map(|c| c.help),
+                Some(family.help()),
+                "{} is registered but not in the catalogue",
+                family.name()
+            );
+            registered.insert(family.name().to_string(), (kind, labels));
+        }
+        let mut catalogue = Families::new();
+        for info in CATALOGUE {
+            let mut labels: Vec<String> = info.labels.iter().map(|l| l.to_string()).collect();
+            labels.sort();
+            let before = catalogue.insert(info.name.to_string(), (info.kind, labels));
+            assert!(before.is_none(), "{} twice in the catalogue", info.name);
+        }
+        assert_eq!(registered, catalogue);
     }
 }
