@@ -27,7 +27,7 @@
 //! - [`server`] and [`cli`]: a validated config turned into a running Pingora server; the command line.
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
-//! binary (`src/bin/keygate-mock/`).
+//! crate (`tests/mock/`), a workspace member that the gateway does not depend on.
 
 pub mod access_log;
 pub mod calendar;
