@@ -27,7 +27,7 @@ deps:
 	  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai; }
 
 build: deps
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 
 ## run: start the mock OpenAI upstream and keygate with the demo config (no API keys needed).
 run: build
@@ -48,15 +48,15 @@ fmt:
 	$(CARGO) fmt --all -- --check
 
 lint: deps
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## test: everything CI runs — formatting, lints, unit and integration tests.
 test: deps fmt lint
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --all-targets --no-fail-fast; \
+	  $(CARGO) nextest run --workspace --all-targets --no-fail-fast; \
 	else \
 	  echo "cargo-nextest not found (cargo install cargo-nextest --locked); using cargo test"; \
-	  $(CARGO) test --all-targets --no-fail-fast; \
+	  $(CARGO) test --workspace --all-targets --no-fail-fast; \
 	fi
 
 bench: deps

@@ -99,7 +99,7 @@ def main() -> int:
     ensure_tools({"valgrind": ["valgrind"], "callgrind_control": ["valgrind"], "h2load": ["nghttp2-client"]})
     for b in ("keygate", "keygate-mock", "examples/bare_passthrough"):
         if not (RELEASE / b).exists():
-            raise SystemExit(f"target/release/{b} is missing: cargo build --release --bins --example bare_passthrough")
+            raise SystemExit(f"target/release/{b} is missing: cargo build --release --workspace --bins --example bare_passthrough")
 
     tmp = Path(tempfile.mkdtemp(prefix="keygate-instr-"))
     tmp.chmod(0o700)  # keygate's upgrade socket is created mode 0666

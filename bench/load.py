@@ -285,8 +285,8 @@ def build(skip: bool) -> None:
     if skip:
         log("skipping the release build (--no-build)")
     else:
-        log("cargo build --release --bins")
-        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+        log("cargo build --release --workspace --bins")
+        subprocess.run(["cargo", "build", "--release", "--workspace", "--bins"], cwd=ROOT, check=True)
         subprocess.run(["cargo", "build", "--release", "--example", "bare_passthrough"], cwd=ROOT, check=True)
     for b in ("keygate", "keygate-mock", "examples/bare_passthrough"):
         if not (ROOT / "target" / "release" / b).exists():

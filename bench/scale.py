@@ -661,7 +661,7 @@ def main() -> int:
 
     for b in ("keygate", "keygate-mock"):
         if not (RELEASE / b).exists():
-            raise SystemExit(f"target/release/{b} is missing: run `cargo build --release --bins` (or `make bench`)")
+            raise SystemExit(f"target/release/{b} is missing: run `cargo build --release --workspace --bins` (or `make bench`)")
 
     problems: list[str] = []
     # Each side of a connection is one descriptor in one process: the client holds n, keygate n

@@ -46,7 +46,7 @@
 //!    [`cli`] (the command line).
 //!
 //! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
-//! binary (`src/bin/keygate-mock/`).
+//! crate (`tests/mock/`), a workspace member that only the gateway's tests depend on.
 
 pub mod access_log;
 pub mod calendar;

@@ -60,9 +60,23 @@ fn dockerfile_builds_in_stages_and_runs_as_non_root() {
     assert!(runs
         .iter()
         .any(|r| r.contains("install") && r.contains("cmake")));
-    assert!(runs
+    let build = runs
         .iter()
-        .any(|r| r.contains("cargo build --release") && r.contains("--bin keygate")));
+        .find(|r| r.contains("cargo build --release"))
+        .expect("a cargo build RUN");
+    assert!(build.contains("--bin keygate"), "{build}");
+    // Only the gateway package is built: the mock, a workspace member, stays out of the image.
+    let args: Vec<&str> = build.split_whitespace().collect();
+    assert!(
+        args.windows(2).any(|w| w == ["-p", "keygate"]),
+        "names the keygate package: {build}"
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|a| ["--workspace", "--all", "--bins"].contains(a) || a.contains("keygate-mock")),
+        "builds nothing but the gateway: {build}"
+    );
     assert!(runs.iter().any(|r| r.contains("ca-certificates")));
     assert!(runs.iter().any(|r| r.contains("--uid 10001")));
     let last = |inst: &str| {

@@ -1,16 +1,16 @@
-//! Shared helpers for integration tests: start the real `keygate` and `keygate-mock` binaries on
-//! ephemeral loopback ports, and stop them when the test ends.
+//! Shared helpers for integration tests: start the real `keygate` binary and the mock upstream
+//! (`keygate-mock`, run in process) on ephemeral loopback ports, and stop them when the test ends.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `keygate-mock`, killed on drop.
+/// A running `keygate-mock`, on a runtime of its own in this process; stopped on drop.
 pub struct Mock {
-    child: Child,
+    /// The mock itself: dropping it stops the mock.
+    running: keygate_mock::RunningMock,
     /// `http://127.0.0.1:PORT` (or https).
     pub url: String,
     /// Bound address.
@@ -18,29 +18,19 @@ pub struct Mock {
 }
 
 impl Mock {
-    /// Starts the mock with extra CLI args; waits until it prints its address.
+    /// Starts the mock with extra CLI args on a free loopback port.
     pub fn start(args: &[&str]) -> Mock {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-mock"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start keygate-mock");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_else(|| panic!("unexpected mock banner: {line:?}"))
-            .to_string();
-        let hostport = url.split("://").nth(1).unwrap().to_string();
-        let addr: SocketAddr = hostport
-            .parse()
-            .unwrap_or_else(|_| panic!("bad mock address in {line:?}"));
-        Mock { child, url, addr }
+        let all: Vec<&str> = ["--listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let running =
+            keygate_mock::spawn(&all).unwrap_or_else(|e| panic!("start keygate-mock: {e}"));
+        Mock {
+            url: running.url(),
+            addr: running.addr(),
+            running,
+        }
     }
 
     /// The mock's `/_mock/stats` JSON.
@@ -66,13 +56,6 @@ impl Mock {
             .await
             .unwrap();
         assert!(r.status().is_success(), "set_behavior: {}", r.status());
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

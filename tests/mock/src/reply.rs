@@ -1,7 +1,7 @@
 //! Assembling responses: the headers every response carries, and the error replies of each mode.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
@@ -135,7 +135,7 @@ fn retry_hint(rl: &RateLimit) -> String {
 pub fn rate_limit_headers(rl: &RateLimit, h: &mut HeaderMap, now: SystemTime) {
     if let Some(secs) = rl.retry_after {
         let value = if rl.retry_after_date {
-            keygate::calendar::format_http_date(now + Duration::from_secs(secs))
+            httpdate::fmt_http_date(retry_at(now, secs))
         } else {
             secs.to_string()
         };
@@ -156,6 +156,17 @@ pub fn rate_limit_headers(rl: &RateLimit, h: &mut HeaderMap, now: SystemTime) {
     }
 }
 
+/// The last second an HTTP date can name: 9999-12-31 23:59:59 UTC.
+const LAST_HTTP_DATE: Duration = Duration::from_secs(253_402_300_799);
+
+/// `now` plus `secs`, held at the last second an HTTP date can name (the date writer panics
+/// past it, and `retry_after` is any number the spec gives).
+fn retry_at(now: SystemTime, secs: u64) -> SystemTime {
+    let last = UNIX_EPOCH + LAST_HTTP_DATE;
+    now.checked_add(Duration::from_secs(secs))
+        .map_or(last, |at| at.min(last))
+}
+
 /// A header value from text the mock generated itself (digits, dates).
 fn header(value: String) -> HeaderValue {
     HeaderValue::from_maybe_shared(Bytes::from(value))
@@ -166,7 +177,6 @@ fn header(value: String) -> HeaderValue {
 mod tests {
     use super::*;
     use crate::spec::parse_inline;
-    use std::time::UNIX_EPOCH;
 
     fn error_for(spec: &str) -> Response<MockBody> {
         let b = parse_inline(spec).expect("spec");
@@ -197,6 +207,17 @@ mod tests {
 
         let r = error_for("429:org_wide=true");
         assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    }
+
+    #[test]
+    fn retry_after_date_beyond_year_9999_is_held_at_its_last_second() {
+        let r = error_for("429:retry_after=300000000000:retry_after_date=true");
+        assert_eq!(r.headers()["retry-after"], "Fri, 31 Dec 9999 23:59:59 GMT");
+        let r = error_for(&format!(
+            "429:retry_after={}:retry_after_date=true",
+            u64::MAX
+        ));
+        assert_eq!(r.headers()["retry-after"], "Fri, 31 Dec 9999 23:59:59 GMT");
     }
 
     #[test]
