@@ -142,8 +142,8 @@ mod tests {
     fn url_parts_are_kept() {
         let upstream =
             "url: \"https://[::1]:8443/openai/\"\nkeys: [ { name: a, env: KG_TEST_KEY } ]";
-        let config = load(&config("", upstream, ROUTE), &source()).unwrap();
-        let u = &config.upstreams[0];
+        let loaded = load(&config("", upstream, ROUTE), &source()).unwrap();
+        let u = &loaded.upstreams[0];
         assert!(u.tls);
         assert_eq!((u.host.as_str(), u.port), ("::1", 8443));
         assert_eq!(u.host_header, "[::1]:8443");
