@@ -28,6 +28,11 @@ pub fn main() -> ExitCode {
         println!("keygate: {} is valid", path.display());
         return ExitCode::SUCCESS;
     }
+    // Only a real start writes: `-t` above has touched nothing on disk.
+    if let Err(e) = config::create_runtime_dirs(&config) {
+        eprintln!("keygate: config error: {e}");
+        return ExitCode::from(2);
+    }
     // Pingora must not re-read the file as its own ServerConf: keygate passes `server:` itself.
     let mut opt = opt;
     opt.conf = None;

@@ -1,12 +1,16 @@
 //! Loading secrets from the environment and from key files, and refusing unsafe key files.
 
+use super::source::ConfigSource;
+use crate::keys::Secret;
 use std::path::Path;
 
 /// One line of a key file.
-#[derive(Debug, PartialEq, Eq)]
+///
+/// The secret is a [`Secret`], so `{:?}` of a line shows its options but never the key.
+#[derive(Debug)]
 pub struct KeyLine {
     /// The secret.
-    pub secret: String,
+    pub secret: Secret,
     /// `name=` option.
     pub name: Option<String>,
     /// `weight=` option.
@@ -16,45 +20,39 @@ pub struct KeyLine {
 }
 
 /// Reads a secret from environment variable `var`.
-pub fn from_env(var: &str) -> Result<String, String> {
-    match std::env::var(var) {
-        Ok(v) if v.trim().is_empty() => Err(format!("environment variable {var} is empty")),
-        Ok(v) => Ok(v.trim().to_string()),
-        Err(std::env::VarError::NotPresent) => {
-            Err(format!("environment variable {var} is not set"))
-        }
-        Err(std::env::VarError::NotUnicode(_)) => {
-            Err(format!("environment variable {var} is not valid UTF-8"))
-        }
+pub fn from_env(source: &dyn ConfigSource, var: &str) -> Result<String, String> {
+    let value = source
+        .env(var)
+        .ok_or_else(|| format!("environment variable {var} is not set"))?
+        .into_string()
+        .map_err(|_| format!("environment variable {var} is not valid UTF-8"))?;
+    if value.trim().is_empty() {
+        return Err(format!("environment variable {var} is empty"));
     }
+    Ok(value.trim().to_string())
 }
 
 /// Reads a key file after checking that only its owner can read it.
-pub fn read_keys_file(path: &Path) -> Result<Vec<KeyLine>, String> {
-    check_private(path)?;
-    let text = std::fs::read_to_string(path)
+pub fn read_keys_file(source: &dyn ConfigSource, path: &Path) -> Result<Vec<KeyLine>, String> {
+    check_private(source, path)?;
+    let text = source
+        .read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse_keys(&text)
 }
 
-#[cfg(unix)]
-fn check_private(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
+/// Refuses a file that group or others may read (on platforms with Unix modes).
+fn check_private(source: &dyn ConfigSource, path: &Path) -> Result<(), String> {
+    let meta = source
+        .metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match meta.mode {
+        Some(mode) if mode & 0o077 != 0 => Err(format!(
             "{} is readable by group/others (mode {mode:04o}); run chmod 600 on it",
             path.display()
-        ));
+        )),
+        _ => Ok(()),
     }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(_path: &Path) -> Result<(), String> {
-    Ok(())
 }
 
 /// Parses key-file text: one key a line with optional `name=`, `weight=`, `account=`; `#` starts a comment.
@@ -68,7 +66,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
         let mut words = line.split_whitespace();
         let Some(secret) = words.next() else { continue };
         let mut key = KeyLine {
-            secret: secret.to_string(),
+            secret: Secret::new(secret),
             name: None,
             weight: None,
             account: None,
@@ -106,6 +104,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::source::{MemorySource, SystemSource};
 
     #[test]
     fn key_lines_carry_options_and_skip_comments() {
@@ -115,7 +114,7 @@ mod tests {
         assert_eq!(keys[0].name.as_deref(), Some("a"));
         assert_eq!(keys[0].weight, Some(2));
         assert_eq!(keys[0].account.as_deref(), Some("org1"));
-        assert_eq!(keys[1].secret, "sk-2");
+        assert_eq!(keys[1].secret.expose(), "sk-2");
     }
 
     #[test]
@@ -133,10 +132,69 @@ mod tests {
         let path = dir.path().join("k");
         std::fs::write(&path, "sk-1\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(read_keys_file(&path)
+        assert!(read_keys_file(&SystemSource, &path)
             .unwrap_err()
             .contains("readable by group/others"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_keys_file(&path).unwrap().len(), 1);
+        assert_eq!(read_keys_file(&SystemSource, &path).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn key_line_debug_never_shows_the_secret() {
+        let secret = "sk-proj-0123456789abcdefghijklmnopqrstuv";
+        let keys = parse_keys(&format!("{secret} name=main weight=3 account=org")).unwrap();
+        let shown = format!("{:?} {:#?}", keys[0], keys);
+        for start in 0..=secret.len() - 8 {
+            let run = &secret[start..start + 8];
+            assert!(!shown.contains(run), "{run:?} of the secret in {shown}");
+        }
+        assert!(shown.contains("main"), "the name stays visible: {shown}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn env_secrets_are_trimmed_and_missing_empty_or_non_utf8_ones_are_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let src = MemorySource::new()
+            .with_env("K", "  sk-1\n")
+            .with_env("BLANK", " ")
+            .with_env("BYTES", std::ffi::OsString::from_vec(vec![0xff, 0xfe]));
+        assert_eq!(from_env(&src, "K").unwrap(), "sk-1");
+        assert_eq!(
+            from_env(&src, "NOPE").unwrap_err(),
+            "environment variable NOPE is not set"
+        );
+        assert_eq!(
+            from_env(&src, "BLANK").unwrap_err(),
+            "environment variable BLANK is empty"
+        );
+        assert_eq!(
+            from_env(&src, "BYTES").unwrap_err(),
+            "environment variable BYTES is not valid UTF-8"
+        );
+    }
+
+    #[test]
+    fn key_file_checks_go_through_the_source() {
+        let src = MemorySource::new()
+            .with_file("/k/open", "sk-1\n", 0o640)
+            .with_file("/k/ok", "sk-1 name=a\nsk-2\n", 0o400)
+            .with_file("/k/bin", vec![0xff, 0xfe], 0o600);
+        assert_eq!(
+            read_keys_file(&src, Path::new("/k/open")).unwrap_err(),
+            "/k/open is readable by group/others (mode 0640); run chmod 600 on it"
+        );
+        assert_eq!(read_keys_file(&src, Path::new("/k/ok")).unwrap().len(), 2);
+        assert_eq!(
+            read_keys_file(&src, Path::new("/k/missing")).unwrap_err(),
+            format!(
+                "cannot read /k/missing: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+        assert_eq!(
+            read_keys_file(&src, Path::new("/k/bin")).unwrap_err(),
+            "cannot read /k/bin: stream did not contain valid UTF-8"
+        );
     }
 }

@@ -120,7 +120,8 @@ fn env_vars_named(config: &Value) -> BTreeSet<String> {
 }
 
 /// Runs `keygate -t` on `config` with its pid file, upgrade socket and state file moved into a
-/// temporary directory (validation creates the socket's directory) and every named variable set.
+/// temporary directory (`-t` only checks the socket's directory; a start makes it) and every
+/// named variable set.
 fn keygate_validates(config: &Value, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config.clone();

@@ -1,0 +1,284 @@
+//! `routes:`: which requests go where, checked against the upstreams defined.
+
+use super::{Ctx, RouteConfig, Scope, UpstreamConfig};
+use crate::config::types::RouteFile;
+use crate::config::ConfigError;
+use crate::glob::Glob;
+use crate::routes::RouteSpec;
+use crate::strategy::{Strategy, DEFAULT_EXPLORE};
+use std::time::Duration;
+
+/// Default time to wait for an upstream's response header: the OpenAI SDK's own timeout.
+pub const DEFAULT_TTFB_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default extra attempts after a failed one.
+pub const DEFAULT_RETRIES: u32 = 2;
+
+/// The routes: at least one, each naming upstreams that exist.
+pub(super) fn routes(
+    cx: &Ctx,
+    list: &[RouteFile],
+    upstreams: &[UpstreamConfig],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    if list.is_empty() {
+        return Err(cx.err(
+            "routes",
+            "at least one route is needed, e.g. `- { upstreams: [openai] }` as a catch-all",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| route(&cx.at(format!("routes[{i}]")), i, r, upstreams))
+        .collect()
+}
+
+/// One route, `i`-th in the file.
+fn route(
+    at: &Scope,
+    i: usize,
+    r: &RouteFile,
+    upstreams: &[UpstreamConfig],
+) -> Result<RouteConfig, ConfigError> {
+    let idx = upstream_indexes(at, r, upstreams)?;
+    let mut models = Vec::new();
+    for (j, m) in r.models.iter().enumerate() {
+        models.push(Glob::new(m).map_err(|e| at.err(&format!("models[{j}]"), e.to_string()))?);
+    }
+    if let Some(p) = r.path_prefix.as_ref().filter(|p| !p.starts_with('/')) {
+        return Err(at.err("path_prefix", format!("must start with '/': {p:?}")));
+    }
+    if r.rewrite_model
+        .as_ref()
+        .is_some_and(|m| m.trim().is_empty())
+    {
+        return Err(at.err("rewrite_model", "must not be empty"));
+    }
+    let retries = r.retries.unwrap_or(DEFAULT_RETRIES);
+    if retries > 10 {
+        return Err(at.err("retries", format!("{retries} is too many (at most 10)")));
+    }
+    let ttfb_timeout = r.ttfb_timeout.map_or(DEFAULT_TTFB_TIMEOUT, |d| d.0);
+    if ttfb_timeout.is_zero() {
+        return Err(at.err("ttfb_timeout", "must be greater than zero"));
+    }
+    let strategy = r.strategy.unwrap_or_default();
+    check_weights(at, r, strategy)?;
+    let explore = explore(at, r, strategy)?;
+    let deadline = r.deadline.map(|d| d.0);
+    if deadline.is_some_and(|d| d.is_zero()) {
+        return Err(at.err("deadline", "must be greater than zero"));
+    }
+    Ok(RouteConfig {
+        deadline,
+        strategy,
+        weights: r.weights.clone(),
+        explore,
+        spec: RouteSpec {
+            name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
+            models,
+            path_prefix: r.path_prefix.clone(),
+            upstreams: r.upstreams.clone(),
+            rewrite_model: r.rewrite_model.clone(),
+        },
+        upstreams: idx,
+        retries,
+        ttfb_timeout,
+    })
+}
+
+/// The route's upstreams as indexes into `upstreams`: each defined, none twice.
+fn upstream_indexes(
+    at: &Scope,
+    r: &RouteFile,
+    upstreams: &[UpstreamConfig],
+) -> Result<Vec<usize>, ConfigError> {
+    if r.upstreams.is_empty() {
+        return Err(at.err("upstreams", "empty: name at least one upstream"));
+    }
+    let mut idx = Vec::new();
+    for (j, name) in r.upstreams.iter().enumerate() {
+        let field = format!("upstreams[{j}]");
+        let Some(pos) = upstreams.iter().position(|u| &u.name == name) else {
+            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            let reason = format!("unknown upstream {name:?} (defined: {})", known.join(", "));
+            return Err(at.err(&field, reason));
+        };
+        if idx.contains(&pos) {
+            return Err(at.err(&field, format!("{name:?} is listed twice")));
+        }
+        idx.push(pos);
+    }
+    Ok(idx)
+}
+
+/// `weights`: only for `weighted`, one per upstream, not all zero.
+fn check_weights(at: &Scope, r: &RouteFile, strategy: Strategy) -> Result<(), ConfigError> {
+    if r.weights.is_empty() {
+        return Ok(());
+    }
+    if strategy != Strategy::Weighted {
+        return Err(at.err("weights", "only used with `strategy: weighted`"));
+    }
+    if r.weights.len() != r.upstreams.len() {
+        let reason = format!(
+            "{} weights for {} upstreams: give one per upstream",
+            r.weights.len(),
+            r.upstreams.len()
+        );
+        return Err(at.err("weights", reason));
+    }
+    if r.weights.iter().all(|w| *w == 0) {
+        return Err(at.err("weights", "at least one weight must be above 0"));
+    }
+    Ok(())
+}
+
+/// `explore`: a share between 0 and 1, only for `fastest`.
+fn explore(at: &Scope, r: &RouteFile, strategy: Strategy) -> Result<f64, ConfigError> {
+    let explore = r.explore.unwrap_or(DEFAULT_EXPLORE);
+    if !(0.0..=1.0).contains(&explore) {
+        return Err(at.err("explore", format!("{explore} is not between 0 and 1")));
+    }
+    if r.explore.is_some() && strategy != Strategy::Fastest {
+        return Err(at.err("explore", "only used with `strategy: fastest`"));
+    }
+    Ok(explore)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::strategy::Strategy;
+    use std::time::Duration;
+
+    #[test]
+    fn route_mistakes_are_named() {
+        let cases = [
+            (
+                "{ upstreams: [] }",
+                "routes[0].upstreams",
+                "empty: name at least one upstream",
+            ),
+            (
+                "{ upstreams: [opnai] }",
+                "routes[0].upstreams[0]",
+                "unknown upstream \"opnai\" (defined: openai)",
+            ),
+            (
+                "{ upstreams: [openai, openai] }",
+                "routes[0].upstreams[1]",
+                "\"openai\" is listed twice",
+            ),
+            (
+                "{ models: [\"\"], upstreams: [openai] }",
+                "routes[0].models[0]",
+                "model pattern is empty",
+            ),
+            (
+                "{ path_prefix: v1/embeddings, upstreams: [openai] }",
+                "routes[0].path_prefix",
+                "must start with '/': \"v1/embeddings\"",
+            ),
+            (
+                "{ rewrite_model: \" \", upstreams: [openai] }",
+                "routes[0].rewrite_model",
+                "must not be empty",
+            ),
+            (
+                "{ retries: 11, upstreams: [openai] }",
+                "routes[0].retries",
+                "11 is too many (at most 10)",
+            ),
+            (
+                "{ ttfb_timeout: 0s, upstreams: [openai] }",
+                "routes[0].ttfb_timeout",
+                "must be greater than zero",
+            ),
+        ];
+        for (route, field, reason) in cases {
+            expect_error(&with_route(route), &source(), field, reason);
+        }
+        let missing = config("", UPSTREAM, "").replace("routes:\n  - \n", "");
+        expect_error(
+            &missing,
+            &source(),
+            "routes",
+            "at least one route is needed, e.g. `- { upstreams: [openai] }` as a catch-all",
+        );
+    }
+
+    #[test]
+    fn strategy_and_deadline_settings_are_checked() {
+        let cases = [
+            (
+                "{ upstreams: [openai], weights: [1] }",
+                "routes[0].weights",
+                "only used with `strategy: weighted`",
+            ),
+            (
+                "{ upstreams: [openai], strategy: weighted, weights: [1, 2] }",
+                "routes[0].weights",
+                "2 weights for 1 upstreams: give one per upstream",
+            ),
+            (
+                "{ upstreams: [openai], strategy: weighted, weights: [0] }",
+                "routes[0].weights",
+                "at least one weight must be above 0",
+            ),
+            (
+                "{ upstreams: [openai], strategy: fastest, explore: 1.5 }",
+                "routes[0].explore",
+                "1.5 is not between 0 and 1",
+            ),
+            (
+                "{ upstreams: [openai], strategy: fastest, explore: -0.1 }",
+                "routes[0].explore",
+                "-0.1 is not between 0 and 1",
+            ),
+            (
+                "{ upstreams: [openai], explore: 0.1 }",
+                "routes[0].explore",
+                "only used with `strategy: fastest`",
+            ),
+            (
+                "{ upstreams: [openai], deadline: 0s }",
+                "routes[0].deadline",
+                "must be greater than zero",
+            ),
+        ];
+        for (route, field, reason) in cases {
+            expect_error(&with_route(route), &source(), field, reason);
+        }
+    }
+
+    #[test]
+    fn the_second_route_is_named_by_its_index() {
+        let yaml = with_route("{ upstreams: [openai] }\n  - { upstreams: [nope] }");
+        expect_error(
+            &yaml,
+            &source(),
+            "routes[1].upstreams[0]",
+            "unknown upstream \"nope\" (defined: openai)",
+        );
+    }
+
+    #[test]
+    fn routes_get_defaults_and_their_settings() {
+        let config = load(&with_route(ROUTE), &source()).unwrap();
+        let r = &config.routes[0];
+        assert_eq!(r.spec.name, "route-0");
+        assert_eq!((r.retries, r.ttfb_timeout), (2, Duration::from_secs(600)));
+        assert_eq!((r.strategy, r.deadline), (Strategy::Fallback, None));
+        let yaml = with_route(
+            "{ name: chat, upstreams: [openai], strategy: fastest, explore: 0.2, retries: 0, deadline: 30s }",
+        );
+        let config = load(&yaml, &source()).unwrap();
+        let r = &config.routes[0];
+        assert_eq!(
+            (r.spec.name.as_str(), r.explore, r.retries),
+            ("chat", 0.2, 0)
+        );
+        assert_eq!(r.deadline, Some(Duration::from_secs(30)));
+        assert_eq!(r.upstreams, vec![0]);
+    }
+}

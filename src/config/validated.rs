@@ -1,0 +1,170 @@
+//! The validated configuration, every secret loaded: what the rest of keygate reads.
+
+use super::types::{AuthStyle, StreamUsage};
+use crate::clients::addr::CidrList;
+use crate::clients::limits::Limits;
+use crate::glob::Glob;
+use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
+use crate::outlier::OutlierPolicy;
+use crate::routes::RouteSpec;
+use crate::strategy::Strategy;
+use pingora_core::server::configuration::ServerConf;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A validated configuration with every secret loaded.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Pingora's settings.
+    pub server: ServerConf,
+    /// Listening sockets.
+    pub listen: Vec<ListenerConfig>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Upstreams, in name order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes, in config order.
+    pub routes: Vec<RouteConfig>,
+    /// Metrics side port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Access log: `None` off, `Some(None)` stdout, `Some(Some(path))` a file.
+    pub access_log: Option<Option<PathBuf>>,
+    /// Key state file.
+    pub state_file: Option<PathBuf>,
+    /// Streaming usage handling.
+    pub stream_usage: StreamUsage,
+    /// Clients; `None` for an open gateway.
+    pub clients: Option<Vec<ClientConfig>>,
+    /// Per-IP limits (open gateway).
+    pub ip_limits: Limits,
+    /// Trusted proxies.
+    pub trusted_proxies: CidrList,
+    /// Guards.
+    pub guards: GuardsConfig,
+}
+
+/// A validated client.
+pub struct ClientConfig {
+    /// Name.
+    pub name: String,
+    /// Gateway token (a secret).
+    pub token: Secret,
+    /// Allowed model globs (empty: any).
+    pub models: Vec<Glob>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validated guards.
+#[derive(Debug, Clone)]
+pub struct GuardsConfig {
+    /// Request header deadline.
+    pub header_timeout: Duration,
+    /// Request header size cap.
+    pub max_header_bytes: usize,
+    /// Request header line cap.
+    pub max_headers: usize,
+    /// Keep-alive idle timeout.
+    pub idle_timeout: Duration,
+    /// Denied User-Agent globs.
+    pub deny_user_agents: Vec<Glob>,
+    /// Denied client address blocks.
+    pub deny_cidrs: CidrList,
+}
+
+/// A validated listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Certificate and key paths when TLS is on.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// A validated upstream.
+#[derive(Debug)]
+pub struct UpstreamConfig {
+    /// Its name in the config.
+    pub name: String,
+    /// `https` when true.
+    pub tls: bool,
+    /// Host name or IP literal (no brackets).
+    pub host: String,
+    /// Port (default by scheme).
+    pub port: u16,
+    /// Value of the `Host` header sent upstream: the host, with the port unless it is the default.
+    pub host_header: http::HeaderValue,
+    /// Path prefix without a trailing slash (`""` or `/openai`).
+    pub base_path: String,
+    /// Credential style.
+    pub auth: AuthStyle,
+    /// Keys with their secrets.
+    pub keys: Vec<KeySpec>,
+    /// How keys are picked.
+    pub key_policy: KeyPolicy,
+    /// Cooldown tuning.
+    pub cooldown: CooldownPolicy,
+    /// Endpoint check interval; `None` when checks are off.
+    pub health_interval: Option<Duration>,
+    /// DNS refresh interval.
+    pub resolve_every: Duration,
+    /// Trusted CA certificates (DER) instead of the system roots.
+    pub ca_certs: Option<Vec<Vec<u8>>>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Interval between probes of a disabled key.
+    pub probe_interval: Duration,
+    /// Model for quota probes.
+    pub probe_model: String,
+    /// Keep-warm pings, when configured.
+    pub keep_warm: Option<KeepWarm>,
+    /// Endpoint outlier ejection.
+    pub outlier: OutlierPolicy,
+    /// Models it declares for `GET /v1/models`.
+    pub models: Vec<String>,
+    /// Extra body text that marks an organisation-wide 429.
+    pub org_limit_pattern: Option<String>,
+}
+
+/// A validated keep-warm setting.
+#[derive(Debug, Clone)]
+pub struct KeepWarm {
+    /// Idle time before a ping.
+    pub every: Duration,
+    /// Path to request.
+    pub path: String,
+    /// POST body, or `None` for a GET.
+    pub body: Option<String>,
+}
+
+/// A validated route.
+#[derive(Debug)]
+pub struct RouteConfig {
+    /// What the route table needs.
+    pub spec: RouteSpec,
+    /// Indexes into [`Config::upstreams`], in fallback order.
+    pub upstreams: Vec<usize>,
+    /// Extra attempts after a failed one.
+    pub retries: u32,
+    /// Response-header timeout per attempt.
+    pub ttfb_timeout: Duration,
+    /// No new attempt after this long.
+    pub deadline: Option<Duration>,
+    /// Upstream order per request.
+    pub strategy: Strategy,
+    /// Weights for `weighted`, parallel to `upstreams`.
+    pub weights: Vec<u32>,
+    /// Exploration share for `fastest`.
+    pub explore: f64,
+}
