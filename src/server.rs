@@ -4,17 +4,12 @@ use crate::clients::{Client, ClientTable, IpLimiters};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
 use crate::proxy::{Gateway, GatewayOptions, GatewayProxy};
-use crate::retry_policy::RetryBudget;
-use crate::routes::{RoutePlan, RouteTable};
-use crate::strategy::RouteOrder;
-use crate::upstream::Upstream;
 use log::{info, warn};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
-use std::sync::Arc;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,55 +25,6 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("access_log: {0}")]
     AccessLog(String),
-}
-
-/// The background service that resolves and health-checks one upstream's endpoints.
-pub type EndpointService =
-    pingora_core::services::background::GenBackgroundService<crate::upstream::Endpoints>;
-
-/// Builds the gateway (upstreams, routes, background services) from the config.
-pub fn build_gateway(
-    config: &Config,
-    clock: SharedClock,
-    options: GatewayOptions,
-) -> (Arc<Gateway>, Vec<EndpointService>, crate::prober::Prober) {
-    let mut upstreams = Vec::new();
-    let mut services = Vec::new();
-    for u in &config.upstreams {
-        let (up, service) = Upstream::build(u, clock.clone());
-        upstreams.push(up);
-        services.push(service);
-    }
-    let routes = RouteTable::new(config.routes.iter().map(|r| r.spec.clone()).collect());
-    let plans = config
-        .routes
-        .iter()
-        .map(|r| RoutePlan {
-            order: RouteOrder::new(
-                r.strategy,
-                r.upstreams.clone(),
-                r.weights.clone(),
-                r.explore,
-            ),
-            budget: RetryBudget {
-                retries: r.retries,
-                deadline: r.deadline,
-            },
-            ttfb_timeout: r.ttfb_timeout,
-        })
-        .collect();
-    let (suspects, suspect_rx) = crate::prober::suspect_channel();
-    let gw = Gateway::new(
-        upstreams.into(),
-        routes,
-        plans,
-        config.max_body_bytes,
-        clock,
-        suspects,
-        options,
-    );
-    let prober = crate::prober::Prober::new(gw.shared_upstreams(), suspect_rx);
-    (gw, services, prober)
 }
 
 /// Who may get in and what they see: clients, per-IP limits, deny rules, the model list.
@@ -178,7 +124,9 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     };
     let mut options = gateway_options(&config, clock::system());
     options.access_log = access_log;
-    let (gw, services, prober) = build_gateway(&config, clock::system(), options);
+    let built = Gateway::build(&config, clock::system(), options);
+    let (gw, services) = (built.gateway, built.endpoint_services);
+    let prober = crate::prober::Prober::new(gw.shared_upstreams(), built.suspects);
     let pools: Vec<_> = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
     let client_limiters = gw.client_limiters();
     if let Some(path) = &config.state_file {

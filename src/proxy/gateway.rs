@@ -7,16 +7,17 @@ use crate::access_log::AccessLog;
 use crate::clients::addr::{client_ip, CidrList};
 use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
-use crate::config::StreamUsage;
+use crate::config::{Config, StreamUsage};
 use crate::keys::{DisableReason, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
 use crate::prober::{Suspect, SuspectSender};
 use crate::retry_after;
+use crate::retry_policy::RetryBudget;
 use crate::routes::{RoutePlan, RouteTable};
-use crate::strategy::LatencyTable;
-use crate::upstream::Upstream;
+use crate::strategy::{LatencyTable, RouteOrder};
+use crate::upstream::{EndpointService, Upstream};
 use bytes::Bytes;
 use log::warn;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -25,6 +26,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The gateway: everything the hooks need, shared by all worker threads.
 pub struct Gateway {
@@ -61,7 +63,61 @@ pub struct GatewayOptions {
     pub models: Vec<(String, String)>,
 }
 
+/// A gateway built from the config, with what must run beside it.
+pub struct BuiltGateway {
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// One endpoint resolver and health checker per upstream.
+    pub endpoint_services: Vec<EndpointService>,
+    /// Keys the proxy suspects of an empty quota, for the prober.
+    pub suspects: UnboundedReceiver<Suspect>,
+}
+
 impl Gateway {
+    /// Builds the upstreams, routes and plans of a validated config.
+    pub fn build(config: &Config, clock: SharedClock, options: GatewayOptions) -> BuiltGateway {
+        let mut upstreams = Vec::new();
+        let mut endpoint_services = Vec::new();
+        for u in &config.upstreams {
+            let (up, service) = Upstream::build(u, clock.clone());
+            upstreams.push(up);
+            endpoint_services.push(service);
+        }
+        let routes = RouteTable::new(config.routes.iter().map(|r| r.spec.clone()).collect());
+        let plans = config
+            .routes
+            .iter()
+            .map(|r| RoutePlan {
+                order: RouteOrder::new(
+                    r.strategy,
+                    r.upstreams.clone(),
+                    r.weights.clone(),
+                    r.explore,
+                ),
+                budget: RetryBudget {
+                    retries: r.retries,
+                    deadline: r.deadline,
+                },
+                ttfb_timeout: r.ttfb_timeout,
+            })
+            .collect();
+        let (suspects, rx) = crate::prober::suspect_channel();
+        let gateway = Gateway::new(
+            upstreams.into(),
+            routes,
+            plans,
+            config.max_body_bytes,
+            clock,
+            suspects,
+            options,
+        );
+        BuiltGateway {
+            gateway,
+            endpoint_services,
+            suspects: rx,
+        }
+    }
+
     /// Assembles the gateway from its parts; `plans[i]` belongs to route `i`.
     pub fn new(
         upstreams: Arc<[Upstream]>,
@@ -467,5 +523,136 @@ pub(crate) fn describe_attempt(gw: &Gateway, ctx: &RequestCtx) -> (String, Strin
             (up.name.clone(), key)
         }
         None => ("-".into(), "-".into()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::source::MemorySource;
+
+    const TWO_KEYS: &str = "listen: [ { addr: 127.0.0.1:8080 } ]\nupstreams:\n  up:\n    url: http://127.0.0.1:9\n    health: { enabled: false }\n    keys: [ { name: a, env: KA }, { name: b, env: KB } ]\nroutes:\n  - { upstreams: [up] }\n";
+
+    /// A gateway on `yaml` (keys `KA`, `KB` set) whose endpoints are resolved, on a manual clock.
+    async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
+        let source = MemorySource::new()
+            .with_env("KA", "sk-test-a")
+            .with_env("KB", "sk-test-b");
+        let config =
+            crate::config::load_str_with(std::path::Path::new("test.yaml"), yaml, &source).unwrap();
+        let clock = ManualClock::new();
+        let built = Gateway::build(&config, clock.clone(), GatewayOptions::default());
+        for up in built.gateway.upstreams() {
+            up.endpoints.update().await.unwrap();
+        }
+        (built.gateway, clock)
+    }
+
+    fn request(model: &str) -> RequestCtx {
+        let mut ctx = RequestCtx::new();
+        ctx.route = Some(0);
+        ctx.model = Some(model.to_string());
+        ctx
+    }
+
+    /// Chooses an attempt for `ctx` and keeps it there, as `upstream_peer` does.
+    fn attempt(gw: &Gateway, ctx: &mut RequestCtx) -> Result<String, LocalResponse> {
+        ctx.attempt = None;
+        let (att, _peer) = gw.choose(ctx)?;
+        let name = gw.upstreams[att.upstream]
+            .keys
+            .name(att.key_index().unwrap())
+            .to_string();
+        ctx.attempt = Some(att);
+        Ok(name)
+    }
+
+    fn answer(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut h = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            h.insert_header(k.to_string(), *v).unwrap();
+        }
+        h
+    }
+
+    #[tokio::test]
+    async fn a_request_never_gets_the_same_key_twice_and_then_has_no_candidate() {
+        let (gw, _) = gateway(TWO_KEYS).await;
+        let mut ctx = request("gpt-4o");
+        let first = attempt(&gw, &mut ctx).unwrap();
+        assert!(gw.has_candidate(&ctx));
+        let second = attempt(&gw, &mut ctx).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(ctx.log.attempts(), 2);
+        assert!(!gw.has_candidate(&ctx), "both keys tried");
+    }
+
+    #[tokio::test]
+    async fn keys_all_cooling_get_a_local_429_with_the_shortest_wait() {
+        let (gw, _) = gateway(TWO_KEYS).await;
+        for wait in ["7", "3"] {
+            let mut ctx = request("gpt-4o");
+            attempt(&gw, &mut ctx).unwrap();
+            let outcome = gw.judge(&ctx, 429, &answer(429, &[("retry-after", wait)]));
+            assert_eq!(outcome, Outcome::RateLimited);
+        }
+        let err = attempt(&gw, &mut request("gpt-4o")).unwrap_err();
+        assert_eq!(err.status, 429);
+        assert_eq!(err.retry_after, Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_429_rests_the_key_for_its_model_only_and_ends_on_time() {
+        let (gw, clock) = gateway(TWO_KEYS).await;
+        let mut ctx = request("gpt-4o");
+        let limited = attempt(&gw, &mut ctx).unwrap();
+        gw.judge(&ctx, 429, &answer(429, &[("retry-after", "2")]));
+        for _ in 0..4 {
+            assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), limited);
+        }
+        let other_model: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o-mini")).unwrap())
+            .collect();
+        assert!(other_model.contains(&limited), "{other_model:?}");
+        clock.advance(Duration::from_millis(2001));
+        let after: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o")).unwrap())
+            .collect();
+        assert!(after.contains(&limited), "back after its rest: {after:?}");
+    }
+
+    #[tokio::test]
+    async fn a_401_disables_the_key_for_every_model_and_503_follows_when_none_is_left() {
+        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
+        let (gw, _) = gateway(&yaml).await;
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        let outcome = gw.judge(&ctx, 401, &answer(401, &[]));
+        assert_eq!(outcome, Outcome::KeyRefused(DisableReason::Unauthorized));
+        for model in ["gpt-4o", "gpt-4o-mini"] {
+            let err = attempt(&gw, &mut request(model)).unwrap_err();
+            assert_eq!(err.status, 503, "{model}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_without_keys_is_tried_once_per_request() {
+        let yaml = "listen: [ { addr: 127.0.0.1:8080 } ]\nupstreams:\n  open:\n    url: http://127.0.0.1:9\n    auth: none\n    health: { enabled: false }\nroutes:\n  - { upstreams: [open] }\n";
+        let (gw, _) = gateway(yaml).await;
+        let mut ctx = request("gpt-4o");
+        let (att, _) = gw.choose(&mut ctx).unwrap();
+        assert!(att.key.is_none());
+        ctx.attempt = Some(att);
+        assert!(!gw.has_candidate(&ctx));
+    }
+
+    #[tokio::test]
+    async fn an_unrouted_request_cannot_be_sent() {
+        let (gw, _) = gateway(TWO_KEYS).await;
+        let mut ctx = RequestCtx::new();
+        assert!(gw.choose(&mut ctx).is_err());
+        assert!(!gw.has_candidate(&ctx));
     }
 }

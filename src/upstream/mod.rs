@@ -25,6 +25,9 @@ use std::time::Duration;
 /// The endpoint pool of one upstream.
 pub type Endpoints = LoadBalancer<RoundRobin>;
 
+/// The background service that resolves and health-checks one upstream's endpoints.
+pub type EndpointService = GenBackgroundService<Endpoints>;
+
 /// One upstream, ready to serve requests.
 pub struct Upstream {
     /// Its config name.
