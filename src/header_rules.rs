@@ -8,6 +8,42 @@ use pingora_http::{RequestHeader, ResponseHeader};
 // Header names are constants, not strings: a string is parsed again on every request.
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+
+/// Headers that choose the account a key acts for. A client's values never pass: against a key
+/// of another account OpenAI answers 401 `mismatched_organization`, which would take the pool's
+/// keys out one by one. Only a key's own configured values are sent.
+pub const ACCOUNT_SCOPE_HEADERS: [HeaderName; 2] = [OPENAI_ORGANIZATION, OPENAI_PROJECT];
+
+/// What one key puts on a request, built once per key: its credential header value and the
+/// account-scope headers configured for it. Values are marked sensitive.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The credential header value (`Bearer …` or the bare key), per the upstream's auth style.
+    pub auth: HeaderValue,
+    /// `OpenAI-Organization` to send, if configured for the key.
+    pub organization: Option<HeaderValue>,
+    /// `OpenAI-Project` to send, if configured for the key.
+    pub project: Option<HeaderValue>,
+}
+
+impl Credential {
+    /// The credential of a key with `secret` and optional account-scope values, in `auth` style.
+    pub fn new(
+        auth: AuthStyle,
+        secret: &str,
+        organization: Option<&str>,
+        project: Option<&str>,
+    ) -> Self {
+        let scope = |v: Option<&str>| v.and_then(|v| HeaderValue::from_str(v).ok());
+        Self {
+            auth: auth_value(auth, secret),
+            organization: scope(organization),
+            project: scope(project),
+        }
+    }
+}
 
 /// Headers a client may use to send its own credential; never forwarded.
 pub const CLIENT_CREDENTIAL_HEADERS: [HeaderName; 4] = [
@@ -71,31 +107,42 @@ pub fn auth_value(auth: AuthStyle, secret: &str) -> http::HeaderValue {
 
 /// Rewrites the outgoing request for one attempt: credentials out, ours in, Host, path, length.
 ///
-/// `credential` is the prepared header value of the key ([`auth_value`]); `path_and_query`
-/// is `None` when the client's path is sent unchanged.
+/// `credential` is the key's prepared [`Credential`]; `path_and_query` is `None` when the
+/// client's path is sent unchanged.
 pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     auth: AuthStyle,
-    credential: Option<&HeaderValue>,
+    credential: Option<&Credential>,
     host: &HeaderValue,
     path_and_query: Option<&str>,
     body_len: Option<usize>,
 ) -> Result<()> {
-    for h in &CLIENT_CREDENTIAL_HEADERS {
+    for h in CLIENT_CREDENTIAL_HEADERS
+        .iter()
+        .chain(&ACCOUNT_SCOPE_HEADERS)
+    {
         req.remove_header(h);
     }
     // keygate already answered the client's 100-continue and holds the body.
     req.remove_header(&http::header::EXPECT);
     // Token accounting reads `usage` from the response: ask for it uncompressed.
     req.remove_header(&http::header::ACCEPT_ENCODING);
-    if let (Some(value), Some((name, _))) = (credential, auth_header(auth)) {
-        if value.is_empty() {
+    if let (Some(cred), Some((name, _))) = (credential, auth_header(auth)) {
+        if cred.auth.is_empty() {
             return Err(pingora_error::Error::explain(
                 pingora_error::ErrorType::InternalError,
                 "key is not a valid header value",
             ));
         }
-        req.insert_header(name, value.clone())?;
+        req.insert_header(name, cred.auth.clone())?;
+    }
+    if let Some(cred) = credential {
+        if let Some(org) = &cred.organization {
+            req.insert_header(OPENAI_ORGANIZATION, org.clone())?;
+        }
+        if let Some(project) = &cred.project {
+            req.insert_header(OPENAI_PROJECT, project.clone())?;
+        }
     }
     req.insert_header(http::header::HOST, host.clone())?;
     if let Some(path_and_query) = path_and_query {
@@ -154,7 +201,7 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::Bearer,
-            Some(&auth_value(AuthStyle::Bearer, "sk-pool")),
+            Some(&Credential::new(AuthStyle::Bearer, "sk-pool", None, None)),
             &HeaderValue::from_static("api.example"),
             Some("/v1/x"),
             Some(5),
@@ -171,12 +218,59 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_organization_and_project_never_reach_the_upstream() {
+        let mut r = request(&[
+            ("openai-organization", "org-client"),
+            ("OpenAI-Project", "proj_client"),
+        ]);
+        let plain = Credential::new(AuthStyle::Bearer, "sk-pool", None, None);
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::Bearer,
+            Some(&plain),
+            &HeaderValue::from_static("h"),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(r.headers.get("openai-organization").is_none());
+        assert!(r.headers.get("openai-project").is_none());
+    }
+
+    #[test]
+    fn a_keys_configured_organization_and_project_replace_the_clients() {
+        let mut r = request(&[
+            ("openai-organization", "org-client"),
+            ("openai-project", "proj_client"),
+        ]);
+        let scoped = Credential::new(
+            AuthStyle::Bearer,
+            "sk-pool",
+            Some("org-pool"),
+            Some("proj_pool"),
+        );
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::Bearer,
+            Some(&scoped),
+            &HeaderValue::from_static("h"),
+            None,
+            None,
+        )
+        .unwrap();
+        let orgs: Vec<_> = r.headers.get_all("openai-organization").iter().collect();
+        assert_eq!(orgs, vec!["org-pool"]);
+        let projects: Vec<_> = r.headers.get_all("openai-project").iter().collect();
+        assert_eq!(projects, vec!["proj_pool"]);
+    }
+
+    #[test]
     fn azure_style_uses_api_key_header() {
         let mut r = request(&[("authorization", "Bearer client")]);
         prepare_upstream_request(
             &mut r,
             AuthStyle::Azure,
-            Some(&auth_value(AuthStyle::Azure, "az")),
+            Some(&Credential::new(AuthStyle::Azure, "az", None, None)),
             &HeaderValue::from_static("h"),
             Some("/openai/x?api-version=1"),
             None,
@@ -193,7 +287,12 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::Bearer,
-            Some(&auth_value(AuthStyle::Bearer, "sk-canary-123456")),
+            Some(&Credential::new(
+                AuthStyle::Bearer,
+                "sk-canary-123456",
+                None,
+                None,
+            )),
             &HeaderValue::from_static("h"),
             Some("/"),
             None,

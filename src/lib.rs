@@ -19,7 +19,8 @@
 //! 1. **Parsers and primitives**: [`clock`] and [`calendar`] (injected time, UTC dates),
 //!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
 //!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers), [`retry_after`]
-//!    (what an upstream's 429 asks for), [`strategy`] (the order of a route's upstreams),
+//!    (what an upstream's 429 asks for), [`error_body`] (the code of an upstream's error body and
+//!    whom a refusal blames), [`strategy`] (the order of a route's upstreams),
 //!    [`access_log`] (one JSON line per request).
 //!
 //! 2. **Decisions**, plain Rust without sockets: [`keys`] (the [`keys::KeyPool`]: per-key
@@ -55,6 +56,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod conn_guard;
+pub mod error_body;
 pub mod glob;
 pub mod header_rules;
 pub mod keys;

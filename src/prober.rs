@@ -27,13 +27,24 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Least time between two quota checks of the same key.
 const SUSPECT_SPACING: Duration = Duration::from_secs(30);
 
-/// A key whose 429 may mean an empty quota rather than a rate limit.
+/// A key the proxy suspects of being unusable, though the answer it saw did not prove it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Suspect {
     /// Upstream index.
     pub upstream: usize,
     /// Key index.
     pub key: KeyIndex,
+    /// What the key is suspected of.
+    pub kind: SuspectKind,
+}
+
+/// What a suspect key may be guilty of, and so how it is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SuspectKind {
+    /// A 429 without a rate-limit header may mean an empty quota: a 1-token completion tells.
+    EmptyQuota,
+    /// A 403 may refuse the request (a model, a region) or the key: `GET /v1/models` tells.
+    Refused,
 }
 
 /// Sending side, held by the proxy.
@@ -79,7 +90,7 @@ struct Inner {
     /// When each disabled key was last probed (or first seen disabled).
     last_probe: Mutex<HashMap<(usize, KeyIndex), Instant>>,
     /// When each suspect was last checked.
-    last_suspect: Mutex<HashMap<(usize, KeyIndex), Instant>>,
+    last_suspect: Mutex<HashMap<Suspect, Instant>>,
     in_flight: Mutex<HashSet<(usize, KeyIndex)>>,
     last_ping: Mutex<HashMap<usize, Instant>>,
 }
@@ -171,29 +182,43 @@ impl Inner {
         {
             let mut last = self.last_suspect.lock();
             if last
-                .get(&(s.upstream, s.key))
+                .get(&s)
                 .is_some_and(|t| now.duration_since(*t) < SUSPECT_SPACING)
             {
                 return;
             }
-            last.insert((s.upstream, s.key), now);
+            last.insert(s, now);
         }
         if !self.in_flight.lock().insert((s.upstream, s.key)) {
             return;
         }
         tokio::spawn(async move {
             let up = &self.upstreams[s.upstream];
-            let answer = probe::send(
-                &self.connector,
-                up,
-                Some(s.key),
-                &completion(up),
-                PROBE_TIMEOUT,
-            )
-            .await;
+            let request = match s.kind {
+                SuspectKind::EmptyQuota => completion(up),
+                SuspectKind::Refused => list_models(),
+            };
+            let answer =
+                probe::send(&self.connector, up, Some(s.key), &request, PROBE_TIMEOUT).await;
             if let Ok(a) = &answer {
-                if judge_probe(a) == ProbeVerdict::Dead(DisableReason::InsufficientQuota) {
-                    up.keys.disable(s.key, DisableReason::InsufficientQuota);
+                match (s.kind, judge_probe(a)) {
+                    (
+                        SuspectKind::EmptyQuota,
+                        ProbeVerdict::Dead(DisableReason::InsufficientQuota),
+                    ) => {
+                        up.keys.disable(s.key, DisableReason::InsufficientQuota);
+                    }
+                    (SuspectKind::Refused, ProbeVerdict::Dead(reason)) => {
+                        up.keys.disable(s.key, reason);
+                    }
+                    (SuspectKind::Refused, ProbeVerdict::Works | ProbeVerdict::WorksButLimited) => {
+                        info!(
+                            "key {}/{}: authenticates; its refusal was about the request, so it rests for that model only",
+                            up.name,
+                            up.keys.name(s.key)
+                        );
+                    }
+                    _ => {}
                 }
             }
             self.in_flight.lock().remove(&(s.upstream, s.key));
@@ -205,11 +230,7 @@ impl Inner {
         let req = if reason.needs_completion_probe() {
             completion(up)
         } else {
-            ProbeRequest {
-                method: "GET",
-                path: "/v1/models",
-                body: None,
-            }
+            list_models()
         };
         match probe::send(&self.connector, up, Some(k), &req, PROBE_TIMEOUT).await {
             Ok(answer) => match judge_probe(&answer) {
@@ -271,6 +292,16 @@ impl Inner {
     }
 }
 
+/// `GET /v1/models`: free, and proves a key authenticates.
+fn list_models() -> ProbeRequest<'static> {
+    ProbeRequest {
+        method: "GET",
+        path: "/v1/models",
+        body: None,
+    }
+}
+
+/// A 1-token completion on the upstream's `probe_model`: proves a key has quota.
 fn completion(up: &Upstream) -> ProbeRequest<'static> {
     let body = serde_json::json!({
         "model": up.probe_model,

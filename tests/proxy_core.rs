@@ -400,3 +400,86 @@ async fn multipart_uploads_route_by_their_model_field() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Sends a chat request carrying the client's own organization and project headers, and returns
+/// the headers the upstream saw.
+async fn upstream_headers_for_a_scoped_client(kg: &Keygate, mock: &Mock) -> serde_json::Value {
+    let r = client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .header("OpenAI-Organization", "org-client")
+        .header("OpenAI-Project", "proj_client")
+        .json(&chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    mock.stats().await["last_request"]["headers"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_organization_and_project_never_reach_the_upstream() {
+    // The OpenAI SDK sends these whenever OPENAI_ORG_ID / OPENAI_PROJECT_ID are set on the
+    // client's machine; against a pool key of another account OpenAI answers 401.
+    let mock = Mock::start(&["--key", "sk-one=ok"]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: one, env: K1 }} ]\nroutes:\n  - {{ upstreams: [mock] }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, THREE_KEYS);
+    let headers = upstream_headers_for_a_scoped_client(&kg, &mock).await;
+    assert!(headers.get("openai-organization").is_none(), "{headers}");
+    assert!(headers.get("openai-project").is_none(), "{headers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_configured_organization_and_project_are_sent_instead() {
+    let mock = Mock::start(&["--key", "sk-one=ok"]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: one, env: K1, organization: org-pool, project: proj_pool }} ]\nroutes:\n  - {{ upstreams: [mock] }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, THREE_KEYS);
+    let headers = upstream_headers_for_a_scoped_client(&kg, &mock).await;
+    assert_eq!(headers["openai-organization"], "org-pool");
+    assert_eq!(headers["openai-project"], "proj_pool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusal_without_a_body_gets_a_complete_replacement() {
+    // A bare 401 with Content-Length: 0: the replacement body must still be sent in full.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    listener.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || {
+        while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut buf = [0u8; 65536];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let yaml = format!(
+        "upstreams:\n  bare:\n    url: http://{addr}\n    health: {{ enabled: false }}\n    keys: [ {{ name: one, env: K1 }} ]\nroutes:\n  - {{ upstreams: [bare], retries: 0 }}\n"
+    );
+    let kg = Keygate::start(&yaml, THREE_KEYS);
+    let r = post_chat(&kg, &chat("gpt-4o")).await;
+    let status = r.status();
+    let body = tokio::time::timeout(Duration::from_secs(10), r.text())
+        .await
+        .expect("the body arrives")
+        .expect("the body is complete");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+    assert_eq!(status, 401);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "upstream_auth_failed");
+}

@@ -562,3 +562,46 @@ async fn deadline_stops_retries_after_connect_failures() {
         kg.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_for_one_model_rests_the_key_for_that_model_only() {
+    // `a` may not use gpt-4o (as a project without access to a model), but its key is good.
+    let mock = Mock::start(&["--key", "sk-a=forbidden:models=gpt-4o"]);
+    let kg = Keygate::start(&config(&mock, "", ""), KEYS);
+    for _ in 0..9 {
+        assert_eq!(send(&kg, "gpt-4o").await.status(), 200);
+    }
+    let gpt4o_to_a = |stats: &Value| {
+        requests_of(stats, "sk-a")
+            .iter()
+            .filter(|r| r["model"] == "gpt-4o")
+            .count()
+    };
+    assert_eq!(gpt4o_to_a(&mock.stats().await), 1, "a rests for gpt-4o");
+    // The probe finds that a authenticates: it is not disabled, and serves other models.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !kg.log_text().contains("key mock/a: authenticates") {
+        assert!(
+            Instant::now() < deadline,
+            "no probe verdict: {}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..6 {
+        assert_eq!(send(&kg, "gpt-4o-mini").await.status(), 200);
+    }
+    let stats = mock.stats().await;
+    assert!(
+        requests_of(&stats, "sk-a")
+            .iter()
+            .any(|r| r["model"] == "gpt-4o-mini" && r["status"] == 200),
+        "a still serves other models"
+    );
+    assert_eq!(gpt4o_to_a(&stats), 1);
+    assert!(
+        !kg.log_text().contains("key mock/a disabled"),
+        "{}",
+        kg.log_text()
+    );
+}

@@ -17,6 +17,10 @@ pub struct KeyLine {
     pub weight: Option<u32>,
     /// `account=` option.
     pub account: Option<String>,
+    /// `organization=` option.
+    pub organization: Option<String>,
+    /// `project=` option.
+    pub project: Option<String>,
 }
 
 /// Reads a secret from environment variable `var`.
@@ -55,7 +59,8 @@ fn check_private(source: &dyn ConfigSource, path: &Path) -> Result<(), String> {
     }
 }
 
-/// Parses key-file text: one key a line with optional `name=`, `weight=`, `account=`; `#` starts a comment.
+/// Parses key-file text: one key a line with optional `name=`, `weight=`, `account=`,
+/// `organization=`, `project=`; `#` starts a comment.
 pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
     let mut out = Vec::new();
     for (n, raw) in text.lines().enumerate() {
@@ -70,6 +75,8 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
             name: None,
             weight: None,
             account: None,
+            organization: None,
+            project: None,
         };
         for word in words {
             // Never echo the word: on a malformed line it might be part of a secret.
@@ -82,6 +89,8 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
             match k {
                 "name" => key.name = Some(v.to_string()),
                 "account" => key.account = Some(v.to_string()),
+                "organization" => key.organization = Some(v.to_string()),
+                "project" => key.project = Some(v.to_string()),
                 "weight" => {
                     key.weight = Some(v.parse().ok().filter(|w| *w > 0).ok_or_else(|| {
                         format!("line {}: weight must be a positive integer", n + 1)
@@ -89,7 +98,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
                 }
                 _ => {
                     return Err(format!(
-                        "line {}: unknown option {k:?} (use name=, weight=, account=)",
+                        "line {}: unknown option {k:?} (use name=, weight=, account=, organization=, project=)",
                         n + 1
                     ))
                 }

@@ -290,6 +290,12 @@ pub struct KeyFile {
     /// The organisation behind the key.
     #[serde(default)]
     pub account: Option<String>,
+    /// `OpenAI-Organization` sent with this key (clients' own values never pass).
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// `OpenAI-Project` sent with this key (clients' own values never pass).
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// Cooldown settings.

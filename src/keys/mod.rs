@@ -61,6 +61,10 @@ pub struct KeySpec {
     pub weight: u32,
     /// The organisation/account the key belongs to: keys of one account share its rate limits.
     pub account: Option<String>,
+    /// The `OpenAI-Organization` header value to send with this key, if any.
+    pub organization: Option<String>,
+    /// The `OpenAI-Project` header value to send with this key, if any.
+    pub project: Option<String>,
 }
 
 impl KeySpec {
@@ -71,6 +75,8 @@ impl KeySpec {
             secret: Secret::new(secret.into()),
             weight: 1,
             account: None,
+            organization: None,
+            project: None,
         }
     }
 
@@ -81,6 +87,8 @@ impl KeySpec {
             secret,
             weight: 1,
             account: None,
+            organization: None,
+            project: None,
         }
     }
 }

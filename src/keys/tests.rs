@@ -15,6 +15,8 @@ fn secs(s: u64) -> Duration {
 
 fn spec(name: &str) -> KeySpec {
     KeySpec {
+        organization: None,
+        project: None,
         name: name.to_string(),
         secret: Secret::new(format!("sk-secret-{name}")),
         weight: 1,

@@ -8,11 +8,12 @@ use crate::clients::addr::{client_ip, CidrList};
 use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
+use crate::error_body::{self, Refusal};
 use crate::keys::{DisableReason, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
-use crate::prober::{Suspect, SuspectSender};
+use crate::prober::{Suspect, SuspectKind, SuspectSender};
 use crate::retry_after;
 use crate::retry_policy::RetryBudget;
 use crate::routes::{RoutePlan, RouteTable};
@@ -280,8 +281,21 @@ impl Gateway {
                     let _ = self.suspects.send(Suspect {
                         upstream: att.upstream,
                         key: idx,
+                        kind: SuspectKind::EmptyQuota,
                     });
                 }
+            }
+            Outcome::KeyRefused(DisableReason::Forbidden) => {
+                // A 403 is about permission: mostly this model (a project without access) or this
+                // place (a region), seldom the key. The key rests for this model only, and a probe
+                // decides whether the key itself is refused.
+                up.keys.cool_down(idx, model, Some(up.probe_interval));
+                self.count_cooldown(up, idx, DisableReason::Forbidden.as_str());
+                let _ = self.suspects.send(Suspect {
+                    upstream: att.upstream,
+                    key: idx,
+                    kind: SuspectKind::Refused,
+                });
             }
             Outcome::KeyRefused(reason) => {
                 if up.keys.disable(idx, reason) {
@@ -498,6 +512,29 @@ impl Gateway {
     }
 
     /// Writes keygate's own answer and counts it.
+    /// A 401/403 that reaches the client can be read: a body that blames the request clears the
+    /// key's disable (it rests for this model only); one that blames the key disables it.
+    pub(crate) fn judge_refusal_body(&self, ctx: &RequestCtx, status: u16, body: &[u8]) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let Some(idx) = att.key_index() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        match (status, error_body::refusal(body)) {
+            (401, Refusal::Request) => {
+                up.keys.enable(idx);
+                up.keys
+                    .cool_down(idx, ctx.cooldown_model(), Some(up.probe_interval));
+            }
+            (403, Refusal::Key) if up.keys.disable(idx, DisableReason::Forbidden) => {
+                self.count_cooldown(up, idx, DisableReason::Forbidden.as_str());
+            }
+            _ => {}
+        }
+    }
+
     pub(crate) async fn respond_local(
         &self,
         session: &mut Session,
@@ -537,6 +574,14 @@ mod tests {
 
     /// A gateway on `yaml` (keys `KA`, `KB` set) whose endpoints are resolved, on a manual clock.
     async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
+        let (gw, clock, _) = gateway_with_suspects(yaml).await;
+        (gw, clock)
+    }
+
+    /// Like [`gateway`], keeping what the gateway tells the prober.
+    async fn gateway_with_suspects(
+        yaml: &str,
+    ) -> (Arc<Gateway>, Arc<ManualClock>, UnboundedReceiver<Suspect>) {
         let source = MemorySource::new()
             .with_env("KA", "sk-test-a")
             .with_env("KB", "sk-test-b");
@@ -547,7 +592,7 @@ mod tests {
         for up in built.gateway.upstreams() {
             up.endpoints.update().await.unwrap();
         }
-        (built.gateway, clock)
+        (built.gateway, clock, built.suspects)
     }
 
     fn request(model: &str) -> RequestCtx {
@@ -635,6 +680,66 @@ mod tests {
             let err = attempt(&gw, &mut request(model)).unwrap_err();
             assert_eq!(err.status, 503, "{model}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_403_rests_the_key_for_its_model_only_and_asks_the_prober_about_the_key() {
+        let (gw, _, mut suspects) = gateway_with_suspects(TWO_KEYS).await;
+        let mut ctx = request("gpt-4o");
+        let refused = attempt(&gw, &mut ctx).unwrap();
+        let outcome = gw.judge(&ctx, 403, &answer(403, &[]));
+        assert_eq!(outcome, Outcome::KeyRefused(DisableReason::Forbidden));
+        let suspect = suspects.try_recv().unwrap();
+        assert_eq!(suspect.kind, SuspectKind::Refused);
+        for _ in 0..4 {
+            assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), refused);
+        }
+        let other_model: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o-mini")).unwrap())
+            .collect();
+        assert!(other_model.contains(&refused), "{other_model:?}");
+    }
+
+    #[tokio::test]
+    async fn a_passed_on_401_that_blames_the_request_gives_the_key_back() {
+        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
+        let (gw, _) = gateway(&yaml).await;
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        gw.judge(&ctx, 401, &answer(401, &[]));
+        assert_eq!(
+            attempt(&gw, &mut request("gpt-4o")).unwrap_err().status,
+            503
+        );
+        let body = br#"{"error":{"message":"OpenAI-Organization header should match organization for API key","type":"invalid_request_error","code":"mismatched_organization"}}"#;
+        gw.judge_refusal_body(&ctx, 401, body);
+        assert_eq!(
+            attempt(&gw, &mut request("gpt-4o-mini")).unwrap(),
+            "a",
+            "usable again for other models"
+        );
+        assert_eq!(
+            attempt(&gw, &mut request("gpt-4o")).unwrap_err().status,
+            429,
+            "rests for the refused model"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_passed_on_403_that_blames_the_key_disables_it() {
+        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
+        let (gw, _) = gateway(&yaml).await;
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        gw.judge(&ctx, 403, &answer(403, &[]));
+        let body = br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        gw.judge_refusal_body(&ctx, 403, body);
+        assert_eq!(
+            attempt(&gw, &mut request("gpt-4o-mini"))
+                .unwrap_err()
+                .status,
+            503
+        );
     }
 
     #[tokio::test]

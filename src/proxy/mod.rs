@@ -16,10 +16,10 @@ pub mod respond;
 pub mod routing;
 
 use crate::access_log::AccessEntry;
+use crate::error_body;
 use crate::header_rules;
 use crate::local_response::LocalResponse;
 use crate::outcome::Outcome;
-use crate::retry_after;
 use crate::retry_policy::{self, Answer, AttemptResult, ClientProgress, Decision, RetryBudget};
 use crate::usage::{UsageChunkStripper, UsageMeter};
 use async_trait::async_trait;
@@ -43,6 +43,13 @@ fn is_expect_continue(req: &RequestHeader) -> bool {
     req.headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Whether an upstream response header announces an empty body.
+fn has_no_body(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
 }
 
 /// How much of an answer the client has received so far.
@@ -182,7 +189,7 @@ impl ProxyHttp for GatewayProxy {
                 .map_or("/", |p| p.as_str());
             up.upstream_path(client_path)
         });
-        let credential = att.key_index().and_then(|k| up.auth_value(k));
+        let credential = att.key_index().and_then(|k| up.credential(k));
         header_rules::prepare_upstream_request(
             upstream_request,
             up.auth,
@@ -246,7 +253,8 @@ impl ProxyHttp for GatewayProxy {
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
-        if status == 429 {
+        if matches!(status, 401 | 403 | 429) {
+            // Read as it passes: its error code says what the answer means for the key.
             att.error_body = Some(bytes::BytesMut::new());
         }
         if (200..300).contains(&status) {
@@ -263,6 +271,11 @@ impl ProxyHttp for GatewayProxy {
         if matches!(outcome, Outcome::KeyRefused(_)) {
             // OpenAI's 401 bodies echo part of the key: never pass them on.
             let replacement = LocalResponse::upstream_auth_failed(status);
+            if has_no_body(resp) {
+                // No body will come, so no body filter runs to send the replacement: keygate
+                // answers instead.
+                return Err(respond::local_error(replacement));
+            }
             let body = replacement.body();
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
@@ -290,6 +303,17 @@ impl ProxyHttp for GatewayProxy {
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(None);
         };
+        // The upstream's own error body is read before anything replaces it.
+        let mut finished_error_body = None;
+        if let Some(buf) = att.error_body.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                let room = error_body::MAX_ERROR_BODY.saturating_sub(buf.len());
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            if end_of_stream {
+                finished_error_body = att.error_body.take();
+            }
+        }
         if let Some(replacement) = att.replace_body.take() {
             *body = Some(replacement);
         } else if att.status.is_some_and(|s| s == 401 || s == 403) {
@@ -319,18 +343,13 @@ impl ProxyHttp for GatewayProxy {
         if let Some(b) = body.as_ref() {
             ctx.bytes_sent += b.len();
         }
-        let mut finished_429_body = None;
-        if let Some(buf) = att.error_body.as_mut() {
-            if let Some(chunk) = body.as_ref() {
-                let room = retry_after::MAX_BODY_SCAN.saturating_sub(buf.len());
-                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let status = att.status;
+        if let (Some(buf), Some(status)) = (finished_error_body, status) {
+            if status == 429 {
+                self.0.judge_429_body(ctx, &buf);
+            } else {
+                self.0.judge_refusal_body(ctx, status, &buf);
             }
-            if end_of_stream {
-                finished_429_body = att.error_body.take();
-            }
-        }
-        if let Some(buf) = finished_429_body {
-            self.0.judge_429_body(ctx, &buf);
         }
         Ok(None)
     }
@@ -349,6 +368,9 @@ impl ProxyHttp for GatewayProxy {
         let decision = if respond::is_try_elsewhere(&e) {
             // upstream_response_filter asked the policy already: nothing went to the client since.
             Decision::TryElsewhere
+        } else if let Some(local) = respond::carried_answer(&e) {
+            // A hook decided keygate answers itself.
+            Decision::Answer(Answer::Local(local.clone()))
         } else {
             let result = respond::attempt_result(&e);
             if matches!(

@@ -8,6 +8,7 @@ pub mod probe;
 
 use crate::clock::SharedClock;
 use crate::config::{AuthStyle, KeepWarm, UpstreamConfig};
+use crate::header_rules::Credential;
 use crate::keys::KeyPool;
 use crate::outlier::{OutlierDetector, Verdict};
 use discovery::DnsDiscovery;
@@ -52,8 +53,8 @@ pub struct Upstream {
     pub outliers: OutlierDetector,
     /// Extra body text that marks an organisation-wide 429.
     pub org_limit_pattern: Option<String>,
-    /// Each key's credential header value, built once (marked sensitive).
-    auth_values: Vec<http::HeaderValue>,
+    /// Each key's credential and account-scope headers, built once (marked sensitive).
+    credentials: Vec<Credential>,
     clock: SharedClock,
     born: std::time::Instant,
     /// Milliseconds after `born` of the last request sent (for keep-warm).
@@ -122,10 +123,17 @@ impl Upstream {
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
             org_limit_pattern: cfg.org_limit_pattern.clone(),
-            auth_values: cfg
+            credentials: cfg
                 .keys
                 .iter()
-                .map(|k| crate::header_rules::auth_value(cfg.auth, k.secret.expose()))
+                .map(|k| {
+                    Credential::new(
+                        cfg.auth,
+                        k.secret.expose(),
+                        k.organization.as_deref(),
+                        k.project.as_deref(),
+                    )
+                })
                 .collect(),
             outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),
@@ -161,10 +169,9 @@ impl Upstream {
         Some(peer)
     }
 
-    /// The credential header value of key `idx` (`None` for `auth: none` or a key that is not a
-    /// valid header value).
-    pub fn auth_value(&self, idx: usize) -> Option<&http::HeaderValue> {
-        self.auth_values.get(idx)
+    /// What key `idx` puts on a request (`None` for `auth: none`).
+    pub fn credential(&self, idx: usize) -> Option<&Credential> {
+        self.credentials.get(idx)
     }
 
     /// Records a 5xx or connect error from `endpoint`; ejects it from rotation when it is an outlier.

@@ -57,7 +57,7 @@ pub async fn send(
         prepare_upstream_request(
             &mut header,
             up.auth,
-            key.and_then(|k| up.auth_value(k)),
+            key.and_then(|k| up.credential(k)),
             &up.host_header,
             Some(&path),
             req.body.as_ref().map(Bytes::len),

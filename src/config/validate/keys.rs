@@ -22,6 +22,8 @@ pub(super) fn keys(at: &Scope, u: &UpstreamFile) -> Result<Vec<KeySpec>, ConfigE
             name: k.name.clone().unwrap_or_else(|| key_id(&secret)),
             weight: k.weight.unwrap_or(1),
             account: k.account.clone(),
+            organization: k.organization.clone(),
+            project: k.project.clone(),
             secret: Secret::new(secret),
         };
         keys.push(at, spec, &f)?;
@@ -34,6 +36,8 @@ pub(super) fn keys(at: &Scope, u: &UpstreamFile) -> Result<Vec<KeySpec>, ConfigE
                 name: line.name.unwrap_or_else(|| line.secret.id()),
                 weight: line.weight.unwrap_or(1),
                 account: line.account,
+                organization: line.organization,
+                project: line.project,
                 secret: line.secret,
             };
             keys.push(at, spec, "keys_file")?;
@@ -64,6 +68,23 @@ impl KeySet {
     fn push(&mut self, at: &Scope, spec: KeySpec, field: &str) -> Result<(), ConfigError> {
         if !self.names.insert(spec.name.clone()) {
             return Err(at.err(field, format!("key name {:?} is used twice", spec.name)));
+        }
+        for (option, value) in [
+            ("organization", &spec.organization),
+            ("project", &spec.project),
+        ] {
+            if value
+                .as_deref()
+                .is_some_and(|v| v.is_empty() || http::HeaderValue::from_str(v).is_err())
+            {
+                return Err(at.err(
+                    field,
+                    format!(
+                        "key {:?}: {option} must be a non-empty header value",
+                        spec.name
+                    ),
+                ));
+            }
         }
         if http::HeaderValue::from_str(spec.secret.expose()).is_err() {
             // Never echo the secret: name the key only.
@@ -154,6 +175,36 @@ mod tests {
     }
 
     #[test]
+    fn account_scope_headers_of_a_key_are_taken_from_keys_and_key_files() {
+        let file = "/etc/keygate/openai.keys";
+        let src = source().with_env("K1", "sk-one").with_file(
+            file,
+            "sk-two name=b organization=org-b project=proj_b\n",
+            0o600,
+        );
+        let yaml = with_keys(&format!(
+            "keys: [ {{ name: a, env: K1, organization: org-a }} ]\nkeys_file: {file}"
+        ));
+        let config = load(&yaml, &src).unwrap();
+        let keys = &config.upstreams[0].keys;
+        assert_eq!(keys[0].organization.as_deref(), Some("org-a"));
+        assert_eq!(keys[0].project, None);
+        assert_eq!(keys[1].organization.as_deref(), Some("org-b"));
+        assert_eq!(keys[1].project.as_deref(), Some("proj_b"));
+    }
+
+    #[test]
+    fn an_account_scope_value_that_cannot_be_a_header_is_named() {
+        let src = source().with_env("K1", "sk-one");
+        expect_error(
+            &with_keys("keys: [ { name: a, env: K1, project: \"\" } ]"),
+            &src,
+            "upstreams.openai.keys[0]",
+            "key \"a\": project must be a non-empty header value",
+        );
+    }
+
+    #[test]
     fn an_unset_key_variable_is_named() {
         expect_error(
             &with_top(""),
@@ -208,7 +259,7 @@ mod tests {
             (
                 0o600,
                 "sk-1 colour=red\n",
-                "line 1: unknown option \"colour\" (use name=, weight=, account=)".into(),
+                "line 1: unknown option \"colour\" (use name=, weight=, account=, organization=, project=)".into(),
             ),
             (
                 0o600,
