@@ -23,7 +23,8 @@
 //!    whom a refusal blames), [`strategy`] (the order of a route's upstreams),
 //!    [`access_log`] (one JSON line per request).
 //!
-//! 2. **Decisions**, plain Rust without sockets: [`keys`] (the [`keys::KeyPool`]: per-key
+//! 2. **Decisions**, plain Rust without sockets: [`body_budget`] (the cap on request-body bytes
+//!    held at once), [`keys`] (the [`keys::KeyPool`]: per-key
 //!    state, cooling per model, disabled, and selection), [`outcome`] (what a status means for a
 //!    key), [`outlier`] (endpoint ejection after consecutive failures), [`clients`] (gateway
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
@@ -50,6 +51,7 @@
 //! crate (`tests/mock/`), a workspace member that only the gateway's tests depend on.
 
 pub mod access_log;
+pub mod body_budget;
 pub mod calendar;
 pub mod cli;
 pub mod clients;

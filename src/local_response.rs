@@ -125,6 +125,31 @@ impl LocalResponse {
         )
     }
 
+    /// 408 for a request body that did not arrive in time.
+    pub fn body_timeout(limit: Duration) -> Self {
+        Self::new(
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "The request body did not arrive within {} s.",
+                limit.as_secs()
+            ),
+        )
+    }
+
+    /// 503 when keygate holds as many request bodies as it may; the client may retry shortly.
+    pub fn busy() -> Self {
+        let mut r = Self::new(
+            503,
+            "service_unavailable",
+            "server_busy",
+            "The gateway is receiving too many request bodies at once; retry shortly.",
+        );
+        r.retry_after = Some(1);
+        r
+    }
+
     /// 429 when every key that could serve the request is cooling down.
     pub fn all_cooling(retry_in: Duration) -> Self {
         let secs = whole_seconds_up(retry_in);
@@ -184,6 +209,8 @@ impl LocalResponse {
             "timeout" => "timeout",
             "upstream_auth_failed" => "upstream_auth",
             "length_required" => "length_required",
+            "request_timeout" => "body_timeout",
+            "server_busy" => "busy",
             "internal_error" | "upstream_error" => "error",
             "invalid_api_key" => "bad_token",
             "model_not_allowed" => "model_not_allowed",

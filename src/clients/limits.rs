@@ -119,6 +119,23 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Adds `tokens` to the estimate once more is known (the request was admitted on its
+    /// announced size, before its body said how long an answer it asks for). Counted in the
+    /// minute window like the first estimate; never refuses: the request is already in.
+    pub fn add_tokens(&mut self, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        self.estimate = self.estimate.saturating_add(tokens);
+        if self.limiter.limits.tpm.is_some() {
+            let now = self.limiter.clock.now();
+            let more = i64::try_from(tokens).unwrap_or(i64::MAX);
+            let mut st = self.limiter.state.lock();
+            st.tokens.push_back((now, more));
+            st.token_sum = st.token_sum.saturating_add(more);
+        }
+    }
+
     /// Replaces the token estimate with what the upstream reported (or keeps the estimate when
     /// it reported nothing) and charges the budget.
     pub fn settle(mut self, actual: Option<u64>) {
@@ -413,6 +430,19 @@ mod tests {
         }
         let r = l.admit(10).unwrap_err();
         assert_eq!(r.kind, LimitKind::Tokens);
+    }
+
+    #[test]
+    fn tokens_added_after_admission_count_against_the_next_request() {
+        let (l, _clock) = limiter(Limits {
+            tpm: Some(1000),
+            ..Limits::default()
+        });
+        let mut a = l.admit(100).unwrap();
+        a.add_tokens(u64::MAX);
+        a.add_tokens(0);
+        assert_eq!(l.admit(10).unwrap_err().kind, LimitKind::Tokens);
+        a.settle(None);
     }
 
     #[test]

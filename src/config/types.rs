@@ -22,6 +22,10 @@ pub struct ConfigFile {
     /// Largest request body accepted (default 32 MiB); larger ones get 413.
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
+    /// Most request-body bytes held across all requests at once (default a quarter of memory,
+    /// 256 MiB to 4 GiB); beyond it new bodies wait briefly, then get 503.
+    #[serde(default)]
+    pub max_buffered_bytes: Option<ByteSize>,
     /// The OpenAI-compatible APIs behind keygate, by name.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamFile>,
@@ -110,6 +114,9 @@ pub struct GuardsFile {
     /// The whole request header must arrive within this (default 10s); else 408.
     #[serde(default)]
     pub header_timeout: Option<Dur>,
+    /// The whole request body must arrive within this (default 120s); else 408.
+    #[serde(default)]
+    pub body_timeout: Option<Dur>,
     /// Largest request header (default 32KiB); else 431.
     #[serde(default)]
     pub max_header_bytes: Option<ByteSize>,

@@ -24,6 +24,8 @@ pub struct Config {
     pub listen: Vec<ListenerConfig>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Cap on body bytes held across requests; `None`: a default from the memory available.
+    pub max_buffered_bytes: Option<usize>,
     /// Upstreams, in name order.
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, in config order.
@@ -71,6 +73,8 @@ impl std::fmt::Debug for ClientConfig {
 pub struct GuardsConfig {
     /// Request header deadline.
     pub header_timeout: Duration,
+    /// Whole request body deadline.
+    pub body_timeout: Duration,
     /// Request header size cap.
     pub max_header_bytes: usize,
     /// Request header line cap.

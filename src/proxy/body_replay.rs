@@ -27,35 +27,56 @@ pub enum BodyReadError {
     /// A chunked body over 64 KiB cannot be replayed by Pingora.
     #[error("chunked request body over 64 KiB; send a Content-Length")]
     ChunkedTooLarge,
+    /// The whole body did not arrive in time.
+    #[error("request body not received within {0:?}")]
+    TimedOut(std::time::Duration),
     /// The client went away or sent garbage.
     #[error("reading the request body: {0}")]
     Downstream(Box<pingora_error::Error>),
 }
 
-/// Reads the whole body (bounded by `max`), leaving Pingora able to replay it per attempt.
-pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, BodyReadError> {
-    let content_length = session
+/// The request's `Content-Length`, when it has a valid one.
+pub fn content_length(session: &Session) -> Option<usize> {
+    session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if let Some(cl) = content_length {
-        if cl > max {
-            return Err(BodyReadError::TooLarge { limit: max });
-        }
+        .and_then(|v| v.trim().parse::<usize>().ok())
+}
+
+/// Reads the whole body (bounded by `max` bytes and `deadline` for all of it), leaving Pingora
+/// able to replay it per attempt.
+pub async fn read_body(
+    session: &mut Session,
+    max: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, BodyReadError> {
+    match tokio::time::timeout(deadline, read_body_untimed(session, max)).await {
+        Ok(result) => result,
+        Err(_) => Err(BodyReadError::TimedOut(deadline)),
+    }
+}
+
+async fn read_body_untimed(session: &mut Session, max: usize) -> Result<Bytes, BodyReadError> {
+    let content_length = content_length(session);
+    if content_length.is_some_and(|cl| cl > max) {
+        return Err(BodyReadError::TooLarge { limit: max });
     }
     if session.as_mut().is_body_empty() {
         return Ok(Bytes::new());
     }
-    let mut buf = BytesMut::with_capacity(content_length.unwrap_or(16 * 1024).min(max));
     if content_length.is_none() {
         // Unknown length: only bodies that fit the retry buffer can be replayed.
         session.as_mut().enable_retry_buffering();
     }
+    // Chunks as they come, nothing reserved up front: a client that announces 32 MiB and sends
+    // slowly holds only what it sent.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
     loop {
         if let Some(cl) = content_length {
-            if cl.saturating_sub(buf.len()) <= RETRY_BUFFER_LIMIT {
+            if cl.saturating_sub(len) <= RETRY_BUFFER_LIMIT {
                 session.as_mut().enable_retry_buffering();
             }
         }
@@ -65,13 +86,26 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, BodyR
             .await
             .map_err(BodyReadError::Downstream)?;
         let Some(chunk) = chunk else { break };
-        if buf.len() + chunk.len() > max {
+        len += chunk.len();
+        if len > max {
             return Err(BodyReadError::TooLarge { limit: max });
         }
-        buf.extend_from_slice(&chunk);
+        chunks.push(chunk);
     }
-    if content_length.is_none() && buf.len() > RETRY_BUFFER_LIMIT {
+    if content_length.is_none() && len > RETRY_BUFFER_LIMIT {
         return Err(BodyReadError::ChunkedTooLarge);
     }
-    Ok(buf.freeze())
+    Ok(join(chunks, len))
+}
+
+/// One contiguous body from its chunks (the scanners need one slice); no copy for one chunk.
+fn join(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    for c in chunks {
+        buf.extend_from_slice(&c);
+    }
+    buf.freeze()
 }

@@ -5,6 +5,7 @@
 //! attempt replaces it (the last one stays for logging): the key and endpoint in use and the
 //! state of that upstream's answer as it passes.
 
+use crate::body_budget::BodyPermit;
 use crate::clients::limits::Admission;
 use crate::keys::KeyLease;
 use crate::retry_policy::{AttemptLog, Decision};
@@ -93,6 +94,8 @@ pub struct RequestCtx {
     pub client_ip: Option<std::net::IpAddr>,
     /// The request's place in its client's limits.
     pub admission: Option<Admission>,
+    /// The body's room in the budget of buffered bytes, held while the body may be replayed.
+    pub body_permit: Option<BodyPermit>,
     /// Counts the request in `keygate_in_flight_requests` while it lives.
     pub in_flight: Option<InFlight>,
     /// Attempts so far and the keys they used.
@@ -141,6 +144,7 @@ impl RequestCtx {
             client: None,
             client_ip: None,
             admission: None,
+            body_permit: None,
             in_flight: None,
             log: AttemptLog::new(started),
             attempt: None,

@@ -4,6 +4,7 @@
 use super::ctx::{Attempt, RequestCtx};
 use super::respond;
 use crate::access_log::AccessLog;
+use crate::body_budget::BodyBudget;
 use crate::clients::addr::{client_ip, CidrList};
 use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
@@ -34,13 +35,41 @@ pub struct Gateway {
     pub(crate) upstreams: Arc<[Upstream]>,
     pub(crate) routes: RouteTable,
     pub(crate) plans: Vec<RoutePlan>,
-    pub(crate) max_body_bytes: usize,
+    pub(crate) bodies: BodyRules,
     pub(crate) clock: SharedClock,
     pub(crate) suspects: SuspectSender,
     pub(crate) latency: LatencyTable,
     pub(crate) metrics: &'static Metrics,
     pub(crate) series: RequestSeries,
     pub(crate) options: GatewayOptions,
+}
+
+/// How request bodies are taken: how large, how fast, and how many bytes at once.
+#[derive(Debug, Clone)]
+pub struct BodyRules {
+    /// Largest body accepted (413 beyond).
+    pub max_bytes: usize,
+    /// The whole body must arrive within this (408 beyond).
+    pub timeout: Duration,
+    /// Bytes held across all requests at once.
+    pub budget: BodyBudget,
+    /// How long a body waits for room in the budget before its 503.
+    pub budget_wait: Duration,
+}
+
+impl BodyRules {
+    /// The rules of a validated config.
+    pub fn of(config: &Config) -> Self {
+        let capacity = config
+            .max_buffered_bytes
+            .unwrap_or_else(|| crate::body_budget::default_capacity(config.max_body_bytes));
+        Self {
+            max_bytes: config.max_body_bytes,
+            timeout: config.guards.body_timeout,
+            budget: BodyBudget::new(capacity),
+            budget_wait: crate::body_budget::DEFAULT_WAIT,
+        }
+    }
 }
 
 /// Optional parts of the gateway: logging, metering and who may get in.
@@ -107,7 +136,7 @@ impl Gateway {
             upstreams.into(),
             routes,
             plans,
-            config.max_body_bytes,
+            BodyRules::of(config),
             clock,
             suspects,
             options,
@@ -124,7 +153,7 @@ impl Gateway {
         upstreams: Arc<[Upstream]>,
         routes: RouteTable,
         plans: Vec<RoutePlan>,
-        max_body_bytes: usize,
+        bodies: BodyRules,
         clock: SharedClock,
         suspects: SuspectSender,
         options: GatewayOptions,
@@ -141,7 +170,7 @@ impl Gateway {
         Arc::new(Self {
             routes,
             plans,
-            max_body_bytes,
+            bodies,
             latency: LatencyTable::new(upstreams.len()),
             upstreams,
             clock,
@@ -408,15 +437,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// Model permission and the client's (or the IP's) limits, once the body is known.
-    pub(crate) fn admit(&self, ctx: &mut RequestCtx) -> std::result::Result<(), LocalResponse> {
+    /// The client's (or the IP's) limits, checked before the body is read: the token estimate
+    /// starts from the announced body size and is completed by [`Gateway::admit_model`].
+    pub(crate) fn admit_request(
+        &self,
+        ctx: &mut RequestCtx,
+        announced_len: usize,
+    ) -> std::result::Result<(), LocalResponse> {
         let o = &self.options;
         let client = ctx.client.map(|i| &o.clients.clients()[i]);
-        if let (Some(c), Some(model)) = (client, ctx.model.as_deref()) {
-            if !c.allows(model) {
-                return Err(LocalResponse::model_not_allowed(model));
-            }
-        }
         let limiter = match (client, &o.ip_limiters, ctx.client_ip) {
             (Some(c), _, _) => Some(c.limiter.clone()),
             (None, Some(ips), Some(ip)) => Some(ips.get(ip)),
@@ -428,9 +457,7 @@ impl Gateway {
         if limiter.limits().is_empty() {
             return Ok(());
         }
-        // OpenAI's rule of thumb: about 4 bytes a token, plus what the answer may use.
-        let estimate = (ctx.body_len() as u64).div_ceil(4) + ctx.max_tokens.unwrap_or(0);
-        match limiter.admit(estimate) {
+        match limiter.admit(token_estimate(announced_len, None)) {
             Ok(a) => {
                 ctx.admission = Some(a);
                 Ok(())
@@ -444,6 +471,27 @@ impl Gateway {
                 Err(LocalResponse::client_limited(&rejection))
             }
         }
+    }
+
+    /// Once the body is known: the client's model permission, and the rest of the token estimate
+    /// (what the answer may use) charged to its limits.
+    pub(crate) fn admit_model(
+        &self,
+        ctx: &mut RequestCtx,
+        announced_len: usize,
+    ) -> std::result::Result<(), LocalResponse> {
+        let o = &self.options;
+        let client = ctx.client.map(|i| &o.clients.clients()[i]);
+        if let (Some(c), Some(model)) = (client, ctx.model.as_deref()) {
+            if !c.allows(model) {
+                return Err(LocalResponse::model_not_allowed(model));
+            }
+        }
+        let full = token_estimate(ctx.body_len(), ctx.max_tokens);
+        if let Some(admission) = ctx.admission.as_mut() {
+            admission.add_tokens(full.saturating_sub(token_estimate(announced_len, None)));
+        }
+        Ok(())
     }
 
     /// `GET /v1/models`: the models this client can reach through the routes.
@@ -546,6 +594,14 @@ impl Gateway {
             .inc();
         respond::write(session, resp).await
     }
+}
+
+/// A request's token estimate before its answer: OpenAI's rule of thumb of about 4 bytes a token
+/// for the prompt, plus what the answer may use. Saturates: `max_tokens` is the client's number.
+pub(crate) fn token_estimate(body_len: usize, max_tokens: Option<u64>) -> u64 {
+    (body_len as u64)
+        .div_ceil(4)
+        .saturating_add(max_tokens.unwrap_or(0))
 }
 
 /// (upstream, upstream/key) names of the current attempt, for logs.
@@ -751,6 +807,14 @@ mod tests {
         assert!(att.key.is_none());
         ctx.attempt = Some(att);
         assert!(!gw.has_candidate(&ctx));
+    }
+
+    #[test]
+    fn the_token_estimate_never_overflows() {
+        assert_eq!(token_estimate(400, Some(100)), 200);
+        assert_eq!(token_estimate(1, None), 1);
+        assert_eq!(token_estimate(usize::MAX, Some(u64::MAX)), u64::MAX);
+        assert_eq!(token_estimate(8, Some(u64::MAX - 1)), u64::MAX);
     }
 
     #[tokio::test]

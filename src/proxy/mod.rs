@@ -64,7 +64,36 @@ fn client_progress(session: &Session) -> ClientProgress {
 /// Pingora's `ProxyHttp` wrapper around a shared [`Gateway`].
 pub struct GatewayProxy(pub Arc<Gateway>);
 
+/// keygate's answer to a body it could not take.
+fn body_error_answer(e: &BodyReadError) -> LocalResponse {
+    match e {
+        BodyReadError::TooLarge { limit } => LocalResponse::too_large(*limit),
+        BodyReadError::ChunkedTooLarge => LocalResponse::new(
+            411,
+            "invalid_request_error",
+            "length_required",
+            "Send a Content-Length header with request bodies over 64 KiB.",
+        ),
+        BodyReadError::TimedOut(limit) => LocalResponse::body_timeout(*limit),
+        BodyReadError::Downstream(_) => LocalResponse::bad_request("The request body could not be read."),
+    }
+}
+
 impl GatewayProxy {
+    /// What refuses a request before its body is read: an announced body over the size limit,
+    /// and the client's (or the address's) request limits.
+    fn before_body(
+        &self,
+        ctx: &mut RequestCtx,
+        announced: Option<usize>,
+    ) -> std::result::Result<(), LocalResponse> {
+        let gw = &self.0;
+        if announced.is_some_and(|len| len > gw.bodies.max_bytes) {
+            return Err(LocalResponse::too_large(gw.bodies.max_bytes));
+        }
+        gw.admit_request(ctx, announced.unwrap_or(0))
+    }
+
     /// Asks the retry policy about the attempt that just ended and keeps its decision there.
     fn decide(&self, session: &Session, ctx: &mut RequestCtx, result: AttemptResult) -> Decision {
         let gw = &self.0;
@@ -122,32 +151,43 @@ impl ProxyHttp for GatewayProxy {
             gw.answer_models(session, ctx).await?;
             return Ok(true);
         }
+        // Everything that can refuse the request without its body does so before a byte of it
+        // is read (and before any `100 Continue` invites it).
+        let announced = body_replay::content_length(session);
+        if let Err(resp) = self.before_body(ctx, announced) {
+            gw.respond_local(session, &resp).await?;
+            return Ok(true);
+        }
+        let has_body = !session.as_mut().is_body_empty();
+        if has_body {
+            // Unknown length: at most what Pingora can replay is accepted (411 beyond).
+            let room = announced.unwrap_or(body_replay::RETRY_BUFFER_LIMIT);
+            let bodies = &gw.bodies;
+            match bodies.budget.reserve(room, bodies.budget_wait).await {
+                Some(permit) => ctx.body_permit = Some(permit),
+                None => {
+                    gw.respond_local(session, &LocalResponse::busy()).await?;
+                    return Ok(true);
+                }
+            }
+        }
         if is_expect_continue(session.req_header()) && !session.is_http2() {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
         }
-        let has_body = !session.as_mut().is_body_empty();
-        let body = match body_replay::read_body(session, gw.max_body_bytes).await {
+        let body = match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout)
+            .await
+        {
             Ok(b) => b,
-            Err(BodyReadError::TooLarge { limit }) => {
-                gw.respond_local(session, &LocalResponse::too_large(limit))
-                    .await?;
-                return Ok(true);
-            }
-            Err(BodyReadError::ChunkedTooLarge) => {
-                let r = LocalResponse::new(
-                    411,
-                    "invalid_request_error",
-                    "length_required",
-                    "Send a Content-Length header with request bodies over 64 KiB.",
-                );
-                gw.respond_local(session, &r).await?;
-                return Ok(true);
-            }
             Err(BodyReadError::Downstream(e)) => return Err(e),
+            Err(e) => {
+                gw.respond_local(session, &body_error_answer(&e)).await?;
+                return Ok(true);
+            }
         };
         let routed = parse_and_route(gw, session.req_header(), has_body.then_some(body), ctx);
-        if let Err(resp) = routed.and_then(|()| gw.admit(ctx)) {
+        let admitted = routed.and_then(|()| gw.admit_model(ctx, announced.unwrap_or(0)));
+        if let Err(resp) = admitted {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
@@ -300,6 +340,10 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if ctx.body_permit.take().is_some() {
+            // The answer is on its way to the client: no attempt will replay the body again.
+            ctx.body = None;
+        }
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(None);
         };
@@ -442,7 +486,8 @@ impl ProxyHttp for GatewayProxy {
             .local_responses
             .with_label_values(&[resp.reason()])
             .inc();
-        if session.response_written().is_none() {
+        if client_progress(session) != ClientProgress::Answering {
+            // An interim `100 Continue` is not the answer: the real one can still be written.
             if let Err(err) = respond::write_error(session, &resp).await {
                 debug!("could not send the error response: {err}");
             }
@@ -455,7 +500,10 @@ impl ProxyHttp for GatewayProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let gw = &self.0;
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = session
+            .response_written()
+            .filter(|r| !r.status.is_informational())
+            .map_or(0, |r| r.status.as_u16());
         let route = ctx.route.map_or("-", |r| gw.routes.get(r).name.as_str());
         let (upstream, key) = match ctx.attempt.as_ref() {
             Some(att) => {

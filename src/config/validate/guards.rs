@@ -7,11 +7,13 @@ use crate::config::ConfigError;
 use crate::glob::Glob;
 use std::time::Duration;
 
-/// The guards, defaults filled in: 10s header timeout, 32KiB and 100 header lines, 60s idle.
+/// The guards, defaults filled in: 10s header timeout, 120s body timeout, 32KiB and 100 header
+/// lines, 60s idle.
 pub(super) fn guards(cx: &Ctx, g: Option<&GuardsFile>) -> Result<GuardsConfig, ConfigError> {
     let at = cx.at("guards");
     let mut out = GuardsConfig {
         header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(120),
         max_header_bytes: 32 * 1024,
         max_headers: 100,
         idle_timeout: Duration::from_secs(60),
@@ -24,6 +26,12 @@ pub(super) fn guards(cx: &Ctx, g: Option<&GuardsFile>) -> Result<GuardsConfig, C
             return Err(at.err("header_timeout", "must be at least 100ms"));
         }
         out.header_timeout = d.0;
+    }
+    if let Some(d) = g.body_timeout {
+        if d.0 < Duration::from_secs(1) {
+            return Err(at.err("body_timeout", "must be at least 1s"));
+        }
+        out.body_timeout = d.0;
     }
     if let Some(b) = g.max_header_bytes {
         if !(1024..=1 << 20).contains(&b.0) {
@@ -83,6 +91,7 @@ mod tests {
                 "must be between 8 and 256",
             ),
             ("idle_timeout: 999ms", "idle_timeout", "must be at least 1s"),
+            ("body_timeout: 999ms", "body_timeout", "must be at least 1s"),
             (
                 "deny_user_agents: [curl*, \"\"]",
                 "deny_user_agents[1]",

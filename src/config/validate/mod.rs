@@ -101,6 +101,8 @@ pub fn validate_with(
     let server = server::server_conf(&cx, file.server)?;
     let listen = listen::listeners(&cx, &file.listen)?;
     let max_body_bytes = server::max_body_bytes(&cx, file.max_body_bytes)?;
+    let max_buffered_bytes =
+        server::max_buffered_bytes(&cx, file.max_buffered_bytes, max_body_bytes)?;
     let upstreams = upstreams::upstreams(&cx, &file.upstreams)?;
     let routes = routes::routes(&cx, &file.routes, &upstreams)?;
     let metrics_addr = match &file.metrics {
@@ -137,6 +139,7 @@ pub fn validate_with(
         server,
         listen,
         max_body_bytes,
+        max_buffered_bytes,
         upstreams,
         routes,
         metrics_addr,

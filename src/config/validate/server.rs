@@ -23,6 +23,23 @@ pub(super) fn server_conf(
 }
 
 /// The largest request body, in bytes.
+/// `max_buffered_bytes`: when given, at least one body of `max_body_bytes`.
+pub(super) fn max_buffered_bytes(
+    cx: &Ctx,
+    size: Option<ByteSize>,
+    max_body_bytes: usize,
+) -> Result<Option<usize>, ConfigError> {
+    let Some(size) = size else { return Ok(None) };
+    let bytes = usize::try_from(size.0).unwrap_or(usize::MAX);
+    if bytes < max_body_bytes {
+        let reason = format!(
+            "must be at least max_body_bytes ({max_body_bytes} bytes), or no body that large could ever be read"
+        );
+        return Err(cx.err("max_buffered_bytes", reason));
+    }
+    Ok(Some(bytes))
+}
+
 pub(super) fn max_body_bytes(cx: &Ctx, size: Option<ByteSize>) -> Result<usize, ConfigError> {
     let bytes = size.map_or(DEFAULT_MAX_BODY_BYTES, |b| b.0);
     if bytes == 0 {
@@ -89,6 +106,19 @@ mod tests {
         for (top, part) in cases {
             expect_error_containing(&with_top(top), &source(), "server", part);
         }
+    }
+
+    #[test]
+    fn a_body_buffer_smaller_than_one_body_is_refused() {
+        expect_error(
+            &with_top("max_body_bytes: 2MiB\nmax_buffered_bytes: 1MiB"),
+            &source(),
+            "max_buffered_bytes",
+            "must be at least max_body_bytes (2097152 bytes), or no body that large could ever be read",
+        );
+        let config = load(&with_top("max_buffered_bytes: 64MiB"), &source()).unwrap();
+        assert_eq!(config.max_buffered_bytes, Some(64 << 20));
+        assert_eq!(load(&with_top(""), &source()).unwrap().max_buffered_bytes, None);
     }
 
     #[test]
