@@ -14,7 +14,9 @@
 //!
 //! Cooldowns are per (key, model) because OpenAI's rate limits are per organisation *and per
 //! model*: a 429 for `gpt-4o` leaves the key usable for `gpt-4o-mini`. They expire by comparison
-//! with the clock on read; there is no cleanup task.
+//! with the clock on read; there is no cleanup task. The backoff grows once per cooldown
+//! *episode*, not per 429: the 429s of requests already in flight when a key started cooling
+//! add nothing (see [`KeyPool::on_rate_limit`]).
 
 mod policy;
 mod secret;
@@ -25,7 +27,7 @@ mod tests;
 
 pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
-pub use state::{CooldownPolicy, DisableReason};
+pub use state::{CooldownPolicy, Cooled, DisableReason};
 
 use crate::clock::SharedClock;
 use log::{debug, info};
@@ -390,9 +392,9 @@ impl Inner {
         Err(miss.outcome())
     }
 
-    fn cool(&self, idx: usize, model: &str, requested: Option<Duration>, why: &str) -> Duration {
+    fn cool(&self, idx: usize, model: &str, requested: Option<Duration>, why: &str) -> Cooled {
         let Some(slot) = self.slots.get(idx) else {
-            return Duration::ZERO;
+            return Cooled::default();
         };
         let cooled = slot.cool(&self.time, model, requested, &self.cooldown);
         let scope = if model.is_empty() {
@@ -404,18 +406,23 @@ impl Inner {
             Some(_) => "as asked",
             None => "backoff",
         };
-        if cooled.extended {
+        if cooled.started {
             info!(
                 "key {}/{} cooling for {} {:.1?} ({why}, {source}, strike {})",
                 self.upstream, slot.info.name, scope, cooled.remaining, cooled.strikes
             );
+        } else if cooled.extended {
+            debug!(
+                "key {}/{} {why} for {} during its cooldown: extended to {:.1?} as asked",
+                self.upstream, slot.info.name, scope, cooled.remaining
+            );
         } else {
             debug!(
-                "key {}/{} {why} for {} (strike {}): cooldown unchanged at {:.1?}",
-                self.upstream, slot.info.name, scope, cooled.strikes, cooled.remaining
+                "key {}/{} {why} for {} during its cooldown (no strike): {:.1?} left",
+                self.upstream, slot.info.name, scope, cooled.remaining
             );
         }
-        cooled.remaining
+        cooled
     }
 }
 
@@ -525,28 +532,45 @@ impl KeyPool {
     /// towards the backoff). `None` applies the backoff: `base`, `2*base`, `4*base`…, capped at
     /// `max_backoff`. A running cooldown is never shortened.
     ///
-    /// Returns how long the key now stays out for `model` (zero: not at all). An unknown index
-    /// is ignored.
-    pub fn cool_down(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Duration {
+    /// The backoff counts cooldown episodes, not 429s: a 429 that arrives while the key is
+    /// already out for `model` adds no strike (it answers a request sent before the episode
+    /// began) and only lengthens the cooldown if it asks for longer. An unknown index is
+    /// ignored (nothing happened).
+    pub fn on_rate_limit(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Cooled {
         self.inner.cool(idx, model, requested, "429")
     }
 
-    /// An organisation-wide 429 (see [`crate::retry_after::is_org_wide_limit`]): cools every key
-    /// of `account` for `model` as [`KeyPool::cool_down`] would, each with its own backoff.
-    /// Returns the keys cooled; empty for an unknown account.
+    /// [`KeyPool::on_rate_limit`], returning only how long the key now stays out for `model`
+    /// (zero: not at all).
+    pub fn cool_down(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Duration {
+        self.on_rate_limit(idx, model, requested).remaining
+    }
+
+    /// An organisation-wide 429 (see [`crate::retry_after::is_org_wide_limit`]): every key of
+    /// `account` but `except` (the key whose own 429 was already recorded with
+    /// [`KeyPool::on_rate_limit`], so that one answer is one strike) rests for `model` as
+    /// [`KeyPool::on_rate_limit`] would, each by its own episode: as long as `requested` asks,
+    /// or its own backoff when the upstream said nothing. Returns the keys whose cooldown
+    /// episode this started; empty for an unknown account.
     pub fn cool_down_account(
         &self,
         account: &str,
         model: &str,
         requested: Option<Duration>,
+        except: Option<KeyIndex>,
     ) -> Vec<KeyIndex> {
         let Some(keys) = self.inner.accounts.get(account) else {
             return Vec::new();
         };
-        for &idx in keys {
-            self.inner.cool(idx, model, requested, "org-wide 429");
-        }
-        keys.clone()
+        keys.iter()
+            .copied()
+            .filter(|&idx| Some(idx) != except)
+            .filter(|&idx| {
+                self.inner
+                    .cool(idx, model, requested, "org-wide 429")
+                    .started
+            })
+            .collect()
     }
 
     /// Takes key `idx` out for every model until [`KeyPool::enable`]. True if it was enabled;

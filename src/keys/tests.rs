@@ -307,12 +307,14 @@ fn account_cooldown_cools_exactly_that_accounts_keys() {
     specs[3].account = Some("org-2".into());
     let (pool, _) = pool_of(specs, KeyPolicy::RoundRobin);
     assert_eq!(
-        pool.cool_down_account("org-1", GPT4O, Some(secs(20))),
+        pool.cool_down_account("org-1", GPT4O, Some(secs(20)), None),
         vec![0, 2]
     );
     assert_eq!(tally(&pool, GPT4O, 20), vec![0, 10, 0, 10]);
     assert_eq!(tally(&pool, MINI, 20), vec![5, 5, 5, 5]);
-    assert!(pool.cool_down_account("org-404", GPT4O, None).is_empty());
+    assert!(pool
+        .cool_down_account("org-404", GPT4O, None, None)
+        .is_empty());
     assert_eq!(pool.account(0), Some("org-1"));
     assert_eq!(pool.account(1), None);
 }
@@ -545,4 +547,68 @@ fn many_keys_with_a_third_cooling_pick_only_usable_ones_fairly() {
             disabled: 0
         }
     );
+}
+
+#[test]
+fn a_burst_of_429s_from_requests_in_flight_is_one_strike() {
+    // Twenty requests were in flight on the key when its first 429 came back: the other
+    // nineteen 429s belong to the same episode and must not raise the backoff.
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    let burst: Vec<Duration> = (0..20).map(|_| pool.cool_down(0, GPT4O, None)).collect();
+    assert!(burst.iter().all(|&d| d == secs(1)), "{burst:?}");
+    clock.advance(secs(1));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2), "second episode");
+}
+
+#[test]
+fn a_429_while_cooling_adds_no_strike_but_a_longer_ask_extends_the_episode() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    let first = pool.on_rate_limit(0, GPT4O, Some(secs(5)));
+    assert!(first.started);
+    assert_eq!(first.strikes, 1);
+    let late = pool.on_rate_limit(0, GPT4O, None);
+    assert!(!late.started, "already cooling: same episode");
+    assert_eq!((late.remaining, late.strikes), (secs(5), 1));
+    let longer = pool.on_rate_limit(0, GPT4O, Some(secs(10)));
+    assert!(!longer.started && longer.extended);
+    assert_eq!((longer.remaining, longer.strikes), (secs(10), 1));
+    clock.advance(secs(10));
+    // One strike so far, so the next episode's backoff is the second step.
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+}
+
+#[test]
+fn a_429_for_a_model_while_the_key_cools_for_every_model_adds_no_strike() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, ALL_MODELS, None);
+    let during = pool.on_rate_limit(0, GPT4O, None);
+    assert!(!during.started);
+    assert_eq!(
+        during.remaining,
+        secs(1),
+        "out as long as the every-model cooldown"
+    );
+    clock.advance(secs(1));
+    assert_eq!(
+        pool.cool_down(0, GPT4O, None),
+        secs(1),
+        "first strike for gpt-4o"
+    );
+}
+
+#[test]
+fn account_cooldown_can_spare_the_key_that_was_already_judged() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c"].iter().map(|n| spec(n)).collect();
+    for s in &mut specs {
+        s.account = Some("org-1".into());
+    }
+    let (pool, clock) = pool_of(specs, KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(Duration::ZERO));
+    assert_eq!(
+        pool.cool_down_account("org-1", GPT4O, Some(Duration::ZERO), Some(0)),
+        vec![1, 2]
+    );
+    clock.advance(secs(1));
+    // Key a has one strike (from its own 429), not two.
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
 }

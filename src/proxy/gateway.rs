@@ -247,7 +247,12 @@ impl Gateway {
     }
 
     /// Applies what an upstream status says about the key that got it.
-    pub(crate) fn judge(&self, ctx: &RequestCtx, status: u16, resp: &ResponseHeader) -> Outcome {
+    pub(crate) fn judge(
+        &self,
+        ctx: &mut RequestCtx,
+        status: u16,
+        resp: &ResponseHeader,
+    ) -> Outcome {
         let outcome = Outcome::of(status);
         let Some(att) = ctx.attempt.as_ref() else {
             return outcome;
@@ -256,31 +261,39 @@ impl Gateway {
         let Some(lease) = att.key.as_ref() else {
             return outcome;
         };
-        let idx = lease.index();
+        let (u, idx) = (att.upstream, lease.index());
         let model = ctx.cooldown_model();
         match outcome {
             Outcome::Success => up.keys.on_success(idx, model),
             Outcome::RateLimited => {
                 let wanted = retry_after::requested_cooldown(&resp.headers, self.clock.wall());
-                match up.keys.account(idx) {
-                    Some(account) if retry_after::is_org_wide_limit(&resp.headers, b"", None) => {
-                        let account = account.to_string();
-                        for k in up.keys.cool_down_account(&account, model, wanted) {
-                            self.count_cooldown(up, k, "account_limit");
-                        }
-                    }
-                    _ => {
-                        up.keys.cool_down(idx, model, wanted);
-                        self.count_cooldown(up, idx, "rate_limit");
+                let account = up
+                    .keys
+                    .account(idx)
+                    .filter(|_| retry_after::is_org_wide_limit(&resp.headers, b"", None));
+                let reason = match account {
+                    Some(_) => "account_limit",
+                    None => "rate_limit",
+                };
+                // One answer, one strike: the key's own, then the rest of its account.
+                if up.keys.on_rate_limit(idx, model, wanted).started {
+                    self.count_cooldown(up, idx, reason);
+                }
+                if let Some(account) = account {
+                    for k in up.keys.cool_down_account(account, model, wanted, Some(idx)) {
+                        self.count_cooldown(up, k, reason);
                     }
                 }
                 if wanted.is_none() {
                     // No rate-limit header: this may be an empty quota, which only the body
                     // says. The body is gone when the request is retried, so ask the prober.
                     let _ = self.suspects.send(Suspect {
-                        upstream: att.upstream,
+                        upstream: u,
                         key: idx,
                     });
+                }
+                if let Some(att) = ctx.attempt.as_mut() {
+                    att.requested_cooldown = wanted;
                 }
             }
             Outcome::KeyRefused(reason) => {
@@ -472,7 +485,8 @@ impl Gateway {
     }
 
     /// A 429 body that reaches the client can be read: an empty quota disables the key, an
-    /// organisation-wide limit cools every key of its account.
+    /// organisation-wide limit rests every other key of its account as long as the 429 asked
+    /// (its own cooldown was set by [`Gateway::judge`]; one answer is one strike).
     pub(crate) fn judge_429_body(&self, ctx: &RequestCtx, body: &[u8]) {
         let Some(att) = ctx.attempt.as_ref() else {
             return;
@@ -490,9 +504,10 @@ impl Gateway {
                 body,
                 up.org_limit_pattern.as_deref(),
             ) {
-                let account = account.to_string();
-                up.keys
-                    .cool_down_account(&account, ctx.cooldown_model(), None);
+                let (model, wanted) = (ctx.cooldown_model(), att.requested_cooldown);
+                for k in up.keys.cool_down_account(account, model, wanted, Some(idx)) {
+                    self.count_cooldown(up, k, "account_limit");
+                }
             }
         }
     }
@@ -534,6 +549,12 @@ mod tests {
     use crate::config::source::MemorySource;
 
     const TWO_KEYS: &str = "listen: [ { addr: 127.0.0.1:8080 } ]\nupstreams:\n  up:\n    url: http://127.0.0.1:9\n    health: { enabled: false }\n    keys: [ { name: a, env: KA }, { name: b, env: KB } ]\nroutes:\n  - { upstreams: [up] }\n";
+
+    static ONE_ACCOUNT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        TWO_KEYS
+            .replace("env: KA }", "env: KA, account: org-1 }")
+            .replace("env: KB }", "env: KB, account: org-1 }")
+    });
 
     /// A gateway on `yaml` (keys `KA`, `KB` set) whose endpoints are resolved, on a manual clock.
     async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
@@ -595,7 +616,7 @@ mod tests {
         for wait in ["7", "3"] {
             let mut ctx = request("gpt-4o");
             attempt(&gw, &mut ctx).unwrap();
-            let outcome = gw.judge(&ctx, 429, &answer(429, &[("retry-after", wait)]));
+            let outcome = gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", wait)]));
             assert_eq!(outcome, Outcome::RateLimited);
         }
         let err = attempt(&gw, &mut request("gpt-4o")).unwrap_err();
@@ -608,7 +629,7 @@ mod tests {
         let (gw, clock) = gateway(TWO_KEYS).await;
         let mut ctx = request("gpt-4o");
         let limited = attempt(&gw, &mut ctx).unwrap();
-        gw.judge(&ctx, 429, &answer(429, &[("retry-after", "2")]));
+        gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", "2")]));
         for _ in 0..4 {
             assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), limited);
         }
@@ -629,7 +650,7 @@ mod tests {
         let (gw, _) = gateway(&yaml).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
-        let outcome = gw.judge(&ctx, 401, &answer(401, &[]));
+        let outcome = gw.judge(&mut ctx, 401, &answer(401, &[]));
         assert_eq!(outcome, Outcome::KeyRefused(DisableReason::Unauthorized));
         for model in ["gpt-4o", "gpt-4o-mini"] {
             let err = attempt(&gw, &mut request(model)).unwrap_err();
@@ -646,6 +667,56 @@ mod tests {
         assert!(att.key.is_none());
         ctx.attempt = Some(att);
         assert!(!gw.has_candidate(&ctx));
+    }
+
+    const ORG_WIDE_BODY: &[u8] = br#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min","type":"requests","code":"rate_limit_exceeded"}}"#;
+
+    /// The remaining cooldowns of key `name` of the first upstream, by model.
+    fn cooldowns(gw: &Gateway, name: &str) -> Vec<(Option<String>, Duration)> {
+        let keys = &gw.upstreams[0].keys;
+        match &keys.status()[keys.index_of(name).unwrap()].state {
+            crate::keys::KeyState::Cooling { cooldowns } => cooldowns
+                .iter()
+                .map(|c| (c.model.clone(), c.remaining))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_wide_429_rests_every_key_of_the_account_as_long_as_asked() {
+        let (gw, clock) = gateway(&ONE_ACCOUNT).await;
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        // The 429 passes through (nothing left to retry): its body says organisation-wide.
+        gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", "30")]));
+        gw.judge_429_body(&ctx, ORG_WIDE_BODY);
+        clock.advance(Duration::from_secs(3));
+        for name in ["a", "b"] {
+            let left = cooldowns(&gw, name);
+            assert_eq!(left.len(), 1, "{name}: {left:?}");
+            assert_eq!(left[0].1, Duration::from_secs(27), "{name}");
+        }
+        let err = attempt(&gw, &mut request("gpt-4o")).unwrap_err();
+        assert_eq!((err.status, err.retry_after), (429, Some(27)));
+    }
+
+    #[tokio::test]
+    async fn the_429_that_passes_through_is_one_strike_for_its_key() {
+        let (gw, _) = gateway(&ONE_ACCOUNT).await;
+        let mut ctx = request("gpt-4o");
+        let limited = attempt(&gw, &mut ctx).unwrap();
+        gw.judge(&mut ctx, 429, &answer(429, &[]));
+        gw.judge_429_body(&ctx, ORG_WIDE_BODY);
+        // No header: every key of the account gets the first backoff step, once.
+        for name in ["a", "b"] {
+            let left = cooldowns(&gw, name);
+            assert_eq!(
+                left,
+                vec![(Some("gpt-4o".to_string()), Duration::from_secs(1))],
+                "{name} (the limited key is {limited})"
+            );
+        }
     }
 
     #[tokio::test]
