@@ -6,7 +6,8 @@
 //! - a pick allocates nothing and takes no lock: each key's state is summarised in a 32-byte
 //!   slot of atomics (100 000 keys fit in the CPU cache), and the clock is read and the model
 //!   hashed only when a key with a cooldown is met;
-//! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one;
+//! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one,
+//!   and are capped at [`MAX_MODEL_COOLDOWNS`] whatever model names clients send;
 //! - the rotation cursor moves just past the key it picked, so a run of cooling keys is scanned
 //!   once per lap rather than once per pick: a pick costs O(1) on average whatever the number of
 //!   keys (measured: 10 and 100 000 keys with a third cooling pick in the same ~20–60 ns), and
@@ -27,7 +28,7 @@ mod tests;
 
 pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
-pub use state::{CooldownPolicy, Cooled, DisableReason};
+pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
 
 use crate::clock::SharedClock;
 use log::{debug, info};

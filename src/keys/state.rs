@@ -109,6 +109,18 @@ impl CooldownPolicy {
     }
 }
 
+/// The most cooldown entries (one per model, plus one for every model) a key keeps.
+///
+/// Model names come from clients, so without a cap a client sending made-up names that an
+/// upstream answers 429 could grow a key's entries (memory, state-file entries, and the
+/// linear scan a pick makes over a key cooling for several models) without bound. 64 is far
+/// more models than one key is ever limited on at once. When a new model's 429 finds the key
+/// full, the entry that ends soonest goes (an expired one, kept only for its backoff, first):
+/// at worst that model gets one more 429, which brings its cooldown back. Falling back to a
+/// cooldown for every model instead would let such a client take the key out for everyone.
+/// The every-model entry is never evicted: clients do not choose it.
+pub const MAX_MODEL_COOLDOWNS: usize = 64;
+
 /// Scope tags of the per-key cooldown summary; a model's tag is its hash, moved off these.
 const SCOPE_NONE: u64 = 0;
 const SCOPE_ALL: u64 = 1;
@@ -231,7 +243,8 @@ pub(super) struct KeyInfo {
     pub(super) secret: Secret,
     pub(super) account: Option<Box<str>>,
     pub(super) weight: u32,
-    /// Usually empty, so no allocation; a handful of models at most when not.
+    /// Usually empty, so no allocation; a handful of models when not, and never more than
+    /// [`MAX_MODEL_COOLDOWNS`].
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -374,6 +387,9 @@ impl Slot {
         let pos = match pos {
             Some(pos) => pos,
             None => {
+                if entries.len() >= MAX_MODEL_COOLDOWNS {
+                    evict_soonest(&mut entries);
+                }
                 entries.push(Entry {
                     tag,
                     model: model.into(),
@@ -479,6 +495,20 @@ impl Slot {
     /// Whether any cooldown is running at `now`, for any model.
     pub(super) fn is_cooling(&self, now: u64) -> bool {
         self.cool_until.load(Ordering::Acquire) > now
+    }
+}
+
+/// Makes room for one entry: drops the model entry that ends soonest (see
+/// [`MAX_MODEL_COOLDOWNS`]).
+fn evict_soonest(entries: &mut Vec<Entry>) {
+    let soonest = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.tag != SCOPE_ALL)
+        .min_by_key(|(_, e)| e.until)
+        .map(|(i, _)| i);
+    if let Some(i) = soonest {
+        entries.swap_remove(i);
     }
 }
 

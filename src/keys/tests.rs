@@ -612,3 +612,57 @@ fn account_cooldown_can_spare_the_key_that_was_already_judged() {
     // Key a has one strike (from its own 429), not two.
     assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
 }
+
+/// The running cooldowns of key `idx`, by model (`None`: every model).
+fn cooling_models(pool: &KeyPool, idx: usize) -> Vec<Option<String>> {
+    match &pool.status()[idx].state {
+        KeyState::Cooling { cooldowns } => cooldowns.iter().map(|c| c.model.clone()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn made_up_model_names_cannot_grow_a_keys_cooldowns_past_the_cap() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, ALL_MODELS, Some(secs(1)));
+    pool.cool_down(0, GPT4O, Some(secs(300)));
+    for i in 0..1000 {
+        pool.cool_down(0, &format!("made-up-{i}"), Some(secs(10 + i % 50)));
+    }
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    // The every-model cooldown is never evicted, even though it ends soonest; the model that
+    // ends last outlives the flood.
+    assert!(models.contains(&None), "{models:?}");
+    assert!(models.contains(&Some(GPT4O.to_string())), "{models:?}");
+    assert!(matches!(pool.pick(MINI, &[]), Pick::AllCooling { .. }));
+}
+
+#[test]
+fn a_full_key_evicts_the_cooldown_that_ends_soonest() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    // A backoff kept after its cooldown ended is the first to go.
+    pool.cool_down(0, "expired", None);
+    clock.advance(secs(1));
+    for i in 0..MAX_MODEL_COOLDOWNS - 1 {
+        pool.cool_down(0, &format!("m{i}"), Some(secs(100 + i as u64)));
+    }
+    pool.cool_down(0, "new-1", Some(secs(50)));
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    assert!(models.contains(&Some("new-1".into())));
+    // Full of running cooldowns: the one ending soonest (new-1, 50 s) makes room.
+    pool.cool_down(0, "new-2", Some(secs(200)));
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    assert!(!models.contains(&Some("new-1".into())), "{models:?}");
+    assert_eq!(
+        pick_idx(&pool, "new-1", &[]),
+        0,
+        "an evicted model is usable again"
+    );
+    assert!(matches!(pool.pick("new-2", &[]), Pick::AllCooling { .. }));
+    assert!(matches!(pool.pick("m0", &[]), Pick::AllCooling { .. }));
+    // The expired entry went first: its backoff starts over.
+    assert_eq!(pool.cool_down(0, "expired", None), secs(1));
+}
