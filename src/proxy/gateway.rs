@@ -469,7 +469,23 @@ impl Gateway {
         Ok(())
     }
 
-    /// Feeds an attempt's network result to outlier ejection and the latency table.
+    /// Feeds an upstream answer to outlier ejection (whose policy decides whether `status`
+    /// counts against the endpoint) and the latency table (where any server error penalises).
+    pub(crate) fn note_answer(&self, ctx: &RequestCtx, status: u16) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        up.endpoint_answered(&att.endpoint, status);
+        if Outcome::of(status) == Outcome::ServerError {
+            self.latency.penalize(att.upstream);
+        } else {
+            self.latency.record(att.upstream, att.started.elapsed());
+        }
+    }
+
+    /// Feeds an attempt's network result to outlier ejection and the latency table: `ok` false
+    /// for a connect error, a timeout or a broken connection.
     pub(crate) fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
         let Some(att) = ctx.attempt.as_ref() else {
             return;

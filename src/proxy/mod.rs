@@ -235,7 +235,7 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         gw.count_attempt(ctx, outcome.label());
-        gw.note_endpoint(ctx, outcome != Outcome::ServerError);
+        gw.note_answer(ctx, status);
         let result = AttemptResult::Answered { status, outcome };
         if self.decide(session, ctx, result) == Decision::TryElsewhere {
             let (up, key) = describe_attempt(gw, ctx);
