@@ -686,6 +686,15 @@ impl KeyPool {
         &self.inner.slots[idx].info.name
     }
 
+    /// [`key_id`] of key `idx`'s secret: tells a replaced secret from the old one under the
+    /// same name, without revealing either.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`KeyPool::len`], like slice indexing.
+    pub fn key_id(&self, idx: KeyIndex) -> &str {
+        &self.inner.slots[idx].info.id
+    }
+
     /// The credential of key `idx`.
     ///
     /// # Panics

@@ -241,6 +241,8 @@ pub(super) struct CoolingSnapshot {
 pub(super) struct KeyInfo {
     pub(super) name: Box<str>,
     pub(super) secret: Secret,
+    /// [`super::key_id`] of the secret, computed once.
+    pub(super) id: Box<str>,
     pub(super) account: Option<Box<str>>,
     pub(super) weight: u32,
     /// Usually empty, so no allocation; a handful of models when not, and never more than
@@ -280,6 +282,7 @@ impl Slot {
             cool_scope: AtomicU64::new(SCOPE_NONE),
             info: Box::new(KeyInfo {
                 name: name.into_boxed_str(),
+                id: secret.id().into_boxed_str(),
                 secret,
                 account: account.map(String::into_boxed_str),
                 weight,
