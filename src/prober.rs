@@ -254,10 +254,11 @@ impl Inner {
         let key = if up.keys.is_empty() {
             None
         } else {
-            match up.keys.pick(crate::keys::ALL_MODELS, &[]) {
-                crate::keys::Pick::Key(lease) => Some(lease.index()),
-                _ => return,
-            }
+            // Without picking: a ping must not move the rotation past a key.
+            let Some(k) = up.keys.peek(crate::keys::ALL_MODELS, &[]) else {
+                return;
+            };
+            Some(k)
         };
         let req = ProbeRequest {
             method: if kw.body.is_some() { "POST" } else { "GET" },

@@ -518,6 +518,36 @@ impl KeyPool {
         }
     }
 
+    /// A key usable for `model` and not in `exclude`, without taking it: the first from the
+    /// rotation cursor on (for round-robin, the key the next pick would take). Unlike
+    /// [`KeyPool::pick`] it moves no cursor and holds no lease, so asking whether a retry could
+    /// find a key, or which key a keep-warm ping should use, never makes the rotation skip one.
+    /// O(1) while most keys are usable; one scan of the keys at most.
+    pub fn peek(&self, model: &str, exclude: &[KeyIndex]) -> Option<KeyIndex> {
+        let inner = &*self.inner;
+        let n = inner.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let positions = if inner.ring.is_empty() {
+            n
+        } else {
+            inner.ring.len()
+        };
+        let cursor = inner.cursor.0.load(Ordering::Acquire);
+        let start = inner.key_at(if cursor < positions { cursor } else { 0 });
+        let mut probe = Probe::new(&inner.time, model);
+        (0..n)
+            .map(|step| (start + step) % n)
+            .find(|&idx| matches!(inner.classify(idx, exclude, &mut probe), Class::Usable))
+    }
+
+    /// Whether some key not in `exclude` could take a request for `model` now; moves nothing
+    /// (see [`KeyPool::peek`]).
+    pub fn has_usable(&self, model: &str, exclude: &[KeyIndex]) -> bool {
+        self.peek(model, exclude).is_some()
+    }
+
     /// A success on key `idx` for `model`: the exponential backoff for that key and model (and
     /// for every-model cooldowns of the key) starts over from `base`.
     pub fn on_success(&self, idx: KeyIndex, model: &str) {

@@ -666,3 +666,32 @@ fn a_full_key_evicts_the_cooldown_that_ends_soonest() {
     // The expired entry went first: its backoff starts over.
     assert_eq!(pool.cool_down(0, "expired", None), secs(1));
 }
+
+#[test]
+fn peek_and_has_usable_leave_the_rotation_alone() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let next = pool.peek(GPT4O, &[]);
+        assert!(pool.has_usable(GPT4O, &[]));
+        let picked = pick_idx(&pool, GPT4O, &[]);
+        assert_eq!(next, Some(picked), "peek names the key the next pick takes");
+        assert!(pool.has_usable(GPT4O, &[picked]));
+        order.push(picked);
+    }
+    assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+    assert!(pool.status().iter().all(|s| s.in_flight == 0), "no lease");
+}
+
+#[test]
+fn peek_skips_what_a_pick_would_skip() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::Weighted);
+    pool.cool_down(0, GPT4O, Some(secs(10)));
+    pool.disable(1, DisableReason::Unauthorized);
+    assert_eq!(pool.peek(GPT4O, &[]), Some(2));
+    assert_eq!(pool.peek(MINI, &[2]), Some(0));
+    assert!(!pool.has_usable(GPT4O, &[2]));
+    assert!(!pool.has_usable(ALL_MODELS, &[0, 2]));
+    let (empty, _) = pool_of(Vec::new(), KeyPolicy::RoundRobin);
+    assert_eq!(empty.peek(GPT4O, &[]), None);
+}

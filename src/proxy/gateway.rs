@@ -186,8 +186,9 @@ impl Gateway {
             if up.keys.is_empty() {
                 return !ctx.log.tried_upstream(u) && up.pick_endpoint().is_some();
             }
-            let exclude = ctx.log.tried_keys(u);
-            matches!(up.keys.pick(ctx.cooldown_model(), &exclude), Pick::Key(_))
+            // Asks without picking: a pick would move the rotation past a key nobody used.
+            up.keys
+                .has_usable(ctx.cooldown_model(), &ctx.log.tried_keys(u))
         })
     }
 
@@ -576,7 +577,8 @@ mod tests {
     async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
         let source = MemorySource::new()
             .with_env("KA", "sk-test-a")
-            .with_env("KB", "sk-test-b");
+            .with_env("KB", "sk-test-b")
+            .with_env("KC", "sk-test-c");
         let config =
             crate::config::load_str_with(std::path::Path::new("test.yaml"), yaml, &source).unwrap();
         let clock = ManualClock::new();
@@ -733,6 +735,25 @@ mod tests {
                 "{name} (the limited key is {limited})"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn asking_for_a_candidate_between_attempts_leaves_the_rotation_alone() {
+        let yaml = TWO_KEYS.replace(
+            "{ name: b, env: KB }",
+            "{ name: b, env: KB }, { name: c, env: KC }",
+        );
+        let (gw, _) = gateway(&yaml).await;
+        let order: Vec<String> = (0..6)
+            .map(|_| {
+                let mut ctx = request("gpt-4o");
+                let name = attempt(&gw, &mut ctx).unwrap();
+                // The retry policy asks this after an attempt fails.
+                assert!(gw.has_candidate(&ctx));
+                name
+            })
+            .collect();
+        assert_eq!(order, ["a", "b", "c", "a", "b", "c"]);
     }
 
     #[tokio::test]
