@@ -150,7 +150,11 @@ mod tests {
         assert_eq!(fraction_of(8 << 30, 32 << 20), 2 << 30);
         assert_eq!(fraction_of(512 << 20, 32 << 20), 256 << 20);
         assert_eq!(fraction_of(64 << 30, 32 << 20), 4 << 30);
-        assert_eq!(fraction_of(512 << 20, 1 << 30), 1 << 30, "at least one body");
+        assert_eq!(
+            fraction_of(512 << 20, 1 << 30),
+            1 << 30,
+            "at least one body"
+        );
         assert!(default_capacity(32 << 20) >= 256 << 20);
     }
 }

@@ -2,9 +2,15 @@
 //!
 //! One [`OutlierDetector`] per upstream watches that upstream's endpoints (resolved addresses).
 //! The proxy reports each attempt's network-level outcome: [`OutlierDetector::on_failure`] for a
-//! 5xx answer or a connect error, [`OutlierDetector::on_success`] otherwise. Local events (a
-//! client's own limit, a client abort) are simply not reported: they say nothing about the
-//! endpoint.
+//! connect error, a timeout or an answer that [`FailureCount::is_failure`] counts (by default
+//! only the gateway errors 502, 503 and 504, as Envoy's `consecutive_gateway_failure`),
+//! [`OutlierDetector::on_success`] for any other answer. Local events (a client's own limit, a
+//! client abort) are simply not reported: they say nothing about the endpoint.
+//!
+//! As in Envoy, ejection never goes below a healthy floor: the last endpoint of an upstream that
+//! is still in rotation stays, whatever it answers. An upstream whose host name resolves to one
+//! address (Azure, a relay) is thus never ejected: ejecting it would turn every request into a
+//! local 502 for minutes, which is worse than passing its failures on (and retrying elsewhere).
 //!
 //! The detector only keeps the books; the caller acts on them. On [`Verdict::Eject`] it disables
 //! the endpoint in Pingora's `LoadBalancer`; a timer calls [`OutlierDetector::due_returns`] and
@@ -15,33 +21,64 @@
 use crate::clock::SharedClock;
 use log::info;
 use parking_lot::Mutex;
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// Which upstream answers count as failures of the endpoint that sent them. Connect errors and
+/// timeouts always count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum FailureCount {
+    /// 502, 503 and 504: the endpoint, or what stands behind it, could not serve. Any other
+    /// answer, a 500 included, shows a working endpoint: a relay answers 500 to inputs it
+    /// cannot handle, which any client can send on purpose.
+    #[default]
+    #[serde(rename = "gateway_errors")]
+    GatewayErrors,
+    /// Every 5xx answer.
+    #[serde(rename = "all_5xx")]
+    All5xx,
+}
+
+impl FailureCount {
+    /// Whether an answer with `status` counts against the endpoint that sent it.
+    pub fn is_failure(self, status: u16) -> bool {
+        match self {
+            Self::GatewayErrors => matches!(status, 502..=504),
+            Self::All5xx => (500..=599).contains(&status),
+        }
+    }
+}
+
 /// When an endpoint is ejected and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutlierPolicy {
-    /// Consecutive failures (5xx answers or connect errors) that eject an endpoint; 0 counts as 1.
+    /// Consecutive failures (connect errors, timeouts, and answers `count` counts) that eject
+    /// an endpoint; 0 counts as 1.
     pub consecutive: u32,
     /// The first ejection's length; the n-th ejection in a row lasts n times as long.
     pub base_ejection: Duration,
     /// The longest any ejection lasts.
     pub max_ejection: Duration,
     /// The share of the upstream's endpoints that may be ejected at once (values above 100 count
-    /// as 100); one endpoint is always ejectable whatever the share.
+    /// as 100); one endpoint is always ejectable whatever the share, but never the last one in
+    /// rotation.
     pub max_ejection_percent: u8,
+    /// Which answers count as failures.
+    pub count: FailureCount,
 }
 
 impl Default for OutlierPolicy {
     /// Envoy's defaults: 5 failures, 30 s growing per ejection in a row up to 300 s, at most half
-    /// of the endpoints out.
+    /// of the endpoints out, only gateway errors counted.
     fn default() -> Self {
         Self {
             consecutive: 5,
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
             max_ejection_percent: 50,
+            count: FailureCount::GatewayErrors,
         }
     }
 }
@@ -115,7 +152,13 @@ impl OutlierDetector {
         self.inner.lock().known = n;
     }
 
-    /// Records a 5xx answer or a connect error from `ep`; says whether to eject it now.
+    /// Whether an answer with `status` counts against the endpoint (see [`FailureCount`]).
+    pub fn is_failure(&self, status: u16) -> bool {
+        self.policy.count.is_failure(status)
+    }
+
+    /// Records a failure of `ep` (a connect error, a timeout, or an answer
+    /// [`OutlierDetector::is_failure`] counts); says whether to eject it now.
     ///
     /// Failures reported while `ep` is ejected are ignored: they are late answers to requests
     /// sent before the ejection and must not lengthen the next one.
@@ -145,12 +188,20 @@ impl OutlierDetector {
             // Keep counting: the next failure after room opens ejects it.
             if !state.cap_logged {
                 state.cap_logged = true;
-                info!(
-                    "upstream {}: endpoint {ep} not ejected after {failures} consecutive failures: \
-                     {ejected} of {known} endpoints already ejected (max {}%)",
-                    self.upstream,
-                    self.policy.max_ejection_percent.min(100)
-                );
+                if ejected + 1 >= known {
+                    info!(
+                        "upstream {}: endpoint {ep} not ejected after {failures} consecutive \
+                         failures: it is the last endpoint in rotation",
+                        self.upstream
+                    );
+                } else {
+                    info!(
+                        "upstream {}: endpoint {ep} not ejected after {failures} consecutive \
+                         failures: {ejected} of {known} endpoints already ejected (max {}%)",
+                        self.upstream,
+                        self.policy.max_ejection_percent.min(100)
+                    );
+                }
             }
             return Verdict::Keep;
         }
@@ -232,11 +283,14 @@ impl OutlierDetector {
     }
 }
 
-/// How many of `known` endpoints may be out at once: the percent share rounded down, but at least
-/// one, so a single-endpoint upstream can still be taken out when it fails.
+/// How many of `known` endpoints may be out at once: the percent share rounded down but at least
+/// one, so that one bad endpoint among a few can go, and never all of them: the last endpoint in
+/// rotation stays (a single-endpoint upstream is never ejected).
 fn max_ejectable(known: usize, percent: u8) -> usize {
     let percent = usize::from(percent.min(100));
-    (known.saturating_mul(percent) / 100).max(1)
+    (known.saturating_mul(percent) / 100)
+        .max(1)
+        .min(known.saturating_sub(1))
 }
 
 #[cfg(test)]
@@ -378,18 +432,54 @@ mod tests {
     }
 
     #[test]
-    fn single_endpoint_is_always_ejectable() {
-        let (d, _) = detector(1);
-        assert_eq!(fail(&d, ep(1), 5), secs(30));
+    fn a_single_endpoint_is_never_ejected_whatever_the_percent() {
+        for percent in [0, 50, 100] {
+            let clock = ManualClock::new();
+            let policy = OutlierPolicy {
+                max_ejection_percent: percent,
+                ..OutlierPolicy::default()
+            };
+            let d = OutlierDetector::new("relay", policy, clock);
+            d.set_endpoint_count(1);
+            assert_eq!(fail(&d, ep(1), 50), Verdict::Keep, "{percent}%");
+            assert!(!d.is_ejected(ep(1)));
+        }
+    }
 
+    #[test]
+    fn the_last_endpoint_in_rotation_stays_even_at_100_percent() {
+        let clock = ManualClock::new();
+        let policy = OutlierPolicy {
+            max_ejection_percent: 100,
+            ..OutlierPolicy::default()
+        };
+        let d = OutlierDetector::new("openai", policy, clock.clone());
+        d.set_endpoint_count(3);
+        assert_eq!(fail(&d, ep(1), 5), secs(30));
+        assert_eq!(fail(&d, ep(2), 5), secs(30));
+        assert_eq!(
+            fail(&d, ep(3), 20),
+            Verdict::Keep,
+            "the last one in rotation"
+        );
+        assert_eq!(d.ejected_count(), 2);
+        // Once another endpoint is back, the failing one may go.
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(d.due_returns().len(), 2);
+        assert_eq!(d.on_failure(ep(3)), secs(30));
+    }
+
+    #[test]
+    fn at_least_one_of_two_endpoints_is_ejectable_at_a_low_percent() {
         let clock = ManualClock::new();
         let policy = OutlierPolicy {
             max_ejection_percent: 0,
             ..OutlierPolicy::default()
         };
-        let d = OutlierDetector::new("relay", policy, clock);
-        d.set_endpoint_count(1);
+        let d = OutlierDetector::new("openai", policy, clock);
+        d.set_endpoint_count(2);
         assert_eq!(fail(&d, ep(1), 5), secs(30));
+        assert_eq!(fail(&d, ep(2), 5), Verdict::Keep);
     }
 
     #[test]
@@ -403,9 +493,11 @@ mod tests {
     fn without_an_endpoint_count_the_failing_endpoints_stand_in() {
         let clock = ManualClock::new();
         let d = OutlierDetector::new("openai", OutlierPolicy::default(), clock);
-        assert_eq!(fail(&d, ep(1), 5), secs(30));
-        // Two endpoints seen, half of them may be out: ep(1) already is.
-        assert_eq!(fail(&d, ep(2), 5), Verdict::Keep);
+        // One endpoint seen: it may be the only one, so it stays.
+        assert_eq!(fail(&d, ep(1), 5), Verdict::Keep);
+        // Two endpoints seen, half of them may be out.
+        assert_eq!(fail(&d, ep(2), 5), secs(30));
+        assert_eq!(d.on_failure(ep(1)), Verdict::Keep);
     }
 
     #[test]
@@ -438,6 +530,38 @@ mod tests {
         let d = OutlierDetector::new("openai", policy, clock);
         d.set_endpoint_count(4);
         assert_eq!(d.on_failure(ep(1)), secs(30));
+    }
+
+    #[test]
+    fn only_gateway_errors_count_by_default_and_every_5xx_when_configured() {
+        let d = FailureCount::default();
+        assert_eq!(d, FailureCount::GatewayErrors);
+        for status in [502, 503, 504] {
+            assert!(d.is_failure(status), "{status}");
+            assert!(FailureCount::All5xx.is_failure(status), "{status}");
+        }
+        for status in [500, 501, 505, 599] {
+            assert!(!d.is_failure(status), "{status}");
+            assert!(FailureCount::All5xx.is_failure(status), "{status}");
+        }
+        for status in [200, 400, 404, 429, 499, 600] {
+            assert!(!d.is_failure(status), "{status}");
+            assert!(!FailureCount::All5xx.is_failure(status), "{status}");
+        }
+        let (det, _) = detector(4);
+        assert!(!det.is_failure(500));
+        assert!(det.is_failure(503));
+    }
+
+    #[test]
+    fn failure_count_reads_its_config_spelling() {
+        let parse = |s: &str| serde_json::from_str::<FailureCount>(s);
+        assert_eq!(
+            parse("\"gateway_errors\"").unwrap(),
+            FailureCount::GatewayErrors
+        );
+        assert_eq!(parse("\"all_5xx\"").unwrap(), FailureCount::All5xx);
+        assert!(parse("\"all5xx\"").is_err());
     }
 
     #[test]

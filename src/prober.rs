@@ -3,6 +3,13 @@
 //!
 //! Why two probe kinds: listing models is free, so `GET /v1/models` proves a key authenticates
 //! but says nothing about quota; a quota failure needs a 1-token completion on a cheap model.
+//!
+//! Only an answer that judges the key counts: a 4xx other than 401, 403 and 429 means the
+//! upstream refused the probe request itself (`404 model_not_found` for a wrong `probe_model`,
+//! a relay that serves no `GET /v1/models`), so it proves nothing and never re-enables a key.
+//! A refused models listing is followed by a completion probe (which also proves the key
+//! authenticates); a refused completion leaves the key disabled and says so in a WARN line, once
+//! per key and status, naming the key and `probe_model`.
 
 use crate::keys::{DisableReason, KeyIndex};
 use crate::retry_after;
@@ -10,7 +17,7 @@ use crate::upstream::probe::{self, ProbeAnswer, ProbeRequest};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
-use log::{debug, info};
+use log::{debug, info, warn};
 use parking_lot::Mutex;
 use pingora_core::connectors::http::Connector;
 use pingora_core::server::ShutdownWatch;
@@ -55,6 +62,37 @@ pub fn suspect_channel() -> (SuspectSender, UnboundedReceiver<Suspect>) {
     tokio::sync::mpsc::unbounded_channel()
 }
 
+/// Which probe a key gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// `GET /v1/models`: free; proves the key authenticates, says nothing about quota.
+    Models,
+    /// A 1-token completion on the upstream's `probe_model`: proves the key can be used.
+    Completion,
+}
+
+impl ProbeKind {
+    /// The first probe for a key disabled for `reason`.
+    pub fn for_reason(reason: DisableReason) -> Self {
+        if reason.needs_completion_probe() {
+            Self::Completion
+        } else {
+            Self::Models
+        }
+    }
+
+    /// What to try after the upstream refused this probe's request
+    /// ([`ProbeVerdict::Refused`]): a refused models listing proves nothing (the upstream may
+    /// not serve that path), so a completion follows; after a refused completion nothing is
+    /// left to try.
+    pub fn after_refusal(self) -> Option<Self> {
+        match self {
+            Self::Models => Some(Self::Completion),
+            Self::Completion => None,
+        }
+    }
+}
+
 /// What a probe answer says about a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeVerdict {
@@ -64,6 +102,12 @@ pub enum ProbeVerdict {
     WorksButLimited,
     /// Still refused, for this reason.
     Dead(DisableReason),
+    /// The upstream refused the probe request itself (a 4xx other than 401, 403 and 429: an
+    /// unknown model or path, a bad parameter): the key was not judged and stays as it is.
+    Refused {
+        /// The status of the refusal.
+        status: u16,
+    },
     /// The upstream itself failed; try again later.
     Inconclusive,
 }
@@ -78,9 +122,25 @@ pub fn judge_probe(answer: &ProbeAnswer) -> ProbeVerdict {
             ProbeVerdict::Dead(DisableReason::InsufficientQuota)
         }
         429 => ProbeVerdict::WorksButLimited,
-        // A 4xx other than these means the key was accepted and the request judged.
-        400..=499 => ProbeVerdict::Works,
+        status @ 400..=499 => ProbeVerdict::Refused { status },
         _ => ProbeVerdict::Inconclusive,
+    }
+}
+
+/// Remembers which (upstream, key, status) refusals were logged, so that a misconfigured probe
+/// warns once rather than at every probe interval.
+#[derive(Debug, Default)]
+pub struct RefusalLog(Mutex<HashSet<(usize, KeyIndex, u16)>>);
+
+impl RefusalLog {
+    /// True the first time this key's probe is refused with `status` (since it last worked).
+    pub fn first(&self, upstream: usize, key: KeyIndex, status: u16) -> bool {
+        self.0.lock().insert((upstream, key, status))
+    }
+
+    /// The key's probe worked: a later refusal is news again.
+    pub fn forget(&self, upstream: usize, key: KeyIndex) {
+        self.0.lock().retain(|&(u, k, _)| (u, k) != (upstream, key));
     }
 }
 
@@ -93,6 +153,7 @@ struct Inner {
     last_suspect: Mutex<HashMap<Suspect, Instant>>,
     in_flight: Mutex<HashSet<(usize, KeyIndex)>>,
     last_ping: Mutex<HashMap<usize, Instant>>,
+    refusals: RefusalLog,
 }
 
 /// The background service.
@@ -112,6 +173,7 @@ impl Prober {
                 last_suspect: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashSet::new()),
                 last_ping: Mutex::new(HashMap::new()),
+                refusals: RefusalLog::default(),
             }),
             rx: Mutex::new(Some(rx)),
         }
@@ -196,7 +258,7 @@ impl Inner {
             let up = &self.upstreams[s.upstream];
             let request = match s.kind {
                 SuspectKind::EmptyQuota => completion(up),
-                SuspectKind::Refused => list_models(),
+                SuspectKind::Refused => request(up, ProbeKind::Models),
             };
             let answer =
                 probe::send(&self.connector, up, Some(s.key), &request, PROBE_TIMEOUT).await;
@@ -207,6 +269,9 @@ impl Inner {
                         ProbeVerdict::Dead(DisableReason::InsufficientQuota),
                     ) => {
                         up.keys.disable(s.key, DisableReason::InsufficientQuota);
+                    }
+                    (SuspectKind::EmptyQuota, ProbeVerdict::Refused { status }) => {
+                        self.warn_refused(s.upstream, s.key, status, "its quota cannot be checked");
                     }
                     (SuspectKind::Refused, ProbeVerdict::Dead(reason)) => {
                         up.keys.disable(s.key, reason);
@@ -227,13 +292,24 @@ impl Inner {
 
     async fn probe_disabled(self: Arc<Self>, u: usize, k: KeyIndex, reason: DisableReason) {
         let up = &self.upstreams[u];
-        let req = if reason.needs_completion_probe() {
-            completion(up)
-        } else {
-            list_models()
-        };
-        match probe::send(&self.connector, up, Some(k), &req, PROBE_TIMEOUT).await {
-            Ok(answer) => match judge_probe(&answer) {
+        let mut kind = ProbeKind::for_reason(reason);
+        loop {
+            let answer = match probe::send(
+                &self.connector,
+                up,
+                Some(k),
+                &request(up, kind),
+                PROBE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    debug!("key {}/{}: probe failed: {e}", up.name, up.keys.name(k));
+                    break;
+                }
+            };
+            match judge_probe(&answer) {
                 ProbeVerdict::Works => {
                     info!(
                         "key {}/{}: probe passed ({})",
@@ -241,6 +317,7 @@ impl Inner {
                         up.keys.name(k),
                         answer.status
                     );
+                    self.refusals.forget(u, k);
                     up.keys.enable(k);
                 }
                 ProbeVerdict::WorksButLimited => {
@@ -249,10 +326,23 @@ impl Inner {
                         up.name,
                         up.keys.name(k)
                     );
+                    self.refusals.forget(u, k);
                     up.keys.enable(k);
                     up.keys.cool_down(k, crate::keys::ALL_MODELS, None);
                 }
                 ProbeVerdict::Dead(r) => debug!("key {}/{}: still {r}", up.name, up.keys.name(k)),
+                ProbeVerdict::Refused { status } => match kind.after_refusal() {
+                    Some(next) => {
+                        debug!(
+                            "key {}/{}: {kind:?} probe refused ({status}), trying {next:?}",
+                            up.name,
+                            up.keys.name(k)
+                        );
+                        kind = next;
+                        continue;
+                    }
+                    None => self.warn_refused(u, k, status, "it stays disabled"),
+                },
                 ProbeVerdict::Inconclusive => {
                     debug!(
                         "key {}/{}: probe inconclusive ({})",
@@ -261,10 +351,25 @@ impl Inner {
                         answer.status
                     )
                 }
-            },
-            Err(e) => debug!("key {}/{}: probe failed: {e}", up.name, up.keys.name(k)),
+            }
+            break;
         }
         self.in_flight.lock().remove(&(u, k));
+    }
+
+    /// A completion probe was refused as a request: says so once per key and status.
+    fn warn_refused(&self, u: usize, k: KeyIndex, status: u16, consequence: &str) {
+        if !self.refusals.first(u, k, status) {
+            return;
+        }
+        let up = &self.upstreams[u];
+        warn!(
+            "key {}/{}: the probe completion was refused with {status}, which says nothing \
+             about the key: probe_model {:?} is probably wrong for this upstream; {consequence}",
+            up.name,
+            up.keys.name(k),
+            up.probe_model
+        );
     }
 
     async fn keep_warm(self: Arc<Self>, u: usize) {
@@ -275,10 +380,11 @@ impl Inner {
         let key = if up.keys.is_empty() {
             None
         } else {
-            match up.keys.pick(crate::keys::ALL_MODELS, &[]) {
-                crate::keys::Pick::Key(lease) => Some(lease.index()),
-                _ => return,
-            }
+            // Without picking: a ping must not move the rotation past a key.
+            let Some(k) = up.keys.peek(crate::keys::ALL_MODELS, &[]) else {
+                return;
+            };
+            Some(k)
         };
         let req = ProbeRequest {
             method: if kw.body.is_some() { "POST" } else { "GET" },
@@ -292,16 +398,17 @@ impl Inner {
     }
 }
 
-/// `GET /v1/models`: free, and proves a key authenticates.
-fn list_models() -> ProbeRequest<'static> {
-    ProbeRequest {
-        method: "GET",
-        path: "/v1/models",
-        body: None,
+fn request(up: &Upstream, kind: ProbeKind) -> ProbeRequest<'static> {
+    match kind {
+        ProbeKind::Models => ProbeRequest {
+            method: "GET",
+            path: "/v1/models",
+            body: None,
+        },
+        ProbeKind::Completion => completion(up),
     }
 }
 
-/// A 1-token completion on the upstream's `probe_model`: proves a key has quota.
 fn completion(up: &Upstream) -> ProbeRequest<'static> {
     let body = serde_json::json!({
         "model": up.probe_model,
@@ -351,5 +458,51 @@ mod tests {
         );
         assert_eq!(judge_probe(&answer(200, "")), ProbeVerdict::Works);
         assert_eq!(judge_probe(&answer(503, "")), ProbeVerdict::Inconclusive);
+    }
+
+    #[test]
+    fn a_refused_probe_request_does_not_revive_the_key() {
+        let model_not_found = r#"{"error":{"message":"The model `gpt-4o-mini` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#;
+        for (status, body) in [(404, model_not_found), (400, "{}"), (422, ""), (405, "")] {
+            assert_eq!(
+                judge_probe(&answer(status, body)),
+                ProbeVerdict::Refused { status },
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_models_listing_is_followed_by_a_completion_and_that_is_the_last_word() {
+        assert_eq!(
+            ProbeKind::for_reason(DisableReason::Unauthorized),
+            ProbeKind::Models
+        );
+        assert_eq!(
+            ProbeKind::for_reason(DisableReason::Forbidden),
+            ProbeKind::Models
+        );
+        assert_eq!(
+            ProbeKind::for_reason(DisableReason::InsufficientQuota),
+            ProbeKind::Completion
+        );
+        assert_eq!(
+            ProbeKind::Models.after_refusal(),
+            Some(ProbeKind::Completion)
+        );
+        assert_eq!(ProbeKind::Completion.after_refusal(), None);
+    }
+
+    #[test]
+    fn a_refusal_is_logged_once_per_key_and_status_until_the_key_works() {
+        let log = RefusalLog::default();
+        assert!(log.first(0, 1, 404));
+        assert!(!log.first(0, 1, 404));
+        assert!(log.first(0, 1, 400), "another reason");
+        assert!(log.first(0, 2, 404), "another key");
+        assert!(log.first(1, 1, 404), "another upstream");
+        log.forget(0, 1);
+        assert!(log.first(0, 1, 404));
+        assert!(!log.first(0, 2, 404), "other keys untouched");
     }
 }

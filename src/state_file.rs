@@ -2,8 +2,16 @@
 //! when they change (at most once a second) and at shutdown, and read at start.
 //!
 //! Keys are matched by upstream and key name (an unnamed key's name is a hash of its secret, so
-//! it is stable too). Cooldowns are stored as "remaining at write time" plus the write time, so
-//! a reader subtracts the time the file sat on disk.
+//! it is stable too) *and* by the id of the secret ([`crate::keys::key_id`]): a key whose secret
+//! was replaced under the same name (the usual fix for a revoked key) starts afresh instead of
+//! coming back disabled. Cooldowns are stored as "remaining at write time" plus the write time,
+//! so a reader subtracts the time the file sat on disk.
+//!
+//! A file written before ids were stored has none. Such an entry's cooldowns are restored (they
+//! are short and end by themselves, so a wrong one costs a key minutes at most), its disable is
+//! not: a disable lasts until a probe passes, so restoring it onto a replaced secret would keep
+//! a good key out, while dropping it for a key that is still bad costs one refused request
+//! (retried on another key) before the key is disabled again.
 
 use crate::clients::limits::Limiter;
 use crate::keys::{DisableReason, KeyPool, KeyState, ALL_MODELS};
@@ -51,6 +59,9 @@ pub type ClientLimiter = (String, Arc<Limiter>);
 /// One key's state.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KeySnapshot {
+    /// [`crate::keys::key_id`] of the key's secret; absent in files of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Why the key is disabled, if it is (`unauthorized`, `forbidden`, `insufficient_quota`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<String>,
@@ -100,10 +111,12 @@ pub fn capture(pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) -> Snapshot {
             let ks = match status.state {
                 KeyState::Ready => continue,
                 KeyState::Disabled { reason } => KeySnapshot {
+                    id: Some(pool.key_id(status.index).to_string()),
                     disabled: Some(reason.as_str().to_string()),
                     cooling: Vec::new(),
                 },
                 KeyState::Cooling { cooldowns } => KeySnapshot {
+                    id: Some(pool.key_id(status.index).to_string()),
                     disabled: None,
                     cooling: cooldowns
                         .into_iter()
@@ -146,10 +159,28 @@ pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usiz
             let Some(idx) = pool.index_of(name) else {
                 continue;
             };
+            let id_checked = match ks.id.as_deref() {
+                Some(id) if id != pool.key_id(idx) => {
+                    info!(
+                        "state file: key {}/{name} has a new secret: its saved state is dropped",
+                        pool.upstream()
+                    );
+                    continue;
+                }
+                Some(_) => true,
+                None => false,
+            };
             if let Some(reason) = ks.disabled.as_deref().and_then(reason_from_str) {
-                pool.disable(idx, reason);
-                changed += 1;
-                continue;
+                if id_checked {
+                    pool.disable(idx, reason);
+                    changed += 1;
+                    continue;
+                }
+                info!(
+                    "state file: key {}/{name} was saved {reason} without a secret id (older \
+                     file): not restored as disabled",
+                    pool.upstream()
+                );
             }
             let mut cooled = false;
             for c in &ks.cooling {
@@ -270,6 +301,7 @@ fn strip_remaining(ups: &States) -> States {
                 .iter()
                 .map(|(k, s)| {
                     let ks = KeySnapshot {
+                        id: s.id.clone(),
                         disabled: s.disabled.clone(),
                         cooling: s
                             .cooling
@@ -312,8 +344,15 @@ mod tests {
     use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec};
 
     fn pool(clock: crate::clock::SharedClock) -> Arc<KeyPool> {
-        let keys = (0..3)
-            .map(|i| KeySpec::named(format!("k{i}"), format!("sk-{i}")))
+        pool_with_secrets(clock, ["sk-0", "sk-1", "sk-2"])
+    }
+
+    /// Keys `k0`, `k1`, `k2` holding these secrets.
+    fn pool_with_secrets(clock: crate::clock::SharedClock, secrets: [&str; 3]) -> Arc<KeyPool> {
+        let keys = secrets
+            .iter()
+            .enumerate()
+            .map(|(i, secret)| KeySpec::named(format!("k{i}"), *secret))
             .collect();
         Arc::new(KeyPool::new(
             "up",
@@ -350,6 +389,50 @@ mod tests {
             }
             other => panic!("expected cooling, got {other:?}"),
         }
+    }
+
+    fn is_cooling(pool: &KeyPool, idx: usize) -> bool {
+        matches!(pool.status()[idx].state, KeyState::Cooling { .. })
+    }
+
+    #[test]
+    fn a_key_whose_secret_was_replaced_starts_afresh() {
+        let a = vec![pool(ManualClock::new())];
+        a[0].disable(0, DisableReason::Unauthorized);
+        a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(30)));
+        a[0].cool_down(2, "gpt-4o", Some(Duration::from_secs(30)));
+        let mut snap = capture(&a, &[]);
+        let now = SystemTime::now();
+        snap.written_at_ms = millis_since_epoch(now);
+        let text = serde_json::to_string(&snap).unwrap();
+        assert!(!text.contains("sk-"), "no secret in the state file: {text}");
+        let back: Snapshot = serde_json::from_str(&text).unwrap();
+
+        // The revoked k0 and the limited k2 were replaced under the same names.
+        let b = vec![pool_with_secrets(
+            ManualClock::new(),
+            ["sk-new-0", "sk-1", "sk-new-2"],
+        )];
+        assert_eq!(restore(&b, &back, now), 1);
+        assert!(b[0].disabled().is_empty(), "the new k0 works");
+        assert!(is_cooling(&b[0], 1), "k1 kept its secret and its cooldown");
+        assert!(!is_cooling(&b[0], 2));
+    }
+
+    #[test]
+    fn a_file_without_secret_ids_restores_cooldowns_but_not_disables() {
+        // Written by a keygate that stored no ids: whether k0 still holds the refused secret is
+        // unknown, so it gets the benefit of the doubt; a cooldown ends by itself anyway.
+        let now = SystemTime::now();
+        let text = format!(
+            r#"{{"written_at_ms":{},"upstreams":{{"up":{{"k0":{{"disabled":"unauthorized"}},"k1":{{"cooling":[{{"model":"gpt-4o","remaining_ms":30000}}]}}}}}}}}"#,
+            millis_since_epoch(now)
+        );
+        let snap: Snapshot = serde_json::from_str(&text).unwrap();
+        let b = vec![pool(ManualClock::new())];
+        assert_eq!(restore(&b, &snap, now), 1);
+        assert!(b[0].disabled().is_empty());
+        assert!(is_cooling(&b[0], 1));
     }
 
     #[test]

@@ -75,16 +75,28 @@ fn raw_expect_continue_chat(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_still_fails_over_to_another_key() {
-    let mock = Mock::start(&["--key", "sk-a=rate_limit:retry_after=30", "--key", "sk-b=ok"]);
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=rate_limit:retry_after=30",
+        "--key",
+        "sk-b=ok",
+    ]);
     let kg = Keygate::start(&config(&mock, ""), KEYS);
     for _ in 0..2 {
         let answer = raw_expect_continue_chat(kg.port);
-        assert!(answer.starts_with("HTTP/1.1 100 Continue\r\n\r\n"), "{answer:?}");
+        assert!(
+            answer.starts_with("HTTP/1.1 100 Continue\r\n\r\n"),
+            "{answer:?}"
+        );
         let last = &answer["HTTP/1.1 100 Continue\r\n\r\n".len()..];
         assert!(last.starts_with("HTTP/1.1 200"), "{answer:?}");
         assert!(last.contains("chat.completion"), "{answer:?}");
     }
-    assert_eq!(mock.count("sk-a").await, 1, "a answered 429 once, then rested");
+    assert_eq!(
+        mock.count("sk-a").await,
+        1,
+        "a answered 429 once, then rested"
+    );
     assert_eq!(mock.count("sk-b").await, 2);
 }
 
@@ -155,7 +167,8 @@ async fn a_body_that_trickles_past_its_deadline_gets_a_408() {
         .unwrap();
     let start = Instant::now();
     // A byte every 200 ms keeps any per-read timeout from firing; only the whole-body deadline can.
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     while start.elapsed() < Duration::from_secs(20) {

@@ -100,6 +100,7 @@ mod tests {
             (with_top("clients:\n  - { name: a, token_env: T, limits: { budget: { tokens: 5, per: week } } }"), "clients[0].limits.budget.per", "unknown variant `week`"),
             (with_upstream("key_policy: fastest"), "upstreams.openai.key_policy", "unknown variant `fastest`"),
             (with_upstream("auth: basic"), "upstreams.openai.auth", "unknown variant `basic`"),
+            (with_upstream("outlier: { count: any_5xx }"), "upstreams.openai.outlier.count", "unknown variant `any_5xx`, expected `gateway_errors` or `all_5xx`"),
             (with_top("stream_usage: always"), "stream_usage", "unknown variant `always`"),
             (config("", "keys: []", ROUTE), "upstreams.openai", "missing field `url`"),
             (with_top("listen: 8080"), "listen", "invalid type: integer `8080`, expected a sequence"),

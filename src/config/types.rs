@@ -5,6 +5,7 @@
 
 use super::sizes::{ByteSize, Dur};
 use crate::keys::KeyPolicy;
+use crate::outlier::FailureCount;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -239,7 +240,7 @@ pub struct UpstreamFile {
     /// Ping the upstream when it had no traffic for a while (serverless relays fall asleep).
     #[serde(default)]
     pub keep_warm: Option<KeepWarmFile>,
-    /// Endpoint outlier ejection after consecutive 5xx answers or connect errors.
+    /// Endpoint outlier ejection after consecutive gateway errors (or any 5xx) or connect errors.
     #[serde(default)]
     pub outlier: Option<OutlierFile>,
     /// Models this upstream serves, listed by keygate's `GET /v1/models`.
@@ -263,9 +264,13 @@ pub struct OutlierFile {
     /// Longest ejection (default 300s).
     #[serde(default)]
     pub max_ejection: Option<Dur>,
-    /// Most endpoints ejected at once, in percent (default 50; one is always ejectable).
+    /// Most endpoints ejected at once, in percent (default 50; one is always ejectable, the
+    /// last one in rotation never).
     #[serde(default)]
     pub max_ejection_percent: Option<u8>,
+    /// Which answers count as failures: `gateway_errors` (502/503/504, the default) or `all_5xx`.
+    #[serde(default)]
+    pub count: Option<FailureCount>,
 }
 
 /// Keep-warm pings.

@@ -6,7 +6,8 @@
 //! - a pick allocates nothing and takes no lock: each key's state is summarised in a 32-byte
 //!   slot of atomics (100 000 keys fit in the CPU cache), and the clock is read and the model
 //!   hashed only when a key with a cooldown is met;
-//! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one;
+//! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one,
+//!   and are capped at [`MAX_MODEL_COOLDOWNS`] whatever model names clients send;
 //! - the rotation cursor moves just past the key it picked, so a run of cooling keys is scanned
 //!   once per lap rather than once per pick: a pick costs O(1) on average whatever the number of
 //!   keys (measured: 10 and 100 000 keys with a third cooling pick in the same ~20–60 ns), and
@@ -14,7 +15,9 @@
 //!
 //! Cooldowns are per (key, model) because OpenAI's rate limits are per organisation *and per
 //! model*: a 429 for `gpt-4o` leaves the key usable for `gpt-4o-mini`. They expire by comparison
-//! with the clock on read; there is no cleanup task.
+//! with the clock on read; there is no cleanup task. The backoff grows once per cooldown
+//! *episode*, not per 429: the 429s of requests already in flight when a key started cooling
+//! add nothing (see [`KeyPool::on_rate_limit`]).
 
 mod policy;
 mod secret;
@@ -25,7 +28,7 @@ mod tests;
 
 pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
-pub use state::{CooldownPolicy, DisableReason};
+pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
 
 use crate::clock::SharedClock;
 use log::{debug, info};
@@ -398,9 +401,9 @@ impl Inner {
         Err(miss.outcome())
     }
 
-    fn cool(&self, idx: usize, model: &str, requested: Option<Duration>, why: &str) -> Duration {
+    fn cool(&self, idx: usize, model: &str, requested: Option<Duration>, why: &str) -> Cooled {
         let Some(slot) = self.slots.get(idx) else {
-            return Duration::ZERO;
+            return Cooled::default();
         };
         let cooled = slot.cool(&self.time, model, requested, &self.cooldown);
         let scope = if model.is_empty() {
@@ -412,18 +415,23 @@ impl Inner {
             Some(_) => "as asked",
             None => "backoff",
         };
-        if cooled.extended {
+        if cooled.started {
             info!(
                 "key {}/{} cooling for {} {:.1?} ({why}, {source}, strike {})",
                 self.upstream, slot.info.name, scope, cooled.remaining, cooled.strikes
             );
+        } else if cooled.extended {
+            debug!(
+                "key {}/{} {why} for {} during its cooldown: extended to {:.1?} as asked",
+                self.upstream, slot.info.name, scope, cooled.remaining
+            );
         } else {
             debug!(
-                "key {}/{} {why} for {} (strike {}): cooldown unchanged at {:.1?}",
-                self.upstream, slot.info.name, scope, cooled.strikes, cooled.remaining
+                "key {}/{} {why} for {} during its cooldown (no strike): {:.1?} left",
+                self.upstream, slot.info.name, scope, cooled.remaining
             );
         }
-        cooled.remaining
+        cooled
     }
 }
 
@@ -518,6 +526,36 @@ impl KeyPool {
         }
     }
 
+    /// A key usable for `model` and not in `exclude`, without taking it: the first from the
+    /// rotation cursor on (for round-robin, the key the next pick would take). Unlike
+    /// [`KeyPool::pick`] it moves no cursor and holds no lease, so asking whether a retry could
+    /// find a key, or which key a keep-warm ping should use, never makes the rotation skip one.
+    /// O(1) while most keys are usable; one scan of the keys at most.
+    pub fn peek(&self, model: &str, exclude: &[KeyIndex]) -> Option<KeyIndex> {
+        let inner = &*self.inner;
+        let n = inner.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let positions = if inner.ring.is_empty() {
+            n
+        } else {
+            inner.ring.len()
+        };
+        let cursor = inner.cursor.0.load(Ordering::Acquire);
+        let start = inner.key_at(if cursor < positions { cursor } else { 0 });
+        let mut probe = Probe::new(&inner.time, model);
+        (0..n)
+            .map(|step| (start + step) % n)
+            .find(|&idx| matches!(inner.classify(idx, exclude, &mut probe), Class::Usable))
+    }
+
+    /// Whether some key not in `exclude` could take a request for `model` now; moves nothing
+    /// (see [`KeyPool::peek`]).
+    pub fn has_usable(&self, model: &str, exclude: &[KeyIndex]) -> bool {
+        self.peek(model, exclude).is_some()
+    }
+
     /// A success on key `idx` for `model`: the exponential backoff for that key and model (and
     /// for every-model cooldowns of the key) starts over from `base`.
     pub fn on_success(&self, idx: KeyIndex, model: &str) {
@@ -533,28 +571,45 @@ impl KeyPool {
     /// towards the backoff). `None` applies the backoff: `base`, `2*base`, `4*base`…, capped at
     /// `max_backoff`. A running cooldown is never shortened.
     ///
-    /// Returns how long the key now stays out for `model` (zero: not at all). An unknown index
-    /// is ignored.
-    pub fn cool_down(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Duration {
+    /// The backoff counts cooldown episodes, not 429s: a 429 that arrives while the key is
+    /// already out for `model` adds no strike (it answers a request sent before the episode
+    /// began) and only lengthens the cooldown if it asks for longer. An unknown index is
+    /// ignored (nothing happened).
+    pub fn on_rate_limit(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Cooled {
         self.inner.cool(idx, model, requested, "429")
     }
 
-    /// An organisation-wide 429 (see [`crate::retry_after::is_org_wide_limit`]): cools every key
-    /// of `account` for `model` as [`KeyPool::cool_down`] would, each with its own backoff.
-    /// Returns the keys cooled; empty for an unknown account.
+    /// [`KeyPool::on_rate_limit`], returning only how long the key now stays out for `model`
+    /// (zero: not at all).
+    pub fn cool_down(&self, idx: KeyIndex, model: &str, requested: Option<Duration>) -> Duration {
+        self.on_rate_limit(idx, model, requested).remaining
+    }
+
+    /// An organisation-wide 429 (see [`crate::retry_after::is_org_wide_limit`]): every key of
+    /// `account` but `except` (the key whose own 429 was already recorded with
+    /// [`KeyPool::on_rate_limit`], so that one answer is one strike) rests for `model` as
+    /// [`KeyPool::on_rate_limit`] would, each by its own episode: as long as `requested` asks,
+    /// or its own backoff when the upstream said nothing. Returns the keys whose cooldown
+    /// episode this started; empty for an unknown account.
     pub fn cool_down_account(
         &self,
         account: &str,
         model: &str,
         requested: Option<Duration>,
+        except: Option<KeyIndex>,
     ) -> Vec<KeyIndex> {
         let Some(keys) = self.inner.accounts.get(account) else {
             return Vec::new();
         };
-        for &idx in keys {
-            self.inner.cool(idx, model, requested, "org-wide 429");
-        }
-        keys.clone()
+        keys.iter()
+            .copied()
+            .filter(|&idx| Some(idx) != except)
+            .filter(|&idx| {
+                self.inner
+                    .cool(idx, model, requested, "org-wide 429")
+                    .started
+            })
+            .collect()
     }
 
     /// Takes key `idx` out for every model until [`KeyPool::enable`]. True if it was enabled;
@@ -667,6 +722,15 @@ impl KeyPool {
     /// If `idx` is not below [`KeyPool::len`], like slice indexing.
     pub fn name(&self, idx: KeyIndex) -> &str {
         &self.inner.slots[idx].info.name
+    }
+
+    /// [`key_id`] of key `idx`'s secret: tells a replaced secret from the old one under the
+    /// same name, without revealing either.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`KeyPool::len`], like slice indexing.
+    pub fn key_id(&self, idx: KeyIndex) -> &str {
+        &self.inner.slots[idx].info.id
     }
 
     /// The credential of key `idx`.

@@ -96,7 +96,8 @@ impl Default for CooldownPolicy {
 }
 
 impl CooldownPolicy {
-    /// The cooldown after `strikes` earlier 429s without a success: `base * 2^strikes`, capped.
+    /// The cooldown after `strikes` earlier cooldown episodes without a success:
+    /// `base * 2^strikes`, capped.
     pub fn backoff(&self, strikes: u32) -> Duration {
         // Past 2^31 the product has long exceeded any sane cap; saturate instead of overflowing.
         let factor = 1u32.checked_shl(strikes.min(31)).unwrap_or(u32::MAX);
@@ -107,6 +108,18 @@ impl CooldownPolicy {
             .min(self.max)
     }
 }
+
+/// The most cooldown entries (one per model, plus one for every model) a key keeps.
+///
+/// Model names come from clients, so without a cap a client sending made-up names that an
+/// upstream answers 429 could grow a key's entries (memory, state-file entries, and the
+/// linear scan a pick makes over a key cooling for several models) without bound. 64 is far
+/// more models than one key is ever limited on at once. When a new model's 429 finds the key
+/// full, the entry that ends soonest goes (an expired one, kept only for its backoff, first):
+/// at worst that model gets one more 429, which brings its cooldown back. Falling back to a
+/// cooldown for every model instead would let such a client take the key out for everyone.
+/// The every-model entry is never evicted: clients do not choose it.
+pub const MAX_MODEL_COOLDOWNS: usize = 64;
 
 /// Scope tags of the per-key cooldown summary; a model's tag is its hash, moved off these.
 const SCOPE_NONE: u64 = 0;
@@ -192,7 +205,8 @@ struct Entry {
     model: Box<str>,
     /// Nanoseconds since the pool's epoch.
     until: u64,
-    /// 429s since the last success for this model: the exponent of the next backoff.
+    /// Cooldown episodes since the last success for this model: the exponent of the next
+    /// backoff (see [`Slot::cool`]).
     strikes: u32,
 }
 
@@ -203,14 +217,17 @@ pub(super) enum Availability {
     Disabled,
 }
 
-/// The result of a 429 on a key.
-pub(super) struct Cooled {
+/// What one 429 did to a key (see [`Slot::cool`] for episodes and strikes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cooled {
     /// How long the key now stays out for that model (zero: not cooling).
-    pub(super) remaining: Duration,
-    /// Whether the cooldown moved later, i.e. whether this is worth a log line.
-    pub(super) extended: bool,
-    /// The consecutive 429s, this one included.
-    pub(super) strikes: u32,
+    pub remaining: Duration,
+    /// Whether this 429 started a cooldown episode, i.e. counted as a strike.
+    pub started: bool,
+    /// Whether the cooldown moved later.
+    pub extended: bool,
+    /// The episodes since the last success for that model, this one included if it started one.
+    pub strikes: u32,
 }
 
 /// A point-in-time view of one of a key's cooldowns, for status.
@@ -224,9 +241,12 @@ pub(super) struct CoolingSnapshot {
 pub(super) struct KeyInfo {
     pub(super) name: Box<str>,
     pub(super) secret: Secret,
+    /// [`super::key_id`] of the secret, computed once.
+    pub(super) id: Box<str>,
     pub(super) account: Option<Box<str>>,
     pub(super) weight: u32,
-    /// Usually empty, so no allocation; a handful of models at most when not.
+    /// Usually empty, so no allocation; a handful of models when not, and never more than
+    /// [`MAX_MODEL_COOLDOWNS`].
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -262,6 +282,7 @@ impl Slot {
             cool_scope: AtomicU64::new(SCOPE_NONE),
             info: Box::new(KeyInfo {
                 name: name.into_boxed_str(),
+                id: secret.id().into_boxed_str(),
                 secret,
                 account: account.map(String::into_boxed_str),
                 weight,
@@ -318,6 +339,17 @@ impl Slot {
     ///
     /// `requested` is what the upstream asked for (capped at `max`; zero means "retry now":
     /// no cooldown, but the strike still counts); `None` applies the exponential backoff.
+    ///
+    /// Strikes count cooldown *episodes*, not 429s. An episode of a (key, model) starts with a
+    /// 429 that arrives while the key is usable for that model, and lasts until the cooldown it
+    /// starts ends; only that 429 is a strike (the exponent of the next backoff). A 429 that
+    /// arrives while the key is already out for the model (its own cooldown, or one for every
+    /// model, still running) answers a request sent before the episode began, since picks skip
+    /// cooling keys: it says nothing new about the key, so it adds no strike. It may still
+    /// lengthen the episode when it carries a longer `Retry-After` (the upstream's word wins),
+    /// but without one it changes nothing. Twenty requests in flight that all come back 429
+    /// therefore cost one backoff step, not twenty. A zero cooldown is an episode that ends at
+    /// once: the next 429 starts another.
     pub(super) fn cool(
         &self,
         base: &TimeBase,
@@ -330,9 +362,37 @@ impl Slot {
         let mut entries = self.info.entries.lock();
         // Forget a stale backoff before building on it.
         self.prune(&mut entries, policy, now);
-        let pos = match entries.iter().position(|e| e.tag == tag) {
+        let pos = entries.iter().position(|e| e.tag == tag);
+        // How long the key is out for this model already: its own cooldown or an every-model one.
+        let out_until = entries
+            .iter()
+            .filter(|e| e.tag == tag || e.tag == SCOPE_ALL)
+            .map(|e| e.until)
+            .max()
+            .unwrap_or(0);
+        let in_episode = out_until > now;
+        let strikes = pos.map_or(0, |p| entries[p].strikes);
+        let applied = match requested {
+            Some(d) => d.min(policy.max),
+            None if in_episode => Duration::ZERO,
+            None => policy.backoff(strikes),
+        };
+        let until = now.saturating_add(u64::try_from(applied.as_nanos()).unwrap_or(u64::MAX));
+        if in_episode && until <= out_until {
+            // A late answer of the running episode that asks for nothing longer: no change.
+            return Cooled {
+                remaining: Duration::from_nanos(out_until - now),
+                started: false,
+                extended: false,
+                strikes,
+            };
+        }
+        let pos = match pos {
             Some(pos) => pos,
             None => {
+                if entries.len() >= MAX_MODEL_COOLDOWNS {
+                    evict_soonest(&mut entries);
+                }
                 entries.push(Entry {
                     tag,
                     model: model.into(),
@@ -343,19 +403,17 @@ impl Slot {
             }
         };
         let entry = &mut entries[pos];
-        let applied = match requested {
-            Some(d) => d.min(policy.max),
-            None => policy.backoff(entry.strikes),
-        };
-        entry.strikes = entry.strikes.saturating_add(1);
-        let until = now.saturating_add(u64::try_from(applied.as_nanos()).unwrap_or(u64::MAX));
+        if !in_episode {
+            entry.strikes = entry.strikes.saturating_add(1);
+        }
         // Never shorten a cooldown: a concurrent request on the same key may come back with a
         // smaller Retry-After than the one that started it.
         let extended = until > entry.until.max(now);
         // Even a zero cooldown moves `until` to now: the backoff is remembered from the last 429.
         entry.until = entry.until.max(until);
         let cooled = Cooled {
-            remaining: Duration::from_nanos(entry.until.saturating_sub(now)),
+            remaining: Duration::from_nanos(entry.until.max(out_until).saturating_sub(now)),
+            started: !in_episode,
             extended,
             strikes: entry.strikes,
         };
@@ -440,6 +498,20 @@ impl Slot {
     /// Whether any cooldown is running at `now`, for any model.
     pub(super) fn is_cooling(&self, now: u64) -> bool {
         self.cool_until.load(Ordering::Acquire) > now
+    }
+}
+
+/// Makes room for one entry: drops the model entry that ends soonest (see
+/// [`MAX_MODEL_COOLDOWNS`]).
+fn evict_soonest(entries: &mut Vec<Entry>) {
+    let soonest = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.tag != SCOPE_ALL)
+        .min_by_key(|(_, e)| e.until)
+        .map(|(i, _)| i);
+    if let Some(i) = soonest {
+        entries.swap_remove(i);
     }
 }
 

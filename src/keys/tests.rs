@@ -309,12 +309,14 @@ fn account_cooldown_cools_exactly_that_accounts_keys() {
     specs[3].account = Some("org-2".into());
     let (pool, _) = pool_of(specs, KeyPolicy::RoundRobin);
     assert_eq!(
-        pool.cool_down_account("org-1", GPT4O, Some(secs(20))),
+        pool.cool_down_account("org-1", GPT4O, Some(secs(20)), None),
         vec![0, 2]
     );
     assert_eq!(tally(&pool, GPT4O, 20), vec![0, 10, 0, 10]);
     assert_eq!(tally(&pool, MINI, 20), vec![5, 5, 5, 5]);
-    assert!(pool.cool_down_account("org-404", GPT4O, None).is_empty());
+    assert!(pool
+        .cool_down_account("org-404", GPT4O, None, None)
+        .is_empty());
     assert_eq!(pool.account(0), Some("org-1"));
     assert_eq!(pool.account(1), None);
 }
@@ -547,4 +549,151 @@ fn many_keys_with_a_third_cooling_pick_only_usable_ones_fairly() {
             disabled: 0
         }
     );
+}
+
+#[test]
+fn a_burst_of_429s_from_requests_in_flight_is_one_strike() {
+    // Twenty requests were in flight on the key when its first 429 came back: the other
+    // nineteen 429s belong to the same episode and must not raise the backoff.
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    let burst: Vec<Duration> = (0..20).map(|_| pool.cool_down(0, GPT4O, None)).collect();
+    assert!(burst.iter().all(|&d| d == secs(1)), "{burst:?}");
+    clock.advance(secs(1));
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2), "second episode");
+}
+
+#[test]
+fn a_429_while_cooling_adds_no_strike_but_a_longer_ask_extends_the_episode() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    let first = pool.on_rate_limit(0, GPT4O, Some(secs(5)));
+    assert!(first.started);
+    assert_eq!(first.strikes, 1);
+    let late = pool.on_rate_limit(0, GPT4O, None);
+    assert!(!late.started, "already cooling: same episode");
+    assert_eq!((late.remaining, late.strikes), (secs(5), 1));
+    let longer = pool.on_rate_limit(0, GPT4O, Some(secs(10)));
+    assert!(!longer.started && longer.extended);
+    assert_eq!((longer.remaining, longer.strikes), (secs(10), 1));
+    clock.advance(secs(10));
+    // One strike so far, so the next episode's backoff is the second step.
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+}
+
+#[test]
+fn a_429_for_a_model_while_the_key_cools_for_every_model_adds_no_strike() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, ALL_MODELS, None);
+    let during = pool.on_rate_limit(0, GPT4O, None);
+    assert!(!during.started);
+    assert_eq!(
+        during.remaining,
+        secs(1),
+        "out as long as the every-model cooldown"
+    );
+    clock.advance(secs(1));
+    assert_eq!(
+        pool.cool_down(0, GPT4O, None),
+        secs(1),
+        "first strike for gpt-4o"
+    );
+}
+
+#[test]
+fn account_cooldown_can_spare_the_key_that_was_already_judged() {
+    let mut specs: Vec<KeySpec> = ["a", "b", "c"].iter().map(|n| spec(n)).collect();
+    for s in &mut specs {
+        s.account = Some("org-1".into());
+    }
+    let (pool, clock) = pool_of(specs, KeyPolicy::RoundRobin);
+    pool.cool_down(0, GPT4O, Some(Duration::ZERO));
+    assert_eq!(
+        pool.cool_down_account("org-1", GPT4O, Some(Duration::ZERO), Some(0)),
+        vec![1, 2]
+    );
+    clock.advance(secs(1));
+    // Key a has one strike (from its own 429), not two.
+    assert_eq!(pool.cool_down(0, GPT4O, None), secs(2));
+}
+
+/// The running cooldowns of key `idx`, by model (`None`: every model).
+fn cooling_models(pool: &KeyPool, idx: usize) -> Vec<Option<String>> {
+    match &pool.status()[idx].state {
+        KeyState::Cooling { cooldowns } => cooldowns.iter().map(|c| c.model.clone()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn made_up_model_names_cannot_grow_a_keys_cooldowns_past_the_cap() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.cool_down(0, ALL_MODELS, Some(secs(1)));
+    pool.cool_down(0, GPT4O, Some(secs(300)));
+    for i in 0..1000 {
+        pool.cool_down(0, &format!("made-up-{i}"), Some(secs(10 + i % 50)));
+    }
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    // The every-model cooldown is never evicted, even though it ends soonest; the model that
+    // ends last outlives the flood.
+    assert!(models.contains(&None), "{models:?}");
+    assert!(models.contains(&Some(GPT4O.to_string())), "{models:?}");
+    assert!(matches!(pool.pick(MINI, &[]), Pick::AllCooling { .. }));
+}
+
+#[test]
+fn a_full_key_evicts_the_cooldown_that_ends_soonest() {
+    let (pool, clock) = pool(&["a"], KeyPolicy::RoundRobin);
+    // A backoff kept after its cooldown ended is the first to go.
+    pool.cool_down(0, "expired", None);
+    clock.advance(secs(1));
+    for i in 0..MAX_MODEL_COOLDOWNS - 1 {
+        pool.cool_down(0, &format!("m{i}"), Some(secs(100 + i as u64)));
+    }
+    pool.cool_down(0, "new-1", Some(secs(50)));
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    assert!(models.contains(&Some("new-1".into())));
+    // Full of running cooldowns: the one ending soonest (new-1, 50 s) makes room.
+    pool.cool_down(0, "new-2", Some(secs(200)));
+    let models = cooling_models(&pool, 0);
+    assert_eq!(models.len(), MAX_MODEL_COOLDOWNS);
+    assert!(!models.contains(&Some("new-1".into())), "{models:?}");
+    assert_eq!(
+        pick_idx(&pool, "new-1", &[]),
+        0,
+        "an evicted model is usable again"
+    );
+    assert!(matches!(pool.pick("new-2", &[]), Pick::AllCooling { .. }));
+    assert!(matches!(pool.pick("m0", &[]), Pick::AllCooling { .. }));
+    // The expired entry went first: its backoff starts over.
+    assert_eq!(pool.cool_down(0, "expired", None), secs(1));
+}
+
+#[test]
+fn peek_and_has_usable_leave_the_rotation_alone() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let next = pool.peek(GPT4O, &[]);
+        assert!(pool.has_usable(GPT4O, &[]));
+        let picked = pick_idx(&pool, GPT4O, &[]);
+        assert_eq!(next, Some(picked), "peek names the key the next pick takes");
+        assert!(pool.has_usable(GPT4O, &[picked]));
+        order.push(picked);
+    }
+    assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+    assert!(pool.status().iter().all(|s| s.in_flight == 0), "no lease");
+}
+
+#[test]
+fn peek_skips_what_a_pick_would_skip() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::Weighted);
+    pool.cool_down(0, GPT4O, Some(secs(10)));
+    pool.disable(1, DisableReason::Unauthorized);
+    assert_eq!(pool.peek(GPT4O, &[]), Some(2));
+    assert_eq!(pool.peek(MINI, &[2]), Some(0));
+    assert!(!pool.has_usable(GPT4O, &[2]));
+    assert!(!pool.has_usable(ALL_MODELS, &[0, 2]));
+    let (empty, _) = pool_of(Vec::new(), KeyPolicy::RoundRobin);
+    assert_eq!(empty.peek(GPT4O, &[]), None);
 }

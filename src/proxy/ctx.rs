@@ -37,6 +37,9 @@ pub struct Attempt {
     pub replace_body: Option<Bytes>,
     /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
     pub error_body: Option<BytesMut>,
+    /// What that 429 asked for in its headers (`Retry-After` …), for an org-wide limit its
+    /// body reveals.
+    pub requested_cooldown: Option<Duration>,
     /// Reads `usage` from a successful answer as it passes.
     pub usage_meter: Option<UsageMeter>,
     /// Hides the usage chunk keygate asked for on the client's behalf.
@@ -57,6 +60,7 @@ impl Attempt {
             decision: None,
             replace_body: None,
             error_body: None,
+            requested_cooldown: None,
             usage_meter: None,
             stripper: None,
         }

@@ -216,8 +216,9 @@ impl Gateway {
             if up.keys.is_empty() {
                 return !ctx.log.tried_upstream(u) && up.pick_endpoint().is_some();
             }
-            let exclude = ctx.log.tried_keys(u);
-            matches!(up.keys.pick(ctx.cooldown_model(), &exclude), Pick::Key(_))
+            // Asks without picking: a pick would move the rotation past a key nobody used.
+            up.keys
+                .has_usable(ctx.cooldown_model(), &ctx.log.tried_keys(u))
         })
     }
 
@@ -277,7 +278,12 @@ impl Gateway {
     }
 
     /// Applies what an upstream status says about the key that got it.
-    pub(crate) fn judge(&self, ctx: &RequestCtx, status: u16, resp: &ResponseHeader) -> Outcome {
+    pub(crate) fn judge(
+        &self,
+        ctx: &mut RequestCtx,
+        status: u16,
+        resp: &ResponseHeader,
+    ) -> Outcome {
         let outcome = Outcome::of(status);
         let Some(att) = ctx.attempt.as_ref() else {
             return outcome;
@@ -286,32 +292,40 @@ impl Gateway {
         let Some(lease) = att.key.as_ref() else {
             return outcome;
         };
-        let idx = lease.index();
+        let (u, idx) = (att.upstream, lease.index());
         let model = ctx.cooldown_model();
         match outcome {
             Outcome::Success => up.keys.on_success(idx, model),
             Outcome::RateLimited => {
                 let wanted = retry_after::requested_cooldown(&resp.headers, self.clock.wall());
-                match up.keys.account(idx) {
-                    Some(account) if retry_after::is_org_wide_limit(&resp.headers, b"", None) => {
-                        let account = account.to_string();
-                        for k in up.keys.cool_down_account(&account, model, wanted) {
-                            self.count_cooldown(up, k, "account_limit");
-                        }
-                    }
-                    _ => {
-                        up.keys.cool_down(idx, model, wanted);
-                        self.count_cooldown(up, idx, "rate_limit");
+                let account = up
+                    .keys
+                    .account(idx)
+                    .filter(|_| retry_after::is_org_wide_limit(&resp.headers, b"", None));
+                let reason = match account {
+                    Some(_) => "account_limit",
+                    None => "rate_limit",
+                };
+                // One answer, one strike: the key's own, then the rest of its account.
+                if up.keys.on_rate_limit(idx, model, wanted).started {
+                    self.count_cooldown(up, idx, reason);
+                }
+                if let Some(account) = account {
+                    for k in up.keys.cool_down_account(account, model, wanted, Some(idx)) {
+                        self.count_cooldown(up, k, reason);
                     }
                 }
                 if wanted.is_none() {
                     // No rate-limit header: this may be an empty quota, which only the body
                     // says. The body is gone when the request is retried, so ask the prober.
                     let _ = self.suspects.send(Suspect {
-                        upstream: att.upstream,
+                        upstream: u,
                         key: idx,
                         kind: SuspectKind::EmptyQuota,
                     });
+                }
+                if let Some(att) = ctx.attempt.as_mut() {
+                    att.requested_cooldown = wanted;
                 }
             }
             Outcome::KeyRefused(DisableReason::Forbidden) => {
@@ -518,7 +532,23 @@ impl Gateway {
         Ok(())
     }
 
-    /// Feeds an attempt's network result to outlier ejection and the latency table.
+    /// Feeds an upstream answer to outlier ejection (whose policy decides whether `status`
+    /// counts against the endpoint) and the latency table (where any server error penalises).
+    pub(crate) fn note_answer(&self, ctx: &RequestCtx, status: u16) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        up.endpoint_answered(&att.endpoint, status);
+        if Outcome::of(status) == Outcome::ServerError {
+            self.latency.penalize(att.upstream);
+        } else {
+            self.latency.record(att.upstream, att.started.elapsed());
+        }
+    }
+
+    /// Feeds an attempt's network result to outlier ejection and the latency table: `ok` false
+    /// for a connect error, a timeout or a broken connection.
     pub(crate) fn note_endpoint(&self, ctx: &RequestCtx, ok: bool) {
         let Some(att) = ctx.attempt.as_ref() else {
             return;
@@ -534,7 +564,8 @@ impl Gateway {
     }
 
     /// A 429 body that reaches the client can be read: an empty quota disables the key, an
-    /// organisation-wide limit cools every key of its account.
+    /// organisation-wide limit rests every other key of its account as long as the 429 asked
+    /// (its own cooldown was set by [`Gateway::judge`]; one answer is one strike).
     pub(crate) fn judge_429_body(&self, ctx: &RequestCtx, body: &[u8]) {
         let Some(att) = ctx.attempt.as_ref() else {
             return;
@@ -552,9 +583,10 @@ impl Gateway {
                 body,
                 up.org_limit_pattern.as_deref(),
             ) {
-                let account = account.to_string();
-                up.keys
-                    .cool_down_account(&account, ctx.cooldown_model(), None);
+                let (model, wanted) = (ctx.cooldown_model(), att.requested_cooldown);
+                for k in up.keys.cool_down_account(account, model, wanted, Some(idx)) {
+                    self.count_cooldown(up, k, "account_limit");
+                }
             }
         }
     }
@@ -628,6 +660,12 @@ mod tests {
 
     const TWO_KEYS: &str = "listen: [ { addr: 127.0.0.1:8080 } ]\nupstreams:\n  up:\n    url: http://127.0.0.1:9\n    health: { enabled: false }\n    keys: [ { name: a, env: KA }, { name: b, env: KB } ]\nroutes:\n  - { upstreams: [up] }\n";
 
+    static ONE_ACCOUNT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        TWO_KEYS
+            .replace("env: KA }", "env: KA, account: org-1 }")
+            .replace("env: KB }", "env: KB, account: org-1 }")
+    });
+
     /// A gateway on `yaml` (keys `KA`, `KB` set) whose endpoints are resolved, on a manual clock.
     async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
         let (gw, clock, _) = gateway_with_suspects(yaml).await;
@@ -640,7 +678,8 @@ mod tests {
     ) -> (Arc<Gateway>, Arc<ManualClock>, UnboundedReceiver<Suspect>) {
         let source = MemorySource::new()
             .with_env("KA", "sk-test-a")
-            .with_env("KB", "sk-test-b");
+            .with_env("KB", "sk-test-b")
+            .with_env("KC", "sk-test-c");
         let config =
             crate::config::load_str_with(std::path::Path::new("test.yaml"), yaml, &source).unwrap();
         let clock = ManualClock::new();
@@ -696,7 +735,7 @@ mod tests {
         for wait in ["7", "3"] {
             let mut ctx = request("gpt-4o");
             attempt(&gw, &mut ctx).unwrap();
-            let outcome = gw.judge(&ctx, 429, &answer(429, &[("retry-after", wait)]));
+            let outcome = gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", wait)]));
             assert_eq!(outcome, Outcome::RateLimited);
         }
         let err = attempt(&gw, &mut request("gpt-4o")).unwrap_err();
@@ -709,7 +748,7 @@ mod tests {
         let (gw, clock) = gateway(TWO_KEYS).await;
         let mut ctx = request("gpt-4o");
         let limited = attempt(&gw, &mut ctx).unwrap();
-        gw.judge(&ctx, 429, &answer(429, &[("retry-after", "2")]));
+        gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", "2")]));
         for _ in 0..4 {
             assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), limited);
         }
@@ -730,7 +769,7 @@ mod tests {
         let (gw, _) = gateway(&yaml).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
-        let outcome = gw.judge(&ctx, 401, &answer(401, &[]));
+        let outcome = gw.judge(&mut ctx, 401, &answer(401, &[]));
         assert_eq!(outcome, Outcome::KeyRefused(DisableReason::Unauthorized));
         for model in ["gpt-4o", "gpt-4o-mini"] {
             let err = attempt(&gw, &mut request(model)).unwrap_err();
@@ -743,7 +782,7 @@ mod tests {
         let (gw, _, mut suspects) = gateway_with_suspects(TWO_KEYS).await;
         let mut ctx = request("gpt-4o");
         let refused = attempt(&gw, &mut ctx).unwrap();
-        let outcome = gw.judge(&ctx, 403, &answer(403, &[]));
+        let outcome = gw.judge(&mut ctx, 403, &answer(403, &[]));
         assert_eq!(outcome, Outcome::KeyRefused(DisableReason::Forbidden));
         let suspect = suspects.try_recv().unwrap();
         assert_eq!(suspect.kind, SuspectKind::Refused);
@@ -762,7 +801,7 @@ mod tests {
         let (gw, _) = gateway(&yaml).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
-        gw.judge(&ctx, 401, &answer(401, &[]));
+        gw.judge(&mut ctx, 401, &answer(401, &[]));
         assert_eq!(
             attempt(&gw, &mut request("gpt-4o")).unwrap_err().status,
             503
@@ -787,7 +826,7 @@ mod tests {
         let (gw, _) = gateway(&yaml).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
-        gw.judge(&ctx, 403, &answer(403, &[]));
+        gw.judge(&mut ctx, 403, &answer(403, &[]));
         let body = br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#;
         gw.judge_refusal_body(&ctx, 403, body);
         assert_eq!(
@@ -815,6 +854,75 @@ mod tests {
         assert_eq!(token_estimate(1, None), 1);
         assert_eq!(token_estimate(usize::MAX, Some(u64::MAX)), u64::MAX);
         assert_eq!(token_estimate(8, Some(u64::MAX - 1)), u64::MAX);
+    }
+
+    const ORG_WIDE_BODY: &[u8] = br#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min","type":"requests","code":"rate_limit_exceeded"}}"#;
+
+    /// The remaining cooldowns of key `name` of the first upstream, by model.
+    fn cooldowns(gw: &Gateway, name: &str) -> Vec<(Option<String>, Duration)> {
+        let keys = &gw.upstreams[0].keys;
+        match &keys.status()[keys.index_of(name).unwrap()].state {
+            crate::keys::KeyState::Cooling { cooldowns } => cooldowns
+                .iter()
+                .map(|c| (c.model.clone(), c.remaining))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_wide_429_rests_every_key_of_the_account_as_long_as_asked() {
+        let (gw, clock) = gateway(&ONE_ACCOUNT).await;
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        // The 429 passes through (nothing left to retry): its body says organisation-wide.
+        gw.judge(&mut ctx, 429, &answer(429, &[("retry-after", "30")]));
+        gw.judge_429_body(&ctx, ORG_WIDE_BODY);
+        clock.advance(Duration::from_secs(3));
+        for name in ["a", "b"] {
+            let left = cooldowns(&gw, name);
+            assert_eq!(left.len(), 1, "{name}: {left:?}");
+            assert_eq!(left[0].1, Duration::from_secs(27), "{name}");
+        }
+        let err = attempt(&gw, &mut request("gpt-4o")).unwrap_err();
+        assert_eq!((err.status, err.retry_after), (429, Some(27)));
+    }
+
+    #[tokio::test]
+    async fn the_429_that_passes_through_is_one_strike_for_its_key() {
+        let (gw, _) = gateway(&ONE_ACCOUNT).await;
+        let mut ctx = request("gpt-4o");
+        let limited = attempt(&gw, &mut ctx).unwrap();
+        gw.judge(&mut ctx, 429, &answer(429, &[]));
+        gw.judge_429_body(&ctx, ORG_WIDE_BODY);
+        // No header: every key of the account gets the first backoff step, once.
+        for name in ["a", "b"] {
+            let left = cooldowns(&gw, name);
+            assert_eq!(
+                left,
+                vec![(Some("gpt-4o".to_string()), Duration::from_secs(1))],
+                "{name} (the limited key is {limited})"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn asking_for_a_candidate_between_attempts_leaves_the_rotation_alone() {
+        let yaml = TWO_KEYS.replace(
+            "{ name: b, env: KB }",
+            "{ name: b, env: KB }, { name: c, env: KC }",
+        );
+        let (gw, _) = gateway(&yaml).await;
+        let order: Vec<String> = (0..6)
+            .map(|_| {
+                let mut ctx = request("gpt-4o");
+                let name = attempt(&gw, &mut ctx).unwrap();
+                // The retry policy asks this after an attempt fails.
+                assert!(gw.has_candidate(&ctx));
+                name
+            })
+            .collect();
+        assert_eq!(order, ["a", "b", "c", "a", "b", "c"]);
     }
 
     #[tokio::test]

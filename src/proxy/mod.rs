@@ -75,7 +75,9 @@ fn body_error_answer(e: &BodyReadError) -> LocalResponse {
             "Send a Content-Length header with request bodies over 64 KiB.",
         ),
         BodyReadError::TimedOut(limit) => LocalResponse::body_timeout(*limit),
-        BodyReadError::Downstream(_) => LocalResponse::bad_request("The request body could not be read."),
+        BodyReadError::Downstream(_) => {
+            LocalResponse::bad_request("The request body could not be read.")
+        }
     }
 }
 
@@ -175,16 +177,15 @@ impl ProxyHttp for GatewayProxy {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
         }
-        let body = match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout)
-            .await
-        {
-            Ok(b) => b,
-            Err(BodyReadError::Downstream(e)) => return Err(e),
-            Err(e) => {
-                gw.respond_local(session, &body_error_answer(&e)).await?;
-                return Ok(true);
-            }
-        };
+        let body =
+            match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout).await {
+                Ok(b) => b,
+                Err(BodyReadError::Downstream(e)) => return Err(e),
+                Err(e) => {
+                    gw.respond_local(session, &body_error_answer(&e)).await?;
+                    return Ok(true);
+                }
+            };
         let routed = parse_and_route(gw, session.req_header(), has_body.then_some(body), ctx);
         let admitted = routed.and_then(|()| gw.admit_model(ctx, announced.unwrap_or(0)));
         if let Err(resp) = admitted {
@@ -282,7 +283,7 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         gw.count_attempt(ctx, outcome.label());
-        gw.note_endpoint(ctx, outcome != Outcome::ServerError);
+        gw.note_answer(ctx, status);
         let result = AttemptResult::Answered { status, outcome };
         if self.decide(session, ctx, result) == Decision::TryElsewhere {
             let (up, key) = describe_attempt(gw, ctx);

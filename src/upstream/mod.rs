@@ -174,7 +174,18 @@ impl Upstream {
         self.credentials.get(idx)
     }
 
-    /// Records a 5xx or connect error from `endpoint`; ejects it from rotation when it is an outlier.
+    /// Records an upstream answer from `endpoint`: a failure when the upstream's outlier policy
+    /// counts its status (by default 502/503/504 only), a success otherwise.
+    pub fn endpoint_answered(&self, endpoint: &Backend, status: u16) {
+        if self.outliers.is_failure(status) {
+            self.endpoint_failed(endpoint);
+        } else {
+            self.endpoint_ok(endpoint);
+        }
+    }
+
+    /// Records a failure of `endpoint` (connect error, timeout, or an answer that counts);
+    /// ejects it from rotation when it is an outlier.
     pub fn endpoint_failed(&self, endpoint: &Backend) {
         let Some(addr) = endpoint.addr.as_inet() else {
             return;

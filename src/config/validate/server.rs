@@ -118,7 +118,10 @@ mod tests {
         );
         let config = load(&with_top("max_buffered_bytes: 64MiB"), &source()).unwrap();
         assert_eq!(config.max_buffered_bytes, Some(64 << 20));
-        assert_eq!(load(&with_top(""), &source()).unwrap().max_buffered_bytes, None);
+        assert_eq!(
+            load(&with_top(""), &source()).unwrap().max_buffered_bytes,
+            None
+        );
     }
 
     #[test]

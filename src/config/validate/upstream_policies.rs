@@ -141,6 +141,7 @@ pub(super) fn outlier(at: &Scope, u: &UpstreamFile) -> Result<OutlierPolicy, Con
             base_ejection: o.base_ejection.map_or(d.base_ejection, |x| x.0),
             max_ejection: o.max_ejection.map_or(d.max_ejection, |x| x.0),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(d.max_ejection_percent),
+            count: o.count.unwrap_or(d.count),
         },
     };
     if outlier.consecutive == 0 {
@@ -162,6 +163,7 @@ pub(super) fn outlier(at: &Scope, u: &UpstreamFile) -> Result<OutlierPolicy, Con
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::test_support::*;
+    use crate::outlier::FailureCount;
     use std::time::Duration;
 
     #[test]
@@ -238,7 +240,7 @@ mod tests {
 
     #[test]
     fn tuning_values_and_defaults_are_kept() {
-        let extra = "cooldown: { base: 2s }\nhealth: { enabled: false, interval: 1ms }\nkeep_warm: { every: 1s, body: \"{}\" }\noutlier: { consecutive: 1, max_ejection_percent: 100 }";
+        let extra = "cooldown: { base: 2s }\nhealth: { enabled: false, interval: 1ms }\nkeep_warm: { every: 1s, body: \"{}\" }\noutlier: { consecutive: 1, max_ejection_percent: 100, count: all_5xx }";
         let u = &load(&with_upstream(extra), &source()).unwrap().upstreams[0];
         assert_eq!(u.cooldown.base, Duration::from_secs(2));
         assert_eq!(
@@ -253,6 +255,13 @@ mod tests {
         assert_eq!(
             (u.outlier.consecutive, u.outlier.max_ejection_percent),
             (1, 100)
+        );
+        assert_eq!(u.outlier.count, FailureCount::All5xx);
+        let plain = &load(&with_upstream(""), &source()).unwrap().upstreams[0];
+        assert_eq!(
+            plain.outlier.count,
+            FailureCount::GatewayErrors,
+            "the default"
         );
     }
 
