@@ -47,9 +47,13 @@ pub struct ConfigFile {
     /// Limits per client IP, for an open gateway.
     #[serde(default)]
     pub ip_limits: Option<LimitsFile>,
-    /// Proxies (CIDR blocks) whose `X-Forwarded-For`/`Forwarded` is believed.
+    /// Proxies (CIDR blocks) whose `client_ip_header` is believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The one header trusted proxies report the client in: `x-forwarded-for` (default),
+    /// `forwarded` or `x-real-ip`.
+    #[serde(default)]
+    pub client_ip_header: Option<String>,
     /// Connection and request guards.
     #[serde(default)]
     pub guards: Option<GuardsFile>,

@@ -1,7 +1,7 @@
 //! The validated configuration, every secret loaded: what the rest of keygate reads.
 
 use super::types::{AuthStyle, StreamUsage};
-use crate::clients::addr::CidrList;
+use crate::clients::addr::{CidrList, TrustedProxies};
 use crate::clients::limits::Limits;
 use crate::glob::Glob;
 use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
@@ -40,8 +40,8 @@ pub struct Config {
     pub clients: Option<Vec<ClientConfig>>,
     /// Per-IP limits (open gateway).
     pub ip_limits: Limits,
-    /// Trusted proxies.
-    pub trusted_proxies: CidrList,
+    /// Trusted proxies and the header they report the client in.
+    pub trusted_proxies: TrustedProxies,
     /// Guards.
     pub guards: GuardsConfig,
 }

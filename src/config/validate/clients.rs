@@ -1,7 +1,7 @@
 //! `clients:`, limits (per client and `ip_limits:`) and `trusted_proxies:`: who may call.
 
 use super::{ClientConfig, Ctx, Scope};
-use crate::clients::addr::CidrList;
+use crate::clients::addr::{CidrList, ClientIpHeader, TrustedProxies};
 use crate::clients::limits::{Budget, Limits};
 use crate::config::secrets;
 use crate::config::types::{ClientFile, LimitsFile};
@@ -98,9 +98,25 @@ pub(super) fn limits(at: &Scope, l: &LimitsFile) -> Result<Limits, ConfigError> 
     })
 }
 
-/// The proxies whose forwarding headers are believed.
-pub(super) fn trusted_proxies(cx: &Ctx, list: &[String]) -> Result<CidrList, ConfigError> {
-    CidrList::parse(list).map_err(|e| cx.err("trusted_proxies", e))
+/// The proxies whose forwarding header is believed, and which header that is.
+pub(super) fn trusted_proxies(
+    cx: &Ctx,
+    list: &[String],
+    header: Option<&str>,
+) -> Result<TrustedProxies, ConfigError> {
+    let cidrs = CidrList::parse(list).map_err(|e| cx.err("trusted_proxies", e))?;
+    let header = match header {
+        None => ClientIpHeader::default(),
+        Some(_) if cidrs.is_empty() => {
+            let reason = "only applies with `trusted_proxies` (the proxies that set the header)";
+            return Err(cx.err("client_ip_header", reason));
+        }
+        Some(name) => ClientIpHeader::parse(name).ok_or_else(|| {
+            let reason = format!("{name:?} is not one of {}", ClientIpHeader::NAMES);
+            cx.err("client_ip_header", reason)
+        })?,
+    };
+    Ok(TrustedProxies { cidrs, header })
 }
 
 #[cfg(test)]
@@ -176,6 +192,16 @@ mod tests {
                 "trusted_proxies: [10.0.0.0/40]",
                 "trusted_proxies",
                 "not a CIDR block or IP address: \"10.0.0.0/40\"".into(),
+            ),
+            (
+                "trusted_proxies: [10.0.0.0/8]\nclient_ip_header: x-forwarded",
+                "client_ip_header",
+                "\"x-forwarded\" is not one of x-forwarded-for, forwarded or x-real-ip".into(),
+            ),
+            (
+                "client_ip_header: forwarded",
+                "client_ip_header",
+                "only applies with `trusted_proxies` (the proxies that set the header)".into(),
             ),
         ];
         for (top, field, reason) in cases {
@@ -262,5 +288,27 @@ mod tests {
         let open = load(&with_top("ip_limits: { concurrency: 3 }"), &src).unwrap();
         assert!(open.clients.is_none());
         assert_eq!(open.ip_limits.concurrency, Some(3));
+    }
+
+    #[test]
+    fn the_client_ip_header_defaults_to_x_forwarded_for() {
+        use crate::clients::addr::ClientIpHeader;
+        let src = source();
+        let config = load(&with_top("trusted_proxies: [10.0.0.0/8]"), &src).unwrap();
+        assert_eq!(config.trusted_proxies.header, ClientIpHeader::XForwardedFor);
+        assert!(config
+            .trusted_proxies
+            .cidrs
+            .contains("10.1.2.3".parse().unwrap()));
+        for (name, want) in [
+            ("Forwarded", ClientIpHeader::Forwarded),
+            ("x-real-ip", ClientIpHeader::XRealIp),
+            ("X-Forwarded-For", ClientIpHeader::XForwardedFor),
+        ] {
+            let yaml = with_top(&format!(
+                "trusted_proxies: [10.0.0.0/8]\nclient_ip_header: {name}"
+            ));
+            assert_eq!(load(&yaml, &src).unwrap().trusted_proxies.header, want);
+        }
     }
 }
