@@ -260,6 +260,32 @@ async fn behind_an_xff_proxy_a_client_cannot_pick_its_address() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_share_a_limit_per_64() {
+    let mock = Mock::start(&[]);
+    let extra = "ip_limits: { rpm: 1 }\ntrusted_proxies: [127.0.0.1]\n";
+    let kg = Keygate::start(&config(&mock, "", extra), ENV);
+    let send = |xff: &'static str| {
+        let url = format!("{}/v1/chat/completions", kg.url);
+        async move {
+            let r = client().post(url).header("x-forwarded-for", xff);
+            r.json(&chat("gpt-4o"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let statuses = [
+        send("2001:db8:1:2::1").await,
+        send("2001:db8:1:2::2").await,
+        send("2001:db8:1:2:ffff:ffff:ffff:ffff").await,
+        send("2001:db8:1:3::1").await,
+    ];
+    assert_eq!(statuses, [200, 429, 429, 200], "one limit per /64");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_supplied_upstream_addresses_are_ignored() {
     let mock = Mock::start(&[]);
     let elsewhere = Mock::start(&[]);

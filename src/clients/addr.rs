@@ -34,7 +34,8 @@ impl CidrList {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
+/// `ip` with an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) turned into the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -3,6 +3,7 @@
 use super::types::{AuthStyle, StreamUsage};
 use crate::clients::addr::{CidrList, TrustedProxies};
 use crate::clients::limits::Limits;
+use crate::clients::IpPolicy;
 use crate::glob::Glob;
 use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
 use crate::outlier::OutlierPolicy;
@@ -38,8 +39,8 @@ pub struct Config {
     pub stream_usage: StreamUsage,
     /// Clients; `None` for an open gateway.
     pub clients: Option<Vec<ClientConfig>>,
-    /// Per-IP limits (open gateway).
-    pub ip_limits: Limits,
+    /// Per-IP limits and address grouping (open gateway).
+    pub ip_limits: IpPolicy,
     /// Trusted proxies and the header they report the client in.
     pub trusted_proxies: TrustedProxies,
     /// Guards.

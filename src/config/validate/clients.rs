@@ -3,8 +3,9 @@
 use super::{ClientConfig, Ctx, Scope};
 use crate::clients::addr::{CidrList, ClientIpHeader, TrustedProxies};
 use crate::clients::limits::{Budget, Limits};
+use crate::clients::IpPolicy;
 use crate::config::secrets;
-use crate::config::types::{ClientFile, LimitsFile};
+use crate::config::types::{ClientFile, IpLimitsFile, LimitsFile};
 use crate::config::ConfigError;
 use crate::glob::Glob;
 use crate::keys::Secret;
@@ -95,6 +96,29 @@ pub(super) fn limits(at: &Scope, l: &LimitsFile) -> Result<Limits, ConfigError> 
             tokens: b.tokens,
             per: b.per,
         }),
+    })
+}
+
+/// `ip_limits:`: the limits of each address group, prefix lengths and the cap on groups.
+pub(super) fn ip_limits(at: &Scope, l: &IpLimitsFile) -> Result<IpPolicy, ConfigError> {
+    let default = IpPolicy::default();
+    let ipv4_prefix = l.ipv4_prefix.unwrap_or(default.ipv4_prefix);
+    if !(1..=32).contains(&ipv4_prefix) {
+        return Err(at.err("ipv4_prefix", "must be between 1 and 32"));
+    }
+    let ipv6_prefix = l.ipv6_prefix.unwrap_or(default.ipv6_prefix);
+    if !(1..=128).contains(&ipv6_prefix) {
+        return Err(at.err("ipv6_prefix", "must be between 1 and 128"));
+    }
+    let max_entries = l.max_entries.unwrap_or(default.max_entries);
+    if max_entries == 0 {
+        return Err(at.err("max_entries", "must be at least 1"));
+    }
+    Ok(IpPolicy {
+        limits: limits(at, &l.limits())?,
+        ipv4_prefix,
+        ipv6_prefix,
+        max_entries,
     })
 }
 
@@ -287,7 +311,52 @@ mod tests {
         assert_eq!(clients[0].limits.budget.map(|b| b.tokens), Some(9));
         let open = load(&with_top("ip_limits: { concurrency: 3 }"), &src).unwrap();
         assert!(open.clients.is_none());
-        assert_eq!(open.ip_limits.concurrency, Some(3));
+        assert_eq!(open.ip_limits.limits.concurrency, Some(3));
+    }
+
+    #[test]
+    fn ip_groups_default_to_v4_32_and_v6_64_and_are_checked() {
+        let src = source();
+        let open = load(&with_top("ip_limits: { rpm: 5 }"), &src).unwrap();
+        let p = open.ip_limits;
+        assert_eq!(
+            (p.ipv4_prefix, p.ipv6_prefix, p.max_entries),
+            (32, 64, 100_000)
+        );
+        let yaml =
+            with_top("ip_limits: { rpm: 5, ipv4_prefix: 24, ipv6_prefix: 56, max_entries: 500 }");
+        let p = load(&yaml, &src).unwrap().ip_limits;
+        assert_eq!((p.ipv4_prefix, p.ipv6_prefix, p.max_entries), (24, 56, 500));
+        for (setting, field, reason) in [
+            (
+                "ipv4_prefix: 0",
+                "ip_limits.ipv4_prefix",
+                "must be between 1 and 32",
+            ),
+            (
+                "ipv4_prefix: 33",
+                "ip_limits.ipv4_prefix",
+                "must be between 1 and 32",
+            ),
+            (
+                "ipv6_prefix: 0",
+                "ip_limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ),
+            (
+                "ipv6_prefix: 129",
+                "ip_limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ),
+            (
+                "max_entries: 0",
+                "ip_limits.max_entries",
+                "must be at least 1",
+            ),
+        ] {
+            let yaml = with_top(&format!("ip_limits: {{ rpm: 5, {setting} }}"));
+            expect_error(&yaml, &src, field, reason);
+        }
     }
 
     #[test]
