@@ -38,7 +38,8 @@
 //!    kept across restarts and upgrades).
 //!
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
-//!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser).
+//!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
+//!    [`drain`] (a graceful stop that exits once nothing is left in flight).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -55,6 +56,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod conn_guard;
+pub mod drain;
 pub mod glob;
 pub mod header_rules;
 pub mod keys;
