@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::time::Duration;
 
 /// Lines waiting to be written before new ones are dropped (and counted).
 const QUEUE: usize = 16 * 1024;
@@ -51,10 +52,34 @@ pub struct AccessEntry<'a> {
     pub note: Option<&'a str>,
 }
 
+/// What the writer thread is sent.
+enum Message {
+    /// A line to write.
+    Line(String),
+    /// Write out everything queued before this, then say so.
+    Flush(SyncSender<()>),
+}
+
 /// Where entries go.
 pub struct AccessLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<Message>,
     dropped: AtomicU64,
+}
+
+/// A handle that waits for the lines already queued to reach the file (or stdout): for the
+/// last moments before the process exits, when the writer thread would be cut short.
+#[derive(Clone)]
+pub struct AccessLogFlusher {
+    tx: SyncSender<Message>,
+}
+
+impl AccessLogFlusher {
+    /// Waits until every line queued before the call is written and flushed, at most `limit`.
+    /// Whether it was.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (ack, done) = sync_channel(1);
+        self.tx.send(Message::Flush(ack)).is_ok() && done.recv_timeout(limit).is_ok()
+    }
 }
 
 impl AccessLog {
@@ -73,18 +98,26 @@ impl AccessLog {
                 Box::new(opts.open(p)?)
             }
         };
-        let (tx, rx) = sync_channel::<String>(QUEUE);
+        let (tx, rx) = sync_channel::<Message>(QUEUE);
         std::thread::Builder::new()
             .name("keygate-access-log".into())
             .spawn(move || {
                 let mut w = std::io::BufWriter::new(&mut out);
-                while let Ok(line) = rx.recv() {
-                    let _ = w.write_all(line.as_bytes());
+                let mut acks = Vec::new();
+                while let Ok(first) = rx.recv() {
                     // Drain what is queued, then flush: prompt when idle, batched under load.
-                    while let Ok(more) = rx.try_recv() {
-                        let _ = w.write_all(more.as_bytes());
+                    for message in std::iter::once(first).chain(rx.try_iter()) {
+                        match message {
+                            Message::Line(line) => {
+                                let _ = w.write_all(line.as_bytes());
+                            }
+                            Message::Flush(ack) => acks.push(ack),
+                        }
                     }
                     let _ = w.flush();
+                    for ack in acks.drain(..) {
+                        let _ = ack.try_send(());
+                    }
                 }
                 let _ = w.flush();
             })?;
@@ -94,13 +127,20 @@ impl AccessLog {
         })
     }
 
+    /// A handle to wait for queued lines to be written (see [`AccessLogFlusher`]).
+    pub fn flusher(&self) -> AccessLogFlusher {
+        AccessLogFlusher {
+            tx: self.tx.clone(),
+        }
+    }
+
     /// Queues an entry; drops it (and counts) if the writer cannot keep up.
     pub fn write(&self, entry: &AccessEntry<'_>) {
         let Ok(mut line) = serde_json::to_string(entry) else {
             return;
         };
         line.push('\n');
-        match self.tx.try_send(line) {
+        match self.tx.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 if self
@@ -167,5 +207,36 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_flush_returns_once_every_queued_line_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(Some(&path)).unwrap();
+        for attempts in 0..500 {
+            log.write(&AccessEntry {
+                time: now_rfc3339(),
+                client: "-",
+                method: "POST",
+                path: "/v1/chat/completions",
+                route: "r",
+                model: "gpt-4o",
+                upstream: "u",
+                key: "a",
+                attempts,
+                status: 200,
+                bytes: 10,
+                prompt_tokens: None,
+                completion_tokens: None,
+                ttfb_ms: None,
+                total_ms: 2.0,
+                stream: false,
+                note: None,
+            });
+        }
+        assert!(log.flusher().flush(Duration::from_secs(30)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 500, "no line is still queued");
     }
 }

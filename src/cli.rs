@@ -45,44 +45,187 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Sets up `env_logger` (default `info`), keeping Pingora's TRACE output off: it dumps raw
-/// request bytes, keys included.
+/// Sets up `env_logger` from `RUST_LOG` (default `info`) behind [`TraceCap`], so that no
+/// filter can turn on a dependency's TRACE output.
 pub fn init_logging() {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    env_logger::Builder::new()
-        .parse_filters(&spec)
-        // Pingora's TRACE logs raw upstream request bytes; never let a filter turn it on.
-        .filter_module("pingora_core", cap_level(&spec))
-        .filter_module("pingora_proxy", cap_level(&spec))
-        .format_timestamp_millis()
-        .init();
+    let logger = TraceCap::new(&spec, env_logger::Target::Stderr);
+    let max = logger.max_level();
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
-/// The level for Pingora's crates: whatever `RUST_LOG` asks, but never above DEBUG.
-fn cap_level(spec: &str) -> log::LevelFilter {
-    let wanted = spec
-        .split(',')
-        .filter_map(|d| {
-            let (module, level) = d.split_once('=').map_or(("", d), |(m, l)| (m, l));
-            (module.is_empty() || module.starts_with("pingora"))
-                .then(|| level.parse::<log::LevelFilter>().ok())?
-        })
-        .max()
-        .unwrap_or(log::LevelFilter::Info);
-    wanted.min(log::LevelFilter::Debug)
+/// `env_logger` with TRACE kept to keygate's own modules.
+///
+/// Pingora's TRACE dumps the request as written to the upstream, credential included, and other
+/// libraries trace raw bytes too. Rewriting `RUST_LOG` cannot be trusted to catch every spelling
+/// (module paths, `pingora=`, a bare `TRACE`, `/regex` suffixes), so the cap applies to each
+/// record instead: whatever the directives say, a TRACE record whose target is not keygate's
+/// is dropped. DEBUG and above pass as the directives allow.
+pub struct TraceCap {
+    inner: env_logger::Logger,
+}
+
+impl TraceCap {
+    /// A logger filtered by the `RUST_LOG`-style `spec`, writing to `target`.
+    pub fn new(spec: &str, target: env_logger::Target) -> Self {
+        let inner = env_logger::Builder::new()
+            .parse_filters(spec)
+            .format_timestamp_millis()
+            .target(target)
+            .build();
+        Self { inner }
+    }
+
+    /// The most verbose level any record may pass at, for [`log::set_max_level`].
+    pub fn max_level(&self) -> log::LevelFilter {
+        self.inner.filter()
+    }
+
+    /// Whether a record at `level` from `target` may be written at all, before the directives.
+    fn may_write(target: &str, level: log::Level) -> bool {
+        level <= log::Level::Debug || is_keygate_target(target)
+    }
+}
+
+/// Whether `target` is keygate's own (`keygate` or `keygate::…`).
+fn is_keygate_target(target: &str) -> bool {
+    target
+        .strip_prefix("keygate")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
+
+impl log::Log for TraceCap {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        Self::may_write(metadata.target(), metadata.level()) && self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        // The `log!` macros call `log` without asking `enabled` first: the cap is applied here.
+        if Self::may_write(record.target(), record.level()) {
+            self.inner.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use log::{Level, Log};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
+
+    /// A writer whose bytes the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capped(spec: &str) -> (TraceCap, Captured) {
+        let out = Captured::default();
+        let logger = TraceCap::new(spec, env_logger::Target::Pipe(Box::new(out.clone())));
+        (logger, out)
+    }
+
+    fn write(logger: &TraceCap, target: &str, level: Level, text: &str) {
+        logger.log(
+            &log::Record::builder()
+                .target(target)
+                .level(level)
+                .args(format_args!("{text}"))
+                .build(),
+        );
+        logger.flush();
+    }
+
+    fn enabled(logger: &TraceCap, target: &str, level: Level) -> bool {
+        logger.enabled(&log::Metadata::builder().target(target).level(level).build())
+    }
+
+    /// Every way of asking for Pingora's TRACE that `env_logger` understands.
+    const TRACE_SPELLINGS: &[&str] = &[
+        "trace",
+        "TRACE",
+        "Trace",
+        "pingora_core=trace",
+        "pingora_core=Trace",
+        "pingora_core::protocols=trace",
+        "pingora_core::protocols::http::v1=trace",
+        "pingora_core::protocols::http::v1::client=TRACE",
+        "pingora=trace",
+        "pingora_proxy=trace",
+        "info,pingora_core::protocols=trace",
+        "pingora_core=debug,pingora_core::protocols=trace",
+        "trace/Writing",
+        "pingora_core=trace/request",
+        "warn,trace",
+        " pingora_core::protocols = trace ",
+        "pingora_core::protocols=5",
+        "pingora_core::protocols",
+        "=trace",
+    ];
 
     #[test]
-    fn pingora_logging_never_reaches_trace() {
-        assert_eq!(cap_level("trace"), log::LevelFilter::Debug);
-        assert_eq!(
-            cap_level("info,pingora_core=trace"),
-            log::LevelFilter::Debug
+    fn no_directive_lets_pingora_trace_through() {
+        const TARGET: &str = "pingora_core::protocols::http::v1::client";
+        for spec in TRACE_SPELLINGS {
+            let (logger, out) = capped(spec);
+            assert!(!enabled(&logger, TARGET, Level::Trace), "{spec:?}");
+            write(
+                &logger,
+                TARGET,
+                Level::Trace,
+                "Writing request header: sk-secret",
+            );
+            write(&logger, "rustls::client", Level::Trace, "raw sk-secret");
+            let text = String::from_utf8(out.0.lock().clone()).unwrap();
+            assert!(!text.contains("sk-secret"), "{spec:?} wrote: {text}");
+        }
+    }
+
+    #[test]
+    fn the_cap_leaves_debug_and_keygates_own_trace_alone() {
+        let (logger, out) = capped("pingora_core::protocols=trace,keygate=trace");
+        assert!(enabled(
+            &logger,
+            "pingora_core::protocols::http::v1::client",
+            Level::Debug
+        ));
+        assert!(enabled(&logger, "keygate::prober", Level::Trace));
+        assert!(!enabled(&logger, "keygatex", Level::Trace));
+        write(
+            &logger,
+            "pingora_core::protocols::tls",
+            Level::Debug,
+            "pingora debug",
         );
-        assert_eq!(cap_level("warn"), log::LevelFilter::Warn);
+        write(&logger, "keygate::prober", Level::Trace, "keygate trace");
+        let text = String::from_utf8(out.0.lock().clone()).unwrap();
+        assert!(text.contains("pingora debug"), "{text}");
+        assert!(text.contains("keygate trace"), "{text}");
+    }
+
+    #[test]
+    fn directives_still_choose_the_levels_below_the_cap() {
+        let (logger, _) = capped("warn");
+        assert!(!enabled(&logger, "pingora_core::server", Level::Info));
+        assert!(enabled(&logger, "pingora_core::server", Level::Warn));
+        let (logger, _) = capped("info");
+        assert!(!enabled(&logger, "pingora_proxy", Level::Debug));
+        assert!(enabled(&logger, "keygate::server", Level::Info));
     }
 }

@@ -40,7 +40,8 @@
 //!    kept across restarts and upgrades).
 //!
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
-//!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser).
+//!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
+//!    [`drain`] (a graceful stop that exits once nothing is left in flight).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -58,6 +59,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod conn_guard;
+pub mod drain;
 pub mod error_body;
 pub mod glob;
 pub mod header_rules;

@@ -3,6 +3,7 @@
 use crate::clients::{Client, ClientTable, IpLimiters};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
+use crate::drain::{Busy, Drain};
 use crate::proxy::{Gateway, GatewayOptions, GatewayProxy};
 use log::{info, warn};
 use pingora_core::apps::HttpServerOptions;
@@ -10,6 +11,9 @@ use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
+use pingora_core::services::background::GenBackgroundService;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,13 @@ fn resolve_endpoints_now(gw: &Gateway) {
 /// from the socket straight there.
 const L4_READ_BUFFER: usize = 0;
 
+/// Pingora's grace period when `server.grace_period_seconds` is not set (`EXIT_TIMEOUT` in
+/// pingora-core's `server` module).
+const PINGORA_GRACE_PERIOD: u64 = 300;
+
+/// How long a stopping process waits for its access log lines to be written.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(5);
+
 /// Runs keygate until it is told to stop. `opt` carries Pingora's `-u`/`-d` flags.
 pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let listen: Vec<_> = config
@@ -122,6 +133,9 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
                 .map_err(|e| StartError::AccessLog(e.to_string()))?,
         ),
     };
+    let access_log_flusher = access_log
+        .as_ref()
+        .map(crate::access_log::AccessLog::flusher);
     let mut options = gateway_options(&config, clock::system());
     options.access_log = access_log;
     let built = Gateway::build(&config, clock::system(), options);
@@ -132,10 +146,13 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     if let Some(path) = &config.state_file {
         crate::state_file::load(path, &pools, &client_limiters);
     }
-    let state_keeper = config
-        .state_file
-        .clone()
-        .map(|path| crate::state_file::StateKeeper::new(path, pools.clone(), client_limiters));
+    let state_keeper = config.state_file.clone().map(|path| {
+        Arc::new(crate::state_file::StateKeeper::new(
+            path,
+            pools.clone(),
+            client_limiters,
+        ))
+    });
     if let Err(e) = pingora_prometheus::prometheus::default_registry().register(Box::new(
         crate::metrics::KeyStateCollector::new(pools.clone()),
     )) {
@@ -156,10 +173,9 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     options.h2c = true;
     app.server_options = Some(options);
     // Every connection goes through the header timeout/size guards before Pingora's parser.
-    let mut proxy = pingora_core::services::listening::Service::new(
-        "keygate".to_string(),
-        crate::conn_guard::GuardedApp::new(app, guard_settings),
-    );
+    let guarded = crate::conn_guard::GuardedApp::new(app, guard_settings);
+    let open_connections = guarded.open_connections();
+    let mut proxy = pingora_core::services::listening::Service::new("keygate".to_string(), guarded);
     for (index, (addr, tls)) in listen.iter().enumerate() {
         let addr = addr.to_string();
         let endpoint = ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::new(
@@ -207,12 +223,34 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         "key prober",
         prober,
     ));
+    let grace = Duration::from_secs(
+        server
+            .configuration
+            .grace_period_seconds
+            .unwrap_or(PINGORA_GRACE_PERIOD),
+    );
+    let mut drain = Drain::new(grace, move || Busy {
+        requests: crate::metrics::global().in_flight.get(),
+        connections: open_connections.count(),
+    });
     if let Some(keeper) = state_keeper {
-        server.add_service(pingora_core::services::background::background_service(
-            "state file",
-            keeper,
+        server.add_service(GenBackgroundService::new(
+            "state file".to_string(),
+            keeper.clone(),
         ));
+        drain = drain.finally("writing the state file", move || keeper.write_final());
     }
+    if let Some(flusher) = access_log_flusher {
+        drain = drain.finally("flushing the access log", move || {
+            if !flusher.flush(ACCESS_LOG_FLUSH) {
+                warn!("access log: not flushed within {ACCESS_LOG_FLUSH:?}");
+            }
+        });
+    }
+    server.add_service(pingora_core::services::background::background_service(
+        "graceful stop",
+        drain,
+    ));
     info!(
         "keygate ready: {} upstream(s), {} key(s)",
         gw.upstreams().len(),

@@ -259,6 +259,12 @@ impl StateKeeper {
         }
     }
 
+    /// The last write, once nothing is in flight any more: the states as the process leaves them
+    /// (unless a newer process has written the file since).
+    pub fn write_final(&self) {
+        self.sync(true);
+    }
+
     /// Writes if the states changed since the last write; cooldown countdowns alone do not count.
     fn sync(&self, at_shutdown: bool) {
         let mut snap = capture(&self.pools, &self.clients);

@@ -216,6 +216,76 @@ async fn per_ip_limits_trust_forwarded_addresses_only_from_trusted_proxies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_an_xff_proxy_a_client_cannot_pick_its_address() {
+    let mock = Mock::start(&[]);
+    let extra = "ip_limits: { rpm: 2 }\ntrusted_proxies: [127.0.0.1]\n";
+    let kg = Keygate::start(&config(&mock, "", extra), ENV);
+    let send = |n: u32, headers: &[(&'static str, String)]| {
+        let mut req = client().post(format!("{}/v1/chat/completions", kg.url));
+        for (k, v) in headers {
+            req = req.header(*k, v.replace("{n}", &n.to_string()));
+        }
+        async move {
+            req.json(&chat("gpt-4o"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The proxy appends the real address to XFF and passes the client's own `Forwarded` through.
+    let forged = [
+        ("forwarded", "for=203.0.113.{n}".to_string()),
+        ("x-forwarded-for", "198.51.100.1".to_string()),
+    ];
+    let statuses = [
+        send(1, &forged).await,
+        send(2, &forged).await,
+        send(3, &forged).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "one client, one limit");
+    // A hop the proxy forwarded but keygate cannot read: the proxy (127.0.0.1) is the client,
+    // not the address the client wrote in front of it.
+    let garbage = [(
+        "x-forwarded-for",
+        "203.0.113.{n}, not-an-address".to_string(),
+    )];
+    let statuses = [
+        send(4, &garbage).await,
+        send(5, &garbage).await,
+        send(6, &garbage).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "the proxy's own limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_share_a_limit_per_64() {
+    let mock = Mock::start(&[]);
+    let extra = "ip_limits: { rpm: 1 }\ntrusted_proxies: [127.0.0.1]\n";
+    let kg = Keygate::start(&config(&mock, "", extra), ENV);
+    let send = |xff: &'static str| {
+        let url = format!("{}/v1/chat/completions", kg.url);
+        async move {
+            let r = client().post(url).header("x-forwarded-for", xff);
+            r.json(&chat("gpt-4o"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let statuses = [
+        send("2001:db8:1:2::1").await,
+        send("2001:db8:1:2::2").await,
+        send("2001:db8:1:2:ffff:ffff:ffff:ffff").await,
+        send("2001:db8:1:3::1").await,
+    ];
+    assert_eq!(statuses, [200, 429, 429, 200], "one limit per /64");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_supplied_upstream_addresses_are_ignored() {
     let mock = Mock::start(&[]);
     let elsewhere = Mock::start(&[]);

@@ -2,17 +2,16 @@
 //! limits; per-IP limits for an open gateway; the client address behind trusted proxies.
 
 pub mod addr;
+pub mod ip_limits;
 pub mod limits;
+
+pub use ip_limits::{IpLimiters, IpPolicy};
 
 use crate::clock::SharedClock;
 use crate::glob::Glob;
 use limits::{Limiter, Limits};
-use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
 use subtle::ConstantTimeEq;
 
 /// Longest token accepted; anything longer is refused like a wrong one.
@@ -114,45 +113,6 @@ pub fn presented_token(headers: &http::HeaderMap) -> Option<&[u8]> {
         .map(|v| v.as_bytes().trim_ascii())
 }
 
-/// Limiters per client IP for an open gateway, forgetting IPs idle for a while.
-#[derive(Debug)]
-pub struct IpLimiters {
-    limits: Limits,
-    clock: SharedClock,
-    map: Mutex<HashMap<IpAddr, (Arc<Limiter>, Instant)>>,
-}
-
-/// How many IPs are tracked before idle ones are swept.
-const IP_SWEEP_AT: usize = 10_000;
-
-impl IpLimiters {
-    /// Per-IP limiters with these limits.
-    pub fn new(limits: Limits, clock: SharedClock) -> Self {
-        Self {
-            limits,
-            clock,
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The limiter of `ip`.
-    pub fn get(&self, ip: IpAddr) -> Arc<Limiter> {
-        let now = self.clock.now();
-        let mut map = self.map.lock();
-        if map.len() >= IP_SWEEP_AT && !map.contains_key(&ip) {
-            // Idle for two minutes and nothing in flight: its windows are empty anyway.
-            map.retain(|_, (l, seen)| {
-                now.saturating_duration_since(*seen).as_secs() < 120 || l.in_flight() > 0
-            });
-        }
-        let entry = map
-            .entry(ip)
-            .or_insert_with(|| (Limiter::new(self.limits, self.clock.clone()), now));
-        entry.1 = now;
-        entry.0.clone()
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -206,21 +166,5 @@ mod tests {
         h.insert("x-api-key", "tok".parse().unwrap());
         assert_eq!(presented_token(&h), Some(&b"tok"[..]));
         assert_eq!(presented_token(&http::HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn each_ip_gets_its_own_limiter() {
-        let l = IpLimiters::new(
-            Limits {
-                rpm: Some(1),
-                ..Limits::default()
-            },
-            ManualClock::new(),
-        );
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        l.get(a).admit(0).unwrap().settle(None);
-        assert!(l.get(a).admit(0).is_err());
-        assert!(l.get(b).admit(0).is_ok());
     }
 }

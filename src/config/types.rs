@@ -49,12 +49,16 @@ pub struct ConfigFile {
     /// Callers with gateway tokens; absent: an open gateway (keygate warns at start).
     #[serde(default)]
     pub clients: Option<Vec<ClientFile>>,
-    /// Limits per client IP, for an open gateway.
+    /// Limits per client IP (or address block), for an open gateway.
     #[serde(default)]
-    pub ip_limits: Option<LimitsFile>,
-    /// Proxies (CIDR blocks) whose `X-Forwarded-For`/`Forwarded` is believed.
+    pub ip_limits: Option<IpLimitsFile>,
+    /// Proxies (CIDR blocks) whose `client_ip_header` is believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The one header trusted proxies report the client in: `x-forwarded-for` (default),
+    /// `forwarded` or `x-real-ip`.
+    #[serde(default)]
+    pub client_ip_header: Option<String>,
     /// Connection and request guards.
     #[serde(default)]
     pub guards: Option<GuardsFile>,
@@ -98,8 +102,47 @@ pub struct LimitsFile {
     pub budget: Option<BudgetFile>,
 }
 
-/// A token budget.
+/// Limits per client address group, and how addresses are grouped (`ip_limits:`).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpLimitsFile {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Tokens per UTC day or month.
+    #[serde(default)]
+    pub budget: Option<BudgetFile>,
+    /// IPv4 addresses sharing this many leading bits share a limit (default 32).
+    #[serde(default)]
+    pub ipv4_prefix: Option<u8>,
+    /// IPv6 addresses sharing this many leading bits share a limit (default 64).
+    #[serde(default)]
+    pub ipv6_prefix: Option<u8>,
+    /// Most address groups tracked at once (default 100000).
+    #[serde(default)]
+    pub max_entries: Option<usize>,
+}
+
+impl IpLimitsFile {
+    /// The limits part, as a client's `limits:` would say it.
+    pub fn limits(&self) -> LimitsFile {
+        LimitsFile {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrency: self.concurrency,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+/// A token budget.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetFile {
     /// Tokens per period.

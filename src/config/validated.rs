@@ -1,8 +1,9 @@
 //! The validated configuration, every secret loaded: what the rest of keygate reads.
 
 use super::types::{AuthStyle, StreamUsage};
-use crate::clients::addr::CidrList;
+use crate::clients::addr::{CidrList, TrustedProxies};
 use crate::clients::limits::Limits;
+use crate::clients::IpPolicy;
 use crate::glob::Glob;
 use crate::keys::{CooldownPolicy, KeyPolicy, KeySpec, Secret};
 use crate::outlier::OutlierPolicy;
@@ -40,10 +41,10 @@ pub struct Config {
     pub stream_usage: StreamUsage,
     /// Clients; `None` for an open gateway.
     pub clients: Option<Vec<ClientConfig>>,
-    /// Per-IP limits (open gateway).
-    pub ip_limits: Limits,
-    /// Trusted proxies.
-    pub trusted_proxies: CidrList,
+    /// Per-IP limits and address grouping (open gateway).
+    pub ip_limits: IpPolicy,
+    /// Trusted proxies and the header they report the client in.
+    pub trusted_proxies: TrustedProxies,
     /// Guards.
     pub guards: GuardsConfig,
 }

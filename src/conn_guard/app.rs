@@ -24,7 +24,7 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A Pingora HTTP app (keygate's proxy) behind the connection guard: a `ServerApp` to put in a
@@ -32,6 +32,33 @@ use std::sync::Arc;
 pub struct GuardedApp<A> {
     hook: Arc<RequestHook<A>>,
     settings: GuardSettings,
+    open: OpenConnections,
+}
+
+/// How many client connections a [`GuardedApp`] is serving: a graceful stop waits for none.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// Connections being served now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Counts one connection until the returned guard is dropped.
+    fn enter(&self) -> OpenConnection {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(self.0.clone())
+    }
+}
+
+/// One counted connection.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<A: HttpServerApp> GuardedApp<A> {
@@ -50,7 +77,13 @@ impl<A: HttpServerApp> GuardedApp<A> {
                 shutdown: tokio::sync::Notify::new(),
             }),
             settings,
+            open: OpenConnections::default(),
         }
+    }
+
+    /// A handle on the count of connections this app serves.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
     }
 
     /// The limits each connection is held to.
@@ -79,6 +112,8 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Counted until its last request is answered (or the connection fails).
+        let _open = self.open.enter();
         // A stream handed back for reuse is already guarded; wrapping it twice would restart
         // its timers and hide it from the request hook.
         let mut stream: Stream = if (*stream).as_any().is::<GuardedStream>() {
@@ -302,6 +337,25 @@ mod tests {
             .unwrap();
         assert!(task.await.unwrap());
         assert_eq!(*app.app().0.lock().unwrap(), vec![true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_are_counted_until_they_close() {
+        let app = Arc::new(GuardedApp::new(
+            SeesGuard(std::sync::Mutex::new(Vec::new())),
+            GuardSettings::default(),
+        ));
+        let open = app.open_connections();
+        let (server, client) = tokio::io::duplex(1024);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let serving = app.clone();
+        let task =
+            tokio::spawn(async move { serving.process_new(Box::new(server), &shutdown).await });
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(open.count(), 1, "waiting for its first request");
+        drop(client);
+        assert!(task.await.unwrap().is_none());
+        assert_eq!(open.count(), 0);
     }
 
     #[tokio::test(start_paused = true)]

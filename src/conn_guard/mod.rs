@@ -49,7 +49,7 @@ mod app;
 mod scan;
 mod stream;
 
-pub use app::GuardedApp;
+pub use app::{GuardedApp, OpenConnections};
 pub use scan::{HeaderScan, ScanVerdict};
 pub use stream::GuardedStream;
 

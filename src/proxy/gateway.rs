@@ -5,7 +5,7 @@ use super::ctx::{Attempt, RequestCtx};
 use super::respond;
 use crate::access_log::AccessLog;
 use crate::body_budget::BodyBudget;
-use crate::clients::addr::{client_ip, CidrList};
+use crate::clients::addr::{client_ip, CidrList, TrustedProxies};
 use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
@@ -83,8 +83,8 @@ pub struct GatewayOptions {
     pub clients: ClientTable,
     /// Per-IP limits for an open gateway.
     pub ip_limiters: Option<IpLimiters>,
-    /// Proxies whose forwarded-for headers are believed.
-    pub trusted_proxies: CidrList,
+    /// Proxies whose forwarded-for header is believed.
+    pub trusted_proxies: TrustedProxies,
     /// User agents answered with 403.
     pub deny_user_agents: Vec<crate::glob::Glob>,
     /// Client addresses answered with 403.

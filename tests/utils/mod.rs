@@ -178,10 +178,40 @@ impl Keygate {
     pub fn try_wait(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
+
+    /// Sends `signal` (`TERM`, `QUIT`, `INT`…) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `within` for the process to exit; whether it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.try_wait()
+    }
+
+    /// Stops it with SIGINT (Pingora's fast stop); whether it exited within `within`.
+    pub fn stop(&mut self, within: Duration) -> bool {
+        self.signal("INT");
+        self.wait_exit(within)
+    }
 }
 
 impl Drop for Keygate {
     fn drop(&mut self) {
+        if self.try_wait() {
+            return;
+        }
         // SIGINT is Pingora's fast stop; fall back to SIGKILL if it lingers.
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])

@@ -1,10 +1,11 @@
 //! `clients:`, limits (per client and `ip_limits:`) and `trusted_proxies:`: who may call.
 
 use super::{ClientConfig, Ctx, Scope};
-use crate::clients::addr::CidrList;
+use crate::clients::addr::{CidrList, ClientIpHeader, TrustedProxies};
 use crate::clients::limits::{Budget, Limits};
+use crate::clients::IpPolicy;
 use crate::config::secrets;
-use crate::config::types::{ClientFile, LimitsFile};
+use crate::config::types::{ClientFile, IpLimitsFile, LimitsFile};
 use crate::config::ConfigError;
 use crate::glob::Glob;
 use crate::keys::Secret;
@@ -98,9 +99,48 @@ pub(super) fn limits(at: &Scope, l: &LimitsFile) -> Result<Limits, ConfigError> 
     })
 }
 
-/// The proxies whose forwarding headers are believed.
-pub(super) fn trusted_proxies(cx: &Ctx, list: &[String]) -> Result<CidrList, ConfigError> {
-    CidrList::parse(list).map_err(|e| cx.err("trusted_proxies", e))
+/// `ip_limits:`: the limits of each address group, prefix lengths and the cap on groups.
+pub(super) fn ip_limits(at: &Scope, l: &IpLimitsFile) -> Result<IpPolicy, ConfigError> {
+    let default = IpPolicy::default();
+    let ipv4_prefix = l.ipv4_prefix.unwrap_or(default.ipv4_prefix);
+    if !(1..=32).contains(&ipv4_prefix) {
+        return Err(at.err("ipv4_prefix", "must be between 1 and 32"));
+    }
+    let ipv6_prefix = l.ipv6_prefix.unwrap_or(default.ipv6_prefix);
+    if !(1..=128).contains(&ipv6_prefix) {
+        return Err(at.err("ipv6_prefix", "must be between 1 and 128"));
+    }
+    let max_entries = l.max_entries.unwrap_or(default.max_entries);
+    if max_entries == 0 {
+        return Err(at.err("max_entries", "must be at least 1"));
+    }
+    Ok(IpPolicy {
+        limits: limits(at, &l.limits())?,
+        ipv4_prefix,
+        ipv6_prefix,
+        max_entries,
+    })
+}
+
+/// The proxies whose forwarding header is believed, and which header that is.
+pub(super) fn trusted_proxies(
+    cx: &Ctx,
+    list: &[String],
+    header: Option<&str>,
+) -> Result<TrustedProxies, ConfigError> {
+    let cidrs = CidrList::parse(list).map_err(|e| cx.err("trusted_proxies", e))?;
+    let header = match header {
+        None => ClientIpHeader::default(),
+        Some(_) if cidrs.is_empty() => {
+            let reason = "only applies with `trusted_proxies` (the proxies that set the header)";
+            return Err(cx.err("client_ip_header", reason));
+        }
+        Some(name) => ClientIpHeader::parse(name).ok_or_else(|| {
+            let reason = format!("{name:?} is not one of {}", ClientIpHeader::NAMES);
+            cx.err("client_ip_header", reason)
+        })?,
+    };
+    Ok(TrustedProxies { cidrs, header })
 }
 
 #[cfg(test)]
@@ -176,6 +216,16 @@ mod tests {
                 "trusted_proxies: [10.0.0.0/40]",
                 "trusted_proxies",
                 "not a CIDR block or IP address: \"10.0.0.0/40\"".into(),
+            ),
+            (
+                "trusted_proxies: [10.0.0.0/8]\nclient_ip_header: x-forwarded",
+                "client_ip_header",
+                "\"x-forwarded\" is not one of x-forwarded-for, forwarded or x-real-ip".into(),
+            ),
+            (
+                "client_ip_header: forwarded",
+                "client_ip_header",
+                "only applies with `trusted_proxies` (the proxies that set the header)".into(),
             ),
         ];
         for (top, field, reason) in cases {
@@ -261,6 +311,73 @@ mod tests {
         assert_eq!(clients[0].limits.budget.map(|b| b.tokens), Some(9));
         let open = load(&with_top("ip_limits: { concurrency: 3 }"), &src).unwrap();
         assert!(open.clients.is_none());
-        assert_eq!(open.ip_limits.concurrency, Some(3));
+        assert_eq!(open.ip_limits.limits.concurrency, Some(3));
+    }
+
+    #[test]
+    fn ip_groups_default_to_v4_32_and_v6_64_and_are_checked() {
+        let src = source();
+        let open = load(&with_top("ip_limits: { rpm: 5 }"), &src).unwrap();
+        let p = open.ip_limits;
+        assert_eq!(
+            (p.ipv4_prefix, p.ipv6_prefix, p.max_entries),
+            (32, 64, 100_000)
+        );
+        let yaml =
+            with_top("ip_limits: { rpm: 5, ipv4_prefix: 24, ipv6_prefix: 56, max_entries: 500 }");
+        let p = load(&yaml, &src).unwrap().ip_limits;
+        assert_eq!((p.ipv4_prefix, p.ipv6_prefix, p.max_entries), (24, 56, 500));
+        for (setting, field, reason) in [
+            (
+                "ipv4_prefix: 0",
+                "ip_limits.ipv4_prefix",
+                "must be between 1 and 32",
+            ),
+            (
+                "ipv4_prefix: 33",
+                "ip_limits.ipv4_prefix",
+                "must be between 1 and 32",
+            ),
+            (
+                "ipv6_prefix: 0",
+                "ip_limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ),
+            (
+                "ipv6_prefix: 129",
+                "ip_limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ),
+            (
+                "max_entries: 0",
+                "ip_limits.max_entries",
+                "must be at least 1",
+            ),
+        ] {
+            let yaml = with_top(&format!("ip_limits: {{ rpm: 5, {setting} }}"));
+            expect_error(&yaml, &src, field, reason);
+        }
+    }
+
+    #[test]
+    fn the_client_ip_header_defaults_to_x_forwarded_for() {
+        use crate::clients::addr::ClientIpHeader;
+        let src = source();
+        let config = load(&with_top("trusted_proxies: [10.0.0.0/8]"), &src).unwrap();
+        assert_eq!(config.trusted_proxies.header, ClientIpHeader::XForwardedFor);
+        assert!(config
+            .trusted_proxies
+            .cidrs
+            .contains("10.1.2.3".parse().unwrap()));
+        for (name, want) in [
+            ("Forwarded", ClientIpHeader::Forwarded),
+            ("x-real-ip", ClientIpHeader::XRealIp),
+            ("X-Forwarded-For", ClientIpHeader::XForwardedFor),
+        ] {
+            let yaml = with_top(&format!(
+                "trusted_proxies: [10.0.0.0/8]\nclient_ip_header: {name}"
+            ));
+            assert_eq!(load(&yaml, &src).unwrap().trusted_proxies.header, want);
+        }
     }
 }

@@ -130,9 +130,10 @@ pub fn validate_with(
                 "only applies to an open gateway (no `clients:`); use each client's `limits`";
             return Err(cx.err("ip_limits", reason));
         }
-        Some(l) => clients::limits(&cx.at("ip_limits"), l)?,
+        Some(l) => clients::ip_limits(&cx.at("ip_limits"), l)?,
     };
-    let trusted_proxies = clients::trusted_proxies(&cx, &file.trusted_proxies)?;
+    let trusted_proxies =
+        clients::trusted_proxies(&cx, &file.trusted_proxies, file.client_ip_header.as_deref())?;
     let guards = guards::guards(&cx, file.guards.as_ref())?;
     Ok(Config {
         path: path.to_path_buf(),
