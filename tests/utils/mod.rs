@@ -335,6 +335,13 @@ impl Keygate {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
+
+    /// Sends `sig` (e.g. SIGTERM for a graceful stop) and waits up to `limit` for the process
+    /// to exit, keeping its directory for inspection; whether it exited.
+    pub fn stop(&mut self, sig: i32, limit: Duration) -> bool {
+        signal(self.pid(), sig);
+        self.child.wait_exit(limit).is_some()
+    }
 }
 
 /// The resident memory of process `pid` in KiB (`VmRSS` of /proc/PID/status).
@@ -458,7 +465,7 @@ pub fn assert_no_canary(text: &str, secret: &str, what: &str) {
             .rev()
             .nth(40)
             .map_or(0, |(i, _)| i);
-        let context: String = text[from..].chars().take(120).collect();
+        let context: String = text[from..].chars().take(160).collect();
         panic!("{what} leaks {LEAK_RUN}+ characters of the key ({run:?}) near: {context:?}");
     }
 }
