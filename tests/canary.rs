@@ -391,9 +391,12 @@ fn key_file(dir: &std::path::Path, name: &str, text: &str, mode: u32) -> std::pa
     path
 }
 
+/// One `-t` case: what it shows, the config, and the environment it runs with.
+type CheckCase<'a> = (&'a str, String, Vec<(&'a str, String)>);
+
 /// Runs `keygate -t` on each case, which must be refused (exit 2) without any canary in its
 /// output; returns the leaks as lines.
-fn check_leaks(c: &Canaries, cases: &[(&str, String, Vec<(&str, String)>)]) -> Vec<String> {
+fn check_leaks(c: &Canaries, cases: &[CheckCase<'_>]) -> Vec<String> {
     let mut leaks = Vec::new();
     for (what, yaml, env) in cases {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
