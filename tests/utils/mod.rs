@@ -7,6 +7,8 @@
 //! reads or sets this process's environment for a child: pass variables in `env` instead.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod h2_frames;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -513,6 +515,37 @@ impl RawExchange {
 /// Sends `request` on a fresh blocking connection to `port`, then reads until the server closes
 /// or `limit` passes. Run it in `spawn_blocking` from async tests.
 pub fn raw_exchange(port: u16, request: &[u8], limit: Duration) -> RawExchange {
+    raw_exchange_until(port, request, limit, |_| false)
+}
+
+/// Whether `bytes` start with one whole final response framed by `Content-Length` (interim
+/// `1xx` responses before it are skipped).
+pub fn has_whole_response(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    loop {
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let head = String::from_utf8_lossy(&rest[..end]).to_ascii_lowercase();
+        if head.starts_with("http/1.1 1") {
+            rest = &rest[end + 4..];
+            continue;
+        }
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        return len.is_some_and(|len| rest.len() >= end + 4 + len);
+    }
+}
+
+/// Like [`raw_exchange`], but also stops reading once `done` says what arrived is enough.
+pub fn raw_exchange_until(
+    port: u16,
+    request: &[u8],
+    limit: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) -> RawExchange {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // A server that refuses early may close before all of a large request is written.
     let _ = s.write_all(request);
@@ -527,7 +560,12 @@ pub fn raw_exchange(port: u16, request: &[u8], limit: Duration) -> RawExchange {
         s.set_read_timeout(Some(left)).unwrap();
         match s.read(&mut buf) {
             Ok(0) => break true,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                received.extend_from_slice(&buf[..n]);
+                if done(&received) {
+                    break false;
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
