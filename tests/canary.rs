@@ -246,9 +246,7 @@ async fn no_output_holds_a_key_or_token_whatever_the_request() {
     .await;
     c.assert_absent(&metrics, "/metrics");
     for path in ["/healthz", "/readyz"] {
-        let r = reqwest::get(format!("http://127.0.0.1:{mport}{path}"))
-            .await
-            .unwrap();
+        let r = metrics_get(mport, path).await;
         c.assert_absent(&whole(r).await.1, path);
     }
     let state_path = kg.dir.path().join("state.json");

@@ -331,8 +331,10 @@ async fn slow_bodies_get_408_at_the_body_deadline() {
     );
 }
 
-/// HTTP/2 rapid reset (CVE-2023-44487): for 3 s, streams are opened and reset at once, as
-/// fast as the `h2` client can, reconnecting when keygate sends GOAWAY. Nothing of it reaches
+/// HTTP/2 rapid reset (CVE-2023-44487): for 2 s, streams are opened and reset at once (at most
+/// about 30 000 a second, a pause every 32 streams, so as not to starve the tests running beside
+/// it on two cores; measured about 6 000 a second across reconnects), reconnecting whenever
+/// keygate sends GOAWAY. Nothing of it reaches
 /// the upstream (a request body never completes) and the normal client is served. Memory bound:
 /// 64 MiB of growth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +343,7 @@ async fn http2_rapid_reset_costs_nothing_upstream_and_others_are_served() {
     let kg = Keygate::start(&config(&mock, ""), KEYS);
     let port = kg.port;
     let m = during(&kg, async move {
-        let end = Instant::now() + Duration::from_secs(3);
+        let end = Instant::now() + Duration::from_secs(2);
         let (mut streams, mut connections) = (0u64, 0u64);
         while Instant::now() < end {
             let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -363,6 +365,9 @@ async fn http2_rapid_reset_costs_nothing_upstream_and_others_are_served() {
                 };
                 body.send_reset(h2::Reason::CANCEL);
                 streams += 1;
+                if streams % 32 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
             driver.abort();
         }
@@ -384,8 +389,13 @@ async fn http2_rapid_reset_costs_nothing_upstream_and_others_are_served() {
     );
 }
 
-/// Writes `frame` in batches for `limit` without reading any answer, as a flooder does;
-/// returns how many frames went out before the time was up or keygate stopped reading or closed.
+/// Frames per batch of a frame flood; a batch goes out about every millisecond.
+const BATCH: usize = 64;
+
+/// Writes `frame` in batches for `limit` without reading any answer, as a flooder does (up to
+/// about 60 000 frames a second: a flood, yet gentle enough not to starve the tests running
+/// beside it on two cores); returns how many frames went out before the time was up or keygate
+/// stopped reading or closed.
 fn flood_frames(port: u16, frame: Vec<u8>, limit: Duration) -> u64 {
     let mut h2 = RawH2::connect(port);
     h2.set_write_timeout(Duration::from_millis(500));
@@ -393,7 +403,7 @@ fn flood_frames(port: u16, frame: Vec<u8>, limit: Duration) -> u64 {
         .iter()
         .copied()
         .cycle()
-        .take(frame.len() * 256)
+        .take(frame.len() * BATCH)
         .collect();
     let end = Instant::now() + limit;
     let mut sent = 0;
@@ -403,12 +413,13 @@ fn flood_frames(port: u16, frame: Vec<u8>, limit: Duration) -> u64 {
             // what one connection can cost.
             break;
         }
-        sent += 256;
+        sent += BATCH as u64;
+        std::thread::sleep(Duration::from_millis(1));
     }
     sent
 }
 
-/// SETTINGS and PING floods, each on 4 connections for 3 s, never reading the ACKs. Memory
+/// SETTINGS and PING floods, each on 2 connections for 2 s, never reading the ACKs. Memory
 /// bound: 64 MiB of growth (what is queued for a connection that does not read must be bounded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_and_ping_floods_are_bounded_and_others_are_served() {
@@ -420,10 +431,10 @@ async fn settings_and_ping_floods_are_bounded_and_others_are_served() {
     let ping = h2_frames::frame(h2_frames::PING, 0, 0, b"floodpng");
     for (what, frame) in [("SETTINGS", settings), ("PING", ping)] {
         let m = during(&kg, async {
-            let floods = (0..4).map(|_| {
+            let floods = (0..2).map(|_| {
                 let frame = frame.clone();
                 tokio::task::spawn_blocking(move || {
-                    flood_frames(port, frame, Duration::from_secs(3))
+                    flood_frames(port, frame, Duration::from_secs(2))
                 })
             });
             futures_util::future::join_all(floods).await
@@ -433,6 +444,6 @@ async fn settings_and_ping_floods_are_bounded_and_others_are_served() {
         m.assert_growth_below(64, what);
         let sent: u64 = m.flood.into_iter().map(|r| r.unwrap()).sum();
         eprintln!("{what}: {sent} frames sent");
-        assert!(sent >= 256, "{what}: the flood sent only {sent} frames");
+        assert!(sent >= 1000, "{what}: the flood sent only {sent} frames");
     }
 }

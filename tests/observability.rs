@@ -154,9 +154,7 @@ async fn health_endpoints_answer_on_the_metrics_port() {
     for path in ["/healthz", "/readyz"] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = reqwest::get(format!("http://127.0.0.1:{mport}{path}"))
-                .await
-                .unwrap();
+            let r = metrics_get(mport, path).await;
             if r.status() == 200 {
                 break;
             }
@@ -166,13 +164,9 @@ async fn health_endpoints_answer_on_the_metrics_port() {
     }
     // A 429 storm does not make the instance unready.
     kg.post_chat(&chat("gpt-4o")).await;
-    let r = reqwest::get(format!("http://127.0.0.1:{mport}/readyz"))
-        .await
-        .unwrap();
+    let r = metrics_get(mport, "/readyz").await;
     assert_eq!(r.status(), 200);
-    let r = reqwest::get(format!("http://127.0.0.1:{mport}/nope"))
-        .await
-        .unwrap();
+    let r = metrics_get(mport, "/nope").await;
     assert_eq!(r.status(), 404);
 }
 

@@ -384,14 +384,25 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// The Prometheus text from keygate's metrics port.
+/// The Prometheus text from keygate's metrics port. The port may open a moment after the proxy
+/// port [`Keygate::start`] waits for: a refused connection is retried for up to 10 s.
 pub async fn scrape(port: u16) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_get(port, "/metrics").await.text().await.unwrap()
+}
+
+/// `GET path` on keygate's metrics port, retrying a refused connection for up to 10 s (the
+/// metrics listener may start a moment after the proxy's).
+pub async fn metrics_get(port: u16, path: &str) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+            Ok(r) => return r,
+            Err(e) if e.is_connect() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("GET {path} on the metrics port {port}: {e}"),
+        }
+    }
 }
 
 /// Sum of a metric's samples whose label set contains every `labels` pair.
