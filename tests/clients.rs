@@ -19,6 +19,18 @@ fn config(mock: &Mock, clients: &str, extra: &str) -> String {
     )
 }
 
+/// A `metrics:` line for `port`.
+fn metrics(port: u16) -> String {
+    format!("metrics: {{ addr: 127.0.0.1:{port} }}\n")
+}
+
+/// Waits until keygate has logged `n` requests: a client's usage is settled in the logging hook,
+/// after the client has its answer, so the next request could otherwise overtake it.
+async fn settled(metrics_port: u16, n: u64) {
+    let limit = std::time::Duration::from_secs(10);
+    wait_for_metric(metrics_port, "keygate_requests_total", &[], n as f64, limit).await;
+}
+
 async fn chat_as(kg: &Keygate, header: (&str, &str), model: &str) -> reqwest::Response {
     client()
         .post(format!("{}/v1/chat/completions", kg.url))
@@ -134,12 +146,13 @@ async fn rpm_lets_the_limit_through_and_spares_other_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_stops_a_client_once_reported_usage_passes_the_limit() {
     let mock = Mock::start(&["--completion-tokens", "300"]);
+    let mport = free_port();
     let clients = "clients:\n  - { name: a, token_env: TOKEN_A, limits: { tpm: 1000 } }\n";
-    let kg = Keygate::start(&config(&mock, clients, ""), ENV);
+    let kg = Keygate::start(&config(&mock, clients, &metrics(mport)), ENV);
     let (h, v) = bearer("kg-team-a-0123456789");
     let mut used = 0u64;
     let mut stopped = false;
-    for _ in 0..8 {
+    for sent in 1..=8 {
         let r = chat_as(&kg, (h, &v), "gpt-4o").await;
         if r.status() == 429 {
             let body: Value = r.json().await.unwrap();
@@ -149,6 +162,7 @@ async fn tpm_stops_a_client_once_reported_usage_passes_the_limit() {
         }
         let body: Value = r.json().await.unwrap();
         used += body["usage"]["total_tokens"].as_u64().unwrap();
+        settled(mport, sent).await;
     }
     assert!(stopped, "never stopped after {used} tokens");
     assert!(
@@ -160,10 +174,12 @@ async fn tpm_stops_a_client_once_reported_usage_passes_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_budget_answers_budget_exhausted_without_going_upstream() {
     let mock = Mock::start(&["--completion-tokens", "300"]);
+    let mport = free_port();
     let clients = "clients:\n  - { name: a, token_env: TOKEN_A, limits: { budget: { tokens: 100, per: day } } }\n";
-    let kg = Keygate::start(&config(&mock, clients, ""), ENV);
+    let kg = Keygate::start(&config(&mock, clients, &metrics(mport)), ENV);
     let (h, v) = bearer("kg-team-a-0123456789");
     assert_eq!(chat_as(&kg, (h, &v), "gpt-4o").await.status(), 200);
+    settled(mport, 1).await;
     let r = chat_as(&kg, (h, &v), "gpt-4o").await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));

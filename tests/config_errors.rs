@@ -8,7 +8,8 @@
 
 mod utils;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 use utils::*;
 
 const GOOD_UPSTREAM: &str = "upstreams:\n  openai:\n    url: http://127.0.0.1:9\n    keys: [ { name: a, env: KG_TEST_KEY } ]\nroutes:\n  - { upstreams: [openai] }\n";
@@ -122,16 +123,33 @@ fn missing_file_is_reported() {
 #[test]
 fn server_refuses_to_start_on_bad_config() {
     let (dir, path, port) = write_config(&GOOD_UPSTREAM.replace("url:", "ulr:"));
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["-c", path.to_str().unwrap()])
-        .env("KG_TEST_KEY", "sk-x")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "must not listen"
+    let mut server = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["-c", path.to_str().unwrap()])
+            .env("KG_TEST_KEY", "sk-x")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        "keygate",
     );
+    // Watch the port while the process runs: a check after it exited would pass whatever it
+    // did before. A server that starts anyway is stopped by the guard when this fails.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut listened = false;
+    while !server.exited() && Instant::now() < deadline {
+        listened |= std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = server
+        .wait_output(Duration::ZERO)
+        .expect("keygate must exit on a bad config, not run");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!listened, "must not listen on a bad config");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config error"));
     drop(dir);
 }
 

@@ -44,7 +44,7 @@ async fn an_idle_gateway_exits_at_once_on_sigterm_and_writes_its_state() {
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let sent = Instant::now();
-    kg.signal("TERM");
+    kg.signal(libc::SIGTERM);
     assert!(
         kg.wait_exit(Duration::from_secs(15)),
         "still running 15 s after SIGTERM (grace period 60 s): {}",
@@ -96,7 +96,7 @@ async fn sigterm_finishes_streams_and_requests_in_flight_then_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    kg.signal("TERM");
+    kg.signal(libc::SIGTERM);
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }

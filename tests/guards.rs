@@ -158,13 +158,14 @@ async fn connect(kg: &Keygate) -> TcpStream {
     TcpStream::connect(("127.0.0.1", kg.port)).await.unwrap()
 }
 
-/// A normal request on a fresh connection: 200, and quickly.
+/// A normal request on a fresh connection: 200, and quickly (a bound generous enough for two
+/// busy cores; a guard that stalled the server would take the whole header timeout).
 async fn served_promptly(kg: &Keygate) {
     let start = Instant::now();
     let r = kg.post_chat(&chat("gpt-4o")).await;
     assert_eq!(r.status(), 200, "{}", kg.log_text());
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        start.elapsed() < Duration::from_secs(5),
         "a normal request took {:?}",
         start.elapsed()
     );
@@ -238,8 +239,9 @@ async fn slow_header_gets_408_at_a_configured_header_timeout() {
     served_promptly(&kg).await;
     let slow = slow.await.unwrap();
     assert_error_response(&slow.text(), "408", "request_timeout");
+    // At the configured 1 s, not the 10 s default: the upper bound only has to tell them apart.
     assert!(
-        slow.lasted >= Duration::from_millis(900) && slow.lasted <= Duration::from_secs(4),
+        slow.lasted >= Duration::from_millis(900) && slow.lasted <= Duration::from_secs(6),
         "cut after {:?}",
         slow.lasted
     );
@@ -403,8 +405,9 @@ async fn idle_kept_alive_connection_is_closed_at_a_configured_idle_timeout() {
         .expect("closed when idle");
     assert!(rest.is_empty(), "no answer on an idle close: {rest:?}");
     let idle = start.elapsed();
+    // At the configured 1 s, not the 60 s default.
     assert!(
-        idle >= Duration::from_millis(900) && idle <= Duration::from_secs(4),
+        idle >= Duration::from_millis(900) && idle <= Duration::from_secs(10),
         "closed after {idle:?}"
     );
 }
@@ -459,8 +462,25 @@ async fn guard_closes_are_counted_by_reason() {
             .expect("closed by the guard")
             .unwrap();
     }
-    let m = scrape(mport).await;
-    let closes = |reason| sum(&m, "keygate_connection_closes_total", &[("reason", reason)]);
+    // The count may be bumped just after the close the client saw.
+    let name = "keygate_connection_closes_total";
+    wait_for_metric(
+        mport,
+        name,
+        &[("reason", "idle")],
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let m = wait_for_metric(
+        mport,
+        name,
+        &[("reason", "silent")],
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let closes = |reason| sum(&m, name, &[("reason", reason)]);
     assert_eq!(closes("too_many_headers"), 1.0, "{m}");
     assert_eq!(closes("header_timeout"), 1.0, "{m}");
     assert!(closes("idle") >= 1.0, "{m}");

@@ -1,10 +1,14 @@
-//! Operators scrape keygate, read its access log, and never find a secret in anything it writes.
+//! Operators scrape keygate and read its access log; what they find matches the traffic sent.
+//! (That no secret appears in anything keygate writes is `tests/canary.rs`.)
 #![allow(clippy::unwrap_used)]
 
 mod utils;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use utils::*;
+
+/// How long a counter or log line may take to appear after the answer (a bound, not a pause).
+const WAIT: Duration = Duration::from_secs(10);
 
 fn config(mock: &Mock, metrics_port: u16, extra: &str) -> String {
     format!(
@@ -39,7 +43,8 @@ async fn counters_match_the_traffic_sent() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
-    let m = scrape(mport).await;
+    // Counters are bumped in the logging hook, after each answer went out.
+    let m = wait_for_metric(mport, "keygate_requests_total", &[], 51.0, WAIT).await;
     assert_eq!(sum(&m, "keygate_requests_total", &[]), 51.0, "{m}");
     assert_eq!(
         sum(
@@ -88,15 +93,7 @@ async fn counters_match_the_traffic_sent() {
     assert_eq!(sum(&m, "keygate_in_flight_requests", &[]), 0.0);
 
     // Every request got one access log line, with names and numbers only.
-    let log_path = kg.dir.path().join("access.log");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if text.lines().count() >= 51 || Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let text = wait_for_lines(&kg.dir.path().join("access.log"), 51, WAIT).await;
     assert_eq!(text.lines().count(), 51);
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     for field in [
@@ -157,9 +154,7 @@ async fn health_endpoints_answer_on_the_metrics_port() {
     for path in ["/healthz", "/readyz"] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = reqwest::get(format!("http://127.0.0.1:{mport}{path}"))
-                .await
-                .unwrap();
+            let r = metrics_get(mport, path).await;
             if r.status() == 200 {
                 break;
             }
@@ -169,62 +164,10 @@ async fn health_endpoints_answer_on_the_metrics_port() {
     }
     // A 429 storm does not make the instance unready.
     kg.post_chat(&chat("gpt-4o")).await;
-    let r = reqwest::get(format!("http://127.0.0.1:{mport}/readyz"))
-        .await
-        .unwrap();
+    let r = metrics_get(mport, "/readyz").await;
     assert_eq!(r.status(), 200);
-    let r = reqwest::get(format!("http://127.0.0.1:{mport}/nope"))
-        .await
-        .unwrap();
+    let r = metrics_get(mport, "/nope").await;
     assert_eq!(r.status(), 404);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_appears_in_logs_access_log_or_metrics() {
-    let canary = "sk-canary-7f3a9c21b4e8d5f60a1b2c3d4e5f6a7b8c9d0e1f";
-    let other = "sk-other-0123456789abcdef0123456789abcdef";
-    let mock = Mock::start(&[
-        "--strict",
-        "--key",
-        &format!("{canary}=unauthorized"),
-        "--key",
-        &format!("{other}=ok"),
-    ]);
-    let mport = free_port();
-    let (dir, path, port) = write_config(&config(&mock, mport, ""));
-    // Even asking for TRACE must not let Pingora dump raw request bytes.
-    std::env::set_var("KEYGATE_TEST_LOG", "trace");
-    let kg = Keygate::start_with(dir, &path, port, &[("KA", canary), ("KB", other)]);
-    std::env::remove_var("KEYGATE_TEST_LOG");
-    let c = client();
-    for _ in 0..4 {
-        let r = c
-            .post(format!("{}/v1/chat/completions", kg.url))
-            .header("authorization", "Bearer client-token")
-            .json(&chat("gpt-4o"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let body = r.text().await.unwrap();
-        assert!(!body.contains(&canary[..8]));
-    }
-    let m = scrape(mport).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let access = std::fs::read_to_string(kg.dir.path().join("access.log")).unwrap();
-    let log = kg.log_text();
-    assert!(
-        log.contains("DEBUG"),
-        "the diagnostic log ran at debug level or more"
-    );
-    for secret in [canary, other] {
-        let n = secret.len();
-        for needle in [secret, &secret[..8], &secret[n - 8..]] {
-            assert!(!log.contains(needle), "diagnostic log leaks {needle}");
-            assert!(!access.contains(needle), "access log leaks {needle}");
-            assert!(!m.contains(needle), "metrics leak {needle}");
-        }
-    }
 }
 
 fn which(cmd: &str) -> Result<std::path::PathBuf, ()> {
@@ -282,7 +225,7 @@ async fn tokens_match_the_usage_the_upstream_reported() {
         prompt += usage_line["usage"]["prompt_tokens"].as_u64().unwrap();
         completion += usage_line["usage"]["completion_tokens"].as_u64().unwrap();
     }
-    let m = scrape(mport).await;
+    let m = wait_for_metric(mport, "keygate_requests_total", &[], 8.0, WAIT).await;
     assert_eq!(
         sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) as u64,
         prompt,
@@ -319,7 +262,7 @@ async fn injected_stream_usage_is_metered_but_hidden_from_the_client() {
     );
     assert!(text.trim_end().ends_with("data: [DONE]"));
     // The mock sends a usage chunk only when asked: tokens counted prove keygate asked.
-    let m = scrape(mport).await;
+    let m = wait_for_metric(mport, "keygate_requests_total", &[], 1.0, WAIT).await;
     assert_eq!(
         sum(&m, "keygate_tokens_total", &[("kind", "completion")]),
         7.0,

@@ -62,7 +62,7 @@ async fn no_rust_log_spelling_writes_any_part_of_a_key() {
         r.bytes().await.unwrap();
         // Stopped, so everything it would ever write about these requests is in the file.
         assert!(
-            kg.stop(std::time::Duration::from_secs(10)),
+            kg.stop(libc::SIGINT, std::time::Duration::from_secs(10)),
             "RUST_LOG={spec}"
         );
         let log = kg.log_text();

@@ -4,30 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod utils;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use utils::*;
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn fresh_client() -> reqwest::Client {
     // No pooling: every request opens its own connection, across the handover.
@@ -75,10 +56,15 @@ async fn upgrade_under_load_drops_nothing_and_keeps_key_states() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(std::fs::read_to_string(old.dir.path().join("state.json"))
-        .unwrap()
-        .contains("cool"));
+    let state = old.dir.path().join("state.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("cool")) {
+        assert!(
+            Instant::now() < deadline,
+            "the state file never recorded the cooling key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -128,31 +114,41 @@ async fn upgrade_under_load_drops_nothing_and_keeps_key_states() {
             }
         }));
     }
-    let sdk = Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/sdk_client.py"),
-            &url,
-            "10",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut sdk = ChildGuard::spawn(
+        Command::new("python3")
+            .args([
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/sdk_client.py"),
+                &url,
+                "10",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "the SDK client",
+    );
 
     // The upgrade: a new process waits for the sockets, then the old one hands them over.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let new_log = std::fs::File::create(old.dir.path().join("new.log")).unwrap();
-    let new = Guard(
+    let new = ChildGuard::spawn(
         Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["-u", "-c", path.to_str().unwrap()])
             .envs(env)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(new_log)
-            .spawn()
-            .unwrap(),
+            .stderr(new_log),
+        "the new keygate",
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The new process is ready for the sockets once it listens on the upgrade socket.
+    let upgrade_sock = old.dir.path().join("run/upgrade.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !upgrade_sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never opened {}",
+            upgrade_sock.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let sent_quit = Instant::now();
     assert!(Command::new("kill")
         .args(["-QUIT", &old.pid().to_string()])
@@ -163,7 +159,9 @@ async fn upgrade_under_load_drops_nothing_and_keeps_key_states() {
     for t in tasks {
         t.await.unwrap();
     }
-    let sdk = sdk.wait_with_output().unwrap();
+    let sdk = sdk
+        .wait_output(Duration::from_secs(60))
+        .expect("the SDK client finishes");
     assert!(
         sdk.status.success(),
         "SDK client failed: {}",

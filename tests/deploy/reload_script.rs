@@ -1,7 +1,7 @@
 //! `deploy/keygate-reload.sh`: valid bash that shellcheck accepts, validates the config before
 //! any signal, leaves the old process alone on a bad config, and hands the sockets to a new one.
 
-use crate::utils::free_port;
+use crate::utils::{alive, free_port, pids_with_arg, ChildGuard, PidGuard};
 use crate::{code_lines, deploy_dir, read, require, run, text};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,24 +15,6 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has /proc/PID; its state letter is Z.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|st| {
-            st.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
 }
 
 #[test]
@@ -72,17 +54,19 @@ fn reload_script_is_valid_bash_and_validates_before_any_signal() {
 }
 
 /// A temporary keygate setup: a config on loopback ports with its runtime files in a 0700
-/// directory, and the processes it started, stopped on drop.
+/// directory, and the daemons it started (and whatever its pid file names), stopped on drop
+/// (SIGINT, then SIGKILL) also when an assertion fails.
 struct Sandbox {
+    // Declared first so that it drops before the directory holding their files goes.
+    pids: PidGuard,
     dir: tempfile::TempDir,
-    pids: Vec<u32>,
 }
 
 impl Sandbox {
     fn new() -> Sandbox {
         Sandbox {
+            pids: PidGuard::default(),
             dir: tempfile::tempdir().unwrap(),
-            pids: Vec::new(),
         }
     }
 
@@ -152,11 +136,13 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // The pid file may name a daemon the test never saw (one the script started), and a
+        // daemon that failed before writing it is found by its config path.
         if let Some(pid) = self.read_pid() {
             self.pids.push(pid);
         }
-        for pid in &self.pids {
-            signal(*pid, "-INT");
+        for pid in pids_with_arg(&self.path("keygate.yaml")) {
+            self.pids.push(pid);
         }
     }
 }
@@ -199,22 +185,17 @@ fn reload_script_leaves_the_old_process_alone_when_the_config_is_bad() {
     let bad = sb.path("bad.yaml");
     let yaml = std::fs::read_to_string(&good).unwrap();
     std::fs::write(&bad, yaml.replace("http://127.0.0.1:9", "htp:/x")).unwrap();
-    // Stands in for the running keygate: SIGQUIT would end it.
-    let mut old = Command::new("sleep").arg("30").spawn().unwrap();
+    // Stands in for the running keygate: SIGQUIT would end it. Its guard stops it in any case.
+    let mut old = ChildGuard::spawn(Command::new("sleep").arg("30"), "sleep");
     std::fs::write(sb.pid_file(), format!("{}\n", old.id())).unwrap();
 
     let (ok, out) = sb.reload(&bad, old.id());
     assert!(!ok, "a bad config must fail the reload:\n{out}");
     assert!(out.contains("config check failed"), "{out}");
-    assert!(
-        old.try_wait().unwrap().is_none(),
-        "the old process was signalled"
-    );
+    assert!(!old.exited(), "the old process was signalled");
     assert_eq!(sb.read_pid(), Some(old.id()));
     assert!(!sb.path("run/upgrade.sock").exists());
-    let _ = old.kill();
-    let _ = old.wait();
-    // The sandbox stops whatever the pid file names: not this one, it is gone.
+    // The sandbox stops whatever the pid file names: not this one, its guard does.
     std::fs::remove_file(sb.pid_file()).unwrap();
 }
 

@@ -92,6 +92,9 @@ pub struct Behavior {
     /// Misbehave only for requests naming one of these models (others are served normally and
     /// do not count towards `first`).
     pub models: Option<Vec<String>>,
+    /// The error reply carries the whole key in its message, as a careless relay might: for
+    /// tests proving a gateway never passes a key on (OpenAI itself echoes a masked part).
+    pub echo_key: bool,
 }
 
 impl Behavior {
@@ -104,6 +107,7 @@ impl Behavior {
             window: None,
             latency: None,
             models: None,
+            echo_key: false,
         }
     }
 
@@ -208,6 +212,9 @@ impl fmt::Display for Behavior {
         }
         if let Some(models) = &self.models {
             write!(f, ":models={}", models.join(","))?;
+        }
+        if self.echo_key {
+            f.write_str(":echo_key=true")?;
         }
         Ok(())
     }

@@ -37,6 +37,7 @@ SPEC (inline grammar):  MODE[:param=value]*
     MODE: ok | rate_limit | unauthorized | forbidden | insufficient_quota | server_error |
           bad_request | break_stream, or a status: 200 400 401 403 429 5xx
     any mode:      first=N  window=DUR  latency=DUR  models=a,b
+    error modes:   echo_key=true (the error message carries the whole key)
     rate_limit:    retry_after=SECS  retry_after_ms=MS  retry_after_date=true
                    reset_requests=6m0s  org_wide=true
     server_error:  status=5xx        break_stream: after=N

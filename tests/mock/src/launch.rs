@@ -86,10 +86,11 @@ pub fn spawn(args: &[&str]) -> Result<RunningMock, String> {
         addr,
     } = bind(options)?;
     let scheme = scheme(&tls);
-    runtime.spawn(server::serve(listener, tls, app));
+    runtime.spawn(server::serve(listener, tls, Arc::clone(&app)));
     Ok(RunningMock {
         addr,
         scheme,
+        app,
         runtime: Some(runtime),
     })
 }
@@ -99,6 +100,7 @@ pub fn spawn(args: &[&str]) -> Result<RunningMock, String> {
 pub struct RunningMock {
     addr: SocketAddr,
     scheme: &'static str,
+    app: Arc<App>,
     runtime: Option<Runtime>,
 }
 
@@ -116,6 +118,12 @@ impl RunningMock {
     /// `scheme://ip:port`.
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// The `/_mock/stats` JSON, read in process: asking costs no connection of its own, so
+    /// its `connections` count is only what others opened.
+    pub fn stats_json(&self) -> Vec<u8> {
+        self.app.stats.to_json(self.app.name.as_deref())
     }
 }
 
@@ -243,9 +251,18 @@ mod tests {
         assert_ne!(addr.port(), 0);
         assert_eq!(mock.scheme(), "http");
         assert_eq!(mock.url(), format!("http://{addr}"));
+        let local: serde_json::Value = serde_json::from_slice(&mock.stats_json()).unwrap();
+        assert_eq!(local["connections"], 0, "asking in process opens nothing");
+        assert_eq!(local["name"], "m1");
         let reply = get(addr, "/_mock/stats");
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         assert!(reply.contains("x-mock-name: m1"), "{reply}");
+        assert!(
+            reply.contains("\"connections\":1"),
+            "its own connection: {reply}"
+        );
+        let local: serde_json::Value = serde_json::from_slice(&mock.stats_json()).unwrap();
+        assert_eq!(local["connections"], 1);
         drop(mock);
         assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
     }

@@ -448,6 +448,20 @@ pub fn invalid_key(key: &str) -> Bytes {
     )
 }
 
+/// An error body whose message also names the whole `key` (`echo_key`), as a careless relay's
+/// would; a body that is not an error envelope is returned unchanged.
+pub fn echo_key(body: &[u8], key: &str) -> Bytes {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Bytes::copy_from_slice(body);
+    };
+    let Some(message) = v.pointer_mut("/error/message") else {
+        return Bytes::copy_from_slice(body);
+    };
+    let echoed = format!("{} (key used: {key})", message.as_str().unwrap_or_default());
+    *message = serde_json::Value::String(echoed);
+    to_bytes(&v)
+}
+
 /// OpenAI-style masking: the first 4 characters (half of a short key), stars, then the last 4
 /// characters of keys long enough that this still hides most of them.
 pub fn mask_key(key: &str) -> String {
@@ -671,6 +685,22 @@ mod tests {
             .as_str()
             .is_some_and(|m| m.starts_with("Incorrect API key provided: sk-l***")));
         assert!(!String::from_utf8_lossy(&body).contains("1234567890"));
+    }
+
+    #[test]
+    fn echo_key_adds_the_whole_key_to_the_message_only() {
+        let key = "sk-live-1234567890abcd";
+        let v = json(&echo_key(&invalid_key(key), key));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("Incorrect API key provided: sk-l***"));
+        assert!(message.ends_with("(key used: sk-live-1234567890abcd)"));
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        let v = json(&echo_key(&forbidden(), key));
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(key)));
+        assert_eq!(&echo_key(b"not json", key)[..], b"not json");
+        assert_eq!(&echo_key(b"{}", key)[..], b"{}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
-use crate::behavior::{Mode, RateLimit};
+use crate::behavior::{Behavior, Mode, RateLimit};
 use crate::body::MockBody;
 use crate::openai;
 use crate::request::KeyStyle;
@@ -94,14 +94,26 @@ pub fn finish(
     }
 }
 
-/// The error reply of a misbehaving mode (`ok` and `break_stream` never get here; they are
-/// answered by the endpoint itself).
-pub fn mode_error(
-    mode: &Mode,
+/// The error reply of a misbehaving behaviour (`ok` and `break_stream` never get here; they are
+/// answered by the endpoint itself); with `echo_key`, its message also names the whole key.
+pub fn behavior_error(
+    behavior: &Behavior,
     key: &str,
     model: Option<&str>,
     now: SystemTime,
 ) -> Response<MockBody> {
+    let res = mode_error(&behavior.mode, key, model, now);
+    if !behavior.echo_key {
+        return res;
+    }
+    res.map(|body| match body {
+        MockBody::Full(Some(bytes)) => MockBody::full(openai::echo_key(&bytes, key)),
+        other => other,
+    })
+}
+
+/// The error reply of a misbehaving mode.
+fn mode_error(mode: &Mode, key: &str, model: Option<&str>, now: SystemTime) -> Response<MockBody> {
     let status = mode.status();
     match mode {
         Mode::RateLimit(rl) => {
@@ -231,6 +243,33 @@ mod tests {
             error_for("503").headers()["content-type"],
             "application/json"
         );
+    }
+
+    #[test]
+    fn echo_key_puts_the_whole_key_in_error_bodies_only_when_asked() {
+        let key = "sk-echo-0123456789abcdef";
+        let body = |spec: &str| {
+            let b = parse_inline(spec).expect("spec");
+            let res = behavior_error(&b, key, None, UNIX_EPOCH);
+            let MockBody::Full(Some(bytes)) = res.into_body() else {
+                panic!("{spec}: not a whole body")
+            };
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        for spec in [
+            "401",
+            "403",
+            "429:retry_after=1",
+            "insufficient_quota",
+            "503",
+        ] {
+            assert!(
+                body(&format!("{spec}:echo_key=true")).contains(key),
+                "{spec}"
+            );
+            assert!(!body(spec).contains(key), "{spec}");
+        }
+        assert!(!body("401").contains("0123456789"), "masked by default");
     }
 
     #[test]

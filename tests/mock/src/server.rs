@@ -38,6 +38,7 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Arc<App
                 continue;
             }
         };
+        app.stats.connection();
         let _ = stream.set_nodelay(true);
         let (app, builder, tls) = (Arc::clone(&app), Arc::clone(&builder), tls.clone());
         tokio::spawn(async move {

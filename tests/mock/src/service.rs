@@ -136,7 +136,7 @@ async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, 
         Outcome::BadBody(detail) => {
             reply::json(StatusCode::BAD_REQUEST, openai::invalid_json(&detail))
         }
-        Outcome::Fail(b) => reply::mode_error(&b.mode, &key, model, now),
+        Outcome::Fail(b) => reply::behavior_error(&b, &key, model, now),
         Outcome::Serve { break_after } => serve(
             app,
             &endpoint,

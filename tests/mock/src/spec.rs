@@ -40,6 +40,7 @@ struct RawSpec {
     org_wide: Option<bool>,
     status: Option<u16>,
     after: Option<u32>,
+    echo_key: Option<bool>,
 }
 
 /// A mode written as a name (`rate_limit`) or a status shorthand (`429`).
@@ -265,12 +266,20 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
             return Err("models must be a non-empty list of model names".into());
         }
     }
+    let echo_key = raw.echo_key.unwrap_or(false);
+    if echo_key && matches!(mode, Mode::Ok | Mode::BreakStream { .. }) {
+        return Err(format!(
+            "echo_key needs a mode that answers an error, not {}",
+            mode.name()
+        ));
+    }
     Ok(Behavior {
         mode,
         first: raw.first,
         window: raw.window.map(|d| d.0),
         latency: raw.latency.map(|d| d.0),
         models: raw.models,
+        echo_key,
     })
 }
 
@@ -355,6 +364,16 @@ mod tests {
         assert!(err("503:status=502").contains("given twice"));
         assert!(err("server_error:status=404").contains("not 5xx"));
         assert!(err("429:retry_after_date=true").contains("needs retry_after"));
+        assert!(err("ok:echo_key=true").contains("echo_key needs a mode that answers an error"));
+        assert!(err("break_stream:echo_key=true").contains("not break_stream"));
+    }
+
+    #[test]
+    fn echo_key_is_a_flag_of_error_modes() {
+        assert!(inline("401:echo_key=true").echo_key);
+        assert!(inline("rate_limit:retry_after=1:echo_key=true").echo_key);
+        assert!(!inline("401:echo_key=false").echo_key);
+        assert!(!inline("403").echo_key);
     }
 
     #[test]
@@ -375,6 +394,7 @@ mod tests {
             "server_error:status=503:first=5",
             "break_stream:after=3",
             "unauthorized",
+            "forbidden:echo_key=true",
         ] {
             let b = inline(s);
             assert_eq!(inline(&b.to_string()), b, "{s} -> {b}");

@@ -6,6 +6,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -96,6 +97,9 @@ struct Inner {
 pub struct Stats {
     start: Instant,
     inner: Mutex<Inner>,
+    /// Connections accepted (TCP, before TLS or any request): a test proving nothing reached
+    /// the mock needs more than a request count, since a request hyper refuses is not counted.
+    connections: AtomicU64,
 }
 
 impl Stats {
@@ -104,7 +108,13 @@ impl Stats {
         Stats {
             start,
             inner: Mutex::new(Inner::default()),
+            connections: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one accepted connection.
+    pub fn connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one request.
@@ -161,6 +171,7 @@ impl Stats {
     /// Forgets everything counted so far.
     pub fn reset(&self) {
         let old = std::mem::take(&mut *self.inner.lock());
+        self.connections.store(0, Ordering::Relaxed);
         drop(old);
     }
 
@@ -171,6 +182,7 @@ impl Stats {
             name,
             uptime_ms: self.start.elapsed().as_millis() as u64,
             total: g.total,
+            connections: self.connections.load(Ordering::Relaxed),
             keys: &g.keys,
             last_request: g.last.as_ref(),
             requests: &g.recent,
@@ -202,6 +214,7 @@ struct View<'a> {
     name: Option<&'a str>,
     uptime_ms: u64,
     total: u64,
+    connections: u64,
     keys: &'a HashMap<Name, KeyStats>,
     last_request: Option<&'a LastRequest>,
     requests: &'a VecDeque<Summary>,
@@ -293,9 +306,12 @@ mod tests {
             t0 + Duration::from_millis(7),
         ));
         stats.record(record("", None, 401, t0));
+        stats.connection();
+        stats.connection();
         let v: Value = serde_json::from_slice(&stats.to_json(Some("m1"))).expect("json");
         assert_eq!(v["name"], "m1");
         assert_eq!(v["total"], 3);
+        assert_eq!(v["connections"], 2);
         assert_eq!(v["keys"]["sk-a"]["requests"], 2);
         assert_eq!(v["keys"]["sk-a"]["by_model"]["gpt-4o"], 2);
         assert_eq!(v["keys"]["sk-a"]["by_status"]["429"], 1);
@@ -314,6 +330,7 @@ mod tests {
         stats.reset();
         let v: Value = serde_json::from_slice(&stats.to_json(None)).expect("json");
         assert_eq!(v["total"], 0);
+        assert_eq!(v["connections"], 0);
         assert_eq!(v["last_request"], Value::Null);
         assert!(v.get("name").is_none());
     }
