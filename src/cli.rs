@@ -45,29 +45,30 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Sets up `env_logger` from `RUST_LOG` (default `info`) behind [`TraceCap`], so that no
-/// filter can turn on a dependency's TRACE output.
+/// Sets up `env_logger` from `RUST_LOG` (default `info`) behind [`LogCap`], so that no
+/// filter can turn on a dependency's DEBUG or TRACE output.
 pub fn init_logging() {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    let logger = TraceCap::new(&spec, env_logger::Target::Stderr);
+    let logger = LogCap::new(&spec, env_logger::Target::Stderr);
     let max = logger.max_level();
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(max);
     }
 }
 
-/// `env_logger` with TRACE kept to keygate's own modules.
+/// `env_logger` with DEBUG and TRACE kept to keygate's own modules.
 ///
-/// Pingora's TRACE dumps the request as written to the upstream, credential included, and other
-/// libraries trace raw bytes too. Rewriting `RUST_LOG` cannot be trusted to catch every spelling
-/// (module paths, `pingora=`, a bare `TRACE`, `/regex` suffixes), so the cap applies to each
-/// record instead: whatever the directives say, a TRACE record whose target is not keygate's
-/// is dropped. DEBUG and above pass as the directives allow.
-pub struct TraceCap {
+/// Pingora's TRACE dumps the request as written to the upstream, credential included; its DEBUG
+/// prints upstream response bodies, which may echo the key; other libraries trace raw bytes too.
+/// Rewriting `RUST_LOG` cannot be trusted to catch every spelling (module paths, `pingora=`, a
+/// bare `TRACE`, `/regex` suffixes), so the cap applies to each record instead: whatever the
+/// directives say, a DEBUG or TRACE record whose target is not keygate's is dropped. INFO and
+/// above pass as the directives allow.
+pub struct LogCap {
     inner: env_logger::Logger,
 }
 
-impl TraceCap {
+impl LogCap {
     /// A logger filtered by the `RUST_LOG`-style `spec`, writing to `target`.
     pub fn new(spec: &str, target: env_logger::Target) -> Self {
         let inner = env_logger::Builder::new()
@@ -85,7 +86,7 @@ impl TraceCap {
 
     /// Whether a record at `level` from `target` may be written at all, before the directives.
     fn may_write(target: &str, level: log::Level) -> bool {
-        level <= log::Level::Debug || is_keygate_target(target)
+        level <= log::Level::Info || is_keygate_target(target)
     }
 }
 
@@ -96,7 +97,7 @@ fn is_keygate_target(target: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
 }
 
-impl log::Log for TraceCap {
+impl log::Log for LogCap {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         Self::may_write(metadata.target(), metadata.level()) && self.inner.enabled(metadata)
     }
@@ -135,13 +136,13 @@ mod tests {
         }
     }
 
-    fn capped(spec: &str) -> (TraceCap, Captured) {
+    fn capped(spec: &str) -> (LogCap, Captured) {
         let out = Captured::default();
-        let logger = TraceCap::new(spec, env_logger::Target::Pipe(Box::new(out.clone())));
+        let logger = LogCap::new(spec, env_logger::Target::Pipe(Box::new(out.clone())));
         (logger, out)
     }
 
-    fn write(logger: &TraceCap, target: &str, level: Level, text: &str) {
+    fn write(logger: &LogCap, target: &str, level: Level, text: &str) {
         logger.log(
             &log::Record::builder()
                 .target(target)
@@ -152,7 +153,7 @@ mod tests {
         logger.flush();
     }
 
-    fn enabled(logger: &TraceCap, target: &str, level: Level) -> bool {
+    fn enabled(logger: &LogCap, target: &str, level: Level) -> bool {
         logger.enabled(&log::Metadata::builder().target(target).level(level).build())
     }
 
@@ -198,24 +199,39 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_leaves_debug_and_keygates_own_trace_alone() {
+    fn no_directive_lets_a_library_debug_through() {
+        const TARGET: &str = "pingora_proxy::proxy_h1";
+        for spec in TRACE_SPELLINGS
+            .iter()
+            .chain(&["debug", "pingora_proxy=debug"])
+        {
+            let (logger, out) = capped(spec);
+            assert!(!enabled(&logger, TARGET, Level::Debug), "{spec:?}");
+            write(&logger, TARGET, Level::Debug, "upstream body sk-secret");
+            let text = String::from_utf8(out.0.lock().clone()).unwrap();
+            assert!(!text.contains("sk-secret"), "{spec:?} wrote: {text}");
+        }
+    }
+
+    #[test]
+    fn the_cap_leaves_library_info_and_keygates_own_trace_alone() {
         let (logger, out) = capped("pingora_core::protocols=trace,keygate=trace");
         assert!(enabled(
             &logger,
-            "pingora_core::protocols::http::v1::client",
-            Level::Debug
+            "pingora_core::protocols::tls",
+            Level::Info
         ));
         assert!(enabled(&logger, "keygate::prober", Level::Trace));
         assert!(!enabled(&logger, "keygatex", Level::Trace));
         write(
             &logger,
             "pingora_core::protocols::tls",
-            Level::Debug,
-            "pingora debug",
+            Level::Info,
+            "pingora info",
         );
         write(&logger, "keygate::prober", Level::Trace, "keygate trace");
         let text = String::from_utf8(out.0.lock().clone()).unwrap();
-        assert!(text.contains("pingora debug"), "{text}");
+        assert!(text.contains("pingora info"), "{text}");
         assert!(text.contains("keygate trace"), "{text}");
     }
 

@@ -330,7 +330,6 @@ async fn no_key_reaches_the_log_at_any_level_of_keygate_itself() {
 /// the key, and a sub-module directive gets past the cap to its TRACE, which prints the request
 /// header sent upstream, key included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 point 3: RUST_LOG can turn on Pingora's DEBUG (upstream bodies) and TRACE (request headers with the key)"]
 async fn no_rust_log_spelling_lets_pingora_log_a_key() {
     assert_no_log_leak(&[
         "debug",
@@ -470,7 +469,6 @@ fn config_errors_about_keys_never_show_one() {
 /// Mistakes that put the secret where the config expects something else: the error quotes what
 /// it found there.
 #[test]
-#[ignore = "issue 11 (new): a config error quotes the value it refuses, which is the key when one is pasted in place of a variable name or split by a space in a key file"]
 fn config_errors_never_quote_a_key_written_in_the_wrong_place() {
     let c = Canaries::new(&["K1", "K2"]);
     let (k1, k2) = (c.get("K1").to_string(), c.get("K2").to_string());

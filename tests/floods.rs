@@ -299,10 +299,9 @@ async fn slow_bodies_do_not_stop_other_clients() {
     );
 }
 
-/// A body trickling past a whole-body deadline gets 408. `guards.body_timeout` is the knob the
-/// fix of point 6 is expected to add (rename here if it lands under another name).
+/// A body trickling past its whole-body deadline (`guards.body_timeout`) gets 408, however
+/// regularly its bytes come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 point 6: no whole-body deadline yet; a body may trickle for ever (Pingora's per-read timeout restarts on every byte)"]
 async fn slow_bodies_get_408_at_the_body_deadline() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, "body_timeout: 2s"), KEYS);

@@ -1,29 +1,30 @@
 //! No `RUST_LOG` value makes keygate write any part of an upstream key to its log: Pingora's
-//! TRACE output (the request as written, credential included) stays off whatever the spelling.
+//! TRACE (the request as written, credential included) and DEBUG (upstream bodies) stay off
+//! whatever the spelling.
 #![allow(clippy::unwrap_used)]
 
 mod utils;
 use rand::distr::{Alphanumeric, SampleString};
 use utils::*;
 
-/// Spellings of "TRACE for Pingora" that `env_logger` accepts, each with a line it must still
-/// write (proof that the directive was honoured up to DEBUG).
+/// Spellings of "TRACE (or DEBUG) for Pingora" that `env_logger` accepts, each with a line it
+/// must still write (proof that the directives were honoured for keygate's own output).
 const SPELLINGS: &[(&str, &str)] = &[
     (
-        "pingora_core::protocols=trace",
-        " DEBUG pingora_core::protocols",
+        "info,pingora_core::protocols=trace",
+        " INFO  keygate::server",
     ),
     (
         "debug,pingora_core::protocols::http::v1=TRACE",
-        " DEBUG pingora_core::protocols",
+        " DEBUG keygate::proxy",
     ),
     (
-        "pingora=trace,pingora_proxy=Trace,pingora_core=trace",
-        " DEBUG pingora_proxy",
+        "pingora=trace,pingora_proxy=Trace,pingora_core=trace,keygate=info",
+        " INFO  keygate::server",
     ),
-    ("TRACE", " DEBUG pingora_core::protocols"),
-    // A regex filter: only messages matching it, here Pingora's request writer.
-    ("trace/request", "request"),
+    ("TRACE", " DEBUG keygate::proxy"),
+    // A regex filter: only messages matching it.
+    ("trace/ready", "keygate ready"),
 ];
 
 /// A key no other test uses: `sk-canary-` and 24 random characters.

@@ -25,6 +25,13 @@ pub struct KeyLine {
 
 /// Reads a secret from environment variable `var`.
 pub fn from_env(source: &dyn ConfigSource, var: &str) -> Result<String, String> {
+    if !is_variable_name(var) {
+        // Never echo it: a secret pasted here in place of a variable's name is the usual cause.
+        return Err(
+            "is not an environment variable name (letters, digits and _; the secret itself goes in that variable, never in the config)"
+                .to_string(),
+        );
+    }
     let value = source
         .env(var)
         .ok_or_else(|| format!("environment variable {var} is not set"))?
@@ -34,6 +41,47 @@ pub fn from_env(source: &dyn ConfigSource, var: &str) -> Result<String, String> 
         return Err(format!("environment variable {var} is empty"));
     }
     Ok(value.trim().to_string())
+}
+
+/// Whether `name` can be an environment variable's name: `[A-Za-z_][A-Za-z0-9_]*`, at most 128.
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128
+}
+
+/// Options a key-file line may carry after the key.
+const KEY_OPTIONS: [&str; 5] = ["name", "weight", "account", "organization", "project"];
+
+/// The message for an option the key file does not know. The word is quoted only when it is a
+/// near miss of a real option (a typo): anything else may be a piece of a secret split by a space.
+fn unknown_option(line: usize, word: &str) -> String {
+    let hint = KEY_OPTIONS
+        .iter()
+        .find(|o| edit_distance(o, word) <= 2)
+        .map_or(String::new(), |o| format!(" {word:?}; did you mean {o}=?"));
+    format!(
+        "line {line}: unknown option{hint} (use name=, weight=, account=, organization=, project=)"
+    )
+}
+
+/// Levenshtein distance, for typo hints on short option names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Reads a key file after checking that only its owner can read it.
@@ -96,12 +144,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyLine>, String> {
                         format!("line {}: weight must be a positive integer", n + 1)
                     })?)
                 }
-                _ => {
-                    return Err(format!(
-                        "line {}: unknown option {k:?} (use name=, weight=, account=, organization=, project=)",
-                        n + 1
-                    ))
-                }
+                _ => return Err(unknown_option(n + 1, k)),
             }
         }
         out.push(key);
@@ -181,6 +224,31 @@ mod tests {
             from_env(&src, "BYTES").unwrap_err(),
             "environment variable BYTES is not valid UTF-8"
         );
+    }
+
+    #[test]
+    fn a_secret_in_place_of_a_variable_name_is_never_echoed() {
+        let src = MemorySource::new();
+        for pasted in ["sk-proj-abcdefgh12345678", "sk ant key", "1ABC", ""] {
+            let e = from_env(&src, pasted).unwrap_err();
+            assert!(e.starts_with("is not an environment variable name"), "{e}");
+            assert!(pasted.is_empty() || !e.contains(pasted), "{e}");
+        }
+        assert!(from_env(&src, "OPENAI_KEY_1")
+            .unwrap_err()
+            .contains("OPENAI_KEY_1"));
+    }
+
+    #[test]
+    fn unknown_key_file_options_are_quoted_only_as_typos() {
+        assert_eq!(
+            unknown_option(3, "wieght"),
+            "line 3: unknown option \"wieght\"; did you mean weight=? (use name=, weight=, account=, organization=, project=)"
+        );
+        let split = unknown_option(1, "Xy7Qp2Lk9Rt4");
+        assert!(!split.contains("Xy7Qp2Lk9Rt4"), "{split}");
+        assert_eq!(edit_distance("name", "name"), 0);
+        assert_eq!(edit_distance("acount", "account"), 1);
     }
 
     #[test]

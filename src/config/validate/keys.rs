@@ -259,7 +259,8 @@ mod tests {
             (
                 0o600,
                 "sk-1 colour=red\n",
-                "line 1: unknown option \"colour\" (use name=, weight=, account=, organization=, project=)".into(),
+                "line 1: unknown option (use name=, weight=, account=, organization=, project=)"
+                    .into(),
             ),
             (
                 0o600,
