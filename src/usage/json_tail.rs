@@ -1,7 +1,7 @@
 //! The end of a JSON body: kept in a bounded ring as it streams past, then searched backwards for
 //! the `usage` object.
 
-use super::json_scan::object_value_of_key;
+use super::json_scan::usage_object_at;
 use super::{usage_from_object_prefix, Usage, JSON_TAIL_BYTES};
 
 /// The last [`JSON_TAIL_BYTES`] of a body, as a ring: each byte is copied once on the way in,
@@ -69,7 +69,7 @@ pub(super) fn last_usage_in_json(text: &[u8]) -> Option<Usage> {
             if byte == b'"' && !is_escaped(text, i) {
                 // The opening quote of a string: maybe the key `"usage"`.
                 in_string = false;
-                if let Some(open) = object_value_of_key(text, i, b"\"usage\"") {
+                if let Some(open) = usage_object_at(text, i) {
                     if depth == 1 {
                         if let Some(usage) = usage_from_object_prefix(&text[open..]) {
                             return Some(usage);
