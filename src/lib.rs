@@ -10,7 +10,8 @@
 //! ```
 //!
 //! - [`config`]: the YAML file: types, secret loading, validation with precise messages.
-//! - [`clock`] and [`calendar`]: injected time sources; UTC calendar arithmetic.
+//! - [`clock`]: injected time sources (dates and calendar arithmetic come from `jiff` and
+//!   `httpdate`).
 //! - [`keys`]: [`keys::KeyPool`], per-key state (ready, cooling per model, disabled) and selection.
 //! - [`retry_after`] and [`outcome`]: what an upstream's 429 asks for; what a status means for a key.
 //! - [`glob`], [`routes`], [`strategy`]: which upstreams serve a model or path, and in what order.
@@ -30,7 +31,6 @@
 //! binary (`src/bin/keygate-mock/`).
 
 pub mod access_log;
-pub mod calendar;
 pub mod cli;
 pub mod clients;
 pub mod clock;

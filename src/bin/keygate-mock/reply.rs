@@ -135,7 +135,7 @@ fn retry_hint(rl: &RateLimit) -> String {
 pub fn rate_limit_headers(rl: &RateLimit, h: &mut HeaderMap, now: SystemTime) {
     if let Some(secs) = rl.retry_after {
         let value = if rl.retry_after_date {
-            keygate::calendar::format_http_date(now + Duration::from_secs(secs))
+            httpdate::fmt_http_date(now + Duration::from_secs(secs))
         } else {
             secs.to_string()
         };
