@@ -157,7 +157,12 @@ impl AccessLog {
 
 /// Now, formatted as RFC 3339 with milliseconds.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    rfc3339_millis(jiff::Timestamp::now())
+}
+
+/// `t` as RFC 3339 in UTC with exactly three fraction digits (`2024-05-01T12:00:00.120Z`).
+fn rfc3339_millis(t: jiff::Timestamp) -> String {
+    format!("{t:.3}")
 }
 
 #[cfg(test)]
@@ -238,5 +243,25 @@ mod tests {
         assert!(log.flusher().flush(Duration::from_secs(30)));
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 500, "no line is still queued");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_exactly_three_fraction_digits() {
+        let t = jiff::Timestamp::new(1_714_564_800, 120_999_999).unwrap();
+        assert_eq!(rfc3339_millis(t), "2024-05-01T12:00:00.120Z");
+        assert_eq!(
+            rfc3339_millis(jiff::Timestamp::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+        // The same text as humantime's, which wrote these lines before.
+        for (secs, nanos) in [
+            (0, 0),
+            (951_868_799, 999_999_999),
+            (4_107_542_400, 5_000_000),
+        ] {
+            let t = jiff::Timestamp::new(secs, nanos).unwrap();
+            let expected = humantime::format_rfc3339_millis(std::time::SystemTime::from(t));
+            assert_eq!(rfc3339_millis(t), expected.to_string());
+        }
     }
 }

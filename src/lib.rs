@@ -16,7 +16,8 @@
 //! below the glue touches Pingora's proxy crate: `tests/layout.rs` checks all of it against the
 //! imports, so this tour stays true.
 //!
-//! 1. **Parsers and primitives**: [`clock`] and [`calendar`] (injected time, UTC dates),
+//! 1. **Parsers and primitives**: [`clock`] (injected time; dates come from `jiff` and
+//!    `httpdate`),
 //!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
 //!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers), [`retry_after`]
 //!    (what an upstream's 429 asks for), [`error_body`] (the code of an upstream's error body and
@@ -53,7 +54,6 @@
 
 pub mod access_log;
 pub mod body_budget;
-pub mod calendar;
 pub mod cli;
 pub mod clients;
 pub mod clock;

@@ -7,6 +7,8 @@
 //! 1.001 s.
 
 use http::HeaderMap;
+use jiff::civil::{Date, Time};
+use jiff::tz::Offset;
 use serde::Deserialize;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -147,6 +149,10 @@ pub fn parse_openai_duration(s: &str) -> Option<Duration> {
 /// are 20xx) and asctime `Sun Nov  6 08:49:37 1994` forms. The weekday is not checked against
 /// the date; month names ignore case; `UTC` is accepted for `GMT`. `None` for anything else and
 /// for dates before 1970.
+///
+/// This reads more than `httpdate::parse_http_date` (exact spelling and widths, `GMT` only, the
+/// weekday checked against the date) on purpose: a loosely written retry hint is still worth
+/// honouring. The calendar arithmetic is jiff's.
 pub fn parse_http_date(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     let (day, month, year, time) = match s.split_once(',') {
@@ -193,11 +199,22 @@ pub fn parse_http_date(s: &str) -> Option<SystemTime> {
     if hms.next().is_some() || hour > 23 || minute > 59 || second > 60 {
         return None;
     }
-    if year < 1970 || day == 0 || day > days_in_month(year, month) {
+    if year < 1970 {
         return None;
     }
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + u64::from(hour * 3600 + minute * 60 + second);
+    // jiff checks the day against the month (leap years included).
+    let date = Date::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let midnight = Offset::UTC
+        .to_timestamp(date.to_datetime(Time::midnight()))
+        .ok()?;
+    // Added as seconds so that a leap second (`:60`) is the next minute's first.
+    let secs =
+        u64::try_from(midnight.as_second()).ok()? + u64::from(hour * 3600 + minute * 60 + second);
     UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
@@ -280,31 +297,6 @@ fn month_number(name: &str) -> Option<u32> {
     ];
     let pos = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(name))?;
     u32::try_from(pos + 1).ok()
-}
-
-fn is_leap(year: u32) -> bool {
-    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a valid date from 1970 on (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
-    let y = u64::from(if month <= 2 { year - 1 } else { year });
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let m = u64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + u64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    // 719468 is the day number of 1970-01-01 in this era-based count.
-    era * 146_097 + doe - 719_468
 }
 
 fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
@@ -591,6 +583,29 @@ mod tests {
     }
 
     #[test]
+    fn http_dates_of_known_instants_read_as_httpdate_writes_them() {
+        // The epoch, leap days, the last second of a leap year, and 2100 (not a leap year).
+        for (since_epoch, text) in [
+            (0, "Thu, 01 Jan 1970 00:00:00 GMT"),
+            (1_445_412_480, "Wed, 21 Oct 2015 07:28:00 GMT"),
+            (784_111_777, "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (951_782_400, "Tue, 29 Feb 2000 00:00:00 GMT"),
+            (1_735_689_599, "Tue, 31 Dec 2024 23:59:59 GMT"),
+            (4_107_542_400, "Mon, 01 Mar 2100 00:00:00 GMT"),
+        ] {
+            let time = UNIX_EPOCH + secs(since_epoch);
+            assert_eq!(httpdate::fmt_http_date(time), text);
+            assert_eq!(parse_http_date(text), Some(time), "{text}");
+        }
+        assert_eq!(parse_http_date("Mon, 29 Feb 2100 00:00:00 GMT"), None);
+        // A leap second is the first second of the next minute (here, of the next day).
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 23:59:60 GMT"),
+            Some(UNIX_EPOCH + secs(784_166_400))
+        );
+    }
+
+    #[test]
     fn org_wide_when_a_bucket_is_empty_or_the_body_names_the_organization() {
         let none = HeaderMap::new();
         assert!(!is_org_wide_limit(&none, b"", None));
@@ -722,7 +737,7 @@ mod tests {
         #[test]
         fn http_date_round_trips_imf_fixdate(t in 0u64..253_402_300_800) {
             let time = UNIX_EPOCH + secs(t);
-            prop_assert_eq!(parse_http_date(&crate::calendar::format_http_date(time)), Some(time));
+            prop_assert_eq!(parse_http_date(&httpdate::fmt_http_date(time)), Some(time));
         }
     }
 }

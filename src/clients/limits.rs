@@ -4,8 +4,10 @@
 //! Minute limits use sliding windows (a log of admissions over the last 60 s), so "60 per minute"
 //! never lets 120 through in a minute, unlike a token bucket that starts full and refills.
 
-use crate::calendar::{civil_from_days, days_from_civil};
 use crate::clock::SharedClock;
+use jiff::civil::Time;
+use jiff::tz::Offset;
+use jiff::Timestamp;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -161,13 +163,24 @@ fn period_id(per: Period, wall: SystemTime) -> (u64, Duration) {
     let day = secs / 86_400;
     match per {
         Period::Day => (day, Duration::from_secs((day + 1) * 86_400 - secs)),
-        Period::Month => {
-            let (y, m, _) = civil_from_days(day);
-            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-            let next = days_from_civil(ny, nm, 1) * 86_400;
-            (y * 12 + m, Duration::from_secs(next.saturating_sub(secs)))
-        }
+        // Past jiff's range (the year 9999), which no wall clock reaches, budgets go daily.
+        Period::Month => month_period(secs)
+            .unwrap_or_else(|| (day, Duration::from_secs((day + 1) * 86_400 - secs))),
     }
+}
+
+/// The UTC month holding `secs` (since the epoch) as `year * 12 + month`, and the time from then
+/// to the start of the next month; `None` outside jiff's range.
+fn month_period(secs: u64) -> Option<(u64, Duration)> {
+    let now = Timestamp::from_second(i64::try_from(secs).ok()?).ok()?;
+    let date = Offset::UTC.to_datetime(now).date();
+    let next_month = date.last_of_month().tomorrow().ok()?;
+    let next = Offset::UTC
+        .to_timestamp(next_month.to_datetime(Time::midnight()))
+        .ok()?;
+    let id = u64::try_from(date.year()).ok()? * 12 + u64::try_from(date.month()).ok()?;
+    let left = u64::try_from(next.as_second()).ok()?.saturating_sub(secs);
+    Some((id, Duration::from_secs(left)))
 }
 
 /// OpenAI writes resets like `1.5s` or `6m0s`.
@@ -485,15 +498,31 @@ mod tests {
         assert!(l.admit(0).is_ok(), "a new day, a new budget");
     }
 
+    /// `y-m-d h:00:00` UTC.
+    fn utc(y: i16, m: i8, d: i8, h: i8) -> SystemTime {
+        let at = jiff::civil::date(y, m, d).at(h, 0, 0, 0);
+        SystemTime::from(Offset::UTC.to_timestamp(at).unwrap())
+    }
+
     #[test]
     fn month_periods_follow_the_calendar() {
         // 2024-02-29 12:00 UTC: the month ends in 12 h + 0 days.
-        let t = UNIX_EPOCH + Duration::from_secs(days_from_civil(2024, 2, 29) * 86_400 + 43_200);
-        let (id, left) = period_id(Period::Month, t);
+        let (id, left) = period_id(Period::Month, utc(2024, 2, 29, 12));
         assert_eq!(id, 2024 * 12 + 2);
         assert_eq!(left, Duration::from_secs(43_200));
-        assert_eq!(civil_from_days(days_from_civil(2023, 12, 31)).1, 12);
-        assert_eq!(civil_from_days(days_from_civil(2024, 1, 1)).1, 1);
+        assert_eq!(
+            period_id(Period::Month, utc(2023, 12, 31, 0)).0,
+            2023 * 12 + 12
+        );
+        assert_eq!(
+            period_id(Period::Month, utc(2024, 1, 1, 0)).0,
+            2024 * 12 + 1
+        );
+        // 2000 is a leap year, 2100 is not.
+        let day = Duration::from_secs(86_400);
+        assert_eq!(period_id(Period::Month, utc(2000, 2, 28, 0)).1, 2 * day);
+        assert_eq!(period_id(Period::Month, utc(2100, 2, 28, 0)).1, day);
+        assert_eq!(period_id(Period::Month, utc(1970, 1, 1, 0)).1, 31 * day);
     }
 
     #[test]
