@@ -21,7 +21,8 @@
 //!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
 //!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers), [`retry_after`]
 //!    (what an upstream's 429 asks for), [`error_body`] (the code of an upstream's error body and
-//!    whom a refusal blames), [`strategy`] (the order of a route's upstreams),
+//!    whom a refusal blames), [`redact`] (keys and account ids masked out of error bodies),
+//!    [`strategy`] (the order of a route's upstreams),
 //!    [`access_log`] (one JSON line per request).
 //!
 //! 2. **Decisions**, plain Rust without sockets: [`body_budget`] (the cap on request-body bytes
@@ -70,6 +71,7 @@ pub mod outcome;
 pub mod outlier;
 pub mod prober;
 pub mod proxy;
+pub mod redact;
 pub mod request_body;
 pub mod retry_after;
 pub mod retry_policy;

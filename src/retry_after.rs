@@ -1,20 +1,20 @@
 //! How long an upstream wants a key to wait after a 429, and what kind of 429 it was.
 //!
 //! Every value here comes from the network, so nothing trusts it: junk, negative, NaN, infinite,
-//! empty and enormous values all read as "absent" (the key pool then falls back to its
-//! exponential backoff). Numbers are parsed as exact decimals with checked integer arithmetic,
-//! never through floats, so nothing can panic or overflow and `retry-after-ms: 1001` is exactly
-//! 1.001 s.
+//! empty and unrepresentable values all read as "absent" (the key pool then falls back to its
+//! exponential backoff); a well-formed wait longer than [`MAX_REQUESTED`] is capped to it.
+//! Numbers are parsed as exact decimals with checked integer arithmetic, never through floats, so
+//! nothing can panic or overflow and `retry-after-ms: 1001` is exactly 1.001 s.
 
+use crate::error_body::ErrorCodes;
 use http::HeaderMap;
 use jiff::civil::{Date, Time};
 use jiff::tz::Offset;
-use serde::Deserialize;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The longest wait read from a header; anything longer reads as absent. Upstreams that mean
-/// "much later" say it with their quota errors, not with a 429's retry hint; a huge value is
-/// more likely a timestamp in the wrong field.
+/// The longest wait read from a header; a longer one is capped to it (the key pool's own
+/// `cooldown.max` then caps it further). A key that was told to wait days still waits, rather
+/// than being retried at once as if the upstream had said nothing.
 pub const MAX_REQUESTED: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How much of an error body is looked at.
@@ -69,43 +69,15 @@ pub fn is_org_wide_limit(
 /// `Some("insufficient_quota")` or `Some("billing_not_active")`, found in `code` or `type`.
 /// `None` for anything else, including non-JSON and bodies over [`MAX_BODY_SCAN`] bytes.
 pub fn quota_error_code(body: &[u8]) -> Option<&'static str> {
-    const CODES: [&str; 2] = ["insufficient_quota", "billing_not_active"];
     if body.len() > MAX_BODY_SCAN {
         return None;
     }
-    let envelope: ErrorEnvelope = serde_json::from_slice(body).ok()?;
-    let ErrorField::Object { code, kind } = envelope.error? else {
-        return None;
-    };
-    [code, kind]
-        .iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_str)
-        .find_map(|s| CODES.iter().find(|&&c| c == s).copied())
-}
-
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: Option<ErrorField>,
-}
-
-/// `error` is an object at OpenAI, but some compatible upstreams put a string there; that must
-/// not make the whole body unreadable.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ErrorField {
-    Object {
-        #[serde(default)]
-        code: Option<serde_json::Value>,
-        #[serde(default, rename = "type")]
-        kind: Option<serde_json::Value>,
-    },
-    Other(serde::de::IgnoredAny),
+    ErrorCodes::of(body).any_of(&["insufficient_quota", "billing_not_active"])
 }
 
 /// Parses OpenAI's reset durations (Go's `time.Duration` format): `6m0s`, `1.5s`, `20ms`,
 /// `1h2m3s`, `59.123s`, `0s`; units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`. A bare number is taken
-/// as seconds. `None` for anything else, negative, or over [`MAX_REQUESTED`].
+/// as seconds. `None` for anything else or negative; capped at [`MAX_REQUESTED`].
 pub fn parse_openai_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
@@ -136,9 +108,6 @@ pub fn parse_openai_duration(s: &str) -> Option<Duration> {
             _ => return None,
         };
         total = total.checked_add(decimal_nanos(number, unit_nanos)?)?;
-        if total > MAX_REQUESTED.as_nanos() {
-            return None;
-        }
         rest = after;
     }
     bounded(total)
@@ -224,10 +193,10 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         return bounded(decimal_nanos(value, NANOS_PER_SEC)?);
     }
     let wait = parse_http_date(value)?.duration_since(now).ok()?;
-    if wait.is_zero() || wait > MAX_REQUESTED {
+    if wait.is_zero() {
         return None;
     }
-    Some(wait)
+    Some(wait.min(MAX_REQUESTED))
 }
 
 /// The reset of the exhausted limit(s); see [`requested_cooldown`] for why nothing otherwise.
@@ -275,12 +244,10 @@ fn decimal_nanos(s: &str, unit_nanos: u128) -> Option<u128> {
     Some(nanos)
 }
 
-/// Nanoseconds as a Duration, or `None` above [`MAX_REQUESTED`].
+/// Nanoseconds as a Duration, capped at [`MAX_REQUESTED`].
 fn bounded(nanos: u128) -> Option<Duration> {
-    if nanos > MAX_REQUESTED.as_nanos() {
-        return None;
-    }
-    Some(Duration::from_nanos(u64::try_from(nanos).ok()?))
+    let capped = nanos.min(MAX_REQUESTED.as_nanos());
+    Some(Duration::from_nanos(u64::try_from(capped).ok()?))
 }
 
 /// A run of `min..=max` ASCII digits.
@@ -470,7 +437,7 @@ mod tests {
     }
 
     #[test]
-    fn junk_negative_nonfinite_empty_and_huge_values_read_as_absent() {
+    fn junk_negative_nonfinite_empty_and_unrepresentable_values_read_as_absent() {
         for v in [
             "",
             " ",
@@ -487,24 +454,24 @@ mod tests {
             "1.2.3",
             ".",
             "5 s",
-            "86400001",
             "99999999999999999999999999999999999999999999",
         ] {
             assert_eq!(cooldown(&[("retry-after-ms", v)]), None, "ms {v:?}");
         }
-        for v in [
-            "",
-            "-1",
-            "NaN",
-            "inf",
-            "1e3",
-            "86401",
-            "Tomorrow",
-            "Sun, 06 Nov",
-        ] {
+        for v in ["", "-1", "NaN", "inf", "1e3", "Tomorrow", "Sun, 06 Nov"] {
             assert_eq!(cooldown(&[("retry-after", v)]), None, "ra {v:?}");
         }
         assert_eq!(cooldown(&[("retry-after", "86400")]), Some(MAX_REQUESTED));
+        // A wait longer than the cap is capped, not ignored: the key still rests.
+        assert_eq!(cooldown(&[("retry-after", "86401")]), Some(MAX_REQUESTED));
+        assert_eq!(
+            cooldown(&[("retry-after", "999999999999")]),
+            Some(MAX_REQUESTED)
+        );
+        assert_eq!(
+            cooldown(&[("retry-after-ms", "999999999999")]),
+            Some(MAX_REQUESTED)
+        );
     }
 
     #[test]
@@ -524,8 +491,8 @@ mod tests {
             ("7ns", Some(Duration::from_nanos(7))),
             (" 2s ", Some(secs(2))),
             ("24h", Some(MAX_REQUESTED)),
-            ("24h0m0.001s", None),
-            ("25h", None),
+            ("24h0m0.001s", Some(MAX_REQUESTED)),
+            ("25h", Some(MAX_REQUESTED)),
             ("", None),
             ("s", None),
             ("-1s", None),
@@ -723,7 +690,7 @@ mod tests {
         #[test]
         fn retry_after_ms_round_trips_every_u32(n in any::<u32>()) {
             let map = headers(&[("retry-after-ms", &n.to_string())]);
-            let expected = Some(ms(u64::from(n))).filter(|d| *d <= MAX_REQUESTED);
+            let expected = Some(ms(u64::from(n)).min(MAX_REQUESTED));
             prop_assert_eq!(requested_cooldown(&map, UNIX_EPOCH), expected);
         }
 

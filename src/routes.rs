@@ -196,27 +196,53 @@ const MODEL_ENDPOINTS: [&str; 5] = [
 /// Endpoint families whose every `POST /family/<action>` carries the model in its body.
 const MODEL_FAMILIES: [&str; 2] = ["audio", "images"];
 
-/// Whether a request to this endpoint carries its `model` in the body (JSON, or a multipart form
-/// field for audio and image uploads): chat/completions, completions, embeddings, responses,
-/// moderations, audio/*, images/*. Used to answer 400 when such a body cannot be read, instead of
-/// routing it blind. Only `POST` qualifies (`GET /v1/responses/{id}` has no body). Matches on the last
-/// path segments, so a base path in front (`/v1`, `/openai/v1`) does not matter; the query string is
+/// Endpoints whose `model` may be left out: the provider then picks its default
+/// (`omni-moderation-latest`, `dall-e-2`).
+const OPTIONAL_MODEL: [&str; 2] = ["/moderations", "/images/"];
+
+/// The longest model name accepted (OpenAI's and Anthropic's are well under 100 bytes).
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// What an endpoint's body says about the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelField {
+    /// The body names the model and must: 400 when it does not.
+    Required,
+    /// The body may name the model; without one the request routes by path alone.
+    Optional,
+    /// The endpoint takes no model in its body.
+    Absent,
+}
+
+/// Where a request to this endpoint carries its `model` (JSON, or a multipart form field for
+/// audio and image uploads): chat/completions, completions, embeddings, responses, moderations,
+/// audio/*, images/*. Used to answer 400 when such a body cannot be read, instead of routing it
+/// blind. Only `POST` qualifies (`GET /v1/responses/{id}` has no body). Matches on the last path
+/// segments, so a base path in front (`/v1`, `/openai/v1`) does not matter; the query string is
 /// ignored.
-pub fn endpoint_needs_model(method: &str, path: &str) -> bool {
+pub fn model_field(method: &str, path: &str) -> ModelField {
     if !method.eq_ignore_ascii_case("POST") {
-        return false;
+        return ModelField::Absent;
     }
     let path = strip_query(path);
     let path = path.strip_suffix('/').unwrap_or(path);
-    if MODEL_ENDPOINTS.iter().any(|e| path.ends_with(e)) {
-        return true;
-    }
-    // `.../audio/transcriptions`, `.../images/generations`, ...: the segment before the last one.
-    let Some((parent, action)) = path.rsplit_once('/') else {
-        return false;
+    let carries = MODEL_ENDPOINTS.iter().any(|e| path.ends_with(e)) || {
+        // `.../audio/transcriptions`, `.../images/generations`, ...: the segment before the last.
+        path.rsplit_once('/').is_some_and(|(parent, action)| {
+            let family = parent.rsplit_once('/').map_or(parent, |(_, f)| f);
+            !action.is_empty() && MODEL_FAMILIES.contains(&family)
+        })
     };
-    let family = parent.rsplit_once('/').map_or(parent, |(_, f)| f);
-    !action.is_empty() && MODEL_FAMILIES.contains(&family)
+    if !carries {
+        ModelField::Absent
+    } else if OPTIONAL_MODEL
+        .iter()
+        .any(|e| path.ends_with(e) || path.contains(e))
+    {
+        ModelField::Optional
+    } else {
+        ModelField::Required
+    }
 }
 
 #[cfg(test)]
@@ -378,17 +404,27 @@ mod tests {
             "/v1/completions",
             "/v1/embeddings",
             "/v1/responses",
-            "/v1/moderations",
             "/v1/audio/transcriptions",
             "/v1/audio/translations",
             "/v1/audio/speech",
-            "/v1/images/generations",
-            "/v1/images/edits",
             "/v1/chat/completions?stream=true",
             "/v1/chat/completions/",
             "/openai/v1/chat/completions",
         ] {
-            assert!(endpoint_needs_model("POST", path), "{path}");
+            assert_eq!(model_field("POST", path), ModelField::Required, "{path}");
+        }
+    }
+
+    #[test]
+    fn moderations_and_images_may_leave_the_model_to_the_provider() {
+        for path in [
+            "/v1/moderations",
+            "/v1/moderations/",
+            "/v1/images/generations",
+            "/v1/images/edits",
+            "/openai/v1/images/variations",
+        ] {
+            assert_eq!(model_field("POST", path), ModelField::Optional, "{path}");
         }
     }
 
@@ -406,7 +442,11 @@ mod tests {
             ("POST", "/v1/embeddingsfoo"),
             ("DELETE", "/v1/chat/completions/chatcmpl-1"),
         ] {
-            assert!(!endpoint_needs_model(method, path), "{method} {path}");
+            assert_eq!(
+                model_field(method, path),
+                ModelField::Absent,
+                "{method} {path}"
+            );
         }
     }
 

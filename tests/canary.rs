@@ -348,7 +348,6 @@ async fn no_rust_log_spelling_lets_pingora_log_a_key() {
 /// An upstream 429 (rate limit or quota) passes through to the client with its body unchanged:
 /// one that echoes the key takes the key along (OpenAI's do not; a relay's may).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 (new, next to point 9): an upstream 429 body passes through unscrubbed, so one that echoes the key leaks it"]
 async fn upstream_429_bodies_echoing_the_key_never_reach_the_client() {
     let c = Canaries::new(&["K_RATE", "K_QUOTA"]);
     let rate = format!(

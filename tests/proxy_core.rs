@@ -321,6 +321,12 @@ async fn bad_requests_get_openai_style_errors() {
         (br#"{"model": 42}"#.to_vec(), 400, "invalid_request"),
         (br#"{"messages": []}"#.to_vec(), 400, "invalid_request"),
         (br#"{"model": "llama-3"}"#.to_vec(), 404, "model_not_found"),
+        // Model names become per-key state and labels: a long one is refused, not stored.
+        (
+            serde_json::to_vec(&chat(&format!("gpt-{}", "x".repeat(253)))).unwrap(),
+            400,
+            "invalid_request",
+        ),
         (
             serde_json::to_vec(&chat(&"x".repeat(5000))).unwrap(),
             413,
@@ -483,4 +489,26 @@ async fn an_upstream_refusal_without_a_body_gets_a_complete_replacement() {
     assert_eq!(status, 401);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "upstream_auth_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderations_may_leave_the_model_to_the_provider() {
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(&three_key_config(&mock, ""), THREE_KEYS);
+    let r = client()
+        .post(format!("{}/v1/moderations", kg.url))
+        .json(&serde_json::json!({"input": "is this fine?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 400, "{:?}", r.text().await);
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 1);
+    // A chat request still needs its model.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&serde_json::json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }

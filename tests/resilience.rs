@@ -642,3 +642,33 @@ async fn a_403_for_one_model_rests_the_key_for_that_model_only() {
         kg.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_on_429_names_no_organisation_or_project() {
+    // OpenAI's rate-limit messages name the account (`in organization org-…`): a client of the
+    // pool must not learn which account served it.
+    let mock = Mock::start(&[
+        "--key",
+        "sk-a=rate_limit:retry_after=30:org_wide=true",
+        "--key",
+        "sk-b=rate_limit:retry_after=30",
+    ]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    keys: [ {{ name: a, env: KA }}, {{ name: b, env: KB }} ]\nroutes:\n  - {{ upstreams: [mock], retries: 0 }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    for _ in 0..2 {
+        let r = send(&kg, "gpt-4o").await;
+        assert_eq!(r.status(), 429);
+        let len = r.content_length();
+        let body = r.text().await.unwrap();
+        assert_eq!(len, Some(body.len() as u64), "the length still holds");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("Rate limit reached"), "{message}");
+        for id in ["M0ckOrgan1zat10nId", "M0ckPr0ject1d"] {
+            assert!(!body.contains(id), "{body}");
+        }
+    }
+}

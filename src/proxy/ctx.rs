@@ -8,6 +8,7 @@
 use crate::body_budget::BodyPermit;
 use crate::clients::limits::Admission;
 use crate::keys::KeyLease;
+use crate::redact::ErrorBodyScrubber;
 use crate::retry_policy::{AttemptLog, Decision};
 use crate::usage::{Usage, UsageChunkStripper, UsageMeter};
 use bytes::{Bytes, BytesMut};
@@ -44,6 +45,8 @@ pub struct Attempt {
     pub usage_meter: Option<UsageMeter>,
     /// Hides the usage chunk keygate asked for on the client's behalf.
     pub stripper: Option<UsageChunkStripper>,
+    /// Masks the key and account ids out of an error body passed to the client.
+    pub scrubber: Option<ErrorBodyScrubber>,
 }
 
 impl Attempt {
@@ -63,6 +66,7 @@ impl Attempt {
             requested_cooldown: None,
             usage_meter: None,
             stripper: None,
+            scrubber: None,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::error_body;
 use crate::header_rules;
 use crate::local_response::LocalResponse;
 use crate::outcome::Outcome;
+use crate::redact::ErrorBodyScrubber;
 use crate::retry_policy::{self, Answer, AttemptResult, ClientProgress, Decision, RetryBudget};
 use crate::usage::{UsageChunkStripper, UsageMeter};
 use async_trait::async_trait;
@@ -309,6 +310,10 @@ impl ProxyHttp for GatewayProxy {
             }
             att.usage_meter = Some(UsageMeter::for_response(content_type));
         }
+        if status >= 300 && !matches!(outcome, Outcome::KeyRefused(_)) {
+            // Relays may echo the key in an error; OpenAI names the organisation in its 429s.
+            att.scrubber = Some(ErrorBodyScrubber::new(error_body::MAX_ERROR_BODY));
+        }
         if matches!(outcome, Outcome::KeyRefused(_)) {
             // OpenAI's 401 bodies echo part of the key: never pass them on.
             let replacement = LocalResponse::upstream_auth_failed(status);
@@ -384,6 +389,19 @@ impl ProxyHttp for GatewayProxy {
             }
             // An empty chunk could read as the end of a chunked body: send nothing instead.
             *body = (!out.is_empty()).then_some(out);
+        }
+        let up = &self.0.upstreams[att.upstream];
+        let secret = att
+            .key_index()
+            .map_or(&b""[..], |k| up.keys.secret(k).expose().as_bytes());
+        if let Some(scrubber) = att.scrubber.as_mut() {
+            let mut out = body.take().and_then(|chunk| scrubber.feed(&chunk, secret));
+            if end_of_stream {
+                if let Some(rest) = scrubber.finish(secret) {
+                    out.get_or_insert_with(Vec::new).extend_from_slice(&rest);
+                }
+            }
+            *body = out.filter(|o| !o.is_empty()).map(Bytes::from);
         }
         if let Some(b) = body.as_ref() {
             ctx.bytes_sent += b.len();

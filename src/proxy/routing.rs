@@ -6,7 +6,7 @@ use super::gateway::Gateway;
 use crate::config::StreamUsage;
 use crate::local_response::LocalResponse;
 use crate::request_body;
-use crate::routes::endpoint_needs_model;
+use crate::routes::{model_field, ModelField, MAX_MODEL_NAME};
 use bytes::Bytes;
 use pingora_http::RequestHeader;
 
@@ -21,7 +21,8 @@ pub(crate) fn parse_and_route(
     let has_body = body.is_some();
     let mut body = body.unwrap_or_default();
     let path = req.uri.path();
-    let needs_model = endpoint_needs_model(req.method.as_str(), path);
+    let field = model_field(req.method.as_str(), path);
+    let needs_model = field != ModelField::Absent;
     let content_type = req
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -46,7 +47,17 @@ pub(crate) fn parse_and_route(
             Err(_) => {}
         }
     }
-    if needs_model && ctx.model.is_none() {
+    if ctx
+        .model
+        .as_deref()
+        .is_some_and(|m| m.len() > MAX_MODEL_NAME)
+    {
+        // Model names become cooldown entries, metric labels and log fields: bound them.
+        return Err(LocalResponse::bad_request(format!(
+            "The model name is longer than {MAX_MODEL_NAME} bytes."
+        )));
+    }
+    if field == ModelField::Required && ctx.model.is_none() {
         return Err(LocalResponse::bad_request(
             "You must provide a model parameter.".to_string(),
         ));

@@ -476,12 +476,17 @@ pub fn mask_key(key: &str) -> String {
     out
 }
 
+/// The organisation and project ids the mock's messages name, shaped like OpenAI's.
+pub const ORG_ID: &str = "org-M0ckOrgan1zat10nId0000";
+/// See [`ORG_ID`].
+pub const PROJECT_ID: &str = "proj_M0ckPr0ject1d00000000";
+
 /// 429 `rate_limit_exceeded`; `org_wide` names the organization's limit, else the project's.
 pub fn rate_limited(model: Option<&str>, org_wide: bool, retry_in: &str) -> Bytes {
     let scope = if org_wide {
-        "organization org-mock"
+        format!("organization {ORG_ID}")
     } else {
-        "project proj_mock"
+        format!("project {PROJECT_ID}")
     };
     let message = format!(
         "Rate limit reached for {} in {scope} on requests per min (RPM): Limit 3, Used 3, \
@@ -711,9 +716,11 @@ mod tests {
         let v = json(&insufficient_quota());
         assert_eq!(v["error"]["type"], "insufficient_quota");
         let v = json(&rate_limited(Some("gpt-4o"), true, "2s"));
-        assert!(v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("organization org-mock") && m.contains("gpt-4o")));
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| m
+                .contains(&format!("organization {ORG_ID}"))
+                && m.contains("gpt-4o"))
+        );
         let v = json(&rate_limited(None, false, "2s"));
         assert!(v["error"]["message"]
             .as_str()
