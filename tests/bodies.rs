@@ -227,3 +227,32 @@ async fn bodies_beyond_the_buffer_cap_wait_then_get_a_503() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// After a burst of large bodies, keygate gives the memory back instead of keeping it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_falls_back_near_idle_after_a_burst_of_large_bodies() {
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(&config(&mock, "max_body_bytes: 17MiB\n"), KEYS);
+    // Warm up so the idle figure includes the first request's one-off allocations.
+    assert_eq!(kg.post_chat(&chat("gpt-4o")).await.status(), 200);
+    let idle = kg.rss_kib();
+    let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(16 << 20)}]});
+    let sends = (0..8).map(|_| kg.post_chat(&body));
+    for r in futures_util::future::join_all(sends).await {
+        assert_eq!(r.status(), 200);
+    }
+    // Generous: the bodies alone were 128 MiB; what stays must be a small fraction of that.
+    let bound = idle + 48 * 1024;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = kg.rss_kib();
+        if now < bound {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RSS {now} KiB stays above {bound} KiB (idle {idle} KiB)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
