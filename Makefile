@@ -59,11 +59,16 @@ test: deps fmt lint
 	  $(CARGO) test --workspace --all-targets --no-fail-fast; \
 	fi
 
+## bench: criterion micro-benchmarks, then bench/load.py, bench/scale.py and bench/instructions.py
+## (results in BENCHMARKS.md). load.py and instructions.py also measure keygate as built at
+## BASELINE (any git revision, HEAD~1 unless set) in the same run, and report the difference
+## (build kept in target/bench-baseline/); `make bench BASELINE=` skips that comparison.
+BASELINE ?= HEAD~1
 bench: deps
 	$(CARGO) bench --bench hot_paths
-	python3 bench/load.py $(BENCH_ARGS)
+	python3 bench/load.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 	python3 bench/scale.py $(SCALE_ARGS)
-	python3 bench/instructions.py
+	python3 bench/instructions.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	$(CARGO) clean

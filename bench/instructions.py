@@ -3,6 +3,7 @@
 
     python3 bench/instructions.py              # adds an "Instructions per request" section to BENCHMARKS.md
     python3 bench/instructions.py --requests 500 --out /tmp/x.md
+    python3 bench/instructions.py --baseline HEAD~1   # also counts keygate as built at HEAD~1
 
 Requests per second on a shared 2-core machine drift by 10-20 % from one run to the next, which
 hides the effect of most single changes. The number of instructions a request costs does not
@@ -15,6 +16,10 @@ How: the mock (`--strict`, three keys) and, in turn, examples/bare_passthrough.r
 after 500 warm-up requests (h2load, 8 keep-alive connections) counting is switched on, N small chat
 POSTs are sent, counting is switched off and the profile dumped. Instructions per request = all
 instructions counted / N. The callgrind files are kept with --keep-tmp for `callgrind_annotate`.
+
+With `--baseline REV`, keygate as built at REV (bench/load.py's build_baseline: a release build in a
+temporary git worktree, kept in target/bench-baseline/) is counted the same way with the current
+bench/keygate.yaml, and the section gives both counts and their difference.
 
 Needs: the release binaries (`make bench` builds them), valgrind and h2load (nghttp2-client), which
 it installs with apt-get when they are missing.
@@ -41,7 +46,9 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     KEYS,
     ROOT,
     Processes,
+    build_baseline,
     chat_body,
+    check_config,
     ensure_tools,
     fill,
     free_ports,
@@ -95,15 +102,18 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000, help="requests counted per target (default 3000)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="file whose section is written")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (callgrind files, logs)")
+    ap.add_argument("--baseline", metavar="REV", default="",
+                    help="also count keygate as built at this git revision (empty: none)")
     args = ap.parse_args()
     ensure_tools({"valgrind": ["valgrind"], "callgrind_control": ["valgrind"], "h2load": ["nghttp2-client"]})
     for b in ("keygate", "keygate-mock", "examples/bare_passthrough"):
         if not (RELEASE / b).exists():
             raise SystemExit(f"target/release/{b} is missing: cargo build --release --workspace --bins --example bare_passthrough")
+    baseline, base = build_baseline(args.baseline) if args.baseline else (None, None)
 
     tmp = Path(tempfile.mkdtemp(prefix="keygate-instr-"))
     tmp.chmod(0o700)  # keygate's upgrade socket is created mode 0666
-    port = dict(zip(["mock", "keygate", "pingora"], free_ports(3)))
+    port = dict(zip(["mock", "keygate", "pingora", "baseline"], free_ports(4)))
     body_file = tmp / "body.json"
     body_file.write_bytes(chat_body(200))
     env = dict(os.environ, **KEYS, RUST_LOG="warn")
@@ -122,6 +132,16 @@ def main() -> int:
                       port["pingora"], tmp, body_file, args.requests, env)
         keygate = count("keygate", [str(RELEASE / "keygate"), "-c", str(conf)],
                         port["keygate"], tmp, body_file, args.requests, env)
+        if baseline:
+            # Its own directory (pid file, upgrade socket) and port, with the same config.
+            (tmp / "baseline").mkdir(mode=0o700)
+            base_conf = fill(ROOT / "bench" / "keygate.yaml",
+                             {"KEYGATE_DIR": tmp / "baseline", "KEYGATE_PORT": port["baseline"],
+                              "MOCK_PORT": port["mock"]},
+                             tmp / "baseline" / "keygate.yaml")
+            check_config(baseline, base_conf, env, f"keygate @{base['short']}", baseline=True)
+            base_count = count("baseline", [str(baseline), "-c", str(base_conf)],
+                               port["baseline"], tmp, body_file, args.requests, env)
     finally:
         mock.stop_all()
         if args.keep_tmp:
@@ -136,17 +156,37 @@ def main() -> int:
         ["Pingora floor (examples/bare_passthrough.rs)", f"{floor:,}", "100%"],
         ["keygate (bench/keygate.yaml)", f"{keygate:,}", f"{keygate / floor:.0%}"],
     ]
+    against = ""
+    if base:
+        rows.append([f"keygate @{base['short']} (bench/keygate.yaml)", f"{base_count:,}", f"{base_count / floor:.0%}"])
+        diff = keygate - base_count
+        same = base["rev"] == base["short"]
+        heading = f"{base['rev']} ({base['subject']})" if same else f"{base['rev']} ({base['short']}, {base['subject']})"
+        # Section and terminal say the same: the two counts and what changed between them.
+        against = f"""
+### Against {heading}
+
+keygate @{base['short']} is keygate built in release mode from {base['rev']}, counted the same way, with the
+current bench/keygate.yaml. callgrind counts exactly; only how the requests batch on the connections
+varies between runs (repeated 500-request runs differed by a few tenths of a percent, the floor by up
+to 1 %), so a difference smaller than that says nothing either way.
+
+- keygate @{base['short']}: {base_count:,} instructions per request
+- keygate {commit}: {keygate:,} instructions per request
+- difference: {diff:+,} instructions per request ({diff / base_count:+.1%})
+"""
     t = table(["instructions per request (user space)", "count", "of the floor"], rows)
+    cmd = "python3 bench/instructions.py" + (f" --baseline {base['rev']}" if base else "")
     section = f"""## Instructions per request
 
-Generated by `python3 bench/instructions.py` on {when}, keygate {commit}: callgrind's exact count
+Generated by `{cmd}` on {when}, keygate {commit}: callgrind's exact count
 of the user-space instructions one small chat POST costs (mean over {args.requests:,} requests on 8
 keep-alive connections, after {WARMUP} warm-up requests). Unlike requests/s it does not drift with
 the machine's load, so it is the figure to compare before and after a change.
 
 {t}
-"""
-    print(t)
+{against}"""
+    print(t + ("\n" + against if against else ""))
     write_section(Path(args.out), section, heading="Instructions per request")
     log(f"wrote the Instructions per request section of {args.out}")
     return 0

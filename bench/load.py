@@ -3,6 +3,7 @@
 
     python3 bench/load.py            # full run (about 10 minutes), writes BENCHMARKS.md
     python3 bench/load.py --quick    # smoke run (about a minute), writes BENCHMARKS.md too
+    python3 bench/load.py --baseline HEAD~1   # also measures keygate as built at HEAD~1
 
 What runs, all on 127.0.0.1 ports picked at start, all with one worker thread:
 - `keygate-mock --threads 1 --strict` with three keys: a request carrying no key or a wrong
@@ -23,6 +24,16 @@ state) affects all of them alike; each figure is the median over the rounds:
    through keygate;
 6. keygate's resident memory: idle after start, after the load, and its peak (VmHWM).
 
+With `--baseline REV` (any git revision; `make bench` passes BASELINE, HEAD~1 unless set), keygate
+as built at REV runs as one more target, "keygate @REV", with the current bench/keygate.yaml: in
+every test keygate runs, in the same rounds, right beside keygate (after it in one round, before it
+in the next), so that both see the same load and drift. The report gets an "Against REV" section for
+1, 2, 3 (16 KiB), 4 (p50/p90/p99) and 6: each figure beside REV's, their difference and a verdict
+against the noise (the spread of the per-round ratios keygate / keygate @REV). REV is built in release mode in a detached `git worktree` under the
+system temp dir, removed afterwards, with CARGO_TARGET_DIR=target/bench-baseline/target; the
+binary is kept as target/bench-baseline/bin/keygate-<commit>, so a later run against the same
+commit builds nothing (`rm -r target/bench-baseline` forces a rebuild).
+
 Needs: a Rust toolchain, python3 (3.8+, standard library only), and wrk, nginx and haproxy,
 which it installs with apt-get when they are missing.
 """
@@ -34,6 +45,7 @@ import asyncio
 import collections
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -67,6 +79,8 @@ TARGET_LABELS = {
     "nginx1": "nginx tuned",
     "haproxy": "HAProxy",
     "pingora": "Pingora floor",
+    # keygate built from --baseline REV; main() puts REV's short hash in the label.
+    "baseline": "keygate @REV",
 }
 # "pingora" is examples/bare_passthrough.rs: Pingora with nothing but key injection, the floor
 # any Pingora-based gateway stands on.
@@ -293,17 +307,120 @@ def build(skip: bool) -> None:
             raise SystemExit(f"target/release/{b} is missing: run without --no-build")
 
 
-class Stack:
-    """The mock, keygate and the peers, on loopback."""
+# --------------------------------------------------------------------------------------------
+# The baseline: keygate built from another revision, measured beside the working tree's
 
-    def __init__(self, procs: Processes, tools: dict[str, str], tmp: Path) -> None:
+BASELINE_DIR = ROOT / "target" / "bench-baseline"
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
+def resolve_rev(rev: str) -> dict[str, str]:
+    """{"rev", "hash", "short", "subject"} of a revision, or a clear exit if git does not know it."""
+    found = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if found.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: not a commit git knows in {ROOT}")
+    full = found.stdout.strip()
+    short, _, subject = git("log", "-1", "--format=%h %s", full).stdout.strip().partition(" ")
+    return {"rev": rev, "hash": full, "short": short, "subject": subject}
+
+
+def build_baseline(rev: str) -> tuple[Path, dict[str, str]]:
+    """keygate built in release mode at `rev`: its binary and resolve_rev's description of `rev`."""
+    base = resolve_rev(rev)
+    binary = BASELINE_DIR / "bin" / f"keygate-{base['hash']}"
+    if binary.exists():
+        log(f"keygate @{base['short']}: reusing {binary.relative_to(ROOT)}")
+        return binary, base
+    # Outside the repository: cargo looks upwards for a workspace, and a revision from before the
+    # workspace, checked out under this one, would be taken for a stray member of it.
+    src = Path(tempfile.mkdtemp(prefix="keygate-baseline-"))
+    try:
+        added = git("worktree", "add", "--detach", str(src), base["hash"])
+        if added.returncode != 0:
+            raise SystemExit(f"git worktree add {base['short']} failed:\n{added.stderr}")
+        target = BASELINE_DIR / "target"
+        log(f"building keygate @{base['short']} ({base['subject']}) in {src}, CARGO_TARGET_DIR={target}")
+        # `--bin keygate` from the package root builds the gateway whether or not REV has a workspace.
+        built = run_group(["cargo", "build", "--release", "--bin", "keygate"], cwd=src,
+                          env=dict(os.environ, CARGO_TARGET_DIR=str(target)))
+        if built != 0:
+            raise SystemExit(f"cargo build --release --bin keygate failed at {rev} ({base['short']})")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_name(binary.name + ".partial")
+        shutil.copy2(target / "release" / "keygate", partial)
+        partial.replace(binary)  # a run stopped mid-copy leaves no binary that looks complete
+    finally:
+        remove_worktree(src)
+    return binary, base
+
+
+def run_group(cmd: list[str], cwd: Path, env: dict) -> int:
+    """Runs `cmd` in a process group of its own and returns its exit code; if this script is stopped
+    meanwhile, the whole group is stopped first (cargo's rustc jobs would outlive cargo alone)."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True)
+    try:
+        return p.wait()
+    except BaseException:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait()
+        raise
+
+
+def remove_worktree(path: Path) -> None:
+    """Removes a worktree build_baseline added, or whatever is left of one that failed half-way."""
+    if git("worktree", "remove", "--force", str(path)).returncode != 0:
+        shutil.rmtree(path, ignore_errors=True)
+        git("worktree", "prune")
+
+
+def check_config(binary: Path, conf: Path, env: dict, label: str, baseline: bool = False) -> None:
+    """Exits with keygate's own words if `binary` rejects `conf` (keygate -t)."""
+    check = subprocess.run([str(binary), "-t", "-c", str(conf)], env=env, capture_output=True, text=True)
+    if check.returncode == 0:
+        return
+    hint = ""
+    if baseline:
+        hint = ("\nEvery keygate is measured with the current bench/keygate.yaml, so that both run the "
+                "same config; this older one does not accept it. Compare against a later revision "
+                "(--baseline, or BASELINE= for make bench), or none.")
+    raise SystemExit(f"{label} (keygate -t) rejected the bench config:\n{check.stdout}{check.stderr}{hint}")
+
+
+class Stack:
+    """The mock, keygate and the peers, on loopback; with a baseline binary, keygate @REV too."""
+
+    def __init__(self, procs: Processes, tools: dict[str, str], tmp: Path, baseline: Path | None = None) -> None:
         self.procs = procs
         self.tools = tools
         self.tmp = tmp
-        names = ["mock", "keygate", "pingora", "nginx2", "nginx1", "haproxy", "key_a", "key_b", "key_c"]
+        self.baseline = baseline
+        # What the throughput rounds measure: the peers, and keygate @REV when there is one.
+        self.targets = PEERS + (["baseline"] if baseline else [])
+        names = ["mock", "keygate", "baseline", "pingora", "nginx2", "nginx1", "haproxy", "key_a", "key_b", "key_c"]
         self.port = dict(zip(names, free_ports(len(names))))
         self.port["direct"] = self.port["mock"]
         self.pid: dict[str, int] = {}
+
+    def start_keygate(self, target: str, binary: Path) -> None:
+        """keygate (or keygate @REV) with bench/keygate.yaml, on its own port and directory."""
+        label = TARGET_LABELS[target]
+        # keygate's upgrade socket is created mode 0666, so it lives in a 0700 directory.
+        kg_dir = self.tmp / target
+        kg_dir.mkdir(mode=0o700)
+        conf = fill(BENCH / "keygate.yaml",
+                    {"KEYGATE_DIR": kg_dir, "KEYGATE_PORT": self.port[target], "MOCK_PORT": self.port["mock"]},
+                    kg_dir / "keygate.yaml")
+        env = dict(os.environ, **KEYS)
+        # Warnings only: nginx and HAProxy run without access logs too.
+        env["RUST_LOG"] = os.environ.get("BENCH_RUST_LOG", "warn")
+        check_config(binary, conf, env, label, baseline=target == "baseline")
+        kg = self.procs.start(label, [str(binary), "-c", str(conf)],
+                              self.tmp / f"{target}.log", env=env, stop_signal=signal.SIGINT)
+        self.pid[target] = kg.pid
+        wait_ready(label, self.port[target], kg, self.tmp / f"{target}.log")
 
     def start(self) -> None:
         tmp, port = self.tmp, self.port
@@ -318,23 +435,9 @@ class Stack:
         self.pid["mock"] = mock.pid
         wait_ready_plain("keygate-mock", port["mock"], mock, tmp / "mock.log")
 
-        # keygate: its upgrade socket is created mode 0666, so it lives in a 0700 directory.
-        kg_dir = tmp / "keygate"
-        kg_dir.mkdir(mode=0o700)
-        conf = fill(BENCH / "keygate.yaml",
-                    {"KEYGATE_DIR": kg_dir, "KEYGATE_PORT": port["keygate"], "MOCK_PORT": port["mock"]},
-                    kg_dir / "keygate.yaml")
-        env = dict(os.environ, **KEYS)
-        # Warnings only: nginx and HAProxy run without access logs too.
-        env["RUST_LOG"] = os.environ.get("BENCH_RUST_LOG", "warn")
-        check = subprocess.run([str(release / "keygate"), "-t", "-c", str(conf)], env=env,
-                               capture_output=True, text=True)
-        if check.returncode != 0:
-            raise SystemExit(f"keygate -t rejected the bench config:\n{check.stdout}{check.stderr}")
-        kg = self.procs.start("keygate", [str(release / "keygate"), "-c", str(conf)],
-                              tmp / "keygate.log", env=env, stop_signal=signal.SIGINT)
-        self.pid["keygate"] = kg.pid
-        wait_ready("keygate", port["keygate"], kg, tmp / "keygate.log")
+        self.start_keygate("keygate", release / "keygate")
+        if self.baseline:
+            self.start_keygate("baseline", self.baseline)
 
         bare = self.procs.start(
             "Pingora floor",
@@ -394,7 +497,7 @@ class Stack:
         status, text = http_post(self.port["direct"], body, auth=auth_for("direct"))
         if status != 200:
             raise SystemExit(f"the mock answered {status}: {text[:300]!r}")
-        for target in PEERS:
+        for target in self.targets:
             if target == "direct":
                 continue
             self.mock_reset()
@@ -656,6 +759,17 @@ def machine() -> dict[str, str]:
     }
 
 
+def round_order(targets: list[str], rnd: int, baseline: bool = False) -> list[str]:
+    """The order of round `rnd`: `targets` rotated, so that no target always runs first or last;
+    with a baseline, keygate @REV right beside keygate, after it in even rounds and before it in
+    odd ones, so that both meet the same drift and neither always goes first."""
+    k = rnd % len(targets)
+    order = targets[k:] + targets[:k]
+    if baseline and "keygate" in order:
+        order.insert(order.index("keygate") + (rnd + 1) % 2, "baseline")
+    return order
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -673,6 +787,8 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the report")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--baseline", metavar="REV", default="",
+                    help="also measure keygate as built at this git revision, in the same rounds (empty: none)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (3 if args.quick else 10)
@@ -680,28 +796,37 @@ def main() -> int:
     streams = args.streams or (10 if args.quick else 50)
     warmup = 1 if args.quick else 2
 
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Installed explicitly: a shell that starts this in the background may have SIGINT ignored.
+    # Before the builds, so that a stopped baseline build still removes its worktree.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
     build(args.no_build)
+    baseline, base = build_baseline(args.baseline) if args.baseline else (None, None)
+    if base:
+        TARGET_LABELS["baseline"] = f"keygate @{base['short']}"
     tools = ensure_tools()
     info = machine()
 
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     tmp.chmod(0o755)  # nginx workers (nobody) must reach their own subdirectory
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # Installed explicitly: a shell that starts this in the background may have SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
     try:
-        stack = Stack(procs, tools, tmp)
+        stack = Stack(procs, tools, tmp, baseline)
         stack.start()
         spread = stack.verify()
         log("all targets answer 200 with the three keys: " +
             ", ".join(f"{TARGET_LABELS[t]} {s}" for t, s in spread.items()))
         kg_pid = stack.pid["keygate"]
         idle_rss = proc_status(kg_pid).get("VmRSS", 0)
+        base_idle_rss = proc_status(stack.pid["baseline"]).get("VmRSS", 0) if baseline else 0
+        # keygate's and keygate @REV's RSS after each round's load, for the baseline comparison.
+        compared = ["keygate", "baseline"] if baseline else []
+        rss_rounds: dict[str, list[int]] = {t: [] for t in compared}
+        with_base = baseline is not None
 
         bodies = {
             "small": chat_body(200),
@@ -722,39 +847,41 @@ def main() -> int:
         wrk = tools["wrk"]
         log(f"warm-up: {warmup:g} s per target")
         for _, body, targets in matrix:
-            for t in targets:
+            for t in round_order(targets, 0, with_base):
                 run_wrk(wrk, stack, t, files[body], warmup, args.connections, args.wrk_threads)
 
         tput: dict[tuple[str, str], list[dict]] = {}
         for rnd in range(rounds):
             for scenario, body, targets in matrix:
-                # Rotate the order each round so that no target always runs first or last.
-                order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
-                for t in order:
+                for t in round_order(targets, rnd, with_base):
                     res = run_wrk(wrk, stack, t, files[body], seconds, args.connections, args.wrk_threads)
                     tput.setdefault((scenario, t), []).append(res)
-                    log(f"round {rnd + 1}/{rounds} {scenario:8} {TARGET_LABELS[t]:14} "
+                    log(f"round {rnd + 1}/{rounds} {scenario:8} {TARGET_LABELS[t]:16} "
                         f"{res['rps']:9.0f} req/s  p50 {res['p50_us'] / 1000:.2f} ms  "
                         f"p99 {res['p99_us'] / 1000:.2f} ms  errors {res['errors']}")
+            for t in compared:
+                rss_rounds[t].append(proc_status(stack.pid[t]).get("VmRSS", 0))
         loaded_rss = proc_status(kg_pid).get("VmRSS", 0)
 
-        # Latency at a fixed rate, and stream timings: direct, keygate and the bare Pingora floor,
-        # in rotating order.
-        lat: dict[str, list[float]] = {t: [] for t in LATENCY_TARGETS}
-        lat_err = {t: 0 for t in LATENCY_TARGETS}
-        lat_what: dict[str, list[str]] = {t: [] for t in LATENCY_TARGETS}
+        # Latency at a fixed rate, and stream timings: direct, keygate and the bare Pingora floor
+        # (and keygate @REV), in rotating order.
+        lat_targets = LATENCY_TARGETS + compared[1:]
+        lat: dict[str, list[float]] = {t: [] for t in lat_targets}
+        lat_rounds: dict[str, list[list[float]]] = {t: [] for t in lat_targets}
+        lat_err = {t: 0 for t in lat_targets}
+        lat_what: dict[str, list[str]] = {t: [] for t in lat_targets}
         sse_t: dict[str, dict[str, list]] = {t: {"first": [], "last": [], "events": []} for t in lat}
-        sse_err = {t: 0 for t in LATENCY_TARGETS}
+        sse_err = {t: 0 for t in lat_targets}
         slow = chat_body(200, stream=True, mock={"chunks": 10, "interval_ms": 20})
         for rnd in range(rounds):
-            k = rnd % len(LATENCY_TARGETS)
-            order = LATENCY_TARGETS[k:] + LATENCY_TARGETS[:k]
+            order = round_order(LATENCY_TARGETS, rnd, with_base)
             for t in order:
                 r = asyncio.run(fixed_rate(stack.port[t], auth_for(t), bodies["small"], args.rate, lat_seconds))
                 lat[t] += r["latencies"]
+                lat_rounds[t].append(r["latencies"])
                 lat_err[t] += r["errors"]
                 lat_what[t] += r["what"]
-                log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s {TARGET_LABELS[t]:14} "
+                log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s {TARGET_LABELS[t]:16} "
                     f"p50 {pct(r['latencies'], 50) * 1000:.3f} ms  p99 {pct(r['latencies'], 99) * 1000:.3f} ms  "
                     f"errors {r['errors']}")
             for t in order:
@@ -763,11 +890,12 @@ def main() -> int:
                 sse_t[t]["last"] += r["last"]
                 sse_t[t]["events"] += r["events"]
                 sse_err[t] += r["errors"]
-                log(f"round {rnd + 1}/{rounds} stream 10x20ms {TARGET_LABELS[t]:14} "
+                log(f"round {rnd + 1}/{rounds} stream 10x20ms {TARGET_LABELS[t]:16} "
                     f"first {pct(r['first'], 50) * 1000:.2f} ms  last {pct(r['last'], 50) * 1000:.2f} ms  "
                     f"errors {r['errors']}")
 
         mem = proc_status(kg_pid)
+        base_mem = proc_status(stack.pid["baseline"]) if baseline else {}
         peers_mem = {t: tree_memory(stack.pid[t]) for t in ("nginx2", "nginx1", "haproxy")}
         mock_mem = proc_status(stack.pid["mock"])
     finally:
@@ -783,6 +911,8 @@ def main() -> int:
         tput=tput, lat=lat, lat_err=lat_err, lat_what=lat_what, sse_t=sse_t, sse_err=sse_err, spread=spread,
         rss={"idle": idle_rss, "loaded": loaded_rss, "end": mem.get("VmRSS", 0), "peak": mem.get("VmHWM", 0)},
         peers_mem=peers_mem, mock_mem=mock_mem, wrk_threads=args.wrk_threads,
+        baseline=base, lat_rounds=lat_rounds, rss_rounds=rss_rounds,
+        base_rss={"idle": base_idle_rss, "peak": base_mem.get("VmHWM", 0)},
     )
     print(report["terminal"])
     Path(args.out).write_text(report["markdown"])
@@ -902,11 +1032,12 @@ def render(**r) -> dict[str, str]:
         e = sum(x["errors"] for x in runs)
         if e:
             problems.append(f"{scenario} via {TARGET_LABELS[t]}: {e} errors (socket or non-2xx)")
-    for t in LATENCY_TARGETS:
+    for t in r["lat_err"]:
         if r["lat_err"][t]:
             seen = ", ".join(r.get("lat_what", {}).get(t, [])[:3])
             problems.append(f"fixed-rate via {TARGET_LABELS[t]}: {r['lat_err'][t]} errors"
                             + (f" (first: {seen})" if seen else ""))
+    for t in r["sse_err"]:
         if r["sse_err"][t]:
             problems.append(f"stream timing via {TARGET_LABELS[t]}: {r['sse_err'][t]} errors")
 
@@ -926,6 +1057,7 @@ def render(**r) -> dict[str, str]:
         "`cargo bench --bench hot_paths`."
     )
     tables = "\n\n".join([t0, floor_note, t1, t2, t3, t4, t5])
+    against_md = against(r)
     method = f"""\
 - {r['rounds']} round(s); in each, every target in turn (order rotated per round) for {r['seconds']:g} s with
   wrk, {r['conns']} connections, {r['wrk_threads']} wrk thread(s); figures are medians over rounds. `(!)` marks a
@@ -969,7 +1101,7 @@ depend on the machine and on whatever else it was doing, and all processes here 
 {tables}
 
 {"Problems seen:" + chr(10) + chr(10).join("- " + p for p in problems) if problems else "No errors: every request got a 200."}
-
+{against_md}
 ## Method
 
 {method}
@@ -982,8 +1114,108 @@ configs are `bench/nginx-two-hop.conf`, `bench/nginx-tuned.conf`, `bench/haproxy
 `bench/keygate.yaml`. The peers only rotate keys: none of them cools a key on 429, retries elsewhere,
 or reads the body; keygate does all of that on every request.
 """
-    term = f"\n{tables}\n\n" + ("\n".join("! " + p for p in problems) + "\n" if problems else "no errors\n")
+    term = (f"\n{tables}\n\n" + ("\n".join("! " + p for p in problems) + "\n" if problems else "no errors\n")
+            + against_md)
     return {"markdown": md, "terminal": term}
+
+
+def noise_of(kg_rounds: list[float], base_rounds: list[float]) -> float:
+    """The noise of a comparison: max - min over the rounds of the per-round ratio keygate / baseline
+    (NaN with fewer than two rounds: one round has no spread)."""
+    ratios = [k / b for k, b in zip(kg_rounds, base_rounds) if b]
+    return max(ratios) - min(ratios) if len(ratios) >= 2 else float("nan")
+
+
+def judge(diff: float, noise: float, higher_is_better: bool, words: tuple[str, str] = ("faster", "slower")) -> str:
+    """The verdict on a relative difference (keygate / baseline - 1): "within noise" when it is no
+    larger than the noise, else words[0] if keygate is better, words[1] if worse."""
+    if math.isnan(diff):
+        return "no verdict (no figure)"
+    if math.isnan(noise):
+        return "no verdict (one round: no spread to judge against)"
+    if abs(diff) <= noise:
+        return "within noise"
+    return words[0] if (diff > 0) == higher_is_better else words[1]
+
+
+def against(r: dict) -> str:
+    """The "Against REV" section of the report: keygate beside keygate @REV, measured in the same
+    rounds; empty without a baseline."""
+    base = r.get("baseline")
+    if not base:
+        return ""
+    other = f"keygate @{base['short']}"
+    tput, lat, rss = r["tput"], r["lat_rounds"], r["rss_rounds"]
+    pc = lambda v: "n/a" if math.isnan(v) else f"{v:.1%}"  # noqa: E731
+    # (figure, keygate, baseline, difference cell, noise cell, verdict line)
+    figures: list[tuple[str, str, str, str, str, str]] = []
+
+    def add(label: str, k: float, b: float, noise: float, higher_is_better: bool, cell,
+            words=("faster", "slower"), extra: str = "") -> None:
+        diff = k / b - 1 if b else float("nan")
+        shown = "n/a" if math.isnan(diff) else f"{diff:+.1%}{extra}"
+        verdict = judge(diff, noise, higher_is_better, words)
+        if not verdict.startswith("no verdict"):
+            verdict += f" ({diff:+.1%}, noise {noise:.1%})"
+        figures.append((label, cell(k), cell(b), shown, pc(noise), verdict))
+
+    for scenario, label in (("chat", "chat POST, req/s"), ("sse", "stream, 5 chunks, req/s"),
+                            ("body16k", "16 KiB body, req/s")):
+        k_runs = [x["rps"] for x in tput.get((scenario, "keygate"), [])]
+        b_runs = [x["rps"] for x in tput.get((scenario, "baseline"), [])]
+        add(label, median(k_runs), median(b_runs), noise_of(k_runs, b_runs), True, lambda v: f"{v:,.0f}")
+    for p in (50, 90, 99):
+        k = pct([x for run in lat["keygate"] for x in run], p)
+        b = pct([x for run in lat["baseline"] for x in run], p)
+        k_runs = [pct(run, p) for run in lat["keygate"]]
+        b_runs = [pct(run, p) for run in lat["baseline"]]
+        add(f"latency p{p} at {r['rate']:g} req/s, ms", k, b, noise_of(k_runs, b_runs), False,
+            lambda v: f"{v * 1000:.3f}", extra=f" ({(k - b) * 1000:+.3f} ms)")
+    mib = lambda kib: f"{kib / 1024:.1f}"  # noqa: E731
+    words = ("smaller", "larger")
+    loaded_noise = noise_of(rss["keygate"], rss["baseline"])
+    add("RSS idle, MiB", r["rss"]["idle"], r["base_rss"]["idle"], loaded_noise, False, mib, words)
+    add("RSS after load, MiB", median(rss["keygate"]), median(rss["baseline"]), loaded_noise, False, mib, words)
+    add("peak RSS (VmHWM), MiB", r["rss"]["peak"], r["base_rss"]["peak"], loaded_noise, False, mib, words)
+
+    t = table(["figure", "keygate", other, "difference", "noise"], [list(f[:5]) for f in figures])
+    verdicts = "\n".join(f"- {label}: {v}" for label, _, _, _, _, v in figures)
+    worse = [label for label, *_, v in figures if v.startswith(("slower", "larger"))]
+    if worse:
+        summary = f"**Worse than {other} beyond noise:** {', '.join(worse)}."
+    elif all(v.startswith("no verdict") for *_, v in figures):
+        summary = "**No verdict:** one round has no spread between rounds; run two or more (three by default)."
+    else:
+        summary = f"**No loss beyond noise against {other}.**"
+    same = base["rev"] == base["short"]
+    rev = base["rev"] if same else f"{base['rev']} = {base['short']}"
+    heading = f"{base['rev']} ({base['subject']})" if same else f"{base['rev']} ({base['short']}, {base['subject']})"
+    return f"""
+## Against {heading}
+
+{other} is keygate built in release mode from {rev}, run with the current
+`bench/keygate.yaml` on its own port through every test keygate runs, in the same rounds, right
+beside keygate (after it in one round, before it in the next), so that both meet the same load and
+drift. Figures: medians over the rounds for req/s; the percentile over all of a target's fixed-rate
+samples for latency; for memory, single readings idle and at the peak, and the median of the
+readings taken after each round's load.
+
+- **Difference**: keygate / {other} − 1 on the figures shown (for latency, in brackets: the latency
+  keygate adds over {other}).
+- **Noise**: the spread between rounds, max − min over the {r['rounds']} round(s) of the per-round ratio
+  keygate / {other} (for latency, of the round's percentiles; for memory, of the RSS after each
+  round's load, a spread that stands for the idle and peak readings too).
+- **Verdict**: "within noise" when the difference is no larger than the noise; otherwise keygate is
+  "faster" or "slower" (memory: "smaller" or "larger"). One round has no spread, hence no verdict. With
+  three rounds the bar is low: two equal builds still land outside it for about one figure in ten
+  (simulated with independent noise); `--rounds 5` makes it firmer.
+
+{t}
+
+{verdicts}
+
+{summary}
+"""
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # no bench/__pycache__
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import LATENCY_TARGETS, PEERS, render  # noqa: E402
+from load import LATENCY_TARGETS, PEERS, judge, noise_of, render, round_order  # noqa: E402
 from scale import write_section  # noqa: E402
 
 # Requests/s per scenario and target: keygate beats HAProxy on streams only.
@@ -50,6 +50,34 @@ def synthetic() -> dict:
     )
 
 
+def with_baseline() -> dict:
+    """synthetic() plus keygate @abc1234 in the same three rounds: level on chat POSTs (within a 3 %
+    noise), 8 % slower on streams (beyond a 0.6 % noise), 0.05 ms slower at every percentile of the
+    fixed-rate test (so keygate is faster), and memory alike."""
+    r = synthetic()
+    per_round = {  # scenario: (keygate, keygate @abc1234) req/s per round, keygate's medians as above
+        "chat": ([20000, 20400, 19600], [20200, 20000, 19800]),
+        "sse": ([34000, 34300, 33700], [37000, 37200, 36800]),
+        "body16k": ([19000, 19000, 19000], [19000, 19000, 19000]),
+    }
+    for scenario, runs in per_round.items():
+        for t, values in zip(("keygate", "baseline"), runs):
+            r["tput"][(scenario, t)] = [{"rps": v, "errors": 0, "p50_us": 1000, "p99_us": 2000} for v in values]
+    kg = r["lat"]["keygate"]
+    r["lat_rounds"] = {"keygate": [kg] * 3, "baseline": [[x + 0.00005 + j * 1e-6 for x in kg] for j in range(3)]}
+    r["rss_rounds"] = {"keygate": [19 * 1024, 20 * 1024, 20 * 1024], "baseline": [18 * 1024, 19 * 1024, 20 * 1024]}
+    r["base_rss"] = {"idle": 12.5 * 1024, "peak": 22 * 1024}
+    r["baseline"] = {"rev": "HEAD~1", "hash": "abc1234" + "0" * 33, "short": "abc1234", "subject": "a change"}
+    return r
+
+
+def section(md: str, heading: str) -> str:
+    """The "## {heading}..." section of `md`, up to the next "## " heading."""
+    start = md.index("## " + heading)
+    end = md.find("\n## ", start + 1)
+    return md[start:] if end < 0 else md[start:end]
+
+
 def row(md: str, label: str) -> list[str]:
     """The cells of the first table row starting with `label`."""
     for line in md.splitlines():
@@ -71,6 +99,55 @@ def main() -> int:
     assert row(md, "16 KiB / 200 B")[1:] == ["40%", "95%", "66%", "50%"], row(md, "16 KiB / 200 B")
     assert row(md, "slowest event, p50 added")[3] == "0.100"
     assert "No errors" in md
+    assert "## Against" not in md, "no baseline, no comparison"
+
+    # keygate @REV runs right beside keygate, after it then before it; the others rotate as before.
+    assert round_order(["direct", "keygate", "pingora"], 0) == ["direct", "keygate", "pingora"]
+    assert round_order(["direct", "keygate", "pingora"], 0, baseline=True) == ["direct", "keygate", "baseline", "pingora"]
+    assert round_order(["direct", "keygate", "pingora"], 1, baseline=True) == ["baseline", "keygate", "pingora", "direct"]
+    assert round_order(["direct", "keygate", "pingora"], 2, baseline=True) == ["pingora", "direct", "keygate", "baseline"]
+
+    # The verdict: within noise up to the spread of the per-round ratios (inclusive), else the
+    # direction in which keygate moved; no verdict from one round.
+    assert abs(noise_of([100, 90, 95], [100, 100, 100]) - 0.1) < 1e-9
+    assert noise_of([100], [90]) != noise_of([100], [90])  # NaN: one round has no spread
+    assert judge(-0.02, 0.02, higher_is_better=True) == "within noise"
+    assert judge(-0.021, 0.02, higher_is_better=True) == "slower"
+    assert judge(0.021, 0.02, higher_is_better=True) == "faster"
+    assert judge(0.05, 0.01, higher_is_better=False) == "slower"  # latency up
+    assert judge(-0.05, 0.01, higher_is_better=False, words=("smaller", "larger")) == "smaller"
+    assert judge(0.3, float("nan"), higher_is_better=True).startswith("no verdict")
+
+    md = render(**with_baseline())["markdown"]
+    assert row(md, "chat req/s vs HAProxy")[2:] == ["50%", "55%", "not met"], "the baseline leaves the goals alone"
+    vs = section(md, "Against HEAD~1 (abc1234, a change)")
+    assert md.index("## Against") < md.index("## Method"), md
+    assert row(vs, "figure")[1:] == ["keygate", "keygate @abc1234", "difference", "noise"], row(vs, "figure")
+    # Medians 20 000 and 20 000; per-round ratios 0.990, 1.020, 0.990: noise 3.0 %.
+    assert row(vs, "chat POST, req/s")[1:] == ["20,000", "20,000", "+0.0%", "3.0%"], row(vs, "chat POST, req/s")
+    assert "- chat POST, req/s: within noise" in vs, vs
+    # 34 000 / 37 000 - 1 = -8.1 %, against per-round ratios 0.919, 0.922, 0.916: noise 0.6 %.
+    assert row(vs, "stream, 5 chunks, req/s")[1:] == ["34,000", "37,000", "-8.1%", "0.6%"], row(vs, "stream, 5 chunks, req/s")
+    assert "- stream, 5 chunks, req/s: slower (-8.1%, noise 0.6%)" in vs, vs
+    assert row(vs, "16 KiB body, req/s")[1:] == ["19,000", "19,000", "+0.0%", "0.0%"], row(vs, "16 KiB body, req/s")
+    assert "- 16 KiB body, req/s: within noise" in vs, vs
+    assert row(vs, "latency p50 at 200 req/s, ms")[1:3] == ["0.350", "0.401"], row(vs, "latency p50 at 200 req/s, ms")
+    assert row(vs, "latency p50 at 200 req/s, ms")[3].endswith("(-0.051 ms)"), row(vs, "latency p50 at 200 req/s, ms")
+    assert "- latency p99 at 200 req/s, ms: faster" in vs, vs
+    # Medians 20 and 19 MiB: +5.3 %, against per-round ratios 1.056, 1.053, 1.000: noise 5.6 %.
+    assert row(vs, "RSS after load, MiB")[1:] == ["20.0", "19.0", "+5.3%", "5.6%"], row(vs, "RSS after load, MiB")
+    assert "- RSS idle, MiB: within noise" in vs and "- peak RSS (VmHWM), MiB: within noise" in vs, vs
+    assert "**Worse than keygate @abc1234 beyond noise:** stream, 5 chunks, req/s." in vs, vs
+
+    one = with_baseline()
+    one["rounds"] = 1
+    for key in ("chat", "sse", "body16k"):
+        for t in ("keygate", "baseline"):
+            one["tput"][(key, t)] = one["tput"][(key, t)][:1]
+    one["lat_rounds"] = {t: runs[:1] for t, runs in one["lat_rounds"].items()}
+    one["rss_rounds"] = {t: runs[:1] for t, runs in one["rss_rounds"].items()}
+    vs = section(render(**one)["markdown"], "Against")
+    assert "- chat POST, req/s: no verdict (one round" in vs and "**No verdict:**" in vs, vs
 
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "BENCHMARKS.md"
