@@ -170,31 +170,36 @@ fn rfc3339_millis(t: jiff::Timestamp) -> String {
 mod tests {
     use super::*;
 
+    /// A request line for the tests, `attempts` telling the lines apart.
+    fn entry(attempts: u32) -> AccessEntry<'static> {
+        AccessEntry {
+            time: now_rfc3339(),
+            client: "-",
+            method: "POST",
+            path: "/v1/chat/completions",
+            route: "r",
+            model: "gpt-4o",
+            upstream: "u",
+            key: "a",
+            attempts,
+            status: 200,
+            bytes: 10,
+            prompt_tokens: Some(3),
+            completion_tokens: Some(4),
+            ttfb_ms: Some(1.5),
+            total_ms: 2.0,
+            stream: false,
+            note: None,
+        }
+    }
+
     #[test]
     fn entries_are_written_as_json_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let log = AccessLog::open(Some(&path)).unwrap();
         for i in 0..3 {
-            log.write(&AccessEntry {
-                time: now_rfc3339(),
-                client: "-",
-                method: "POST",
-                path: "/v1/chat/completions",
-                route: "r",
-                model: "gpt-4o",
-                upstream: "u",
-                key: "a",
-                attempts: i,
-                status: 200,
-                bytes: 10,
-                prompt_tokens: Some(3),
-                completion_tokens: Some(4),
-                ttfb_ms: Some(1.5),
-                total_ms: 2.0,
-                stream: false,
-                note: None,
-            });
+            log.write(&entry(i));
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
@@ -220,25 +225,7 @@ mod tests {
         let path = dir.path().join("access.log");
         let log = AccessLog::open(Some(&path)).unwrap();
         for attempts in 0..500 {
-            log.write(&AccessEntry {
-                time: now_rfc3339(),
-                client: "-",
-                method: "POST",
-                path: "/v1/chat/completions",
-                route: "r",
-                model: "gpt-4o",
-                upstream: "u",
-                key: "a",
-                attempts,
-                status: 200,
-                bytes: 10,
-                prompt_tokens: None,
-                completion_tokens: None,
-                ttfb_ms: None,
-                total_ms: 2.0,
-                stream: false,
-                note: None,
-            });
+            log.write(&entry(attempts));
         }
         assert!(log.flusher().flush(Duration::from_secs(30)));
         let text = std::fs::read_to_string(&path).unwrap();

@@ -666,6 +666,11 @@ mod tests {
             .replace("env: KB }", "env: KB, account: org-1 }")
     });
 
+    /// The config of [`TWO_KEYS`] without its second key.
+    fn one_key() -> String {
+        TWO_KEYS.replace(", { name: b, env: KB }", "")
+    }
+
     /// A gateway on `yaml` (keys `KA`, `KB` set) whose endpoints are resolved, on a manual clock.
     async fn gateway(yaml: &str) -> (Arc<Gateway>, Arc<ManualClock>) {
         let (gw, clock, _) = gateway_with_suspects(yaml).await;
@@ -765,8 +770,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_401_disables_the_key_for_every_model_and_503_follows_when_none_is_left() {
-        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
-        let (gw, _) = gateway(&yaml).await;
+        let (gw, _) = gateway(&one_key()).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
         let outcome = gw.judge(&mut ctx, 401, &answer(401, &[]));
@@ -797,8 +801,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_passed_on_401_that_blames_the_request_gives_the_key_back() {
-        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
-        let (gw, _) = gateway(&yaml).await;
+        let (gw, _) = gateway(&one_key()).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
         gw.judge(&mut ctx, 401, &answer(401, &[]));
@@ -822,8 +825,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_passed_on_403_that_blames_the_key_disables_it() {
-        let yaml = TWO_KEYS.replace(", { name: b, env: KB }", "");
-        let (gw, _) = gateway(&yaml).await;
+        let (gw, _) = gateway(&one_key()).await;
         let mut ctx = request("gpt-4o");
         attempt(&gw, &mut ctx).unwrap();
         gw.judge(&mut ctx, 403, &answer(403, &[]));
