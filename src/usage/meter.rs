@@ -63,6 +63,21 @@ impl UsageMeter {
         }
     }
 
+    /// Bytes the meter holds allocated between chunks, which stays bounded whatever the body
+    /// (for the fuzz targets' memory check; not part of the API).
+    #[doc(hidden)]
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.mode {
+            Mode::Json(tail) => tail.buffered_bytes(),
+            Mode::Sse(sse) => {
+                let oversized = sse.events.oversized.as_ref().map_or(0, |tail| {
+                    std::mem::size_of::<JsonTail>() + tail.buffered_bytes()
+                });
+                sse.framer.buffered_bytes() + oversized
+            }
+        }
+    }
+
     /// How many SSE events were parsed as JSON: each must be parsed at most once.
     #[cfg(test)]
     pub(super) fn sse_parses(&self) -> u32 {

@@ -68,6 +68,13 @@ impl UsageChunkStripper {
     pub fn stripped_usage(&self) -> Option<Usage> {
         self.stripped
     }
+
+    /// Bytes the stripper holds allocated between chunks, which stays bounded whatever the
+    /// stream (for the fuzz targets' memory check; not part of the API).
+    #[doc(hidden)]
+    pub fn buffered_bytes(&self) -> usize {
+        self.framer.buffered_bytes()
+    }
 }
 
 /// What one [`UsageChunkStripper::filter`] call releases of the events the framer hands on.
