@@ -579,6 +579,29 @@ mod tests {
     }
 
     #[test]
+    fn buffered_bytes_count_the_held_event_stay_bounded_and_fall_once_it_is_gone() {
+        let big = content_chunk(&"z".repeat(2 * MAX_EVENT_BYTES));
+        let stream = big + &usage_chunk(1, 2) + DONE;
+        for size in [7 * 1024, 100_000] {
+            let mut meter = UsageMeter::for_response(SSE);
+            let mut most = 0;
+            for chunk in stream.as_bytes().chunks(size) {
+                meter.feed(chunk);
+                most = most.max(meter.buffered_bytes());
+            }
+            assert!(most >= MAX_EVENT_BYTES / 2, "chunks of {size}: at most {most}");
+            assert!(
+                most <= 2 * MAX_EVENT_BYTES + 2 * JSON_TAIL_BYTES,
+                "chunks of {size}: {most}"
+            );
+            assert!(meter.buffered_bytes() <= 64 * 1024, "chunks of {size}");
+        }
+        let mut meter = UsageMeter::for_response(JSON);
+        meter.feed(&vec![b' '; 3 * JSON_TAIL_BYTES]);
+        assert!(meter.buffered_bytes() <= 2 * JSON_TAIL_BYTES);
+    }
+
+    #[test]
     fn sse_oversized_responses_event_is_read_from_its_tail_whatever_the_chunking() {
         // A response.completed that repeats a large base64 image, with usage after it.
         let image = "A".repeat(MAX_EVENT_BYTES);

@@ -128,7 +128,7 @@ fn short_run(name: &str, cases: u32) {
 
 #[test]
 fn the_config_loader_survives_mutated_configs() {
-    short_run("config", 1500);
+    short_run("config", 400);
 }
 
 #[test]
@@ -148,7 +148,7 @@ fn the_multipart_reader_and_rewrite_survive_mutated_uploads() {
 
 #[test]
 fn the_usage_meter_and_stripper_hold_bounded_memory_on_mutated_streams() {
-    short_run("usage", 600);
+    short_run("usage", 300);
 }
 
 #[test]
