@@ -95,7 +95,7 @@ fuzz: deps
 	  if [ $$t = config ]; then for f in $(FUZZ_CONFIG_SEEDS); do cp $$f $$corpus/example-$$(echo $$f | tr / -); done; fi; \
 	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
 	  KEYGATE_FUZZ_TARGET=$$t $$bin $$corpus tests/fuzz/seeds/$$t -max_total_time=$(FUZZ_SECONDS) \
-	    -timeout=20 -rss_limit_mb=2048 -max_len=16384 -print_final_stats=1 \
+	    -timeout=20 -rss_limit_mb=2048 -max_len=16384 -dict=tests/fuzz/fuzz.dict -print_final_stats=1 \
 	    -artifact_prefix=$$crashes/ $(FUZZ_ARGS) > $(FUZZ_DIR)/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^#[0-9]+.*DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb' $(FUZZ_DIR)/$$t.log | sed 's/^/   /'; \
 	  echo "   corpus: $$(ls $$corpus | wc -l) inputs, coverage: $$(grep -oE 'cov: [0-9]+' $(FUZZ_DIR)/$$t.log | tail -1)"; \

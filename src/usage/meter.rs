@@ -589,7 +589,10 @@ mod tests {
                 meter.feed(chunk);
                 most = most.max(meter.buffered_bytes());
             }
-            assert!(most >= MAX_EVENT_BYTES / 2, "chunks of {size}: at most {most}");
+            assert!(
+                most >= MAX_EVENT_BYTES / 2,
+                "chunks of {size}: at most {most}"
+            );
             assert!(
                 most <= 2 * MAX_EVENT_BYTES + 2 * JSON_TAIL_BYTES,
                 "chunks of {size}: {most}"

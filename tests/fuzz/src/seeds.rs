@@ -19,7 +19,9 @@ pub fn repo_root() -> PathBuf {
 
 /// The committed seed directory of `target`.
 pub fn seed_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target)
 }
 
 /// Every seed of `target`, with where it came from; panics when one cannot be read (a missing

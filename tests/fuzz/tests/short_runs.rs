@@ -17,15 +17,35 @@ use proptest::test_runner::{Config, RngSeed, TestRunner};
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-/// Fragments worth inserting: the syntax of JSON, YAML, SSE, multipart and HTTP-dates.
-const TOKENS: &[&[u8]] = &[
-    b"\"", b"\\", b"\\u00", b"\\ud800", b"{", b"}", b"[", b"]", b":", b",", b"null", b"true",
-    b"-0", b"1e9", b"18446744073709551616", b"\"model\":", b"\"usage\":{", b"\"choices\":[]",
-    b"\"stream_options\":{", b"\"include_usage\":", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n",
-    b"data: ", b"data:", b"--", b"boundary=", b"name=\"model\"", b"Content-Disposition: form-data",
-    b"\0", b"&a", b"*a", b"<<: ", b"- ", b"  ", b"!!binary", b"env: ", b"GMT", b"Feb 29",
-    b"23:59:60", b"ms", b"h", b"us", b"\xc2\xb5s", b".", b"9999999999999999999", b"\xff",
-];
+/// Fragments worth inserting (the syntax of JSON, YAML, SSE, multipart, HTTP-dates): the
+/// entries of the libFuzzer dictionary `fuzz.dict`, which `make fuzz` uses too.
+fn tokens() -> Vec<Vec<u8>> {
+    let dict = include_str!("../fuzz.dict");
+    dict.lines()
+        .filter(|line| line.starts_with('"'))
+        .map(|line| unescape(&line[1..line.len() - 1]))
+        .collect()
+}
+
+/// A dictionary entry's bytes: `\\`, `\"` and `\xHH` escapes.
+fn unescape(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next().unwrap() {
+            b'x' => {
+                let hex = [bytes.next().unwrap(), bytes.next().unwrap()];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).unwrap(), 16).unwrap());
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
 
 #[derive(Debug, Clone)]
 enum Edit {
@@ -48,7 +68,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     ]
 }
 
-fn apply(mut data: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+fn apply(mut data: Vec<u8>, edits: &[Edit], tokens: &[Vec<u8>]) -> Vec<u8> {
     for edit in edits {
         let at = |i: &Index| i.index(data.len() + 1);
         match edit {
@@ -62,7 +82,7 @@ fn apply(mut data: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
                 data.splice(i..i, bytes.iter().copied());
             }
             Edit::Token(i, token) => {
-                let (i, token) = (at(i), TOKENS[token.index(TOKENS.len())]);
+                let (i, token) = (at(i), &tokens[token.index(tokens.len())]);
                 data.splice(i..i, token.iter().copied());
             }
             Edit::Delete(i, len) => {
@@ -84,11 +104,12 @@ fn apply(mut data: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
 
 /// Seeds with a few edits each, and random bytes.
 fn inputs(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    let tokens = tokens();
     let mutated = (
         prop::sample::select(seeds),
         prop::collection::vec(edit(), 1..6),
     )
-        .prop_map(|(seed, edits)| apply(seed, &edits));
+        .prop_map(move |(seed, edits)| apply(seed, &edits, &tokens));
     prop_oneof![
         4 => mutated,
         1 => prop::collection::vec(any::<u8>(), 0..256),
@@ -97,7 +118,10 @@ fn inputs(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
 
 /// Runs target `name` on its seeds, then on `cases` generated inputs.
 fn short_run(name: &str, cases: u32) {
-    assert!(alloc_count::is_installed(), "the counting allocator is not in use");
+    assert!(
+        alloc_count::is_installed(),
+        "the counting allocator is not in use"
+    );
     let target = targets::by_name(name).unwrap();
     let seeds = seeds::load(name);
     assert!(!seeds.is_empty(), "{name} has no seeds");
@@ -154,6 +178,22 @@ fn the_usage_meter_and_stripper_hold_bounded_memory_on_mutated_streams() {
 #[test]
 fn the_error_body_reader_survives_mutated_bodies() {
     short_run("error_body", 3000);
+}
+
+#[test]
+fn the_dictionary_reads_back_its_escapes() {
+    let tokens = tokens();
+    assert!(tokens.len() > 40);
+    for expected in [
+        &b"\""[..],
+        b"\\",
+        b"\r\n\r\n",
+        b"\0",
+        b"\xc2\xb5s",
+        b"name=\"model\"",
+    ] {
+        assert!(tokens.iter().any(|t| t == expected), "{expected:?}");
+    }
 }
 
 #[test]

@@ -45,10 +45,7 @@ const KEY_PATHS: [&str; 5] = [
 ];
 
 /// Paths served with the CA file.
-const CA_PATHS: [&str; 2] = [
-    "/etc/keygate/certs/private-ca.pem",
-    "/etc/keygate/ca.pem",
-];
+const CA_PATHS: [&str; 2] = ["/etc/keygate/certs/private-ca.pem", "/etc/keygate/ca.pem"];
 
 /// Directories the examples write into (pid file, upgrade socket, state, access log).
 const DIRS: [&str; 5] = [
@@ -82,7 +79,11 @@ pub fn run(data: &[u8]) {
             assert_no_leak(&message, secret, data);
         }
         for line in DEFAULT_KEYS.lines() {
-            if let Some(secret) = line.split_whitespace().next().filter(|s| s.starts_with("sk-")) {
+            if let Some(secret) = line
+                .split_whitespace()
+                .next()
+                .filter(|s| s.starts_with("sk-"))
+            {
                 assert_no_leak(&message, secret, data);
             }
         }

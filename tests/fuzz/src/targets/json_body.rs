@@ -49,7 +49,10 @@ pub fn run(body: &[u8]) {
 fn agrees_with_serde(info: &BodyInfo, object: &Map<String, Value>) {
     let model = object.get("model").and_then(Value::as_str);
     assert_eq!(info.model.as_deref(), model, "model");
-    assert_eq!(info.stream, object.get("stream") == Some(&Value::Bool(true)));
+    assert_eq!(
+        info.stream,
+        object.get("stream") == Some(&Value::Bool(true))
+    );
     let include_usage = object
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -59,7 +62,10 @@ fn agrees_with_serde(info: &BodyInfo, object: &Map<String, Value>) {
         .iter()
         .filter_map(|key| object.get(*key))
         .find(|v| !v.is_null())
-        .map(|v| v.as_u64().expect("scan_json accepted a limit that is no u64"));
+        .map(|v| {
+            v.as_u64()
+                .expect("scan_json accepted a limit that is no u64")
+        });
     assert_eq!(info.max_tokens, max_tokens, "max_tokens");
 }
 

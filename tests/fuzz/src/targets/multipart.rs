@@ -5,8 +5,8 @@
 //!
 //! Input: `content type NUL new value NUL body`; an empty new value means `whisper-1`.
 
-use keygate::request_body::{multipart_boundary, multipart_field, rewrite_multipart_field};
 use keygate::request_body::BodyError;
+use keygate::request_body::{multipart_boundary, multipart_field, rewrite_multipart_field};
 
 use crate::alloc_count::assert_peak_below;
 use crate::input::{fields, text};
@@ -32,13 +32,15 @@ pub fn run(data: &[u8]) {
 }
 
 fn check(content_type: &str, new_value: &str, body: &[u8]) {
-    multipart_boundary(content_type);
+    let boundary = multipart_boundary(content_type);
     let read = multipart_field(body, content_type, FIELD);
     let rewritten = rewrite_multipart_field(body, content_type, FIELD, new_value);
-    let line_break = new_value.contains(['\r', '\n']);
+    // A value that could end the part early is refused.
+    let unsafe_value = new_value.contains(['\r', '\n'])
+        || boundary.is_some_and(|b| new_value.starts_with(&format!("--{b}")));
     match (&read, &rewritten) {
         (_, Some(out)) => {
-            assert!(!line_break, "rewrote with a line break in the value");
+            assert!(!unsafe_value, "rewrote with {new_value:?}");
             let old_len = match &read {
                 Ok(Some(old)) => old.len(),
                 Err(BodyError::Multipart("form field value is not UTF-8")) => {
@@ -56,7 +58,7 @@ fn check(content_type: &str, new_value: &str, body: &[u8]) {
             );
         }
         (Ok(Some(_)), None) => assert!(
-            line_break,
+            unsafe_value,
             "the field was read but not rewritten with {new_value:?}"
         ),
         (_, None) => {}

@@ -43,7 +43,10 @@ pub fn run(data: &[u8]) {
         let stream = WellFormed::build(rest, flags & 4 != 0, flags & 8 != 0, pad);
         let (meter, out, stripper) = run_chunked(content_type, &stream.bytes, &mut rng);
         if sse {
-            assert_eq!(meter, stream.usage, "usage metered from a well-formed stream");
+            assert_eq!(
+                meter, stream.usage,
+                "usage metered from a well-formed stream"
+            );
             assert_eq!(out, stream.expected_stripped(), "stripped stream");
             assert_eq!(stripper, stream.expected_stripped_usage(), "stripped usage");
         }
@@ -108,8 +111,14 @@ fn check_chunking_independence(content_type: &str, stream: &[u8], chunked: Outco
     out.extend_from_slice(&stripper.finish());
     let whole = (meter.finish(), out, stripper.stripped_usage());
     assert_eq!(whole.0, chunked.0, "the meter depends on the chunking");
-    assert!(whole.1 == chunked.1, "the stripper's output depends on the chunking");
-    assert_eq!(whole.2, chunked.2, "the stripped usage depends on the chunking");
+    assert!(
+        whole.1 == chunked.1,
+        "the stripper's output depends on the chunking"
+    );
+    assert_eq!(
+        whole.2, chunked.2,
+        "the stripped usage depends on the chunking"
+    );
 }
 
 /// `data` `repeat` × 256 times over (once for 0), at most [`MAX_STREAM`] bytes.
@@ -117,7 +126,10 @@ fn repeated(data: &[u8], repeat: u8) -> Vec<u8> {
     if data.is_empty() {
         return Vec::new();
     }
-    let times = (usize::from(repeat) * 256).max(1).min(MAX_STREAM / data.len()).max(1);
+    let times = (usize::from(repeat) * 256)
+        .max(1)
+        .min(MAX_STREAM / data.len())
+        .max(1);
     data.repeat(times)
 }
 
