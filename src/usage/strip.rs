@@ -302,7 +302,11 @@ mod tests {
         let stream = content_chunk("a") + &padded + DONE;
         for size in [64 * 1024, stream.len()] {
             let (out, stripper) = strip_all(stream.as_bytes().chunks(size));
-            assert!(out == stream.as_bytes(), "chunks of {size}: {} bytes out", out.len());
+            assert!(
+                out == stream.as_bytes(),
+                "chunks of {size}: {} bytes out",
+                out.len()
+            );
             assert_eq!(stripper.stripped_usage(), None, "chunks of {size}");
         }
     }
