@@ -4,7 +4,7 @@ CARGO ?= cargo
 CONF ?= conf/demo.yaml
 MOCK_ADDR ?= 127.0.0.1:18000
 
-.PHONY: run test deps fmt lint unit build release bench clean
+.PHONY: run test deps fmt lint unit build release bench fuzz clean
 
 ## deps: install what the build and tests need that a fresh machine lacks:
 ## cmake (pingora's zlib-ng); the deploy kit's checkers, which the tests require: promtool
@@ -69,6 +69,50 @@ bench: deps
 	python3 bench/load.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 	python3 bench/scale.py $(SCALE_ARGS)
 	python3 bench/instructions.py $(if $(BASELINE),--baseline $(BASELINE))
+
+## fuzz: every fuzz target (tests/fuzz) under libFuzzer, coverage-guided, FUZZ_SECONDS each
+## (FUZZ_TARGETS to pick some). Stable Rust: the harness is built with sanitizer-coverage
+## instrumentation flags (no nightly, no sanitizers) into target/fuzz/; libFuzzer itself is C++
+## compiled by the libfuzzer-sys crate (g++). The corpus grows in target/fuzz/corpus/<target>/
+## from the seeds in tests/fuzz/seeds/<target>/ (and the example configs); a crashing input is
+## saved in target/fuzz/crashes/<target>/ and fails the run. `make test` runs the same targets
+## briefly with proptest (tests/fuzz/tests/short_runs.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= config headers json_body multipart usage error_body
+# Same files as CONFIG_EXAMPLES in tests/fuzz/src/seeds.rs.
+FUZZ_CONFIG_SEEDS := conf/demo.yaml conf/openai.yaml deploy/docker/keygate.yaml deploy/systemd/keygate.yaml
+FUZZ_DIR := target/fuzz
+FUZZ_RUSTFLAGS := --cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks
+
+fuzz: deps
+	@command -v c++ >/dev/null || { echo "installing g++ (libFuzzer is C++)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends g++ >/dev/null; }
+	@# The host triple as --target keeps the flags off build scripts and proc macros.
+	@host=$$(rustc -vV | sed -n 's/^host: //p'); \
+	RUSTFLAGS="$(FUZZ_RUSTFLAGS)" CARGO_TARGET_DIR=$(FUZZ_DIR) CARGO_PROFILE_RELEASE_LTO=false \
+	  $(CARGO) build --release -p keygate-fuzz --features libfuzzer --bin keygate-fuzz --target $$host || exit 1; \
+	bin=$(FUZZ_DIR)/$$host/release/keygate-fuzz; failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+	  corpus=$(FUZZ_DIR)/corpus/$$t; crashes=$(FUZZ_DIR)/crashes/$$t; mkdir -p $$corpus $$crashes; \
+	  if [ $$t = config ]; then for f in $(FUZZ_CONFIG_SEEDS); do cp $$f $$corpus/example-$$(echo $$f | tr / -); done; fi; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  KEYGATE_FUZZ_TARGET=$$t $$bin $$corpus tests/fuzz/seeds/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -timeout=20 -rss_limit_mb=2048 -max_len=16384 -dict=tests/fuzz/fuzz.dict -print_final_stats=1 \
+	    -artifact_prefix=$$crashes/ $(FUZZ_ARGS) > $(FUZZ_DIR)/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^#[0-9]+.*DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb' $(FUZZ_DIR)/$$t.log | sed 's/^/   /'; \
+	  echo "   corpus: $$(ls $$corpus | wc -l) inputs, coverage: $$(grep -oE 'cov: [0-9]+' $(FUZZ_DIR)/$$t.log | tail -1)"; \
+	  if [ $$rc -ne 0 ]; then \
+	    failed="$$failed $$t"; echo "   FAILED (exit $$rc): log $(FUZZ_DIR)/$$t.log"; \
+	    grep -E 'panicked at|^(SUMMARY|==[0-9]+== ERROR)' $(FUZZ_DIR)/$$t.log | head -5 | sed 's/^/   /'; \
+	    for c in $$(grep -oE "Test unit written to [^ ]+" $(FUZZ_DIR)/$$t.log | sed 's/Test unit written to //'); do \
+	      echo "   input saved in $$c; replay: KEYGATE_FUZZ_TARGET=$$t $$bin $$c"; done; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzzing found failures in:$$failed" >&2; exit 1; fi; \
+	echo "fuzz: no failures in $(FUZZ_TARGETS)"
 
 clean:
 	$(CARGO) clean

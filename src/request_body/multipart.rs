@@ -204,8 +204,9 @@ pub fn multipart_field(
 /// other byte unchanged.
 ///
 /// `None` when there is nothing safe to rewrite: no such field, a body or content type that
-/// [`multipart_field`] would refuse, or a `new_value` holding a line break (it could end the part
-/// early). Callers have normally read the field with [`multipart_field`] first, so the errors are known.
+/// [`multipart_field`] would refuse, or a `new_value` holding a line break or starting with
+/// `--boundary` (either could end the part early). Callers have normally read the field with
+/// [`multipart_field`] first, so the errors are known.
 pub fn rewrite_multipart_field(
     body: &[u8],
     content_type: &str,
@@ -216,6 +217,13 @@ pub fn rewrite_multipart_field(
         return None;
     }
     let boundary = multipart_boundary(content_type)?;
+    // The value follows a line break, so starting with `--boundary` it would be a delimiter.
+    if new_value
+        .strip_prefix("--")
+        .is_some_and(|rest| rest.starts_with(boundary))
+    {
+        return None;
+    }
     let span = find_multipart_field(body, boundary, field).ok()??;
     Some(splice(body, span, new_value.as_bytes()))
 }
@@ -333,6 +341,25 @@ mod tests {
             rewrite_multipart_field(&body, "text/plain", "model", "x"),
             None
         );
+    }
+
+    #[test]
+    fn multipart_rewrite_refuses_a_value_that_would_read_as_the_next_delimiter() {
+        // Found by the multipart fuzz target: after the blank line that ends the part's headers,
+        // a value starting with `--boundary` is a delimiter, so the rewritten body lost the field.
+        let body = upload("Content-Disposition: form-data; name=\"model\"");
+        let delimiter = format!("--{B}");
+        assert_eq!(
+            rewrite_multipart_field(&body, CT, "model", &delimiter),
+            None
+        );
+        assert_eq!(
+            rewrite_multipart_field(&body, CT, "model", &format!("{delimiter}--")),
+            None
+        );
+        let inside = format!("a{delimiter}");
+        let out = rewrite_multipart_field(&body, CT, "model", &inside).unwrap();
+        assert_eq!(multipart_field(&out, CT, "model").unwrap(), Some(inside));
     }
 
     #[test]

@@ -44,6 +44,11 @@ impl JsonTail {
         &self.ring
     }
 
+    /// Bytes allocated for the ring, for memory-bound checks.
+    pub(super) fn buffered_bytes(&self) -> usize {
+        self.ring.capacity()
+    }
+
     /// How many bytes are kept.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {

@@ -63,6 +63,21 @@ impl UsageMeter {
         }
     }
 
+    /// Bytes the meter holds allocated between chunks, which stays bounded whatever the body
+    /// (for the fuzz targets' memory check; not part of the API).
+    #[doc(hidden)]
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.mode {
+            Mode::Json(tail) => tail.buffered_bytes(),
+            Mode::Sse(sse) => {
+                let oversized = sse.events.oversized.as_ref().map_or(0, |tail| {
+                    std::mem::size_of::<JsonTail>() + tail.buffered_bytes()
+                });
+                sse.framer.buffered_bytes() + oversized
+            }
+        }
+    }
+
     /// How many SSE events were parsed as JSON: each must be parsed at most once.
     #[cfg(test)]
     pub(super) fn sse_parses(&self) -> u32 {
@@ -561,6 +576,32 @@ mod tests {
             assert_eq!(meter.finish(), usage(1, 2), "cut at {cut}");
             assert_eq!(parses(&meter), 1, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn buffered_bytes_count_the_held_event_stay_bounded_and_fall_once_it_is_gone() {
+        let big = content_chunk(&"z".repeat(2 * MAX_EVENT_BYTES));
+        let stream = big + &usage_chunk(1, 2) + DONE;
+        for size in [7 * 1024, 100_000] {
+            let mut meter = UsageMeter::for_response(SSE);
+            let mut most = 0;
+            for chunk in stream.as_bytes().chunks(size) {
+                meter.feed(chunk);
+                most = most.max(meter.buffered_bytes());
+            }
+            assert!(
+                most >= MAX_EVENT_BYTES / 2,
+                "chunks of {size}: at most {most}"
+            );
+            assert!(
+                most <= 2 * MAX_EVENT_BYTES + 2 * JSON_TAIL_BYTES,
+                "chunks of {size}: {most}"
+            );
+            assert!(meter.buffered_bytes() <= 64 * 1024, "chunks of {size}");
+        }
+        let mut meter = UsageMeter::for_response(JSON);
+        meter.feed(&vec![b' '; 3 * JSON_TAIL_BYTES]);
+        assert!(meter.buffered_bytes() <= 2 * JSON_TAIL_BYTES);
     }
 
     #[test]

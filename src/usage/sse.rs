@@ -139,6 +139,11 @@ impl SseFramer {
         self.held.len()
     }
 
+    /// Bytes allocated for the held event (its buffer's capacity), for memory-bound checks.
+    pub(super) fn buffered_bytes(&self) -> usize {
+        self.held.capacity()
+    }
+
     /// Holds `chunk[from..]`, the start of an event; if that makes the event too large to hold,
     /// hands it on instead and passes the rest of the event on as it comes.
     fn hold(&mut self, chunk: &[u8], from: usize, to: &mut impl Events) {

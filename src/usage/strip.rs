@@ -68,6 +68,13 @@ impl UsageChunkStripper {
     pub fn stripped_usage(&self) -> Option<Usage> {
         self.stripped
     }
+
+    /// Bytes the stripper holds allocated between chunks, which stays bounded whatever the
+    /// stream (for the fuzz targets' memory check; not part of the API).
+    #[doc(hidden)]
+    pub fn buffered_bytes(&self) -> usize {
+        self.framer.buffered_bytes()
+    }
 }
 
 /// What one [`UsageChunkStripper::filter`] call releases of the events the framer hands on.
@@ -109,8 +116,12 @@ impl Events for Release<'_> {
 }
 
 /// Whether `event` is a usage-only chunk; if so and it has token counts, they go to `stripped`.
+///
+/// An event over [`MAX_EVENT_BYTES`] never is, even when it arrives whole or is joined from a
+/// held start: one cut into parts has gone out already, and the answer must not depend on where
+/// the chunks were cut.
 fn is_usage_only(event: &[u8], stripped: &mut Option<Usage>) -> bool {
-    if USAGE_KEY.find(event).is_none() {
+    if event.len() > MAX_EVENT_BYTES || USAGE_KEY.find(event).is_none() {
         return false;
     }
     let data = event_data(event);
@@ -277,6 +288,26 @@ mod tests {
             out.extend_from_slice(&stripper.finish());
             assert!(out == expected.as_bytes(), "chunks of {size}");
             assert_eq!(stripper.stripped_usage(), usage(3, 3));
+        }
+    }
+
+    #[test]
+    fn stripper_passes_an_oversized_usage_only_event_however_the_stream_is_cut() {
+        // Found by the fuzz target: held in parts it passed, arriving whole it was removed.
+        let padded = usage_chunk(5, 6).replacen(
+            "\"choices\"",
+            &format!("\"pad\":\"{}\",\"choices\"", "x".repeat(MAX_EVENT_BYTES)),
+            1,
+        );
+        let stream = content_chunk("a") + &padded + DONE;
+        for size in [64 * 1024, stream.len()] {
+            let (out, stripper) = strip_all(stream.as_bytes().chunks(size));
+            assert!(
+                out == stream.as_bytes(),
+                "chunks of {size}: {} bytes out",
+                out.len()
+            );
+            assert_eq!(stripper.stripped_usage(), None, "chunks of {size}");
         }
     }
 
