@@ -1,5 +1,11 @@
-//! The pure HTTP/1 request-header scanner: finds where a header ends across reads and checks
-//! its byte and field counts against the limits. No I/O and no clock, so it is tested on bytes.
+//! The pure HTTP/1 request-head scanner: finds where a head ends across reads, checks its byte
+//! and field counts against the limits, and refuses heads whose syntax must be judged on the raw
+//! bytes because Pingora rewrites them before keygate sees the request (RFC 9112). No I/O and no
+//! clock, so it is tested on bytes.
+//!
+//! One pass over each byte read, with no allocation: a state machine over the request line and
+//! field names (short), and a word-at-a-time skip over request targets and field values (the
+//! bulk of a head).
 
 /// What [`HeaderScan::feed`] concluded after a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,9 +18,80 @@ pub enum ScanVerdict {
     TooLarge,
     /// The header has more than `max_headers` fields.
     TooManyHeaders,
+    /// The head is malformed: it must be refused, and nothing of it forwarded.
+    Refused(HeadProblem),
 }
 
-/// Finds the end of an HTTP/1 request header across reads and counts its bytes and fields.
+/// Why a request head is refused before Pingora parses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProblem {
+    /// The request line is not `method SP request-target SP HTTP-version` (RFC 9112 §3): a
+    /// method that is not a token, a separator other than one space, no version. Pingora would
+    /// otherwise percent-escape such a line and forward its own reading of it (§3.2 says not to
+    /// autocorrect).
+    RequestLine,
+    /// The request target holds a control byte (Pingora would percent-escape it and forward it).
+    Target,
+    /// A CR not followed by LF (RFC 9112 §2.2).
+    BareCr,
+}
+
+impl HeadProblem {
+    /// The status the client gets.
+    pub fn status(self) -> u16 {
+        400
+    }
+
+    /// The OpenAI-style error `code`.
+    pub fn code(self) -> &'static str {
+        "invalid_request"
+    }
+
+    /// What the client is told (never echoes the request).
+    pub fn message(self) -> &'static str {
+        match self {
+            HeadProblem::RequestLine => {
+                "The request line is malformed: it must be `METHOD SP target SP HTTP/x.y`, one space apart."
+            }
+            HeadProblem::Target => {
+                "The request target contains a control character; percent-encode it."
+            }
+            HeadProblem::BareCr => "The request head contains a CR that does not end a line.",
+        }
+    }
+
+    /// The `reason` label of `keygate_connection_closes_total`.
+    pub fn label(self) -> &'static str {
+        "malformed_header"
+    }
+}
+
+const CR: u8 = b'\r';
+const LF: u8 = b'\n';
+const SP: u8 = b' ';
+const DEL: u8 = 0x7f;
+
+/// Which part of the head the next byte belongs to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Part {
+    /// The start of a line: none of its bytes seen yet.
+    #[default]
+    LineStart,
+    /// The request method; `len` bytes so far.
+    Method { len: usize },
+    /// The request target; `len` bytes so far.
+    Target { len: usize },
+    /// `HTTP/x.y`: how many of its bytes so far.
+    Version { len: u8 },
+    /// Somewhere in a field line; the line is counted, nothing more is checked yet.
+    Field,
+}
+
+/// The version's bytes: `HTTP/`, a digit, a dot, a digit.
+const VERSION_LEN: u8 = 8;
+
+/// Scans an HTTP/1 request head across reads: where it ends, its byte and field counts, and its
+/// syntax where Pingora would rewrite a malformed head rather than refuse it.
 ///
 /// A line ends at `\n` (a preceding `\r` is part of the ending), as httparse, Pingora's parser,
 /// accepts bare LF too: stopping only at CRLFCRLF would scan into the body of such a request.
@@ -24,10 +101,9 @@ pub struct HeaderScan {
     bytes: usize,
     /// Non-empty lines so far: the request line, then one per field.
     lines: usize,
-    /// Bytes of the current line before its `\n`.
-    line_len: usize,
-    /// Whether the current line's last byte so far is `\r`.
-    last_cr: bool,
+    part: Part,
+    /// The last byte was a CR: only LF may follow.
+    cr: bool,
 }
 
 impl HeaderScan {
@@ -36,46 +112,155 @@ impl HeaderScan {
         self.bytes
     }
 
-    /// Feeds the next bytes read; only the newly read bytes are scanned (one memchr per line).
+    /// Feeds the next bytes read; only the newly read bytes are scanned, each once.
     pub fn feed(&mut self, chunk: &[u8], max_bytes: usize, max_headers: usize) -> ScanVerdict {
-        let mut pos = 0;
-        while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
-            let nl = pos + i;
-            let len = self.line_len + i;
-            let last_cr = if i > 0 {
-                chunk[nl - 1] == b'\r'
-            } else {
-                self.last_cr
-            };
-            self.bytes += i + 1;
-            if self.bytes > max_bytes {
-                return ScanVerdict::TooLarge;
-            }
-            self.line_len = 0;
-            self.last_cr = false;
-            pos = nl + 1;
-            if len == 0 || (len == 1 && last_cr) {
-                if self.lines > 0 {
-                    return ScanVerdict::Complete(pos);
-                }
-                continue;
-            }
-            self.lines += 1;
-            if self.lines - 1 > max_headers {
-                return ScanVerdict::TooManyHeaders;
-            }
+        let room = max_bytes.saturating_sub(self.bytes);
+        let window = &chunk[..chunk.len().min(room)];
+        let (scanned, verdict) = self.scan(window, max_headers);
+        self.bytes += scanned;
+        match verdict {
+            Some(v) => v,
+            None if chunk.len() > room => ScanVerdict::TooLarge,
+            None => ScanVerdict::Partial,
         }
-        let rest = &chunk[pos..];
-        if let Some(&last) = rest.last() {
-            self.bytes += rest.len();
-            self.line_len += rest.len();
-            self.last_cr = last == b'\r';
-        }
-        if self.bytes > max_bytes {
-            return ScanVerdict::TooLarge;
-        }
-        ScanVerdict::Partial
     }
+
+    /// Scans `w` up to a verdict: how many bytes were scanned, and the verdict if one was reached.
+    fn scan(&mut self, w: &[u8], max_headers: usize) -> (usize, Option<ScanVerdict>) {
+        let mut i = 0;
+        while i < w.len() {
+            if !self.cr {
+                // The bulk of a head: skip runs of bytes that need no look.
+                match &mut self.part {
+                    Part::Target { len } => {
+                        let n = plain_run(&w[i..], SP + 1);
+                        *len += n;
+                        i += n;
+                    }
+                    Part::Field => i += plain_run(&w[i..], SP),
+                    _ => {}
+                }
+            }
+            let Some(&b) = w.get(i) else { break };
+            i += 1;
+            let step = if b == LF {
+                self.cr = false;
+                self.end_line(max_headers)
+            } else if self.cr {
+                Err(ScanVerdict::Refused(HeadProblem::BareCr))
+            } else if b == CR && self.may_end_line() {
+                self.cr = true;
+                Ok(false)
+            } else {
+                self.byte(b).map(|()| false)
+            };
+            match step {
+                Ok(false) => {}
+                Ok(true) => return (i, Some(ScanVerdict::Complete(i))),
+                Err(v) => return (i, Some(v)),
+            }
+        }
+        (i, None)
+    }
+
+    /// Whether the line may end here (so a CR here may be the start of its CRLF).
+    fn may_end_line(&self) -> bool {
+        match self.part {
+            Part::LineStart | Part::Field => true,
+            Part::Version { len } => len == VERSION_LEN,
+            Part::Method { .. } | Part::Target { .. } => false,
+        }
+    }
+
+    /// A line ended. `Ok(true)`: it was the blank line that ends the head.
+    fn end_line(&mut self, max_headers: usize) -> Result<bool, ScanVerdict> {
+        match self.part {
+            Part::LineStart if self.lines == 0 => return Ok(false), // a leading empty line
+            Part::LineStart => return Ok(true),
+            Part::Method { .. } | Part::Target { .. } => {
+                return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
+            }
+            Part::Version { len } if len != VERSION_LEN => {
+                return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
+            }
+            Part::Version { .. } | Part::Field => {}
+        }
+        self.lines += 1;
+        if self.lines - 1 > max_headers {
+            return Err(ScanVerdict::TooManyHeaders);
+        }
+        self.part = Part::LineStart;
+        Ok(false)
+    }
+
+    /// One byte other than LF, and other than a CR that may end the line.
+    fn byte(&mut self, b: u8) -> Result<(), ScanVerdict> {
+        let refuse = |p| Err(ScanVerdict::Refused(p));
+        match &mut self.part {
+            Part::LineStart if self.lines == 0 => {
+                if !is_tchar(b) {
+                    return refuse(HeadProblem::RequestLine);
+                }
+                self.part = Part::Method { len: 1 };
+            }
+            Part::LineStart | Part::Field => self.part = Part::Field,
+            Part::Method { len } => match b {
+                SP => self.part = Part::Target { len: 0 },
+                _ if is_tchar(b) => *len += 1,
+                _ => return refuse(HeadProblem::RequestLine),
+            },
+            // Only the bytes the skip stopped at come here: SP, a control byte, DEL.
+            Part::Target { len } => match b {
+                SP if *len > 0 => self.part = Part::Version { len: 0 },
+                // An empty target (two spaces), or a line ending before its version.
+                SP | CR => return refuse(HeadProblem::RequestLine),
+                _ => return refuse(HeadProblem::Target),
+            },
+            Part::Version { len } => {
+                let ok = match *len {
+                    0..=4 => b == b"HTTP/"[usize::from(*len)],
+                    5 | 7 => b.is_ascii_digit(),
+                    6 => b == b'.',
+                    _ => false,
+                };
+                if !ok {
+                    return refuse(HeadProblem::RequestLine);
+                }
+                *len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `b` may be part of a token (RFC 9110 §5.6.2): a method or a field name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// How many bytes at the start of `bytes` are `min` or above and not DEL: the run a target
+/// (`min` past SP) or a field value (`min` SP) can skip. Eight bytes at a time; `min` ≤ 0x80.
+fn plain_run(bytes: &[u8], min: u8) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = ONES * u64::from(min);
+    let del = ONES * u64::from(DEL);
+    let mut n = 0;
+    for word in bytes.chunks_exact(8) {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(word);
+        let w = u64::from_le_bytes(le);
+        let x = w ^ del;
+        // Nonzero exactly when some byte is below `min`, or is DEL (a zero byte of `x`).
+        if (w.wrapping_sub(below) & !w & HIGHS) | (x.wrapping_sub(ONES) & !x & HIGHS) != 0 {
+            break;
+        }
+        n += 8;
+    }
+    n + bytes[n..]
+        .iter()
+        .take_while(|&&b| b >= min && b != DEL)
+        .count()
 }
 
 #[cfg(test)]
@@ -96,6 +281,24 @@ pub(in crate::conn_guard) mod tests {
         r
     }
 
+    /// The verdict on `head` fed whole, and fed one byte at a time (the verdict of the first
+    /// byte that reached one): both must agree.
+    fn verdict(head: &[u8]) -> ScanVerdict {
+        let whole = HeaderScan::default().feed(head, MAXB, MAXH);
+        let mut s = HeaderScan::default();
+        let mut bytewise = ScanVerdict::Partial;
+        for (i, b) in head.iter().enumerate() {
+            bytewise = match s.feed(&[*b], MAXB, MAXH) {
+                ScanVerdict::Complete(1) => ScanVerdict::Complete(i + 1),
+                ScanVerdict::Partial => continue,
+                v => v,
+            };
+            break;
+        }
+        assert_eq!(whole, bytewise, "{:?}", String::from_utf8_lossy(head));
+        whole
+    }
+
     #[test]
     fn header_end_is_found_across_reads() {
         let mut s = HeaderScan::default();
@@ -111,7 +314,7 @@ pub(in crate::conn_guard) mod tests {
     #[test]
     fn body_bytes_after_the_header_are_not_counted() {
         let mut s = HeaderScan::default();
-        let req = b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody";
+        let req = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nbody";
         assert_eq!(
             s.feed(req, MAXB, MAXH),
             ScanVerdict::Complete(req.len() - 4)
@@ -133,24 +336,29 @@ pub(in crate::conn_guard) mod tests {
         let mut s = HeaderScan::default();
         assert_eq!(s.feed(b"\r\n\r\n", MAXB, MAXH), ScanVerdict::Partial);
         assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\n\r\n", MAXB, MAXH),
-            ScanVerdict::Complete(18)
+            s.feed(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", MAXB, MAXH),
+            ScanVerdict::Complete(27)
         );
     }
 
     #[test]
-    fn a_lone_cr_inside_a_line_does_not_end_the_header() {
+    fn a_lone_cr_inside_a_line_is_refused_not_taken_as_a_line_end() {
+        // RFC 9112 §2.2: a bare CR is invalid; httparse refuses it too, and the guard must
+        // never end a line (or the head) where Pingora would not.
         let mut s = HeaderScan::default();
         assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\nx: a\rb\r\n", MAXB, MAXH),
+            s.feed(b"GET / HTTP/1.1\r\nx: a\r", MAXB, MAXH),
             ScanVerdict::Partial
         );
-        assert_eq!(s.feed(b"\r\n", MAXB, MAXH), ScanVerdict::Complete(2));
+        assert_eq!(
+            s.feed(b"b\r\n\r\n", MAXB, MAXH),
+            ScanVerdict::Refused(HeadProblem::BareCr)
+        );
     }
 
     #[test]
     fn header_at_the_byte_cap_passes_and_one_byte_more_is_too_large() {
-        let head = b"GET / HTTP/1.1\r\nx: ";
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\nx: ";
         let cap = 100;
         let pad = cap - head.len() - 4; // "\r\n\r\n"
         let mut exact = head.to_vec();
@@ -188,5 +396,116 @@ pub(in crate::conn_guard) mod tests {
             HeaderScan::default().feed(&over, MAXB, MAXH),
             ScanVerdict::TooManyHeaders
         );
+    }
+
+    #[test]
+    fn well_formed_request_lines_pass() {
+        for line in [
+            &b"GET /v1/models HTTP/1.1"[..],
+            b"POST /v1/chat/completions?x=%20&y=\"<>{}\" HTTP/1.1",
+            b"GET http://127.0.0.1/v1/models HTTP/1.1",
+            b"OPTIONS * HTTP/1.1",
+            b"GET /caf\xc3\xa9 HTTP/1.1", // obs-text: httparse passes it through unchanged
+            b"M-SEARCH /~a!$&'()*+,;=:@ HTTP/1.1",
+            // Versions Pingora refuses itself are its business (400); the shape is right.
+            b"GET / HTTP/1.2",
+            b"GET / HTTP/2.0",
+        ] {
+            let head = [line, b"\r\nHost: a\r\n\r\n"].concat();
+            assert_eq!(
+                verdict(&head),
+                ScanVerdict::Complete(head.len()),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_request_lines_are_refused() {
+        use HeadProblem::*;
+        let cases: &[(&[u8], HeadProblem)] = &[
+            (b"POST  /v1/chat/completions HTTP/1.1", RequestLine),
+            (b"GET /v1/mo dels HTTP/1.1", RequestLine),
+            (b"GET /v1/models  HTTP/1.1", RequestLine),
+            (b"GET /v1/models HTTP/1.1 ", RequestLine),
+            (b" GET /v1/models HTTP/1.1", RequestLine),
+            (b"GET\t/v1/models\tHTTP/1.1", RequestLine),
+            (b"GET /v1/models", RequestLine),
+            (b"GET", RequestLine),
+            (b"GARBAGE", RequestLine),
+            (b"P@ST / HTTP/1.1", RequestLine),
+            (b"GET / HTTP/1.10", RequestLine),
+            (b"GET / HTTP/1", RequestLine),
+            (b"GET / http/1.1", RequestLine),
+            (b"GET / HTTP/1.1x", RequestLine),
+            (b"GET /v1/mo\x00dels HTTP/1.1", Target),
+            (b"GET /v1/mo\x01dels HTTP/1.1", Target),
+            (b"GET /v1/mo\x7fdels HTTP/1.1", Target),
+            (b"GET /v1/mo\tdels HTTP/1.1", Target),
+            (b"GET /v1/mo\rdels HTTP/1.1", RequestLine),
+            (b"GET / HTTP/1.1\rx", BareCr),
+        ];
+        for (line, problem) in cases {
+            let head = [line, &b"\r\nHost: a\r\n\r\n"[..]].concat();
+            assert_eq!(
+                verdict(&head),
+                ScanVerdict::Refused(*problem),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_line_is_refused_as_soon_as_it_goes_wrong() {
+        // Nothing after the bad byte is needed: the rest may never come.
+        let mut s = HeaderScan::default();
+        assert_eq!(
+            s.feed(b"GET /a\x00", MAXB, MAXH),
+            ScanVerdict::Refused(HeadProblem::Target)
+        );
+    }
+
+    #[test]
+    fn lines_ended_by_a_bare_cr_are_refused() {
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\rHost: a\r\r"),
+            ScanVerdict::Refused(HeadProblem::BareCr)
+        );
+        assert_eq!(
+            verdict(b"\rGET / HTTP/1.1\r\n\r\n"),
+            ScanVerdict::Refused(HeadProblem::BareCr)
+        );
+    }
+
+    #[test]
+    fn plain_run_stops_at_the_first_byte_below_min_or_del() {
+        let mut base: Vec<u8> = (0..40u8).map(|i| b'a' + (i % 26)).collect();
+        base.extend_from_slice("é€".as_bytes());
+        assert_eq!(plain_run(&base, SP), base.len());
+        assert_eq!(plain_run(&base, SP + 1), base.len());
+        for at in 0..base.len() {
+            for (special, min, stops) in [
+                (SP, SP + 1, true),
+                (SP, SP, false),
+                (b'\t', SP, true),
+                (0u8, SP, true),
+                (CR, SP, true),
+                (LF, SP, true),
+                (0x1f, SP, true),
+                (DEL, SP, true),
+                (DEL, SP + 1, true),
+                (0x80, SP, false),
+                (0xff, SP + 1, false),
+                (b'~', SP + 1, false),
+            ] {
+                let mut bytes = base.clone();
+                bytes[at] = special;
+                let want = if stops { at } else { bytes.len() };
+                assert_eq!(plain_run(&bytes, min), want, "{special:#x} at {at}");
+            }
+        }
+        assert_eq!(plain_run(b"", SP), 0);
     }
 }
