@@ -465,7 +465,6 @@ async fn request_targets_with_whitespace_or_control_bytes_get_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: an HTTP/1.1 request without Host is forwarded (RFC 9112 §3.2: a server MUST answer 400)"]
 async fn an_http11_request_without_host_gets_400() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);

@@ -34,6 +34,18 @@ pub enum HeadProblem {
     Target,
     /// A CR not followed by LF (RFC 9112 §2.2).
     BareCr,
+    /// A field name that is not a token directly followed by a colon (RFC 9112 §5; whitespace
+    /// before the colon is refused by §5.1), or a field line without a colon.
+    FieldName,
+    /// A field line starting with whitespace: obsolete line folding (RFC 9112 §5.2), or
+    /// whitespace between the request line and the first field (§2.2).
+    ObsFold,
+    /// A control byte (other than HTAB) or DEL in a field value (RFC 9110 §5.5).
+    FieldValue,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2: a server MUST answer 400).
+    MissingHost,
+    /// More than one `Host` field line (RFC 9112 §3.2: 400).
+    SeveralHosts,
 }
 
 impl HeadProblem {
@@ -57,6 +69,15 @@ impl HeadProblem {
                 "The request target contains a control character; percent-encode it."
             }
             HeadProblem::BareCr => "The request head contains a CR that does not end a line.",
+            HeadProblem::FieldName => {
+                "A header field name is malformed: it must be a token followed directly by a colon."
+            }
+            HeadProblem::ObsFold => {
+                "A header field line starts with whitespace (obsolete line folding is not accepted)."
+            }
+            HeadProblem::FieldValue => "A header field value contains a control character.",
+            HeadProblem::MissingHost => "The request has no Host header (required in HTTP/1.1).",
+            HeadProblem::SeveralHosts => "The request has more than one Host header.",
         }
     }
 
@@ -69,6 +90,7 @@ impl HeadProblem {
 const CR: u8 = b'\r';
 const LF: u8 = b'\n';
 const SP: u8 = b' ';
+const HTAB: u8 = b'\t';
 const DEL: u8 = 0x7f;
 
 /// Which part of the head the next byte belongs to.
@@ -83,8 +105,29 @@ enum Part {
     Target { len: usize },
     /// `HTTP/x.y`: how many of its bytes so far.
     Version { len: u8 },
-    /// Somewhere in a field line; the line is counted, nothing more is checked yet.
-    Field,
+    /// A field name; `len` bytes so far.
+    Name { len: usize },
+    /// A field value (after the colon).
+    Value,
+}
+
+/// The fields whose values or presence the scanner judges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Field {
+    #[default]
+    Other,
+    Host,
+}
+
+/// Room for the longest field name the scanner looks for.
+const NAME_CAP: usize = 4;
+
+/// The field a lowercased name is.
+fn field_named(name: &[u8]) -> Field {
+    match name {
+        b"host" => Field::Host,
+        _ => Field::Other,
+    }
 }
 
 /// The version's bytes: `HTTP/`, a digit, a dot, a digit.
@@ -104,6 +147,14 @@ pub struct HeaderScan {
     part: Part,
     /// The last byte was a CR: only LF may follow.
     cr: bool,
+    /// The request line's HTTP version, `(major, minor)`.
+    version: (u8, u8),
+    /// The start of the current field name, lowercased.
+    name: [u8; NAME_CAP],
+    /// The field whose value is being read.
+    field: Field,
+    /// `Host` field lines so far.
+    hosts: u8,
 }
 
 impl HeaderScan {
@@ -137,7 +188,7 @@ impl HeaderScan {
                         *len += n;
                         i += n;
                     }
-                    Part::Field => i += plain_run(&w[i..], SP),
+                    Part::Value => i += plain_run(&w[i..], SP),
                     _ => {}
                 }
             }
@@ -166,9 +217,9 @@ impl HeaderScan {
     /// Whether the line may end here (so a CR here may be the start of its CRLF).
     fn may_end_line(&self) -> bool {
         match self.part {
-            Part::LineStart | Part::Field => true,
+            Part::LineStart | Part::Value => true,
             Part::Version { len } => len == VERSION_LEN,
-            Part::Method { .. } | Part::Target { .. } => false,
+            Part::Method { .. } | Part::Target { .. } | Part::Name { .. } => false,
         }
     }
 
@@ -176,14 +227,20 @@ impl HeaderScan {
     fn end_line(&mut self, max_headers: usize) -> Result<bool, ScanVerdict> {
         match self.part {
             Part::LineStart if self.lines == 0 => return Ok(false), // a leading empty line
-            Part::LineStart => return Ok(true),
+            Part::LineStart => {
+                return match self.judge() {
+                    Some(problem) => Err(ScanVerdict::Refused(problem)),
+                    None => Ok(true),
+                }
+            }
             Part::Method { .. } | Part::Target { .. } => {
                 return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
             }
             Part::Version { len } if len != VERSION_LEN => {
                 return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
             }
-            Part::Version { .. } | Part::Field => {}
+            Part::Name { .. } => return Err(ScanVerdict::Refused(HeadProblem::FieldName)),
+            Part::Version { .. } | Part::Value => {}
         }
         self.lines += 1;
         if self.lines - 1 > max_headers {
@@ -203,7 +260,37 @@ impl HeaderScan {
                 }
                 self.part = Part::Method { len: 1 };
             }
-            Part::LineStart | Part::Field => self.part = Part::Field,
+            Part::LineStart => match b {
+                SP | HTAB => return refuse(HeadProblem::ObsFold),
+                _ if is_tchar(b) => {
+                    self.name[0] = b.to_ascii_lowercase();
+                    self.part = Part::Name { len: 1 };
+                }
+                _ => return refuse(HeadProblem::FieldName),
+            },
+            Part::Name { len } => match b {
+                b':' => {
+                    let name = self.name.get(..*len).unwrap_or_default();
+                    self.field = field_named(name);
+                    if self.field == Field::Host {
+                        self.hosts = self.hosts.saturating_add(1);
+                    }
+                    self.part = Part::Value;
+                }
+                _ if is_tchar(b) => {
+                    if let Some(slot) = self.name.get_mut(*len) {
+                        *slot = b.to_ascii_lowercase();
+                    }
+                    *len += 1;
+                }
+                _ => return refuse(HeadProblem::FieldName),
+            },
+            // Only the bytes the skip stopped at come here: HTAB, a control byte, DEL.
+            Part::Value => {
+                if b != HTAB {
+                    return refuse(HeadProblem::FieldValue);
+                }
+            }
             Part::Method { len } => match b {
                 SP => self.part = Part::Target { len: 0 },
                 _ if is_tchar(b) => *len += 1,
@@ -226,10 +313,26 @@ impl HeaderScan {
                 if !ok {
                     return refuse(HeadProblem::RequestLine);
                 }
+                match *len {
+                    5 => self.version.0 = b - b'0',
+                    7 => self.version.1 = b - b'0',
+                    _ => {}
+                }
                 *len += 1;
             }
         }
         Ok(())
+    }
+
+    /// What the whole head shows once it is complete.
+    fn judge(&self) -> Option<HeadProblem> {
+        if self.hosts > 1 {
+            return Some(HeadProblem::SeveralHosts);
+        }
+        if self.hosts == 0 && self.version >= (1, 1) {
+            return Some(HeadProblem::MissingHost);
+        }
+        None
     }
 }
 
@@ -476,6 +579,114 @@ pub(in crate::conn_guard) mod tests {
         assert_eq!(
             verdict(b"\rGET / HTTP/1.1\r\n\r\n"),
             ScanVerdict::Refused(HeadProblem::BareCr)
+        );
+    }
+
+    /// `fields` (each line ending in CRLF) between an HTTP/1.1 request line with `Host` and the
+    /// blank line.
+    fn with_fields(fields: &[u8]) -> Vec<u8> {
+        [&b"GET / HTTP/1.1\r\nHost: a\r\n"[..], fields, b"\r\n"].concat()
+    }
+
+    #[test]
+    fn well_formed_fields_pass() {
+        for fields in [
+            &b"X-A:b\r\n"[..],
+            b"X-A: \tb c\t \r\n",
+            b"X-A:\r\n",
+            b"X-A: caf\xc3\xa9\r\n",
+            b"X-Stainless-Package-Version: 1.54.3\r\n",
+            b"Hostname: a\r\nX-Host: b\r\nHos: c\r\n",
+            b"!#$%&'*+-.^_`|~09azAZ: v\r\n",
+            b"X-A: b\nX-B: c\n",
+        ] {
+            let head = with_fields(fields);
+            assert_eq!(
+                verdict(&head),
+                ScanVerdict::Complete(head.len()),
+                "{:?}",
+                String::from_utf8_lossy(fields)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_fields_are_refused() {
+        use HeadProblem::*;
+        let cases: &[(&[u8], HeadProblem)] = &[
+            (b"X-A : b\r\n", FieldName),
+            (b"X A: b\r\n", FieldName),
+            (b"X-A b\r\n", FieldName),
+            (b"X-A\r\n", FieldName),
+            (b": b\r\n", FieldName),
+            (b"X(A): b\r\n", FieldName),
+            ("X-Ä: b\r\n".as_bytes(), FieldName),
+            (b"X-\x00A: b\r\n", FieldName),
+            (b"X-\x01A: b\r\n", FieldName),
+            (b"X-A: a\r\n b\r\n", ObsFold),
+            (b"X-A: a\r\n\tb\r\n", ObsFold),
+            (b"X-A: a\r\n Transfer-Encoding: chunked\r\n", ObsFold),
+            (b"X-A: a\x00b\r\n", FieldValue),
+            (b"X-A: a\x01b\r\n", FieldValue),
+            (b"X-A: a\x0bb\r\n", FieldValue),
+            (b"X-A: a\x7fb\r\n", FieldValue),
+            (b"X-A: a\rb\r\n", BareCr),
+        ];
+        for (fields, problem) in cases {
+            assert_eq!(
+                verdict(&with_fields(fields)),
+                ScanVerdict::Refused(*problem),
+                "{:?}",
+                String::from_utf8_lossy(fields)
+            );
+        }
+        // Whitespace between the request line and the first field (RFC 9112 §2.2).
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\n Host: a\r\n\r\n"),
+            ScanVerdict::Refused(ObsFold)
+        );
+    }
+
+    #[test]
+    fn host_is_required_in_http11_and_allowed_once() {
+        use HeadProblem::*;
+        let cases: &[(&[u8], Option<HeadProblem>)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", Some(MissingHost)),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                Some(MissingHost),
+            ),
+            (b"GET / HTTP/1.1\r\nHostname: a\r\n\r\n", Some(MissingHost)),
+            (b"GET / HTTP/1.1\r\nhOsT: a\r\n\r\n", None),
+            // RFC 9112 §3.2: a target without an authority is sent with an empty Host.
+            (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", None),
+            (b"GET / HTTP/1.0\r\n\r\n", None),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                Some(SeveralHosts),
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nX: b\r\nhost: b\r\n\r\n",
+                Some(SeveralHosts),
+            ),
+        ];
+        for (head, problem) in cases {
+            let want = problem.map_or(ScanVerdict::Complete(head.len()), ScanVerdict::Refused);
+            assert_eq!(verdict(head), want, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn a_head_refused_as_a_whole_is_refused_at_its_blank_line() {
+        // Judged once complete: the bytes up to the blank line pass, the blank line does not.
+        let mut s = HeaderScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nX: a\r\n", MAXB, MAXH),
+            ScanVerdict::Partial
+        );
+        assert_eq!(
+            s.feed(b"\r\n", MAXB, MAXH),
+            ScanVerdict::Refused(HeadProblem::MissingHost)
         );
     }
 

@@ -658,8 +658,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn header_complete_in_time_passes_and_the_body_is_not_timed() {
         let (mut g, mut client) = guarded();
-        let head = b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n";
-        for chunk in head.chunks(8) {
+        let head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n";
+        for chunk in head.chunks(10) {
             client.write_all(chunk).await.unwrap();
             sleep(Duration::from_secs(2)).await; // 5 chunks: 8 s, inside header_timeout
         }
@@ -812,7 +812,9 @@ mod tests {
         let (mut g, mut client) = guarded();
         g.request_starts();
         client
-            .write_all(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 40000\r\n\r\n")
+            .write_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 40000\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut buf = vec![0u8; 1024];
