@@ -2,7 +2,7 @@
 //! running keygate in front of the mock.
 //!
 //! - A request whose framing or syntax is invalid is answered with its documented status (400;
-//!   408 for an HTTP/0.9 line, which looks like an unfinished header until `header_timeout`),
+//!   501 for a transfer coding keygate does not implement),
 //!   the connection is closed, and nothing reaches the upstream: neither a request (the mock's
 //!   count) nor a connection (keygate never connects before a valid request).
 //! - A form RFC 9112 lets a recipient accept (a bare LF line end, optional whitespace around a
@@ -10,9 +10,6 @@
 //!   one well-formed request with the body the client meant.
 //! - A request with both `Content-Length` and `Transfer-Encoding` never lets a second request
 //!   through, whichever framing wins.
-//!
-//! Tests marked `#[ignore]` document what keygate (Pingora 0.9) does today where it should
-//! refuse; each names the defect.
 #![allow(clippy::unwrap_used)]
 
 mod utils;
@@ -217,8 +214,8 @@ fn refused_corpus() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
         (
             "an HTTP/0.9 simple request",
             b"GET /v1/models\r\n".to_vec(),
-            // It reads as a request line still missing its version: cut at header_timeout.
-            &[400, 408],
+            // A request line ended before its version: refused at its line end.
+            BAD,
         ),
         ("tabs between the request line's parts", b"GET\t/v1/models\tHTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), BAD),
         (
@@ -483,15 +480,51 @@ async fn an_http11_request_without_host_gets_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: `Transfer-Encoding: chunked, chunked` is decoded once and forwarded (RFC 9112 §6.1: chunked is applied at most once)"]
 async fn chunked_named_twice_is_refused() {
+    // RFC 9112 §6.1: a sender MUST NOT chunk a body twice, so such framing is invalid (400).
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
-    let corpus = vec![(
-        "Transfer-Encoding: chunked, chunked",
-        with(b"Transfer-Encoding: chunked, chunked\r\n", &chunked(BODY)),
-        &[400u16][..],
-    )];
+    let corpus = vec![
+        (
+            "Transfer-Encoding: chunked, chunked",
+            with(b"Transfer-Encoding: chunked, chunked\r\n", &chunked(BODY)),
+            &[400u16][..],
+        ),
+        (
+            "Transfer-Encoding: chunked on two lines",
+            with(
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                &chunked(BODY),
+            ),
+            &[400u16][..],
+        ),
+    ];
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    // RFC 9112 §6.1: a server SHOULD answer 501 to a transfer coding it does not understand
+    // (with chunked last the length is known, so this is not a framing error). Pingora would
+    // decode the chunks and forward the still-gzipped bytes as the body.
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(&config(&mock), KEYS);
+    let corpus = vec![
+        (
+            "Transfer-Encoding: gzip, chunked",
+            with(b"Transfer-Encoding: gzip, chunked\r\n", &chunked(BODY)),
+            &[501u16][..],
+        ),
+        (
+            "Transfer-Encoding: gzip then chunked on two lines",
+            with(
+                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                &chunked(BODY),
+            ),
+            &[501u16][..],
+        ),
+    ];
     let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

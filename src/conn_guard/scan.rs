@@ -46,17 +46,34 @@ pub enum HeadProblem {
     MissingHost,
     /// More than one `Host` field line (RFC 9112 §3.2: 400).
     SeveralHosts,
+    /// `Transfer-Encoding` in an HTTP/1.0 request: faulty framing (RFC 9112 §6.1).
+    TransferEncodingInHttp10,
+    /// `chunked` named more than once: a sender MUST NOT chunk twice (RFC 9112 §6.1), so the
+    /// framing is invalid.
+    ChunkedTwice,
+    /// `Transfer-Encoding` whose last coding is not `chunked`: the body length cannot be
+    /// determined (RFC 9112 §6.3: 400, then close).
+    ChunkedNotFinal,
+    /// A transfer coding other than `chunked` before it (`gzip, chunked`): keygate does not
+    /// implement it (RFC 9112 §6.1: 501).
+    UnknownTransferCoding,
 }
 
 impl HeadProblem {
     /// The status the client gets.
     pub fn status(self) -> u16 {
-        400
+        match self {
+            HeadProblem::UnknownTransferCoding => 501,
+            _ => 400,
+        }
     }
 
     /// The OpenAI-style error `code`.
     pub fn code(self) -> &'static str {
-        "invalid_request"
+        match self {
+            HeadProblem::UnknownTransferCoding => "unsupported_transfer_coding",
+            _ => "invalid_request",
+        }
     }
 
     /// What the client is told (never echoes the request).
@@ -78,12 +95,23 @@ impl HeadProblem {
             HeadProblem::FieldValue => "A header field value contains a control character.",
             HeadProblem::MissingHost => "The request has no Host header (required in HTTP/1.1).",
             HeadProblem::SeveralHosts => "The request has more than one Host header.",
+            HeadProblem::TransferEncodingInHttp10 => {
+                "Transfer-Encoding is not allowed in HTTP/1.0."
+            }
+            HeadProblem::ChunkedTwice => "Transfer-Encoding names chunked more than once.",
+            HeadProblem::ChunkedNotFinal => "Transfer-Encoding must end with chunked.",
+            HeadProblem::UnknownTransferCoding => {
+                "Transfer-Encoding names a coding this gateway does not implement; only chunked is supported."
+            }
         }
     }
 
     /// The `reason` label of `keygate_connection_closes_total`.
     pub fn label(self) -> &'static str {
-        "malformed_header"
+        match self {
+            HeadProblem::UnknownTransferCoding => "unsupported_transfer_coding",
+            _ => "malformed_header",
+        }
     }
 }
 
@@ -117,16 +145,74 @@ enum Field {
     #[default]
     Other,
     Host,
+    TransferEncoding,
 }
 
-/// Room for the longest field name the scanner looks for.
-const NAME_CAP: usize = 4;
+/// Room for the longest field name the scanner looks for (`transfer-encoding`).
+const NAME_CAP: usize = 17;
 
 /// The field a lowercased name is.
 fn field_named(name: &[u8]) -> Field {
     match name {
         b"host" => Field::Host,
+        b"transfer-encoding" => Field::TransferEncoding,
         _ => Field::Other,
+    }
+}
+
+const CHUNKED: &[u8] = b"chunked";
+
+/// The `Transfer-Encoding` list read so far, over all its field lines (they make one list,
+/// RFC 9110 §5.3), one byte at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Codings {
+    /// A `Transfer-Encoding` field line was seen.
+    present: bool,
+    /// Elements that were `chunked` (saturating).
+    chunked: u8,
+    /// The last element so far is `chunked`.
+    last_chunked: bool,
+    /// An element other than `chunked` was seen.
+    other: bool,
+    /// Bytes of the current element other than whitespace (saturating).
+    elem_len: u8,
+    /// The current element is not `chunked` (case-insensitive, whitespace around allowed).
+    elem_other: bool,
+    /// Whitespace came after some of the current element's bytes.
+    elem_gap: bool,
+}
+
+impl Codings {
+    /// One byte of a `Transfer-Encoding` value (control bytes are refused before).
+    fn byte(&mut self, b: u8) {
+        match b {
+            b',' => self.end_element(),
+            SP | HTAB => self.elem_gap |= self.elem_len > 0,
+            _ => {
+                let expected = CHUNKED.get(usize::from(self.elem_len));
+                if self.elem_gap || expected != Some(&b.to_ascii_lowercase()) {
+                    self.elem_other = true;
+                }
+                self.elem_len = self.elem_len.saturating_add(1);
+            }
+        }
+    }
+
+    /// A list element ended (a comma, or the end of the field line).
+    fn end_element(&mut self) {
+        // Empty elements (`, ,`) do not count (RFC 9110 §5.6.1).
+        if self.elem_len > 0 {
+            let chunked = !self.elem_other && usize::from(self.elem_len) == CHUNKED.len();
+            if chunked {
+                self.chunked = self.chunked.saturating_add(1);
+            } else {
+                self.other = true;
+            }
+            self.last_chunked = chunked;
+        }
+        self.elem_len = 0;
+        self.elem_other = false;
+        self.elem_gap = false;
     }
 }
 
@@ -155,6 +241,8 @@ pub struct HeaderScan {
     field: Field,
     /// `Host` field lines so far.
     hosts: u8,
+    /// The `Transfer-Encoding` list.
+    codings: Codings,
 }
 
 impl HeaderScan {
@@ -188,7 +276,10 @@ impl HeaderScan {
                         *len += n;
                         i += n;
                     }
-                    Part::Value => i += plain_run(&w[i..], SP),
+                    // Transfer-Encoding values are read byte by byte.
+                    Part::Value if self.field != Field::TransferEncoding => {
+                        i += plain_run(&w[i..], SP);
+                    }
                     _ => {}
                 }
             }
@@ -240,6 +331,7 @@ impl HeaderScan {
                 return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
             }
             Part::Name { .. } => return Err(ScanVerdict::Refused(HeadProblem::FieldName)),
+            Part::Value if self.field == Field::TransferEncoding => self.codings.end_element(),
             Part::Version { .. } | Part::Value => {}
         }
         self.lines += 1;
@@ -272,8 +364,10 @@ impl HeaderScan {
                 b':' => {
                     let name = self.name.get(..*len).unwrap_or_default();
                     self.field = field_named(name);
-                    if self.field == Field::Host {
-                        self.hosts = self.hosts.saturating_add(1);
+                    match self.field {
+                        Field::Host => self.hosts = self.hosts.saturating_add(1),
+                        Field::TransferEncoding => self.codings.present = true,
+                        Field::Other => {}
                     }
                     self.part = Part::Value;
                 }
@@ -285,10 +379,13 @@ impl HeaderScan {
                 }
                 _ => return refuse(HeadProblem::FieldName),
             },
-            // Only the bytes the skip stopped at come here: HTAB, a control byte, DEL.
+            // Past the skip: HTAB, a control byte, DEL; every byte of a Transfer-Encoding.
             Part::Value => {
-                if b != HTAB {
+                if b != HTAB && (b < SP || b == DEL) {
                     return refuse(HeadProblem::FieldValue);
+                }
+                if self.field == Field::TransferEncoding {
+                    self.codings.byte(b);
                 }
             }
             Part::Method { len } => match b {
@@ -326,6 +423,22 @@ impl HeaderScan {
 
     /// What the whole head shows once it is complete.
     fn judge(&self) -> Option<HeadProblem> {
+        let te = &self.codings;
+        if te.present {
+            // Framing first: these are the smuggling vectors.
+            if self.version < (1, 1) {
+                return Some(HeadProblem::TransferEncodingInHttp10);
+            }
+            if te.chunked > 1 {
+                return Some(HeadProblem::ChunkedTwice);
+            }
+            if !te.last_chunked {
+                return Some(HeadProblem::ChunkedNotFinal);
+            }
+            if te.other {
+                return Some(HeadProblem::UnknownTransferCoding);
+            }
+        }
         if self.hosts > 1 {
             return Some(HeadProblem::SeveralHosts);
         }
@@ -673,6 +786,113 @@ pub(in crate::conn_guard) mod tests {
         for (head, problem) in cases {
             let want = problem.map_or(ScanVerdict::Complete(head.len()), ScanVerdict::Refused);
             assert_eq!(verdict(head), want, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_must_name_chunked_once_and_last() {
+        use HeadProblem::*;
+        let cases: &[(&[u8], Option<HeadProblem>)] = &[
+            (b"Transfer-Encoding: chunked\r\n", None),
+            (b"Transfer-Encoding: CHUNKED\r\n", None),
+            (b"transfer-encoding:chunked\n", None),
+            (b"Transfer-Encoding: \t chunked \t\r\n", None),
+            // Empty list elements do not count (RFC 9110 §5.6.1).
+            (b"Transfer-Encoding: , chunked,\r\n", None),
+            (
+                b"Transfer-Encoding: chunked, chunked\r\n",
+                Some(ChunkedTwice),
+            ),
+            (
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                Some(ChunkedTwice),
+            ),
+            (
+                b"Transfer-Encoding: chunked, identity\r\n",
+                Some(ChunkedNotFinal),
+            ),
+            (
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+                Some(ChunkedNotFinal),
+            ),
+            (b"Transfer-Encoding: gzip\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: identity\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: xchunked\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: chunkedx\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: chunk\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: chun ked\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: chunked;x=1\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding: \"chunked\"\r\n", Some(ChunkedNotFinal)),
+            (b"Transfer-Encoding:\r\n", Some(ChunkedNotFinal)),
+            (
+                b"Transfer-Encoding: gzip, chunked\r\n",
+                Some(UnknownTransferCoding),
+            ),
+            (
+                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                Some(UnknownTransferCoding),
+            ),
+            (
+                b"Transfer-Encoding: identity, chunked\r\n",
+                Some(UnknownTransferCoding),
+            ),
+            (b"Transfer-Encoding: \x0bchunked\r\n", Some(FieldValue)),
+            (b"Transfer-Encoding : chunked\r\n", Some(FieldName)),
+            // Other fields, whatever they hold.
+            (
+                b"Transfer-Encodings: gzip\r\nX-Transfer-Encoding: gzip\r\n",
+                None,
+            ),
+        ];
+        for (fields, problem) in cases {
+            let head = with_fields(fields);
+            let want = problem.map_or(ScanVerdict::Complete(head.len()), ScanVerdict::Refused);
+            assert_eq!(
+                verdict(&head),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(fields)
+            );
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_in_http10_is_refused() {
+        assert_eq!(
+            verdict(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            ScanVerdict::Refused(HeadProblem::TransferEncodingInHttp10)
+        );
+    }
+
+    #[test]
+    fn an_unimplemented_coding_is_501_and_every_other_problem_400() {
+        use HeadProblem::*;
+        for p in [
+            RequestLine,
+            Target,
+            BareCr,
+            FieldName,
+            ObsFold,
+            FieldValue,
+            MissingHost,
+            SeveralHosts,
+            TransferEncodingInHttp10,
+            ChunkedTwice,
+            ChunkedNotFinal,
+            UnknownTransferCoding,
+        ] {
+            let unimplemented = p == UnknownTransferCoding;
+            assert_eq!(p.status(), if unimplemented { 501 } else { 400 }, "{p:?}");
+            assert_eq!(
+                (p.code(), p.label()),
+                if unimplemented {
+                    ("unsupported_transfer_coding", "unsupported_transfer_coding")
+                } else {
+                    ("invalid_request", "malformed_header")
+                },
+                "{p:?}"
+            );
+            assert!(!p.message().is_empty());
         }
     }
 
