@@ -46,6 +46,10 @@ pub enum HeadProblem {
     MissingHost,
     /// More than one `Host` field line (RFC 9112 §3.2: 400).
     SeveralHosts,
+    /// Both `Content-Length` and `Transfer-Encoding`: RFC 9112 §6.1 lets a server refuse it
+    /// (and requires closing the connection either way). Pingora 0.9 drops the
+    /// `Content-Length` before keygate sees the request, so it is judged on the raw bytes.
+    ContentLengthAndTransferEncoding,
     /// `Transfer-Encoding` in an HTTP/1.0 request: faulty framing (RFC 9112 §6.1).
     TransferEncodingInHttp10,
     /// `chunked` named more than once: a sender MUST NOT chunk twice (RFC 9112 §6.1), so the
@@ -95,6 +99,9 @@ impl HeadProblem {
             HeadProblem::FieldValue => "A header field value contains a control character.",
             HeadProblem::MissingHost => "The request has no Host header (required in HTTP/1.1).",
             HeadProblem::SeveralHosts => "The request has more than one Host header.",
+            HeadProblem::ContentLengthAndTransferEncoding => {
+                "The request has both Content-Length and Transfer-Encoding; send only one."
+            }
             HeadProblem::TransferEncodingInHttp10 => {
                 "Transfer-Encoding is not allowed in HTTP/1.0."
             }
@@ -145,6 +152,7 @@ enum Field {
     #[default]
     Other,
     Host,
+    ContentLength,
     TransferEncoding,
 }
 
@@ -155,6 +163,7 @@ const NAME_CAP: usize = 17;
 fn field_named(name: &[u8]) -> Field {
     match name {
         b"host" => Field::Host,
+        b"content-length" => Field::ContentLength,
         b"transfer-encoding" => Field::TransferEncoding,
         _ => Field::Other,
     }
@@ -241,6 +250,8 @@ pub struct HeaderScan {
     field: Field,
     /// `Host` field lines so far.
     hosts: u8,
+    /// A `Content-Length` field line was seen.
+    content_length: bool,
     /// The `Transfer-Encoding` list.
     codings: Codings,
 }
@@ -366,6 +377,7 @@ impl HeaderScan {
                     self.field = field_named(name);
                     match self.field {
                         Field::Host => self.hosts = self.hosts.saturating_add(1),
+                        Field::ContentLength => self.content_length = true,
                         Field::TransferEncoding => self.codings.present = true,
                         Field::Other => {}
                     }
@@ -426,6 +438,9 @@ impl HeaderScan {
         let te = &self.codings;
         if te.present {
             // Framing first: these are the smuggling vectors.
+            if self.content_length {
+                return Some(HeadProblem::ContentLengthAndTransferEncoding);
+            }
             if self.version < (1, 1) {
                 return Some(HeadProblem::TransferEncodingInHttp10);
             }
@@ -857,6 +872,30 @@ pub(in crate::conn_guard) mod tests {
     }
 
     #[test]
+    fn content_length_with_transfer_encoding_is_refused() {
+        for fields in [
+            &b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n"[..],
+            b"Transfer-Encoding: chunked\r\nContent-Length: 6\r\n",
+            b"content-length: 6\r\ntransfer-encoding: gzip, chunked\r\n",
+        ] {
+            assert_eq!(
+                verdict(&with_fields(fields)),
+                ScanVerdict::Refused(HeadProblem::ContentLengthAndTransferEncoding),
+                "{:?}",
+                String::from_utf8_lossy(fields)
+            );
+        }
+        // Content-Length alone is Pingora's to check (duplicates, lists, digits).
+        for fields in [
+            &b"Content-Length: 6\r\n"[..],
+            b"Content-Length: 6\r\nContent-Length: 6\r\n",
+        ] {
+            let head = with_fields(fields);
+            assert_eq!(verdict(&head), ScanVerdict::Complete(head.len()));
+        }
+    }
+
+    #[test]
     fn transfer_encoding_in_http10_is_refused() {
         assert_eq!(
             verdict(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
@@ -876,6 +915,7 @@ pub(in crate::conn_guard) mod tests {
             FieldValue,
             MissingHost,
             SeveralHosts,
+            ContentLengthAndTransferEncoding,
             TransferEncodingInHttp10,
             ChunkedTwice,
             ChunkedNotFinal,

@@ -743,6 +743,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_head_refused_at_its_end_never_hands_pingora_its_blank_line() {
+        // The first read passes (nothing wrong yet); the read that completes the head does not,
+        // so Pingora never parses a whole request.
+        let (mut g, mut client) = guarded();
+        let first = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n";
+        client.write_all(first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        g.read_exact(&mut got).await.unwrap();
+        client
+            .write_all(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let (rest, end) = read_until_end(&mut g).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let (status, v) = refused_answer(g, &mut client).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Length and Transfer-Encoding"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unimplemented_transfer_coding_gets_501() {
+        let (mut g, mut client) = guarded();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, end) = read_until_end(&mut g).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let (status, v) = refused_answer(g, &mut client).await;
+        assert_eq!(status, "HTTP/1.1 501 Not Implemented");
+        assert_eq!(v["error"]["code"], "unsupported_transfer_coding");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn silent_new_connection_is_closed_at_header_timeout_without_an_answer() {
         let (mut g, mut client) = guarded();
         let start = Instant::now();
