@@ -134,8 +134,8 @@ enum Part {
     /// The start of a line: none of its bytes seen yet.
     #[default]
     LineStart,
-    /// The request method; `len` bytes so far.
-    Method { len: usize },
+    /// The request method (its first byte seen).
+    Method,
     /// The request target; `len` bytes so far.
     Target { len: usize },
     /// `HTTP/x.y`: how many of its bytes so far.
@@ -282,6 +282,22 @@ impl HeaderScan {
             if !self.cr {
                 // The bulk of a head: skip runs of bytes that need no look.
                 match &mut self.part {
+                    Part::Method => i += tchar_run(&w[i..]),
+                    Part::Name { len } => {
+                        let n = tchar_run(&w[i..]);
+                        // Lowercased into `name` as far as it has room (longer names are other
+                        // fields anyway).
+                        let room = NAME_CAP.saturating_sub(*len).min(n);
+                        if let (Some(to), Some(from)) =
+                            (self.name.get_mut(*len..*len + room), w.get(i..i + room))
+                        {
+                            for (t, f) in to.iter_mut().zip(from) {
+                                *t = f.to_ascii_lowercase();
+                            }
+                        }
+                        *len += n;
+                        i += n;
+                    }
                     Part::Target { len } => {
                         let n = plain_run(&w[i..], SP + 1);
                         *len += n;
@@ -302,8 +318,15 @@ impl HeaderScan {
             } else if self.cr {
                 Err(ScanVerdict::Refused(HeadProblem::BareCr))
             } else if b == CR && self.may_end_line() {
-                self.cr = true;
-                Ok(false)
+                if w.get(i) == Some(&LF) {
+                    // The usual CRLF, both bytes in this read.
+                    i += 1;
+                    self.end_line(max_headers)
+                } else {
+                    // Its LF may come in the next read; anything else makes it a bare CR.
+                    self.cr = true;
+                    Ok(false)
+                }
             } else {
                 self.byte(b).map(|()| false)
             };
@@ -321,7 +344,7 @@ impl HeaderScan {
         match self.part {
             Part::LineStart | Part::Value => true,
             Part::Version { len } => len == VERSION_LEN,
-            Part::Method { .. } | Part::Target { .. } | Part::Name { .. } => false,
+            Part::Method | Part::Target { .. } | Part::Name { .. } => false,
         }
     }
 
@@ -335,7 +358,7 @@ impl HeaderScan {
                     None => Ok(true),
                 }
             }
-            Part::Method { .. } | Part::Target { .. } => {
+            Part::Method | Part::Target { .. } => {
                 return Err(ScanVerdict::Refused(HeadProblem::RequestLine))
             }
             Part::Version { len } if len != VERSION_LEN => {
@@ -361,7 +384,7 @@ impl HeaderScan {
                 if !is_tchar(b) {
                     return refuse(HeadProblem::RequestLine);
                 }
-                self.part = Part::Method { len: 1 };
+                self.part = Part::Method;
             }
             Part::LineStart => match b {
                 SP | HTAB => return refuse(HeadProblem::ObsFold),
@@ -400,9 +423,9 @@ impl HeaderScan {
                     self.codings.byte(b);
                 }
             }
-            Part::Method { len } => match b {
+            Part::Method => match b {
                 SP => self.part = Part::Target { len: 0 },
-                _ if is_tchar(b) => *len += 1,
+                _ if is_tchar(b) => {}
                 _ => return refuse(HeadProblem::RequestLine),
             },
             // Only the bytes the skip stopped at come here: SP, a control byte, DEL.
@@ -464,9 +487,43 @@ impl HeaderScan {
     }
 }
 
-/// Whether `b` may be part of a token (RFC 9110 §5.6.2): a method or a field name.
+/// The bytes of a token (RFC 9110 §5.6.2): a method or a field name.
+static TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < table.len() {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        i += 1;
+    }
+    table
+};
+
+/// Whether `b` may be part of a token.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
+}
+
+/// How many bytes at the start of `bytes` are token bytes.
+fn tchar_run(bytes: &[u8]) -> usize {
+    bytes.iter().take_while(|&&b| is_tchar(b)).count()
 }
 
 /// How many bytes at the start of `bytes` are `min` or above and not DEL: the run a target
