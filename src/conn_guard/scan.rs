@@ -1007,6 +1007,80 @@ pub(in crate::conn_guard) mod tests {
         );
     }
 
+    /// Pieces of heads, valid and not, that the property test strings together.
+    const PIECES: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\n",
+        b"POST /v1/chat/completions HTTP/1.0\r\n",
+        b"GET",
+        b" ",
+        b"  ",
+        b"/v1/x?a=b",
+        b"HTTP/1.1",
+        b"HTTP/1.2",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\t",
+        b"Host: a\r\n",
+        b"X-A: b\r\n",
+        b"X-A",
+        b":",
+        b": ",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Content-Length: 3\r\n",
+        b"chunked, ",
+        b"\x00",
+        b"\x7f",
+        b"\x0b",
+        b"\xc3\xa9",
+        b"\"<>{}",
+        b"body",
+    ];
+
+    proptest::proptest! {
+        /// Pingora hands a head to httparse once the guard let its last byte through: the guard
+        /// must see the end of every head httparse would parse, at the same byte, and never
+        /// call complete a head httparse still reads (the rest would pass unjudged). How the
+        /// head is split across reads changes nothing.
+        #[test]
+        fn the_guard_ends_a_head_where_httparse_does(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..24),
+            lead in proptest::bool::ANY,
+            split in 0usize..200,
+        ) {
+            let mut head: Vec<u8> = if lead { PIECES[0].to_vec() } else { Vec::new() };
+            for i in picks {
+                head.extend_from_slice(PIECES[i]);
+            }
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let theirs = httparse::Request::new(&mut fields).parse(&head);
+            let ours = HeaderScan::default().feed(&head, MAXB, MAXH);
+            match (theirs, ours) {
+                (Ok(httparse::Status::Complete(n)), ScanVerdict::Complete(m)) => {
+                    proptest::prop_assert_eq!(n, m)
+                }
+                (Ok(httparse::Status::Complete(_)), ScanVerdict::Partial) => {
+                    proptest::prop_assert!(false, "httparse completes a head the guard has not judged")
+                }
+                (Ok(httparse::Status::Partial), ScanVerdict::Complete(_)) => {
+                    proptest::prop_assert!(false, "the guard passes the rest of an open head")
+                }
+                _ => {}
+            }
+            let at = split.min(head.len());
+            let mut s = HeaderScan::default();
+            let first = s.feed(&head[..at], MAXB, MAXH);
+            let both = match first {
+                ScanVerdict::Partial => match s.feed(&head[at..], MAXB, MAXH) {
+                    ScanVerdict::Complete(n) => ScanVerdict::Complete(at + n),
+                    v => v,
+                },
+                v => v,
+            };
+            proptest::prop_assert_eq!(both, ours);
+        }
+    }
+
     #[test]
     fn plain_run_stops_at_the_first_byte_below_min_or_del() {
         let mut base: Vec<u8> = (0..40u8).map(|i| b'a' + (i % 26)).collect();
