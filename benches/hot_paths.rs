@@ -12,6 +12,8 @@
 //! - `requested_cooldown/<header>`: reading how long a 429 asks a key to rest.
 //! - `usage_meter/...` and `usage_stripper/...`: metering tokens from a response as it streams
 //!   past, per SSE chunk and per whole stream, and hiding the usage-only chunk.
+//! - `header_scan/<case>`: the connection guard's pass over a request header's raw bytes (an
+//!   OpenAI SDK request in one read and in 16-byte reads; a 30 KiB header).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -20,6 +22,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::clock::{ManualClock, SharedClock};
+use keygate::conn_guard::{HeaderScan, ScanVerdict};
 use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick};
 use keygate::request_body::{scan_json, BodyInfo};
 use keygate::retry_after::{parse_http_date, requested_cooldown};
@@ -382,6 +385,62 @@ fn bench_usage(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// HeaderScan::feed
+
+/// The request header the OpenAI Python SDK sends for a chat completion (about 600 bytes).
+const SDK_HEADER: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\n\
+Host: keygate.internal:8080\r\n\
+Accept-Encoding: gzip, deflate\r\n\
+Connection: keep-alive\r\n\
+Accept: application/json\r\n\
+Content-Type: application/json\r\n\
+User-Agent: OpenAI/Python 1.54.3\r\n\
+X-Stainless-Lang: python\r\n\
+X-Stainless-Package-Version: 1.54.3\r\n\
+X-Stainless-OS: Linux\r\n\
+X-Stainless-Arch: x64\r\n\
+X-Stainless-Runtime: CPython\r\n\
+X-Stainless-Runtime-Version: 3.12.7\r\n\
+Authorization: Bearer kg-0123456789abcdef0123456789abcdef\r\n\
+X-Stainless-Async: false\r\n\
+x-stainless-retry-count: 0\r\n\
+Content-Length: 412\r\n\r\n";
+
+/// Feeds `reads` to a fresh scanner; the header must be complete after the last one.
+fn scan_header(reads: &[&[u8]]) -> ScanVerdict {
+    let mut scan = HeaderScan::default();
+    let mut verdict = ScanVerdict::Partial;
+    for r in reads {
+        verdict = scan.feed(black_box(r), 32 * 1024, 100);
+    }
+    assert!(matches!(verdict, ScanVerdict::Complete(_)), "{verdict:?}");
+    verdict
+}
+
+fn bench_header_scan(c: &mut Criterion) {
+    let mut big = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nCookie: ".to_vec();
+    big.extend(std::iter::repeat_n(b'c', 30 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let cases: [(&str, Vec<&[u8]>, usize); 3] = [
+        ("sdk_post", vec![SDK_HEADER], SDK_HEADER.len()),
+        (
+            "sdk_post_16_byte_reads",
+            SDK_HEADER.chunks(16).collect(),
+            SDK_HEADER.len(),
+        ),
+        ("cookie_30k", vec![&big[..]], big.len()),
+    ];
+    let mut group = c.benchmark_group("header_scan");
+    for (name, reads, len) in &cases {
+        group.throughput(Throughput::Bytes(*len as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(name), reads, |b, reads| {
+            b.iter(|| scan_header(reads));
+        });
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// Short defaults so `cargo bench` finishes in a few minutes; criterion's command line
 /// (`--measurement-time`, `--warm-up-time`, a filter) still overrides them: `criterion_group!`
@@ -396,6 +455,6 @@ criterion_group! {
     name = hot_paths;
     config = config();
     targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
-        bench_usage
+        bench_usage, bench_header_scan
 }
 criterion_main!(hot_paths);

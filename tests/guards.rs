@@ -447,6 +447,12 @@ async fn guard_closes_are_counted_by_reason() {
     let mut s = connect(&kg).await;
     s.write_all(&raw_chat(&many)).await.unwrap();
     assert_eq!(read_response(&mut s).await.unwrap().status, 431);
+    // 400: a malformed request line.
+    let mut bad = connect(&kg).await;
+    bad.write_all(b"GET  /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut bad).await.unwrap().status, 400);
     // 408: a header still incomplete at the deadline.
     let slow = dribble(connect(&kg).await, SLOW_HEADER, Duration::from_millis(200)).await;
     assert_error_response(&slow.text(), "408", "request_timeout");
@@ -483,6 +489,7 @@ async fn guard_closes_are_counted_by_reason() {
     let closes = |reason| sum(&m, name, &[("reason", reason)]);
     assert_eq!(closes("too_many_headers"), 1.0, "{m}");
     assert_eq!(closes("header_timeout"), 1.0, "{m}");
+    assert_eq!(closes("malformed_header"), 1.0, "{m}");
     assert!(closes("idle") >= 1.0, "{m}");
     assert!(closes("silent") >= 1.0, "{m}");
     assert_eq!(closes("header_too_large"), 0.0, "{m}");

@@ -2,17 +2,14 @@
 //! running keygate in front of the mock.
 //!
 //! - A request whose framing or syntax is invalid is answered with its documented status (400;
-//!   408 for an HTTP/0.9 line, which looks like an unfinished header until `header_timeout`),
+//!   501 for a transfer coding keygate does not implement),
 //!   the connection is closed, and nothing reaches the upstream: neither a request (the mock's
 //!   count) nor a connection (keygate never connects before a valid request).
 //! - A form RFC 9112 lets a recipient accept (a bare LF line end, optional whitespace around a
 //!   field value, a chunk extension, identical duplicate lengths) reaches the upstream as exactly
 //!   one well-formed request with the body the client meant.
 //! - A request with both `Content-Length` and `Transfer-Encoding` never lets a second request
-//!   through, whichever framing wins.
-//!
-//! Tests marked `#[ignore]` document what keygate (Pingora 0.9) does today where it should
-//! refuse; each names the defect.
+//!   through, whichever framing wins; keygate refuses it (400).
 #![allow(clippy::unwrap_used)]
 
 mod utils;
@@ -217,8 +214,8 @@ fn refused_corpus() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
         (
             "an HTTP/0.9 simple request",
             b"GET /v1/models\r\n".to_vec(),
-            // It reads as a request line still missing its version: cut at header_timeout.
-            &[400, 408],
+            // A request line ended before its version: refused at its line end.
+            BAD,
         ),
         ("tabs between the request line's parts", b"GET\t/v1/models\tHTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), BAD),
         (
@@ -229,19 +226,36 @@ fn refused_corpus() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
     ]
 }
 
+/// Whether the first response's body is an OpenAI-style error (`{"error":{"message","type",
+/// "code"}}`), as keygate's own answers are (Pingora's bare error pages have no body).
+fn is_openai_error(got: &RawExchange) -> bool {
+    let Some(end) = got.received.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let body: serde_json::Value = match serde_json::from_slice(&got.received[end + 4..]) {
+        Ok(v) => v,
+        Err(_) => return false,
+    };
+    ["message", "type", "code"]
+        .iter()
+        .all(|k| body["error"][k].is_string())
+}
+
 /// Sends each case on its own connection and checks: one answer with a documented status, the
-/// connection closed, nothing of it upstream. Returns the failures, one line each.
+/// connection closed, nothing of it upstream; with `json`, the answer is keygate's own
+/// OpenAI-style error. Returns the failures, one line each.
 async fn refusals(
     kg: &Keygate,
     mock: &Mock,
     corpus: Vec<(&'static str, Vec<u8>, &'static [u16])>,
     must_close: bool,
+    json: bool,
 ) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, bytes, statuses) in corpus {
-        let before = upstream_seen(mock).await.0;
+        let before = upstream_seen(mock).await;
         let got = exchange(kg.port, bytes, Duration::from_secs(8)).await;
-        let after = upstream_seen(mock).await.0;
+        let after = upstream_seen(mock).await;
         let status = got.status();
         let mut wrong = Vec::new();
         if !status.is_some_and(|s| statuses.contains(&s)) {
@@ -253,10 +267,20 @@ async fn refusals(
         if must_close && !got.closed {
             wrong.push("left open".to_string());
         }
-        if after != before {
+        if json && !is_openai_error(&got) {
+            wrong.push("not an OpenAI-style error body".to_string());
+        }
+        if after.0 != before.0 {
             wrong.push(format!(
                 "{} request(s) reached the upstream",
-                after - before
+                after.0 - before.0
+            ));
+        }
+        // A request the mock cannot parse is not counted, but keygate connected to send it.
+        if after.1 != before.1 {
+            wrong.push(format!(
+                "{} connection(s) opened to the upstream",
+                after.1 - before.1
             ));
         }
         if !wrong.is_empty() {
@@ -271,7 +295,7 @@ async fn refusals(
 async fn malformed_requests_are_refused_closed_and_never_reach_the_upstream() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
-    let failures = refusals(&kg, &mock, refused_corpus(), true).await;
+    let failures = refusals(&kg, &mock, refused_corpus(), true, false).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(
         upstream_seen(&mock).await,
@@ -282,8 +306,8 @@ async fn malformed_requests_are_refused_closed_and_never_reach_the_upstream() {
     assert_eq!(kg.post_chat(&chat("gpt-4o")).await.status(), 200);
 }
 
-/// Malformed chunked bodies: nothing reaches the upstream today, but the answer is keygate's
-/// `500 internal_error` (see the ignored test below for the status they should get).
+/// Malformed chunked bodies: a client error (400), nothing reaches the upstream, and the
+/// connection closes (where the next request would start is unknown).
 fn bad_chunk_corpus() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
     const BAD: &[u16] = &[400];
     vec![
@@ -342,28 +366,65 @@ fn bad_chunk_corpus() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
 async fn malformed_chunked_bodies_never_reach_the_upstream() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
-    // Any final answer will do here; its status is the ignored test's business.
+    // Any final answer will do here; its status is the next test's business.
     let any: &[u16] = &[400, 408, 413, 500];
     let corpus = bad_chunk_corpus()
         .into_iter()
         .map(|(name, bytes, _)| (name, bytes, any))
         .collect();
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let failures = refusals(&kg, &mock, corpus, true, false).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(upstream_seen(&mock).await, (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: a malformed chunked body gets keygate's 500 internal_error, not 400 (a client error: nothing reaches the upstream, the connection closes)"]
 async fn malformed_chunked_bodies_get_400() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
-    let failures = refusals(&kg, &mock, bad_chunk_corpus(), true).await;
+    let failures = refusals(&kg, &mock, bad_chunk_corpus(), true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: a request line Pingora rewrites (two spaces after the method) gets 400 but the connection stays open"]
+async fn a_client_leaving_mid_body_gets_no_answer_and_is_not_keygates_error() {
+    // Unlike a malformed body, a body cut short by the client leaving is nobody's to answer:
+    // no local error is counted (it is not keygate's failure), nothing reaches the upstream.
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let yaml = format!(
+        "metrics: {{ addr: 127.0.0.1:{mport} }}\naccess_log: {{ path: {{dir}}/access.log }}\n{}",
+        config(&mock)
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    let cut_short = [
+        with(&cl(1000), &BODY[..10]),
+        with(b"Transfer-Encoding: chunked\r\n", b"3e8\r\n0123456789"),
+    ];
+    for bytes in cut_short {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
+        std::io::Write::write_all(&mut s, &bytes).unwrap();
+        drop(s);
+    }
+    let log = wait_for_lines(
+        &kg.dir.path().join("access.log"),
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["status"], 0, "no answer was written: {line}");
+    }
+    let m = scrape(mport).await;
+    assert_eq!(
+        sum(&m, "keygate_local_responses_total", &[]),
+        0.0,
+        "no local answer: {m}"
+    );
+    assert_eq!(upstream_seen(&mock).await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_line_closes_the_connection() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
@@ -377,12 +438,11 @@ async fn a_refused_request_line_closes_the_connection() {
         ]),
         &[400u16][..],
     )];
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: Pingora percent-escapes whitespace and control bytes in the request target and forwards the request (RFC 9112 §3.2: 400)"]
 async fn request_targets_with_whitespace_or_control_bytes_get_400() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
@@ -397,12 +457,11 @@ async fn request_targets_with_whitespace_or_control_bytes_get_400() {
         ),
         ("DEL in the target", get(b"/v1/mo\x7fdels"), &[400][..]),
     ];
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: an HTTP/1.1 request without Host is forwarded (RFC 9112 §3.2: a server MUST answer 400)"]
 async fn an_http11_request_without_host_gets_400() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
@@ -416,21 +475,57 @@ async fn an_http11_request_without_host_gets_400() {
         ]),
         &[400u16][..],
     )];
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: `Transfer-Encoding: chunked, chunked` is decoded once and forwarded (RFC 9112 §6.1: chunked is applied at most once)"]
 async fn chunked_named_twice_is_refused() {
+    // RFC 9112 §6.1: a sender MUST NOT chunk a body twice, so such framing is invalid (400).
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
-    let corpus = vec![(
-        "Transfer-Encoding: chunked, chunked",
-        with(b"Transfer-Encoding: chunked, chunked\r\n", &chunked(BODY)),
-        &[400u16][..],
-    )];
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let corpus = vec![
+        (
+            "Transfer-Encoding: chunked, chunked",
+            with(b"Transfer-Encoding: chunked, chunked\r\n", &chunked(BODY)),
+            &[400u16][..],
+        ),
+        (
+            "Transfer-Encoding: chunked on two lines",
+            with(
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                &chunked(BODY),
+            ),
+            &[400u16][..],
+        ),
+    ];
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    // RFC 9112 §6.1: a server SHOULD answer 501 to a transfer coding it does not understand
+    // (with chunked last the length is known, so this is not a framing error). Pingora would
+    // decode the chunks and forward the still-gzipped bytes as the body.
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(&config(&mock), KEYS);
+    let corpus = vec![
+        (
+            "Transfer-Encoding: gzip, chunked",
+            with(b"Transfer-Encoding: gzip, chunked\r\n", &chunked(BODY)),
+            &[501u16][..],
+        ),
+        (
+            "Transfer-Encoding: gzip then chunked on two lines",
+            with(
+                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                &chunked(BODY),
+            ),
+            &[501u16][..],
+        ),
+    ];
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -498,7 +593,6 @@ async fn both_content_length_and_transfer_encoding_never_smuggle_a_second_reques
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11 smuggling corpus: Pingora reads a request with both Content-Length and Transfer-Encoding by its chunks (and closes); the issue asks for 400"]
 async fn both_content_length_and_transfer_encoding_get_400() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock), KEYS);
@@ -506,7 +600,7 @@ async fn both_content_length_and_transfer_encoding_get_400() {
         .into_iter()
         .map(|(name, bytes)| (name, bytes, &[400u16][..]))
         .collect();
-    let failures = refusals(&kg, &mock, corpus, true).await;
+    let failures = refusals(&kg, &mock, corpus, true, true).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -11,6 +11,8 @@
 //! - each HTTP/1 request header must be complete within `header_timeout` of its first byte, else
 //!   the client gets `408` and the connection closes;
 //! - a header over `max_header_bytes` or `max_headers` gets `431` and the connection closes;
+//! - a malformed head that Pingora would rewrite and forward rather than refuse gets `400` and
+//!   the connection closes, before any of its bytes reach Pingora (see [`HeadProblem`]);
 //! - a keep-alive connection idle for `idle_timeout` between requests is closed silently.
 //!
 //! HTTP/2 (h2c prior knowledge or TLS ALPN `h2`) is left alone after its preface: Pingora's own
@@ -39,10 +41,11 @@
 //!         │ HTTP/1 keep-alive loop, marks
 //!         │ where each request starts
 //!         ▼
-//!   GuardedStream (stream.rs): the timers and the 408/431 answer, around the L4 stream
+//!   GuardedStream (stream.rs): the timers and the 408/431/400 answers, around the L4 stream
 //!         │ the bytes of each request header
 //!         ▼
-//!   HeaderScan (scan.rs): pure; where a header ends, how many bytes and fields it has
+//!   HeaderScan (scan.rs): pure; where a header ends, how many bytes and fields it has, and
+//!                         what of its syntax must be judged on raw bytes
 //! ```
 
 mod app;
@@ -50,7 +53,7 @@ mod scan;
 mod stream;
 
 pub use app::{GuardedApp, OpenConnections};
-pub use scan::{HeaderScan, ScanVerdict};
+pub use scan::{HeadProblem, HeaderScan, ScanVerdict};
 pub use stream::GuardedStream;
 
 use std::time::Duration;

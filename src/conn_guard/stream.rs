@@ -1,12 +1,13 @@
 //! [`GuardedStream`]: the poll state machine around an accepted L4 stream. It watches the bytes
-//! Pingora reads, runs the connection's timers and answers `408`/`431` itself.
+//! Pingora reads, runs the connection's timers and answers `408`/`431`, and `400`/`501` for a
+//! malformed head, itself.
 //!
 //! A connection moves through phases: waiting for a request's first byte (the fresh-connection or
 //! idle timer runs), inside its header (the header timer runs and the bytes go to a
 //! [`HeaderScan`]), passing bytes through (a body, a response, HTTP/2), rejecting (writing the
 //! answer, then lingering) and closed.
 
-use super::scan::{HeaderScan, ScanVerdict};
+use super::scan::{HeadProblem, HeaderScan, ScanVerdict};
 use super::{GuardSettings, H2_PREFACE};
 use crate::local_response::LocalResponse;
 use async_trait::async_trait;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// After a 408/431, how long the connection lingers to deliver the answer and drain what the
+/// After a 408/431/400, how long the connection lingers to deliver the answer and drain what the
 /// client is still sending: closing with unread bytes makes the kernel send RST, which can destroy
 /// the answer before the client reads it (nginx's `lingering_close` exists for the same reason).
 pub(super) const LINGER: Duration = Duration::from_secs(1);
@@ -48,6 +49,8 @@ enum Exit {
     TooLarge,
     /// 431, header fields.
     TooManyHeaders,
+    /// A malformed head (400, or 501 for a transfer coding keygate does not implement).
+    Refused(HeadProblem),
 }
 
 #[derive(Debug)]
@@ -64,7 +67,7 @@ enum Phase {
     },
     /// Bytes pass straight through: a request body or response time, or HTTP/2.
     Pass,
-    /// Answering 408/431 and lingering; the timer bounds it.
+    /// Answering 408/431/400/501 and lingering; the timer bounds it.
     Rejecting {
         exit: Exit,
         response: Vec<u8>,
@@ -210,6 +213,7 @@ impl GuardedStream {
             }
             ScanVerdict::TooLarge => Err(Exit::TooLarge),
             ScanVerdict::TooManyHeaders => Err(Exit::TooManyHeaders),
+            ScanVerdict::Refused(problem) => Err(Exit::Refused(problem)),
         }
     }
 
@@ -346,10 +350,12 @@ impl GuardedStream {
                             io::ErrorKind::TimedOut,
                             exit_message(*exit, &self.settings),
                         )),
-                        Exit::TooLarge | Exit::TooManyHeaders => Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            exit_message(*exit, &self.settings),
-                        )),
+                        Exit::TooLarge | Exit::TooManyHeaders | Exit::Refused(_) => {
+                            Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                exit_message(*exit, &self.settings),
+                            ))
+                        }
                     });
                 }
             }
@@ -365,6 +371,7 @@ impl Exit {
             Exit::HeaderTimeout => "header_timeout",
             Exit::TooLarge => "header_too_large",
             Exit::TooManyHeaders => "too_many_headers",
+            Exit::Refused(problem) => problem.label(),
         }
     }
 }
@@ -391,6 +398,7 @@ fn exit_message(exit: Exit, s: &GuardSettings) -> String {
             "The request has more header fields than this gateway accepts ({}).",
             s.max_headers
         ),
+        Exit::Refused(problem) => problem.message().into(),
     }
 }
 
@@ -404,6 +412,15 @@ fn error_response(exit: Exit, s: &GuardSettings) -> Vec<u8> {
             "Request Header Fields Too Large",
             "request_header_too_large",
         ),
+        Exit::Refused(problem) => {
+            let status = problem.status();
+            let reason = if status == 501 {
+                "Not Implemented"
+            } else {
+                "Bad Request"
+            };
+            (status, reason, problem.code())
+        }
     };
     let body =
         LocalResponse::new(status, "invalid_request_error", code, exit_message(exit, s)).body();
@@ -641,8 +658,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn header_complete_in_time_passes_and_the_body_is_not_timed() {
         let (mut g, mut client) = guarded();
-        let head = b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n";
-        for chunk in head.chunks(8) {
+        let head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n";
+        for chunk in head.chunks(10) {
             client.write_all(chunk).await.unwrap();
             sleep(Duration::from_secs(2)).await; // 5 chunks: 8 s, inside header_timeout
         }
@@ -694,6 +711,73 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("(100)"));
+    }
+
+    /// The guard's answer to a head it refused: status line, `connection: close`, JSON body.
+    async fn refused_answer(
+        g: GuardedStream,
+        client: &mut DuplexStream,
+    ) -> (String, serde_json::Value) {
+        drop(g);
+        let response = read_response(client).await;
+        assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+        let v = json_body(&response);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let status_line = response.lines().next().unwrap().to_string();
+        (status_line, v)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_request_line_gets_400_and_none_of_it_is_passed_on() {
+        let (mut g, mut client) = guarded();
+        client
+            .write_all(b"POST  /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, end) = read_until_end(&mut g).await;
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let (status, v) = refused_answer(g, &mut client).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request");
+        assert_eq!(v["error"]["code"], "invalid_request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_refused_at_its_end_never_hands_pingora_its_blank_line() {
+        // The first read passes (nothing wrong yet); the read that completes the head does not,
+        // so Pingora never parses a whole request.
+        let (mut g, mut client) = guarded();
+        let first = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n";
+        client.write_all(first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        g.read_exact(&mut got).await.unwrap();
+        client
+            .write_all(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let (rest, end) = read_until_end(&mut g).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let (status, v) = refused_answer(g, &mut client).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Length and Transfer-Encoding"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unimplemented_transfer_coding_gets_501() {
+        let (mut g, mut client) = guarded();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, end) = read_until_end(&mut g).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let (status, v) = refused_answer(g, &mut client).await;
+        assert_eq!(status, "HTTP/1.1 501 Not Implemented");
+        assert_eq!(v["error"]["code"], "unsupported_transfer_coding");
     }
 
     #[tokio::test(start_paused = true)]
@@ -766,7 +850,9 @@ mod tests {
         let (mut g, mut client) = guarded();
         g.request_starts();
         client
-            .write_all(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 40000\r\n\r\n")
+            .write_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 40000\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut buf = vec![0u8; 1024];

@@ -10,6 +10,7 @@
 //! every size so an upgrade that changes it fails loudly.
 
 use bytes::{Bytes, BytesMut};
+use pingora_error::{Error, ErrorType};
 use pingora_proxy::Session;
 
 /// Pingora's retry buffer size (`BODY_BUF_LIMIT` in pingora-core 0.9).
@@ -30,9 +31,32 @@ pub enum BodyReadError {
     /// The whole body did not arrive in time.
     #[error("request body not received within {0:?}")]
     TimedOut(std::time::Duration),
-    /// The client went away or sent garbage.
+    /// The body breaks its own framing (a chunk size that is not hex or overflows, chunk data
+    /// longer than its size, a chunk line not ended by CRLF, an oversized chunk extension or
+    /// trailer section): the client's fault, answered 400, and the connection closes since where
+    /// the next request would start is unknown.
+    #[error("malformed request body: {0}")]
+    Malformed(Box<Error>),
+    /// The client went away (or its connection failed) while sending the body: nobody to answer.
     #[error("reading the request body: {0}")]
-    Downstream(Box<pingora_error::Error>),
+    Downstream(Box<Error>),
+}
+
+impl BodyReadError {
+    /// Sorts an error from reading the client's body: a framing error is [`Self::Malformed`];
+    /// anything else happened on the client's connection, so it is marked as the downstream's.
+    pub fn from_read(mut e: Box<Error>) -> Self {
+        // pingora-core 0.9 (`protocols/http/v1/body.rs`) reports broken chunked framing with
+        // these custom error types (`INVALID_CHUNK`, `INVALID_TRAILER_END`; not exported).
+        if matches!(
+            e.etype(),
+            ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd")
+        ) {
+            return Self::Malformed(e);
+        }
+        e.as_down();
+        Self::Downstream(e)
+    }
 }
 
 /// The request's `Content-Length`, when it has a valid one.
@@ -84,7 +108,7 @@ async fn read_body_untimed(session: &mut Session, max: usize) -> Result<Bytes, B
             .as_mut()
             .read_request_body()
             .await
-            .map_err(BodyReadError::Downstream)?;
+            .map_err(BodyReadError::from_read)?;
         let Some(chunk) = chunk else { break };
         len += chunk.len();
         if len > max {
@@ -108,4 +132,30 @@ fn join(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
         buf.extend_from_slice(&c);
     }
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_error::ErrorSource;
+
+    #[test]
+    fn chunked_framing_errors_are_malformed_and_other_read_errors_are_the_clients() {
+        for (etype, malformed) in [
+            (ErrorType::new("InvalidChunk"), true),
+            (ErrorType::new("InvalidTrailerEnd"), true),
+            (ErrorType::ConnectionClosed, false),
+            (ErrorType::ReadError, false),
+            (ErrorType::ReadTimedout, false),
+        ] {
+            match BodyReadError::from_read(Error::explain(etype.clone(), "test")) {
+                BodyReadError::Malformed(e) => assert!(malformed, "{etype:?}: {e}"),
+                BodyReadError::Downstream(e) => {
+                    assert!(!malformed, "{etype:?}");
+                    assert_eq!(e.esource(), &ErrorSource::Downstream, "{etype:?}");
+                }
+                other => panic!("{etype:?}: {other}"),
+            }
+        }
+    }
 }

@@ -76,6 +76,9 @@ fn body_error_answer(e: &BodyReadError) -> LocalResponse {
             "Send a Content-Length header with request bodies over 64 KiB.",
         ),
         BodyReadError::TimedOut(limit) => LocalResponse::body_timeout(*limit),
+        BodyReadError::Malformed(_) => {
+            LocalResponse::bad_request("The request body's chunked framing is invalid.")
+        }
         BodyReadError::Downstream(_) => {
             LocalResponse::bad_request("The request body could not be read.")
         }
@@ -182,6 +185,11 @@ impl ProxyHttp for GatewayProxy {
             match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout).await {
                 Ok(b) => b,
                 Err(BodyReadError::Downstream(e)) => return Err(e),
+                // Through Pingora's error path, which closes the connection: where the next
+                // request would start is unknown.
+                Err(e @ BodyReadError::Malformed(_)) => {
+                    return Err(respond::local_error(body_error_answer(&e)))
+                }
                 Err(e) => {
                     gw.respond_local(session, &body_error_answer(&e)).await?;
                     return Ok(true);
