@@ -43,7 +43,8 @@
 //!
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
 //!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
-//!    [`drain`] (a graceful stop that exits once nothing is left in flight).
+//!    [`drain`] (a graceful stop that exits once nothing is left in flight), [`memory_upkeep`]
+//!    (freed memory handed back to the system after a burst).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -66,6 +67,7 @@ pub mod glob;
 pub mod header_rules;
 pub mod keys;
 pub mod local_response;
+pub mod memory_upkeep;
 pub mod metrics;
 pub mod outcome;
 pub mod outlier;

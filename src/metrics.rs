@@ -41,6 +41,8 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Requests being served.
     pub in_flight: IntGauge,
+    /// Request-body bytes held against the buffer budget.
+    pub buffered_body_bytes: IntGauge,
     /// Answers keygate wrote itself, by reason.
     pub local_responses: IntCounterVec,
     /// Client requests refused by client limits, by client and reason.
@@ -128,6 +130,12 @@ const IN_FLIGHT: MetricInfo = MetricInfo {
     labels: &[],
     help: "Requests being served.",
 };
+const BUFFERED_BODY_BYTES: MetricInfo = MetricInfo {
+    name: "keygate_buffered_body_bytes",
+    kind: MetricKind::Gauge,
+    labels: &[],
+    help: "Request-body bytes held now against max_buffered_bytes.",
+};
 const LOCAL_RESPONSES: MetricInfo = MetricInfo {
     name: "keygate_local_responses_total",
     kind: MetricKind::Counter,
@@ -159,6 +167,7 @@ pub const CATALOGUE: &[MetricInfo] = &[
     COOLDOWNS,
     TOKENS,
     IN_FLIGHT,
+    BUFFERED_BODY_BYTES,
     LOCAL_RESPONSES,
     CLIENT_REJECTIONS,
     CONNECTION_CLOSES,
@@ -208,6 +217,7 @@ impl Metrics {
             cooldowns: counter(&COOLDOWNS),
             tokens: counter(&TOKENS),
             in_flight: gauge(&IN_FLIGHT),
+            buffered_body_bytes: gauge(&BUFFERED_BODY_BYTES),
             local_responses: counter(&LOCAL_RESPONSES),
             client_rejections: counter(&CLIENT_REJECTIONS),
             connection_closes: counter(&CONNECTION_CLOSES),
@@ -230,6 +240,7 @@ impl Metrics {
             Box::new(self.cooldowns.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.in_flight.clone()),
+            Box::new(self.buffered_body_bytes.clone()),
             Box::new(self.local_responses.clone()),
             Box::new(self.client_rejections.clone()),
             Box::new(self.connection_closes.clone()),

@@ -223,6 +223,10 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         "key prober",
         prober,
     ));
+    server.add_service(pingora_core::services::background::background_service(
+        "memory upkeep",
+        crate::memory_upkeep::MemoryUpkeep,
+    ));
     let grace = Duration::from_secs(
         server
             .configuration

@@ -66,7 +66,10 @@ impl BodyRules {
         Self {
             max_bytes: config.max_body_bytes,
             timeout: config.guards.body_timeout,
-            budget: BodyBudget::new(capacity),
+            budget: BodyBudget::new(capacity).observed(std::sync::Arc::new(|held| {
+                let held = i64::try_from(held).unwrap_or(i64::MAX);
+                crate::metrics::global().buffered_body_bytes.set(held);
+            })),
             budget_wait: crate::body_budget::DEFAULT_WAIT,
         }
     }

@@ -76,6 +76,7 @@ fn body_error_answer(e: &BodyReadError) -> LocalResponse {
             "Send a Content-Length header with request bodies over 64 KiB.",
         ),
         BodyReadError::TimedOut(limit) => LocalResponse::body_timeout(*limit),
+        BodyReadError::Busy => LocalResponse::busy(),
         BodyReadError::Malformed(_) => {
             LocalResponse::bad_request("The request body's chunked framing is invalid.")
         }
@@ -166,8 +167,10 @@ impl ProxyHttp for GatewayProxy {
         }
         let has_body = !session.as_mut().is_body_empty();
         if has_body {
-            // Unknown length: at most what Pingora can replay is accepted (411 beyond).
-            let room = announced.unwrap_or(body_replay::RETRY_BUFFER_LIMIT);
+            // Room for the first bytes now; the rest as they arrive (see `body_budget`).
+            let room = announced
+                .unwrap_or(body_replay::RETRY_BUFFER_LIMIT)
+                .min(crate::body_budget::FIRST_ROOM);
             let bodies = &gw.bodies;
             match bodies.budget.reserve(room, bodies.budget_wait).await {
                 Some(permit) => ctx.body_permit = Some(permit),
@@ -181,20 +184,25 @@ impl ProxyHttp for GatewayProxy {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
         }
-        let body =
-            match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout).await {
-                Ok(b) => b,
-                Err(BodyReadError::Downstream(e)) => return Err(e),
-                // Through Pingora's error path, which closes the connection: where the next
-                // request would start is unknown.
-                Err(e @ BodyReadError::Malformed(_)) => {
-                    return Err(respond::local_error(body_error_answer(&e)))
-                }
-                Err(e) => {
-                    gw.respond_local(session, &body_error_answer(&e)).await?;
-                    return Ok(true);
-                }
-            };
+        let limits = body_replay::BodyLimits {
+            max: gw.bodies.max_bytes,
+            deadline: gw.bodies.timeout,
+            room: ctx.body_permit.as_mut(),
+            room_wait: gw.bodies.budget_wait,
+        };
+        let body = match body_replay::read_body(session, limits).await {
+            Ok(b) => b,
+            Err(BodyReadError::Downstream(e)) => return Err(e),
+            // Through Pingora's error path, which closes the connection: where the next
+            // request would start is unknown.
+            Err(e @ BodyReadError::Malformed(_)) => {
+                return Err(respond::local_error(body_error_answer(&e)))
+            }
+            Err(e) => {
+                gw.respond_local(session, &body_error_answer(&e)).await?;
+                return Ok(true);
+            }
+        };
         let routed = parse_and_route(gw, session.req_header(), has_body.then_some(body), ctx);
         let admitted = routed.and_then(|()| gw.admit_model(ctx, announced.unwrap_or(0)));
         if let Err(resp) = admitted {
