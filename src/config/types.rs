@@ -62,6 +62,42 @@ pub struct ConfigFile {
     /// Connection and request guards.
     #[serde(default)]
     pub guards: Option<GuardsFile>,
+    /// Where routes with `cache:` keep their answers (default `{ memory: 256MiB }`).
+    #[serde(default)]
+    pub cache_store: Option<CacheStoreFile>,
+}
+
+/// The response cache's store (`cache_store:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheStoreFile {
+    /// Bytes of answers kept in memory.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Not built yet: named only so that validation can say so (its content is never read).
+    #[serde(default)]
+    pub redis: Option<serde::de::IgnoredAny>,
+}
+
+/// A route's response cache (`cache:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheFile {
+    /// How long an answer is served (default 1h).
+    #[serde(default)]
+    pub ttl: Option<Dur>,
+    /// Largest answer stored (default 1MiB).
+    #[serde(default)]
+    pub max_entry: Option<ByteSize>,
+    /// Clients share entries (default false: each client has its own).
+    #[serde(default)]
+    pub shared: Option<bool>,
+    /// Cache only `temperature: 0` or seeded requests, and embeddings (default false).
+    #[serde(default)]
+    pub only_deterministic: Option<bool>,
+    /// Charge hits to the client's token limits and budget (default false).
+    #[serde(default)]
+    pub charge_hits: Option<bool>,
 }
 
 /// One client of the gateway.
@@ -416,4 +452,7 @@ pub struct RouteFile {
     /// Share of requests `fastest` sends elsewhere to keep measuring (default 0.05).
     #[serde(default)]
     pub explore: Option<f64>,
+    /// Answer identical requests from the response cache.
+    #[serde(default)]
+    pub cache: Option<RouteCacheFile>,
 }
