@@ -247,6 +247,9 @@ impl ResponseCache {
         match capture.finish(usage, self.store.now(), ttl) {
             Some(answer) => {
                 self.store.insert(key, answer);
+                // Evictions and the byte count settle now (on a miss, which waited for an
+                // upstream anyway), so the gauge and the bound hold at once.
+                self.store.settle();
                 true
             }
             None => false,

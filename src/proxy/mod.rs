@@ -10,6 +10,7 @@
 //! ```
 
 pub mod body_replay;
+pub mod cached;
 pub mod ctx;
 pub mod gateway;
 pub mod respond;
@@ -201,7 +202,8 @@ impl ProxyHttp for GatewayProxy {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
-        Ok(false)
+        // After the limits decided the client may ask, before a key is chosen: a hit spends none.
+        gw.answer_from_cache(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -334,6 +336,7 @@ impl ProxyHttp for GatewayProxy {
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
         }
+        gw.capture_answer(ctx, resp);
         Ok(())
     }
 
@@ -341,10 +344,10 @@ impl ProxyHttp for GatewayProxy {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         header_rules::sanitize_response(resp);
-        Ok(())
+        cached::mark_response(resp, ctx)
     }
 
     fn response_body_filter(
@@ -422,6 +425,7 @@ impl ProxyHttp for GatewayProxy {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }
         }
+        self.0.feed_capture(ctx, body.as_ref(), end_of_stream);
         Ok(None)
     }
 
@@ -543,6 +547,7 @@ impl ProxyHttp for GatewayProxy {
         let m = gw.metrics;
         let attempts = ctx.log.attempts();
         gw.count_request(ctx, status, route, upstream);
+        gw.count_cache(ctx, route);
         if attempts > 1 {
             m.retries
                 .with_label_values(&[route])
@@ -591,6 +596,7 @@ impl ProxyHttp for GatewayProxy {
                 total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 stream: ctx.stream,
                 note: ctx.note.or_else(|| e.map(|e| e.etype().as_str())),
+                cache: ctx.cache.as_ref().map(|c| c.result.as_str()),
             });
         }
         debug!(
