@@ -324,3 +324,89 @@ async fn identical_concurrent_misses_send_one_request_upstream() {
         "one answer for all"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_cut_streams_and_oversized_answers_are_never_stored() {
+    // The first request gets a 400, the first stream is cut after two chunks.
+    let mock = Mock::start(&["--key", "sk-one=bad_request:first=1:models=gpt-4o"]);
+    let kg = Keygate::start(&config(&mock, "{}", "", free_port()), ENV);
+    let body = question("fails first");
+    let (status, cache, _) = chat_as(&kg, TOKEN_A, &body, &[]).await;
+    assert_eq!((status, cache.as_str()), (400, "miss"));
+    let (status, cache, _) = chat_as(&kg, TOKEN_A, &body, &[]).await;
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "miss"),
+        "the error was not stored"
+    );
+    assert_eq!(chat_as(&kg, TOKEN_A, &body, &[]).await.1, "hit");
+    drop(kg);
+
+    let broken = Mock::start(&["--key", "sk-one=break_stream:after=2:first=1"]);
+    let kg = Keygate::start(&config(&broken, "{}", "", free_port()), ENV);
+    let mut stream = question("cut short");
+    stream["stream"] = json!(true);
+    let r = post(&kg, TOKEN_A, "/v1/chat/completions", &stream, &[]).await;
+    assert_eq!(r.headers()["x-keygate-cache"], "miss");
+    let cut = r.text().await.unwrap_or_default();
+    assert!(!cut.contains("[DONE]"), "{cut}");
+    let r = post(&kg, TOKEN_A, "/v1/chat/completions", &stream, &[]).await;
+    assert_eq!(
+        r.headers()["x-keygate-cache"],
+        "miss",
+        "the cut stream was not stored"
+    );
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+    let r = post(&kg, TOKEN_A, "/v1/chat/completions", &stream, &[]).await;
+    assert_eq!(r.headers()["x-keygate-cache"], "hit");
+    drop(kg);
+
+    let small = Keygate::start(&config(&mock, "{ max_entry: 100 }", "", free_port()), ENV);
+    let body = question("too long to keep");
+    for _ in 0..2 {
+        let (status, cache, answer) = chat_as(&small, TOKEN_A, &body, &[]).await;
+        assert_eq!((status, cache.as_str()), (200, "miss"));
+        assert!(answer.len() > 100, "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_replays_what_the_client_received_when_keygate_injected_usage() {
+    let mock = Mock::start(&[]);
+    let yaml = format!(
+        "stream_usage: inject\n{}",
+        config(&mock, "{}", "", free_port())
+    );
+    let kg = Keygate::start(&yaml, ENV);
+    let mut stream = question("metered");
+    stream["stream"] = json!(true);
+    let r = post(&kg, TOKEN_A, "/v1/chat/completions", &stream, &[]).await;
+    assert_eq!(r.headers()["x-keygate-cache"], "miss");
+    let first = r.text().await.unwrap();
+    assert!(
+        !first.contains("\"usage\":{"),
+        "the usage chunk is hidden: {first}"
+    );
+    let r = post(&kg, TOKEN_A, "/v1/chat/completions", &stream, &[]).await;
+    assert_eq!(r.headers()["x-keygate-cache"], "hit");
+    assert_eq!(r.text().await.unwrap(), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charge_hits_counts_hits_against_the_clients_limits() {
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(
+        &config(
+            &mock,
+            "{ charge_hits: true }",
+            ", limits: { rpm: 2 }",
+            free_port(),
+        ),
+        ENV,
+    );
+    let body = question("charged");
+    assert_eq!(chat_as(&kg, TOKEN_A, &body, &[]).await.1, "miss");
+    assert_eq!(chat_as(&kg, TOKEN_A, &body, &[]).await.1, "hit");
+    assert_eq!(chat_as(&kg, TOKEN_A, &body, &[]).await.0, 429);
+    assert_eq!(mock.count("sk-one").await, 1);
+}
