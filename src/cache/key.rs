@@ -79,7 +79,7 @@ pub fn key(parts: &KeyParts<'_>, body: Option<&Value>) -> CacheKey {
     optional(&mut h, parts.model.map(str::as_bytes));
     optional(&mut h, parts.client.map(str::as_bytes));
     field(&mut h, parts.variant.tag());
-    optional(&mut h, body.map(|b| canonical_body(b)).as_deref());
+    optional(&mut h, body.map(canonical_body).as_deref());
     CacheKey(h.finalize().into())
 }
 
