@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! request_filter          read body (bounded) · model/stream · route · alias rewrite
+//!                         · response cache: answer a hit, or note the miss (cached.rs)
 //! upstream_peer           key from the KeyPool · endpoint from the LoadBalancer
 //! upstream_request_filter client credentials out · key in · Host · base path · Content-Length
 //! request_body_filter     hand Pingora the full body for this attempt
 //! upstream_response_filter 429 ⇒ cool · 401/403 ⇒ disable · 5xx ⇒ retry elsewhere
 //! response_filter         drop account-revealing headers
+//! response_body_filter    usage · usage-chunk hiding · error scrubbing · cache capture
 //! ```
 
 pub mod body_replay;
