@@ -137,7 +137,7 @@ pub fn plan(policy: &CachePolicy, req: &Request<'_>) -> Plan {
         return Plan::Bypass;
     }
     let ct = req.content_type.trim_start();
-    if ct.len() >= 10 && ct[..10].eq_ignore_ascii_case("multipart/") {
+    if (ct.len() >= 10 && ct[..10].eq_ignore_ascii_case("multipart/")) || is_file_path(req.path) {
         // Files and uploads are never cached.
         return Plan::Bypass;
     }
@@ -171,6 +171,13 @@ pub fn plan(policy: &CachePolicy, req: &Request<'_>) -> Plan {
         lookup: !req.control.no_cache,
         max_age: req.control.max_age,
     }
+}
+
+/// Whether `path` (with its query) is about files: `/v1/files…` or `/v1/uploads…`.
+fn is_file_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    path.split('/')
+        .any(|seg| seg == "files" || seg == "uploads")
 }
 
 /// Whether a stream request asks for its usage chunk.
@@ -308,6 +315,19 @@ mod tests {
             ..request(BODY)
         };
         assert_eq!(plan(&p, &upload), Plan::Bypass);
+        for path in [
+            "/v1/files",
+            "/v1/files/file-1/content",
+            "/v1/uploads/u-1/parts",
+        ] {
+            let files = Request {
+                method: "GET",
+                path,
+                body: None,
+                ..request(BODY)
+            };
+            assert_eq!(plan(&p, &files), Plan::Bypass, "{path}");
+        }
         assert_eq!(plan(&p, &request("not json")), Plan::Bypass);
         let delete = Request {
             method: "DELETE",
