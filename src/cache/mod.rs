@@ -137,7 +137,11 @@ pub fn plan(policy: &CachePolicy, req: &Request<'_>) -> Plan {
         return Plan::Bypass;
     }
     let ct = req.content_type.trim_start();
-    if (ct.len() >= 10 && ct[..10].eq_ignore_ascii_case("multipart/")) || is_file_path(req.path) {
+    let multipart = ct
+        .as_bytes()
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"multipart/"));
+    if multipart || is_file_path(req.path) {
         // Files and uploads are never cached.
         return Plan::Bypass;
     }
