@@ -67,16 +67,61 @@ pub struct ConfigFile {
     pub cache_store: Option<CacheStoreFile>,
 }
 
-/// The response cache's store (`cache_store:`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The response cache's store (`cache_store:`): `{ memory: 256MiB }`. `redis` (as a name or a
+/// section) is recognised only so that validation can say it is not built yet; its content is
+/// never read.
+#[derive(Debug, Default)]
 pub struct CacheStoreFile {
     /// Bytes of answers kept in memory.
-    #[serde(default)]
     pub memory: Option<ByteSize>,
-    /// Not built yet: named only so that validation can say so (its content is never read).
-    #[serde(default)]
+    /// Asked for a Redis store (refused by validation).
     pub redis: Option<serde::de::IgnoredAny>,
+}
+
+/// `cache_store:` written as a section.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheStoreMap {
+    #[serde(default)]
+    memory: Option<ByteSize>,
+    #[serde(default)]
+    redis: Option<serde::de::IgnoredAny>,
+}
+
+impl<'de> Deserialize<'de> for CacheStoreFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct StoreVisitor;
+        impl<'de> serde::de::Visitor<'de> for StoreVisitor {
+            type Value = CacheStoreFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`{ memory: SIZE }`")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                match name {
+                    "memory" => Ok(CacheStoreFile::default()),
+                    "redis" => Ok(CacheStoreFile {
+                        memory: None,
+                        redis: Some(serde::de::IgnoredAny),
+                    }),
+                    other => Err(E::custom(format!(
+                        "unknown cache store {other:?} (use `{{ memory: 256MiB }}`)"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let m =
+                    CacheStoreMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(CacheStoreFile {
+                    memory: m.memory,
+                    redis: m.redis,
+                })
+            }
+        }
+        d.deserialize_any(StoreVisitor)
+    }
 }
 
 /// A route's response cache (`cache:`).

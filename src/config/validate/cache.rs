@@ -135,6 +135,11 @@ mod tests {
                 "cache_store.redis",
                 "a Redis cache store needs the `redis:` section, which this keygate does not have yet; use `cache_store: { memory: 256MiB }`",
             ),
+            (
+                with_top("cache_store: redis"),
+                "cache_store.redis",
+                "a Redis cache store needs the `redis:` section, which this keygate does not have yet; use `cache_store: { memory: 256MiB }`",
+            ),
         ];
         for (yaml, field, reason) in cases {
             expect_error(&yaml, &src, field, reason);
@@ -164,6 +169,21 @@ mod tests {
                 with_top("cache_store: { disk: 1GiB }"),
                 "cache_store.disk",
                 "unknown field `disk`",
+            ),
+            (
+                with_top("cache_store: { memory: lots }"),
+                "cache_store.memory",
+                "not a size: \"lots\"",
+            ),
+            (
+                with_top("cache_store: disk"),
+                "cache_store",
+                "unknown cache store \"disk\" (use `{ memory: 256MiB }`)",
+            ),
+            (
+                with_top("cache_store: 5"),
+                "cache_store",
+                "expected `{ memory: SIZE }`",
             ),
         ];
         for (yaml, field, part) in cases {
