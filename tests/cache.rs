@@ -410,3 +410,31 @@ async fn charge_hits_counts_hits_against_the_clients_limits() {
     assert_eq!(chat_as(&kg, TOKEN_A, &body, &[]).await.0, 429);
     assert_eq!(mock.count("sk-one").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_answer_of_the_attempt_that_succeeded_is_stored() {
+    // The first key fails once with a 500: keygate retries on the second key.
+    let mock = Mock::start(&["--key", "sk-one=server_error:first=1", "--key", "sk-two=ok"]);
+    let yaml = format!(
+        "upstreams:\n  mock:\n    url: {}\n    health: {{ enabled: false }}\n    key_policy: round_robin\n    \
+         keys: [ {{ name: one, env: K1 }}, {{ name: two, env: K2 }} ]\n\
+         routes:\n  - {{ upstreams: [mock], cache: {{}} }}\n",
+        mock.url
+    );
+    let kg = Keygate::start(&yaml, &[("K1", "sk-one"), ("K2", "sk-two")]);
+    let body = question("retried");
+    let first = kg.post_chat(&body).await;
+    assert_eq!(first.status(), 200, "{}", kg.log_text());
+    assert_eq!(first.headers()["x-keygate-cache"], "miss");
+    let first = first.text().await.unwrap();
+    let (one, two) = (mock.count("sk-one").await, mock.count("sk-two").await);
+    assert_eq!(one + two, 2, "one failed attempt and one retry");
+    let again = kg.post_chat(&body).await;
+    assert_eq!(again.headers()["x-keygate-cache"], "hit");
+    assert_eq!(
+        again.text().await.unwrap(),
+        first,
+        "the retry's answer, not the 500"
+    );
+    assert_eq!(mock.count("sk-one").await + mock.count("sk-two").await, 2);
+}
