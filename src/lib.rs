@@ -31,7 +31,9 @@
 //!    key), [`outlier`] (endpoint ejection after consecutive failures), [`clients`] (gateway
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
 //!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere
-//!    or answer), [`routes`] (which upstreams serve a model or path, with their plan).
+//!    or answer), [`routes`] (which upstreams serve a model or path, with their plan),
+//!    [`cache`] (the response cache: canonical request keys, the bounded in-memory store,
+//!    `Cache-Control`, one upstream request for identical misses).
 //!
 //! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
 //!    validation with precise messages).
@@ -56,6 +58,7 @@
 
 pub mod access_log;
 pub mod body_budget;
+pub mod cache;
 pub mod cli;
 pub mod clients;
 pub mod clock;

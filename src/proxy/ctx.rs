@@ -47,6 +47,8 @@ pub struct Attempt {
     pub stripper: Option<UsageChunkStripper>,
     /// Masks the key and account ids out of an error body passed to the client.
     pub scrubber: Option<ErrorBodyScrubber>,
+    /// Collects a cache miss's answer for the response cache.
+    pub capture: Option<crate::cache::entry::Capture>,
 }
 
 impl Attempt {
@@ -67,6 +69,7 @@ impl Attempt {
             usage_meter: None,
             stripper: None,
             scrubber: None,
+            capture: None,
         }
     }
 
@@ -116,6 +119,8 @@ pub struct RequestCtx {
     pub usage: Option<Usage>,
     /// Why keygate answered by itself, for the access log.
     pub note: Option<&'static str>,
+    /// What the response cache did, on a cached route.
+    pub cache: Option<super::cached::CacheState>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -159,6 +164,7 @@ impl RequestCtx {
             bytes_sent: 0,
             usage: None,
             note: None,
+            cache: None,
         }
     }
 

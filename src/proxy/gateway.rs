@@ -94,6 +94,8 @@ pub struct GatewayOptions {
     pub deny_cidrs: CidrList,
     /// `(model, owner)` pairs for `GET /v1/models`.
     pub models: Vec<(String, String)>,
+    /// The response cache, when a route has `cache:`.
+    pub cache: Option<crate::cache::ResponseCache>,
 }
 
 /// A gateway built from the config, with what must run beside it.

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! request_filter          read body (bounded) · model/stream · route · alias rewrite
+//!                         · response cache: answer a hit, or note the miss (cached.rs)
 //! upstream_peer           key from the KeyPool · endpoint from the LoadBalancer
 //! upstream_request_filter client credentials out · key in · Host · base path · Content-Length
 //! request_body_filter     hand Pingora the full body for this attempt
 //! upstream_response_filter 429 ⇒ cool · 401/403 ⇒ disable · 5xx ⇒ retry elsewhere
 //! response_filter         drop account-revealing headers
+//! response_body_filter    usage · usage-chunk hiding · error scrubbing · cache capture
 //! ```
 
 pub mod body_replay;
+pub mod cached;
 pub mod ctx;
 pub mod gateway;
 pub mod respond;
@@ -209,7 +212,8 @@ impl ProxyHttp for GatewayProxy {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
-        Ok(false)
+        // After the limits decided the client may ask, before a key is chosen: a hit spends none.
+        gw.answer_from_cache(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -342,6 +346,7 @@ impl ProxyHttp for GatewayProxy {
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
         }
+        gw.capture_answer(ctx, resp);
         Ok(())
     }
 
@@ -349,10 +354,10 @@ impl ProxyHttp for GatewayProxy {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         header_rules::sanitize_response(resp);
-        Ok(())
+        cached::mark_response(resp, ctx)
     }
 
     fn response_body_filter(
@@ -430,6 +435,7 @@ impl ProxyHttp for GatewayProxy {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }
         }
+        self.0.feed_capture(ctx, body.as_ref(), end_of_stream);
         Ok(None)
     }
 
@@ -551,6 +557,7 @@ impl ProxyHttp for GatewayProxy {
         let m = gw.metrics;
         let attempts = ctx.log.attempts();
         gw.count_request(ctx, status, route, upstream);
+        gw.count_cache(ctx, route);
         if attempts > 1 {
             m.retries
                 .with_label_values(&[route])
@@ -599,6 +606,7 @@ impl ProxyHttp for GatewayProxy {
                 total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 stream: ctx.stream,
                 note: ctx.note.or_else(|| e.map(|e| e.etype().as_str())),
+                cache: ctx.cache.as_ref().map(|c| c.result.as_str()),
             });
         }
         debug!(
