@@ -241,15 +241,29 @@ pub enum AuthStyle {
     None,
 }
 
+/// Which API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// OpenAI's API and the many compatible ones.
+    #[default]
+    Openai,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`, typed stream events).
+    Anthropic,
+}
+
 /// One upstream API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// Base URL, optionally with a path prefix: `https://relay.example/openai`.
     pub url: String,
-    /// Credential style; default `bearer`.
+    /// The API it speaks: `openai` (default) or `anthropic`.
     #[serde(default)]
-    pub auth: AuthStyle,
+    pub api: Api,
+    /// Credential style; default `bearer`, or `x-api-key` with `api: anthropic`.
+    #[serde(default)]
+    pub auth: Option<AuthStyle>,
     /// Keys given one by one, each from an environment variable.
     #[serde(default)]
     pub keys: Vec<KeyFile>,
@@ -292,6 +306,16 @@ pub struct UpstreamFile {
     /// Text in a 429 body that marks an organisation-wide limit (cools every key of the account).
     #[serde(default)]
     pub org_limit_pattern: Option<String>,
+}
+
+impl UpstreamFile {
+    /// The credential style: as written, else the API's own (`x-api-key` for Anthropic).
+    pub fn auth_style(&self) -> AuthStyle {
+        self.auth.unwrap_or(match self.api {
+            Api::Openai => AuthStyle::Bearer,
+            Api::Anthropic => AuthStyle::XApiKey,
+        })
+    }
 }
 
 /// Outlier ejection settings.
@@ -416,4 +440,7 @@ pub struct RouteFile {
     /// Share of requests `fastest` sends elsewhere to keep measuring (default 0.05).
     #[serde(default)]
     pub explore: Option<f64>,
+    /// API translation (`openai` on Anthropic upstreams); not built yet, so refused by validation.
+    #[serde(default)]
+    pub translate: Option<String>,
 }

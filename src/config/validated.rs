@@ -1,6 +1,6 @@
 //! The validated configuration, every secret loaded: what the rest of keygate reads.
 
-use super::types::{AuthStyle, StreamUsage};
+use super::types::{Api, AuthStyle, StreamUsage};
 use crate::clients::addr::{CidrList, TrustedProxies};
 use crate::clients::limits::Limits;
 use crate::clients::IpPolicy;
@@ -114,6 +114,8 @@ pub struct UpstreamConfig {
     pub base_path: String,
     /// Credential style.
     pub auth: AuthStyle,
+    /// The API it speaks.
+    pub api: Api,
     /// Keys with their secrets.
     pub keys: Vec<KeySpec>,
     /// How keys are picked.

@@ -247,7 +247,11 @@ impl ProxyHttp for GatewayProxy {
             &up.host_header,
             path.as_deref(),
             ctx.body.as_ref().map(Bytes::len),
-        )
+        )?;
+        if up.api == crate::config::Api::Anthropic {
+            header_rules::ensure_anthropic_version(upstream_request)?;
+        }
+        Ok(())
     }
 
     async fn request_body_filter(
@@ -303,8 +307,10 @@ impl ProxyHttp for GatewayProxy {
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
-        if matches!(status, 401 | 403 | 429) {
-            // Read as it passes: its error code says what the answer means for the key.
+        let anthropic = gw.upstreams[att.upstream].api == crate::config::Api::Anthropic;
+        if matches!(status, 401 | 403 | 429) || (status == 400 && anthropic) {
+            // Read as it passes: its error code says what the answer means for the key (an
+            // Anthropic 400 may say the key's credit balance is gone).
             att.error_body = Some(bytes::BytesMut::new());
         }
         if (200..300).contains(&status) {
@@ -418,6 +424,8 @@ impl ProxyHttp for GatewayProxy {
         if let (Some(buf), Some(status)) = (finished_error_body, status) {
             if status == 429 {
                 self.0.judge_429_body(ctx, &buf);
+            } else if status == 400 {
+                self.0.judge_400_body(ctx, &buf);
             } else {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }

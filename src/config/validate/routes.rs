@@ -39,6 +39,7 @@ fn route(
     upstreams: &[UpstreamConfig],
 ) -> Result<RouteConfig, ConfigError> {
     let idx = upstream_indexes(at, r, upstreams)?;
+    one_api(at, r, &idx, upstreams)?;
     let mut models = Vec::new();
     for (j, m) in r.models.iter().enumerate() {
         models.push(Glob::new(m).map_err(|e| at.err(&format!("models[{j}]"), e.to_string()))?);
@@ -108,6 +109,32 @@ fn upstream_indexes(
         idx.push(pos);
     }
     Ok(idx)
+}
+
+/// A route's upstreams speak one API: a fallback from Anthropic to OpenAI would send a Messages
+/// body to an OpenAI server. `translate:` is refused: translation is not built yet.
+fn one_api(
+    at: &Scope,
+    r: &RouteFile,
+    idx: &[usize],
+    upstreams: &[UpstreamConfig],
+) -> Result<(), ConfigError> {
+    if r.translate.is_some() {
+        return Err(at.err(
+            "translate",
+            "translating OpenAI requests for Anthropic upstreams is not built yet; \
+             call Anthropic upstreams with Anthropic's own API (`POST /v1/messages`)",
+        ));
+    }
+    let first = idx.first().map(|&i| upstreams[i].api);
+    if let Some(j) = idx.iter().position(|&i| Some(upstreams[i].api) != first) {
+        return Err(at.err(
+            &format!("upstreams[{j}]"),
+            "speaks another API than the route's first upstream (`api:`); \
+             a route's upstreams must all speak the same API",
+        ));
+    }
+    Ok(())
 }
 
 /// `weights`: only for `weighted`, one per upstream, not all zero.
