@@ -336,7 +336,7 @@ impl ProxyHttp for GatewayProxy {
                 // answers instead.
                 return Err(respond::local_error(replacement));
             }
-            let body = replacement.body();
+            let body = respond::body_for(session, &replacement);
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
         }

@@ -84,7 +84,9 @@ pub(crate) fn parse_and_route(
         }
         ctx.upstream_model = Some(new_model.to_string());
     }
+    // Anthropic's streams always report usage, and its API refuses `stream_options`.
     if gw.options.stream_usage == StreamUsage::Inject
+        && !crate::routes::is_anthropic_endpoint(path)
         && ctx.stream
         && json_info.as_ref().is_some_and(|i| !i.include_usage)
     {

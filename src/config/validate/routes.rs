@@ -279,6 +279,32 @@ mod tests {
     }
 
     #[test]
+    fn translation_is_refused_until_it_is_built() {
+        expect_error_containing(
+            &with_route("{ upstreams: [openai], translate: openai }"),
+            &source(),
+            "routes[0].translate",
+            "translating OpenAI requests for Anthropic upstreams is not built yet",
+        );
+    }
+
+    #[test]
+    fn a_route_may_not_mix_apis() {
+        let yaml = with_route("{ upstreams: [openai, claude] }").replace(
+            "routes:",
+            "  claude:\n    url: http://127.0.0.1:9\n    api: anthropic\n    keys: [ { name: c, env: KG_TEST_KEY } ]\nroutes:",
+        );
+        expect_error_containing(
+            &yaml,
+            &source(),
+            "routes[0].upstreams[1]",
+            "speaks another API than the route's first upstream",
+        );
+        let same = yaml.replace("[openai, claude]", "[claude]");
+        assert!(load(&same, &source()).is_ok());
+    }
+
+    #[test]
     fn the_second_route_is_named_by_its_index() {
         let yaml = with_route("{ upstreams: [openai] }\n  - { upstreams: [nope] }");
         expect_error(
