@@ -85,9 +85,10 @@ pub fn is_credit_exhausted(body: &[u8]) -> bool {
         return false;
     }
     let Ok(Envelope {
-        error: Some(MessageField::Object {
-            message: Some(serde_json::Value::String(message)),
-        }),
+        error:
+            Some(MessageField::Object {
+                message: Some(serde_json::Value::String(message)),
+            }),
     }) = serde_json::from_slice::<Envelope>(body)
     else {
         return false;

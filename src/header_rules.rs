@@ -305,7 +305,12 @@ mod tests {
         prepare_upstream_request(
             &mut r,
             AuthStyle::XApiKey,
-            Some(&Credential::new(AuthStyle::XApiKey, "sk-ant-pool", None, None)),
+            Some(&Credential::new(
+                AuthStyle::XApiKey,
+                "sk-ant-pool",
+                None,
+                None,
+            )),
             &HeaderValue::from_static("h"),
             None,
             None,

@@ -477,7 +477,8 @@ mod tests {
             judge_probe(&answer(400, other)),
             ProbeVerdict::Refused { status: 400 }
         );
-        let overloaded = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let overloaded =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(
             judge_probe(&answer(529, overloaded)),
             ProbeVerdict::Inconclusive

@@ -858,7 +858,10 @@ mod tests {
 
     /// [`one_key`] on an Anthropic upstream.
     fn one_anthropic_key() -> String {
-        one_key().replace("    url: http://127.0.0.1:9\n", "    url: http://127.0.0.1:9\n    api: anthropic\n")
+        one_key().replace(
+            "    url: http://127.0.0.1:9\n",
+            "    url: http://127.0.0.1:9\n    api: anthropic\n",
+        )
     }
 
     #[tokio::test]
@@ -874,7 +877,10 @@ mod tests {
         );
         let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#;
         gw.judge_400_body(&ctx, other);
-        assert_eq!(attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(), "a");
+        assert_eq!(
+            attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(),
+            "a"
+        );
         let credit = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
         gw.judge_400_body(&ctx, credit);
         for model in ["claude-sonnet-4-5", "claude-haiku-4-5"] {
@@ -894,7 +900,10 @@ mod tests {
         let outcome = gw.judge(&mut ctx, 529, &answer(529, &[("retry-after", "30")]));
         assert_eq!(outcome, Outcome::ServerError);
         assert!(outcome.worth_retrying());
-        assert_eq!(attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(), "a");
+        assert_eq!(
+            attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(),
+            "a"
+        );
     }
 
     #[tokio::test]
@@ -902,9 +911,10 @@ mod tests {
         let (gw, clock) = gateway(&one_anthropic_key()).await;
         let mut ctx = request("claude-sonnet-4-5");
         attempt(&gw, &mut ctx).unwrap();
-        let reset = jiff::Timestamp::try_from(crate::clock::Clock::wall(&*clock) + Duration::from_secs(40))
-            .unwrap()
-            .to_string();
+        let reset =
+            jiff::Timestamp::try_from(crate::clock::Clock::wall(&*clock) + Duration::from_secs(40))
+                .unwrap()
+                .to_string();
         let outcome = gw.judge(
             &mut ctx,
             429,

@@ -108,9 +108,15 @@ mod tests {
     fn several_exhausted_limits_take_the_longest_reset() {
         let h = headers(&[
             ("anthropic-ratelimit-input-tokens-remaining", "0"),
-            ("anthropic-ratelimit-input-tokens-reset", "2026-01-01T00:00:05Z"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-01-01T00:00:05Z",
+            ),
             ("anthropic-ratelimit-output-tokens-remaining", "0"),
-            ("anthropic-ratelimit-output-tokens-reset", "2026-01-01T00:00:40Z"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-01-01T00:00:40Z",
+            ),
         ]);
         assert_eq!(exhausted_reset(&h, now()), Some(Duration::from_secs(40)));
     }

@@ -8,6 +8,10 @@
 //! - a chat stream (SSE) has it in a last chunk `{"choices":[],"usage":{..}}` when the request set
 //!   `stream_options.include_usage` (every other chunk then says `"usage":null`);
 //! - a Responses API stream has it in `response.completed` as `response.usage`.
+//! - an Anthropic Messages stream has the input in `message_start` as `message.usage` and the
+//!   cumulative output in each `message_delta`'s `usage`: the last one counts, on top of the
+//!   input already read (prompt-cache tokens, which Anthropic reports beside `input_tokens`,
+//!   count as input).
 //!
 //! [`UsageMeter`] reads it from the body chunks as the proxy forwards them, without ever buffering
 //! the body: a JSON body leaves only its last [`JSON_TAIL_BYTES`] in a ring buffer, a stream only

@@ -102,13 +102,10 @@ pub(super) fn probe(at: &Scope, u: &UpstreamFile) -> Result<(Duration, String), 
     if interval < Duration::from_millis(100) {
         return Err(at.err("probe_interval", "must be at least 100ms"));
     }
-    let model = u
-        .probe_model
-        .clone()
-        .unwrap_or_else(|| match u.api {
-            Api::Openai => "gpt-4o-mini".to_string(),
-            Api::Anthropic => DEFAULT_ANTHROPIC_PROBE_MODEL.to_string(),
-        });
+    let model = u.probe_model.clone().unwrap_or_else(|| match u.api {
+        Api::Openai => "gpt-4o-mini".to_string(),
+        Api::Anthropic => DEFAULT_ANTHROPIC_PROBE_MODEL.to_string(),
+    });
     if model.trim().is_empty() {
         return Err(at.err("probe_model", "must not be empty"));
     }

@@ -95,7 +95,10 @@ pub fn answer(
     if headers.get("anthropic-version").is_none() {
         out.response = reply::json(
             StatusCode::BAD_REQUEST,
-            error("invalid_request_error", "anthropic-version: header is required"),
+            error(
+                "invalid_request_error",
+                "anthropic-version: header is required",
+            ),
         );
         return out;
     }
@@ -184,7 +187,11 @@ fn message(
             None => res,
         };
     }
-    let chunks = u64::from(mock.and_then(|m| m.chunks).unwrap_or(app.generation.chunks).max(1));
+    let chunks = u64::from(
+        mock.and_then(|m| m.chunks)
+            .unwrap_or(app.generation.chunks)
+            .max(1),
+    );
     let interval = mock
         .and_then(|m| m.interval_ms)
         .map_or(app.generation.interval, Duration::from_millis);
