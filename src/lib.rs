@@ -32,7 +32,8 @@
 //!    key), [`outlier`] (endpoint ejection after consecutive failures), [`clients`] (gateway
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
 //!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere
-//!    or answer), [`routes`] (which upstreams serve a model or path, with their plan).
+//!    or answer), [`routes`] (which upstreams serve a model or path, with their plan),
+//!    [`translate`] (OpenAI chat completions to Anthropic messages and back).
 //!
 //! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
 //!    validation with precise messages).
@@ -84,5 +85,6 @@ pub mod routes;
 pub mod server;
 pub mod state_file;
 pub mod strategy;
+pub mod translate;
 pub mod upstream;
 pub mod usage;

@@ -60,7 +60,19 @@ pub struct RoutePlan {
     pub budget: RetryBudget,
     /// Response-header timeout per attempt.
     pub ttfb_timeout: Duration,
+    /// OpenAI chat completions translated for Anthropic upstreams, when the route says so.
+    pub translate: Option<Translation>,
 }
+
+/// A route's translation of OpenAI chat completions into Anthropic messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// `max_tokens` sent when the client set none.
+    pub default_max_tokens: u64,
+}
+
+/// The default of [`Translation::default_max_tokens`].
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Whether `path` lies under `prefix`, comparing whole segments: `/v1/embeddings` covers
 /// `/v1/embeddings` and `/v1/embeddings/x` but not `/v1/embeddingsfoo`. A trailing `/` on the

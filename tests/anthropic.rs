@@ -256,6 +256,50 @@ async fn a_credit_balance_400_disables_the_key_for_every_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_without_credit_is_probed_with_an_anthropic_message_and_comes_back() {
+    let mock = Mock::start(&["--key", "sk-ant-a=insufficient_quota:first=1"]);
+    let yaml = config(&mock, free_port()).replace(
+        "    api: anthropic\n",
+        "    api: anthropic\n    probe_interval: 200ms\n    probe_model: claude-probe\n",
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = send(&kg).await;
+        assert!(r.status() == 200 || r.status() == 400, "{}", r.status());
+        let stats = mock.stats().await;
+        let probed = stats["requests"].as_array().unwrap().iter().any(|r| {
+            r["key"] == "sk-ant-a"
+                && r["model"] == "claude-probe"
+                && r["path"] == "/v1/messages"
+                && r["status"] == 200
+        });
+        if probed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no probe: {stats}\n{}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back in rotation: it serves clients' models again.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert_eq!(send(&kg).await.status(), 200);
+        let stats = mock.stats().await;
+        let served = stats["requests"].as_array().unwrap().iter().any(|r| {
+            r["key"] == "sk-ant-a" && r["model"] == "claude-sonnet-4-5" && r["status"] == 200
+        });
+        if served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never back: {stats}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_disables_the_key_and_its_body_never_reaches_the_client() {
     let mock = Mock::start(&["--key", "sk-ant-a=401", "--key", "sk-ant-b=401"]);
     let kg = Keygate::start(&config(&mock, free_port()), KEYS);
@@ -439,6 +483,143 @@ async fn the_anthropic_python_sdk_works_against_a_native_route() {
             .arg(url)
             .output()
             .expect("python3 runs (the Makefile's deps target installs the anthropic SDK)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}\nkeygate: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        kg.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// An OpenAI-speaking route translated for the Anthropic upstream.
+fn translated_config(mock: &Mock, mport: u16, extra: &str) -> String {
+    config(mock, mport).replace(
+        "  - { models: [\"claude-*\"], upstreams: [claude] }",
+        &format!("  - {{ models: [\"claude-*\"], upstreams: [claude], translate: openai{extra} }}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translated_route_answers_openai_clients_from_anthropic_keys() {
+    let mock = Mock::start(&[
+        "--strict",
+        "--key",
+        "sk-ant-a=ok",
+        "--key",
+        "sk-ant-b=ok",
+        "--key",
+        "sk-ant-c=ok",
+    ]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &translated_config(&mock, mport, ", default_max_tokens: 5"),
+        KEYS,
+    );
+    let body = json!({"model": "claude-sonnet-4-5", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]});
+    let r = kg.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert_eq!(
+        v["choices"][0]["finish_reason"], "length",
+        "the default max_tokens caps it: {v}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let stats = mock.stats().await;
+    let last = &stats["last_request"];
+    assert_eq!(last["path"], "/v1/messages", "{last}");
+    assert_eq!(last["headers"]["anthropic-version"], "2023-06-01");
+    let m = wait_for_metric(mport, "keygate_requests_total", &[], 1.0, WAIT).await;
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) as u64,
+        prompt,
+        "{m}"
+    );
+    // Refusals are OpenAI-shaped 400s that name the parameter, and nothing goes upstream.
+    let before = mock.stats().await["total"].as_u64().unwrap();
+    for extra in [
+        json!({"n": 3}),
+        json!({"tools": []}),
+        json!({"stream": true}),
+    ] {
+        let mut b = body.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = kg.post_chat(&b).await;
+        assert_eq!(r.status(), 400, "{extra}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be translated"),
+            "{v}"
+        );
+    }
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translated_routes_upstream_errors_reach_the_client_in_openais_shape() {
+    let mock = Mock::start(&[
+        "--key",
+        "sk-ant-a=529",
+        "--key",
+        "sk-ant-b=529",
+        "--key",
+        "sk-ant-c=529",
+    ]);
+    let kg = Keygate::start(&translated_config(&mock, free_port(), ""), KEYS);
+    let r = kg.post_chat(&chat("claude-sonnet-4-5")).await;
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 529, "{text}\n{}", kg.log_text());
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "overloaded_error", "{v}");
+    assert_eq!(v["error"]["message"], "Overloaded");
+    let mock = Mock::start(&[
+        "--key",
+        "sk-ant-a=insufficient_quota",
+        "--key",
+        "sk-ant-b=insufficient_quota",
+        "--key",
+        "sk-ant-c=insufficient_quota",
+    ]);
+    let kg = Keygate::start(&translated_config(&mock, free_port(), ""), KEYS);
+    let r = kg.post_chat(&chat("claude-sonnet-4-5")).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("credit balance"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_works_against_a_translated_route() {
+    let mock = Mock::start(&[]);
+    let kg = Keygate::start(&translated_config(&mock, free_port(), ""), KEYS);
+    let url = kg.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/openai_translated.py"
+            ))
+            .arg(url)
+            .output()
+            .expect("python3 runs (the Makefile's deps target installs the openai SDK)")
     })
     .await
     .unwrap();

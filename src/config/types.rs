@@ -440,7 +440,12 @@ pub struct RouteFile {
     /// Share of requests `fastest` sends elsewhere to keep measuring (default 0.05).
     #[serde(default)]
     pub explore: Option<f64>,
-    /// API translation (`openai` on Anthropic upstreams); not built yet, so refused by validation.
+    /// `openai`: the route takes OpenAI chat completion requests and its upstreams, all
+    /// `api: anthropic`, get them as Anthropic Messages requests (non-streamed text only so far).
     #[serde(default)]
     pub translate: Option<String>,
+    /// With `translate`: `max_tokens` sent when the client set none (default 4096; Anthropic
+    /// requires one).
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
 }

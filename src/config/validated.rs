@@ -158,6 +158,8 @@ pub struct KeepWarm {
 /// A validated route.
 #[derive(Debug)]
 pub struct RouteConfig {
+    /// OpenAI-to-Anthropic translation, when `translate: openai`.
+    pub translate: Option<crate::routes::Translation>,
     /// What the route table needs.
     pub spec: RouteSpec,
     /// Indexes into [`Config::upstreams`], in fallback order.

@@ -47,6 +47,8 @@ pub struct Attempt {
     pub stripper: Option<UsageChunkStripper>,
     /// Masks the key and account ids out of an error body passed to the client.
     pub scrubber: Option<ErrorBodyScrubber>,
+    /// Turns an Anthropic answer into an OpenAI one, on a translating route.
+    pub translator: Option<crate::translate::AnswerTranslator>,
 }
 
 impl Attempt {
@@ -67,6 +69,7 @@ impl Attempt {
             usage_meter: None,
             stripper: None,
             scrubber: None,
+            translator: None,
         }
     }
 
@@ -116,6 +119,9 @@ pub struct RequestCtx {
     pub usage: Option<Usage>,
     /// Why keygate answered by itself, for the access log.
     pub note: Option<&'static str>,
+    /// The body went upstream translated (OpenAI chat completion to Anthropic message): its
+    /// answer comes back translated too.
+    pub translate: bool,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -159,6 +165,7 @@ impl RequestCtx {
             bytes_sent: 0,
             usage: None,
             note: None,
+            translate: false,
         }
     }
 

@@ -129,6 +129,7 @@ impl Gateway {
                     deadline: r.deadline,
                 },
                 ttfb_timeout: r.ttfb_timeout,
+                translate: r.translate,
             })
             .collect();
         let (suspects, rx) = crate::prober::suspect_channel();

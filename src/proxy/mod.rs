@@ -231,14 +231,19 @@ impl ProxyHttp for GatewayProxy {
         };
         let up = &self.0.upstreams[att.upstream];
         // Without a base path the client's path goes upstream unchanged: no rewrite needed.
-        let path = (!up.base_path.is_empty()).then(|| {
-            let client_path = session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str());
-            up.upstream_path(client_path)
-        });
+        let path = if ctx.translate {
+            // A translated chat completion goes to Anthropic's Messages endpoint.
+            Some(up.upstream_path("/v1/messages"))
+        } else {
+            (!up.base_path.is_empty()).then(|| {
+                let client_path = session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str());
+                up.upstream_path(client_path)
+            })
+        };
         let credential = att.key_index().and_then(|k| up.credential(k));
         header_rules::prepare_upstream_request(
             upstream_request,
@@ -304,6 +309,7 @@ impl ProxyHttp for GatewayProxy {
             return Err(respond::try_elsewhere(status));
         }
         let strip_usage = ctx.strip_usage;
+        let translate = ctx.translate;
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
@@ -339,6 +345,14 @@ impl ProxyHttp for GatewayProxy {
             let body = respond::body_for(session, &replacement);
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
+        } else if translate {
+            // The answer is held and rewritten at its end: its length changes.
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+            if !session.is_http2() {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
+            resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            att.translator = Some(crate::translate::AnswerTranslator::new(status));
         }
         Ok(())
     }
@@ -389,6 +403,17 @@ impl ProxyHttp for GatewayProxy {
             }
             if end_of_stream {
                 ctx.usage = meter.finish();
+            }
+        }
+        if let Some(translator) = att.translator.as_mut() {
+            if let Some(b) = body.take() {
+                translator.push(&b);
+            }
+            if end_of_stream {
+                let created = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                *body = Some(Bytes::from(translator.finish(created)));
             }
         }
         if let Some(stripper) = att.stripper.as_mut() {

@@ -2,9 +2,10 @@
 
 use super::{Ctx, RouteConfig, Scope, UpstreamConfig};
 use crate::config::types::RouteFile;
+use crate::config::Api;
 use crate::config::ConfigError;
 use crate::glob::Glob;
-use crate::routes::RouteSpec;
+use crate::routes::{RouteSpec, Translation, DEFAULT_MAX_TOKENS};
 use crate::strategy::{Strategy, DEFAULT_EXPLORE};
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ fn route(
     upstreams: &[UpstreamConfig],
 ) -> Result<RouteConfig, ConfigError> {
     let idx = upstream_indexes(at, r, upstreams)?;
-    one_api(at, r, &idx, upstreams)?;
+    let translate = translation(at, r, &idx, upstreams)?;
     let mut models = Vec::new();
     for (j, m) in r.models.iter().enumerate() {
         models.push(Glob::new(m).map_err(|e| at.err(&format!("models[{j}]"), e.to_string()))?);
@@ -81,6 +82,7 @@ fn route(
             rewrite_model: r.rewrite_model.clone(),
         },
         upstreams: idx,
+        translate,
         retries,
         ttfb_timeout,
     })
@@ -112,20 +114,13 @@ fn upstream_indexes(
 }
 
 /// A route's upstreams speak one API: a fallback from Anthropic to OpenAI would send a Messages
-/// body to an OpenAI server. `translate:` is refused: translation is not built yet.
-fn one_api(
+/// body to an OpenAI server. `translate: openai` needs Anthropic upstreams.
+fn translation(
     at: &Scope,
     r: &RouteFile,
     idx: &[usize],
     upstreams: &[UpstreamConfig],
-) -> Result<(), ConfigError> {
-    if r.translate.is_some() {
-        return Err(at.err(
-            "translate",
-            "translating OpenAI requests for Anthropic upstreams is not built yet; \
-             call Anthropic upstreams with Anthropic's own API (`POST /v1/messages`)",
-        ));
-    }
+) -> Result<Option<Translation>, ConfigError> {
     let first = idx.first().map(|&i| upstreams[i].api);
     if let Some(j) = idx.iter().position(|&i| Some(upstreams[i].api) != first) {
         return Err(at.err(
@@ -134,7 +129,31 @@ fn one_api(
              a route's upstreams must all speak the same API",
         ));
     }
-    Ok(())
+    let Some(kind) = r.translate.as_deref() else {
+        if r.default_max_tokens.is_some() {
+            return Err(at.err("default_max_tokens", "only used with `translate: openai`"));
+        }
+        return Ok(None);
+    };
+    if kind != "openai" {
+        return Err(at.err(
+            "translate",
+            format!(
+                "{kind:?}: the one translation is `openai` (OpenAI clients, Anthropic upstreams)"
+            ),
+        ));
+    }
+    if first != Some(Api::Anthropic) {
+        return Err(at.err(
+            "translate",
+            "`openai` translates for Anthropic upstreams: give the route upstreams with `api: anthropic`",
+        ));
+    }
+    let default_max_tokens = r.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if default_max_tokens == 0 {
+        return Err(at.err("default_max_tokens", "must be greater than zero"));
+    }
+    Ok(Some(Translation { default_max_tokens }))
 }
 
 /// `weights`: only for `weighted`, one per upstream, not all zero.
@@ -175,6 +194,7 @@ fn explore(at: &Scope, r: &RouteFile, strategy: Strategy) -> Result<f64, ConfigE
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::test_support::*;
+    use crate::routes::{Translation, DEFAULT_MAX_TOKENS};
     use crate::strategy::Strategy;
     use std::time::Duration;
 
@@ -279,12 +299,47 @@ mod tests {
     }
 
     #[test]
-    fn translation_is_refused_until_it_is_built() {
+    fn translation_needs_anthropic_upstreams_and_a_positive_default() {
+        let claude = "  claude:\n    url: http://127.0.0.1:9\n    api: anthropic\n    keys: [ { name: c, env: KG_TEST_KEY } ]\nroutes:";
+        let yaml = |route: &str| with_route(route).replace("routes:", claude);
         expect_error_containing(
-            &with_route("{ upstreams: [openai], translate: openai }"),
+            &yaml("{ upstreams: [openai], translate: openai }"),
             &source(),
             "routes[0].translate",
-            "translating OpenAI requests for Anthropic upstreams is not built yet",
+            "give the route upstreams with `api: anthropic`",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], translate: gemini }"),
+            &source(),
+            "routes[0].translate",
+            "the one translation is `openai`",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], translate: openai, default_max_tokens: 0 }"),
+            &source(),
+            "routes[0].default_max_tokens",
+            "must be greater than zero",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], default_max_tokens: 5 }"),
+            &source(),
+            "routes[0].default_max_tokens",
+            "only used with `translate: openai`",
+        );
+        let config = load(
+            &yaml("{ upstreams: [claude], translate: openai }"),
+            &source(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.routes[0].translate,
+            Some(Translation {
+                default_max_tokens: DEFAULT_MAX_TOKENS
+            })
+        );
+        assert_eq!(
+            load(&with_route(ROUTE), &source()).unwrap().routes[0].translate,
+            None
         );
     }
 

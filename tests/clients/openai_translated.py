@@ -1,0 +1,44 @@
+"""The `openai` Python SDK against a keygate route that translates for Anthropic upstreams.
+
+Usage: openai_translated.py BASE_URL — a plain answer, a capped one, and the refusals of what is
+not translated, each checked; prints "ok" and exits 0 when all passed.
+"""
+import sys
+
+import openai
+
+base = sys.argv[1]
+client = openai.OpenAI(base_url=base + "/v1", api_key="unused-by-keygate", timeout=30, max_retries=0)
+
+reply = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+    ],
+)
+assert reply.object == "chat.completion", reply
+assert reply.choices[0].message.content, reply
+assert reply.choices[0].finish_reason == "stop", reply
+assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0, reply
+assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+capped = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[{"role": "user", "content": "hi"}],
+    max_tokens=3,
+    stop=["never"],
+)
+assert capped.choices[0].finish_reason == "length", capped
+assert capped.usage.completion_tokens == 3, capped
+
+for kwargs in ({"n": 2}, {"logprobs": True}, {"stream": True}):
+    try:
+        client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], **kwargs
+        )
+        raise SystemExit(f"{kwargs} must be refused")
+    except openai.BadRequestError as e:
+        assert "cannot be translated" in e.message, e.message
+
+print("ok")
