@@ -547,7 +547,7 @@ async fn a_translated_route_answers_openai_clients_from_anthropic_keys() {
     for extra in [
         json!({"n": 3}),
         json!({"tools": []}),
-        json!({"stream": true}),
+        json!({"logprobs": true}),
     ] {
         let mut b = body.clone();
         b.as_object_mut()
@@ -603,6 +603,79 @@ async fn a_translated_routes_upstream_errors_reach_the_client_in_openais_shape()
             .unwrap()
             .contains("credit balance"),
         "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translated_stream_becomes_chat_chunks_event_by_event_and_is_metered() {
+    use futures_util::StreamExt;
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(&translated_config(&mock, mport, ""), KEYS);
+    let body = json!({"model": "claude-sonnet-4-5", "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello"}],
+        "mock": {"chunks": 3, "interval_ms": 400, "completion_tokens": 9}});
+    let started = Instant::now();
+    let r = kg.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut stream = r.bytes_stream();
+    let mut text = Vec::new();
+    let mut first_at = None;
+    while let Some(chunk) = stream.next().await {
+        first_at.get_or_insert_with(|| started.elapsed());
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    let total = started.elapsed();
+    assert!(
+        total.saturating_sub(first_at.unwrap()) >= Duration::from_millis(600),
+        "chunks are not held back: first {first_at:?}, end {total:?}"
+    );
+    let text = String::from_utf8(text).unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap())
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"),
+        "{text}"
+    );
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "This is a mock reply. This is a", "{text}");
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, [&json!("stop")]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 9, "{text}");
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let m = wait_for_metric(mport, "keygate_requests_total", &[], 1.0, WAIT).await;
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) as u64,
+        prompt,
+        "{m}"
+    );
+    assert_eq!(
+        sum(&m, "keygate_tokens_total", &[("kind", "completion")]) as u64,
+        9,
+        "{m}"
     );
 }
 

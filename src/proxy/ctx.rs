@@ -122,6 +122,8 @@ pub struct RequestCtx {
     /// The body went upstream translated (OpenAI chat completion to Anthropic message): its
     /// answer comes back translated too.
     pub translate: bool,
+    /// With `translate`: the client's stream asked for the usage chunk.
+    pub translate_usage: bool,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -166,6 +168,7 @@ impl RequestCtx {
             usage: None,
             note: None,
             translate: false,
+            translate_usage: false,
         }
     }
 

@@ -309,7 +309,7 @@ impl ProxyHttp for GatewayProxy {
             return Err(respond::try_elsewhere(status));
         }
         let strip_usage = ctx.strip_usage;
-        let translate = ctx.translate;
+        let translate = ctx.translate.then_some(ctx.translate_usage);
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
@@ -345,14 +345,30 @@ impl ProxyHttp for GatewayProxy {
             let body = respond::body_for(session, &replacement);
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
-        } else if translate {
-            // The answer is held and rewritten at its end: its length changes.
+        } else if let Some(include_usage) = translate {
+            let content_type = resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let translator = crate::translate::AnswerTranslator::new(
+                status,
+                content_type,
+                created,
+                include_usage,
+            );
+            // The answer is rewritten as it passes: its length changes.
             resp.remove_header(&http::header::CONTENT_LENGTH);
             if !session.is_http2() {
                 resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
             }
-            resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-            att.translator = Some(crate::translate::AnswerTranslator::new(status));
+            if !translator.is_stream() {
+                resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            }
+            att.translator = Some(translator);
         }
         Ok(())
     }
@@ -406,15 +422,12 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         if let Some(translator) = att.translator.as_mut() {
-            if let Some(b) = body.take() {
-                translator.push(&b);
-            }
+            let mut out = body.take().map(|b| translator.feed(&b)).unwrap_or_default();
             if end_of_stream {
-                let created = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                *body = Some(Bytes::from(translator.finish(created)));
+                out.extend(translator.finish());
             }
+            // An empty chunk could read as the end of a chunked body: send nothing instead.
+            *body = (!out.is_empty()).then(|| Bytes::from(out));
         }
         if let Some(stripper) = att.stripper.as_mut() {
             let mut out = body.take().map(|b| stripper.filter(b)).unwrap_or_default();

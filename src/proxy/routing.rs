@@ -101,6 +101,7 @@ pub(crate) fn parse_and_route(
             .map_err(|e| LocalResponse::bad_request(e.to_string()))?;
         body = Bytes::from(translated);
         ctx.translate = true;
+        ctx.translate_usage = json_info.as_ref().is_some_and(|i| i.include_usage);
     }
     // Anthropic's streams always report usage, and its API refuses `stream_options`.
     if gw.options.stream_usage == StreamUsage::Inject

@@ -1,10 +1,11 @@
 //! An Anthropic Messages answer as an OpenAI chat completion, and Anthropic's errors in OpenAI's
 //! error shape.
 
+use super::stream::StreamTranslator;
 use serde_json::{json, Value};
 
 /// OpenAI's `finish_reason` for Anthropic's `stop_reason`.
-fn finish_reason(stop_reason: Option<&str>) -> &'static str {
+pub(super) fn finish_reason(stop_reason: Option<&str>) -> &'static str {
     match stop_reason {
         Some("max_tokens") => "length",
         Some("tool_use") => "tool_calls",
@@ -78,49 +79,98 @@ pub fn openai_error(body: &[u8]) -> Option<Vec<u8>> {
 /// `max_tokens`; this is far above any).
 pub const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
 
-/// An upstream answer held whole until it ends, then handed back translated: a Messages answer
+/// Turns an Anthropic answer into an OpenAI one as it passes: an event stream event by event
+/// (see [`StreamTranslator`]); any other answer held whole until it ends, then a Messages answer
 /// as a chat completion, an Anthropic error in OpenAI's shape, anything else as it came.
 #[derive(Debug)]
-pub struct AnswerTranslator {
-    success: bool,
-    held: Vec<u8>,
-    too_large: bool,
+pub enum AnswerTranslator {
+    /// A whole answer, held.
+    Whole {
+        /// A 2xx answer (a message), else an error.
+        success: bool,
+        /// Unix seconds for `created`.
+        created: u64,
+        /// What arrived so far.
+        held: Vec<u8>,
+        /// It outgrew [`MAX_ANSWER_BYTES`].
+        too_large: bool,
+    },
+    /// A successful event stream.
+    Stream(StreamTranslator),
 }
 
 impl AnswerTranslator {
-    /// A translator for an answer with this status.
-    pub fn new(status: u16) -> Self {
-        Self {
-            success: (200..300).contains(&status),
+    /// A translator for an answer with this status and `Content-Type`, `created` at that Unix
+    /// time; `include_usage`: the client of a stream asked for the usage chunk.
+    pub fn new(status: u16, content_type: &str, created: u64, include_usage: bool) -> Self {
+        let success = (200..300).contains(&status);
+        if success && is_event_stream(content_type) {
+            return AnswerTranslator::Stream(StreamTranslator::new(created, include_usage));
+        }
+        AnswerTranslator::Whole {
+            success,
+            created,
             held: Vec::new(),
             too_large: false,
         }
     }
 
-    /// Takes the next chunk of the answer; beyond [`MAX_ANSWER_BYTES`] the rest is dropped.
-    pub fn push(&mut self, chunk: &[u8]) {
-        if self.held.len() + chunk.len() > MAX_ANSWER_BYTES {
-            self.too_large = true;
-            return;
-        }
-        self.held.extend_from_slice(chunk);
+    /// Whether the answer is translated as a stream (its `Content-Type` stays).
+    pub fn is_stream(&self) -> bool {
+        matches!(self, AnswerTranslator::Stream(_))
     }
 
-    /// The translated answer, at its end (`created`: Unix seconds for a chat completion).
-    pub fn finish(&mut self, created: u64) -> Vec<u8> {
-        let held = std::mem::take(&mut self.held);
-        if self.too_large {
-            let error = json!({"error": {"message": "The upstream answer is too large to translate.",
-                "type": "upstream_error", "param": null, "code": "upstream_error"}});
-            return error.to_string().into_bytes();
+    /// Takes the next chunk of the answer; returns what can go to the client now. A whole answer
+    /// beyond [`MAX_ANSWER_BYTES`] drops the rest.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        match self {
+            AnswerTranslator::Stream(s) => s.feed(chunk),
+            AnswerTranslator::Whole {
+                held, too_large, ..
+            } => {
+                if held.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    *too_large = true;
+                } else {
+                    held.extend_from_slice(chunk);
+                }
+                Vec::new()
+            }
         }
-        let translated = if self.success {
-            chat_completion(&held, created)
-        } else {
-            openai_error(&held)
-        };
-        translated.unwrap_or(held)
     }
+
+    /// The rest of the translated answer, at its end.
+    pub fn finish(&mut self) -> Vec<u8> {
+        match self {
+            AnswerTranslator::Stream(s) => s.finish(),
+            AnswerTranslator::Whole {
+                success,
+                created,
+                held,
+                too_large,
+            } => {
+                let held = std::mem::take(held);
+                if *too_large {
+                    let error = json!({"error": {"message": "The upstream answer is too large to translate.",
+                        "type": "upstream_error", "param": null, "code": "upstream_error"}});
+                    return error.to_string().into_bytes();
+                }
+                let translated = if *success {
+                    chat_completion(&held, *created)
+                } else {
+                    openai_error(&held)
+                };
+                translated.unwrap_or(held)
+            }
+        }
+    }
+}
+
+/// Whether a `Content-Type` is `text/event-stream` (any case, parameters allowed).
+fn is_event_stream(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .get(..17)
+        .is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream"))
 }
 
 #[cfg(test)]
@@ -145,20 +195,25 @@ mod tests {
     #[test]
     fn an_answer_split_into_chunks_is_translated_whole_at_its_end() {
         let body = br#"{"id":"msg_1","type":"message","model":"m","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":2}}"#;
-        let mut t = AnswerTranslator::new(200);
+        let mut t = AnswerTranslator::new(200, "application/json", 5, false);
+        assert!(!t.is_stream());
         for chunk in body.chunks(7) {
-            t.push(chunk);
+            assert!(t.feed(chunk).is_empty());
         }
-        let v: Value = serde_json::from_slice(&t.finish(5)).unwrap();
+        let v: Value = serde_json::from_slice(&t.finish()).unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], "Hi");
         assert_eq!(v["created"], 5);
-        let mut t = AnswerTranslator::new(529);
-        t.push(br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
-        let v: Value = serde_json::from_slice(&t.finish(5)).unwrap();
+        // An error is never a stream, whatever its content type says.
+        let mut t = AnswerTranslator::new(529, "text/event-stream", 5, false);
+        assert!(!t.is_stream());
+        t.feed(br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
+        let v: Value = serde_json::from_slice(&t.finish()).unwrap();
         assert_eq!(v["error"]["type"], "overloaded_error");
-        let mut t = AnswerTranslator::new(502);
-        t.push(b"<html>bad gateway</html>");
-        assert_eq!(t.finish(5), b"<html>bad gateway</html>");
+        let mut t = AnswerTranslator::new(502, "text/html", 5, false);
+        t.feed(b"<html>bad gateway</html>");
+        assert_eq!(t.finish(), b"<html>bad gateway</html>");
+        let t = AnswerTranslator::new(200, "Text/Event-Stream; charset=utf-8", 5, true);
+        assert!(t.is_stream());
     }
 
     #[test]

@@ -3,21 +3,25 @@
 //! `POST /v1/chat/completions` becomes a Messages request, and the Messages answer becomes a
 //! chat completion. Plain Rust on whole JSON values, no sockets.
 //!
-//! Built so far: non-streamed text conversations (system and developer messages, text parts,
-//! `max_tokens` with a configured default since Anthropic requires one, `temperature`, `top_p`,
-//! `stop`, `user`), answers with their stop reasons and usage, and Anthropic's errors in
-//! OpenAI's shape. Everything else a request may ask for (streams, tools, images, `n > 1`,
-//! `logprobs`, unknown parameters) is refused with a 400 that names it, never half-translated.
+//! Built so far: text conversations (system and developer messages, text parts, `max_tokens`
+//! with a configured default since Anthropic requires one, `temperature`, `top_p`, `stop`,
+//! `user`), whole and streamed, answers with their stop reasons and usage
+//! (`stream_options.include_usage` included), and Anthropic's errors in OpenAI's shape, mid-stream
+//! ones too. Everything else a request may ask for (tools, images, `n > 1`, `logprobs`, unknown
+//! parameters) is refused with a 400 that names it, never half-translated.
 //!
-//! Layout: `request` maps the client's request, `answer` maps the upstream's answer and errors.
+//! Layout: `request` maps the client's request, `answer` maps the upstream's answer and errors,
+//! `stream` maps an event stream event by event.
 //! The golden corpus under `tests/corpus/translate/` is checked pair by pair at the bottom of
 //! each.
 
 mod answer;
 mod request;
+mod stream;
 
 pub use answer::{chat_completion, openai_error, AnswerTranslator, MAX_ANSWER_BYTES};
 pub use request::messages_request;
+pub use stream::StreamTranslator;
 
 /// Why a request cannot be translated; the `Display` text is meant for the client, in the
 /// `message` of an OpenAI-style 400 error.

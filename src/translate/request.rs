@@ -4,7 +4,7 @@ use super::{invalid, unsupported, TranslateError};
 use serde_json::{json, Map, Value};
 
 /// Top-level parameters taken as they are or mapped; any other is refused by name.
-const KNOWN: [&str; 14] = [
+const KNOWN: [&str; 15] = [
     "model",
     "messages",
     "max_tokens",
@@ -14,6 +14,7 @@ const KNOWN: [&str; 14] = [
     "stop",
     "user",
     "stream",
+    "stream_options",
     "n",
     "logprobs",
     "top_logprobs",
@@ -40,12 +41,21 @@ pub fn messages_request(
             "keygate does not translate it (yet)",
         ));
     }
-    refuse_unless(
-        &req,
-        "stream",
-        |v| v.is_null() || *v == json!(false),
-        "streamed answers are not translated yet",
-    )?;
+    let stream = match req.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("stream", "expected a boolean")),
+    };
+    match req.get("stream_options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) if o.keys().all(|k| k == "include_usage") => {}
+        Some(_) => {
+            return Err(unsupported(
+                "stream_options",
+                "only `include_usage` is translated",
+            ))
+        }
+    }
     refuse_unless(
         &req,
         "n",
@@ -110,6 +120,11 @@ pub fn messages_request(
             out.insert("metadata".into(), json!({"user_id": u}));
         }
         Some(_) => return Err(invalid("user", "expected a string")),
+    }
+    if stream {
+        // Usage always comes with Anthropic's stream; the client's `stream_options` only says
+        // whether it sees the usage chunk, which the answer's translation decides.
+        out.insert("stream".into(), Value::Bool(true));
     }
     if let Some(mock) = req.get("mock") {
         out.insert("mock".into(), mock.clone());

@@ -1,7 +1,7 @@
 """The `openai` Python SDK against a keygate route that translates for Anthropic upstreams.
 
-Usage: openai_translated.py BASE_URL — a plain answer, a capped one, and the refusals of what is
-not translated, each checked; prints "ok" and exits 0 when all passed.
+Usage: openai_translated.py BASE_URL — a plain answer, a capped one, streams with and without
+usage, and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
 """
 import sys
 
@@ -32,7 +32,31 @@ capped = client.chat.completions.create(
 assert capped.choices[0].finish_reason == "length", capped
 assert capped.usage.completion_tokens == 3, capped
 
-for kwargs in ({"n": 2}, {"logprobs": True}, {"stream": True}):
+chunks = list(
+    client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert text, chunks
+finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+assert finishes == ["length"], chunks
+assert chunks[-1].usage.completion_tokens == 4, chunks[-1]
+assert chunks[-1].usage.prompt_tokens > 0, chunks[-1]
+
+plain = list(
+    client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+)
+assert all(c.usage is None for c in plain), plain
+assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+
+for kwargs in ({"n": 2}, {"logprobs": True}, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}):
     try:
         client.chat.completions.create(
             model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], **kwargs
