@@ -546,7 +546,7 @@ async fn a_translated_route_answers_openai_clients_from_anthropic_keys() {
     let before = mock.stats().await["total"].as_u64().unwrap();
     for extra in [
         json!({"n": 3}),
-        json!({"tools": []}),
+        json!({"response_format": {"type": "json_object"}}),
         json!({"logprobs": true}),
     ] {
         let mut b = body.clone();

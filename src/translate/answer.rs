@@ -22,17 +22,23 @@ pub fn chat_completion(body: &[u8], created: u64) -> Option<Vec<u8>> {
     if msg.get("type").and_then(Value::as_str) != Some("message") {
         return None;
     }
-    let text: String = msg
+    let blocks: &[Value] = msg
         .get("content")
         .and_then(Value::as_array)
-        .map(|blocks| {
-            blocks
-                .iter()
-                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
-                .filter_map(|b| b.get("text").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
+        .map_or(&[], Vec::as_slice);
+    let text: String = blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+        .filter_map(|b| b.get("text").and_then(Value::as_str))
+        .collect();
+    let calls = super::tools::tool_calls(blocks);
+    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    if !calls.is_empty() {
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = Value::Array(calls);
+    }
     let usage = msg.get("usage").unwrap_or(&Value::Null);
     let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
     let cached = count("cache_read_input_tokens");
@@ -47,7 +53,7 @@ pub fn chat_completion(body: &[u8], created: u64) -> Option<Vec<u8>> {
         "model": msg.get("model").cloned().unwrap_or(Value::Null),
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish_reason(msg.get("stop_reason").and_then(Value::as_str)),
         }],

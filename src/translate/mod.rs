@@ -5,19 +5,21 @@
 //!
 //! Built so far: text conversations (system and developer messages, text parts, `max_tokens`
 //! with a configured default since Anthropic requires one, `temperature`, `top_p`, `stop`,
-//! `user`), whole and streamed, answers with their stop reasons and usage
+//! `user`, function tools with `tool_choice`, tool calls and their results), whole and streamed,
+//! answers with their stop reasons, tool calls and usage
 //! (`stream_options.include_usage` included), and Anthropic's errors in OpenAI's shape, mid-stream
-//! ones too. Everything else a request may ask for (tools, images, `n > 1`, `logprobs`, unknown
+//! ones too. Everything else a request may ask for (images, `n > 1`, `logprobs`, unknown
 //! parameters) is refused with a 400 that names it, never half-translated.
 //!
 //! Layout: `request` maps the client's request, `answer` maps the upstream's answer and errors,
-//! `stream` maps an event stream event by event.
+//! `stream` maps an event stream event by event, `tools` maps tools and tool calls both ways.
 //! The golden corpus under `tests/corpus/translate/` is checked pair by pair at the bottom of
 //! each.
 
 mod answer;
 mod request;
 mod stream;
+mod tools;
 
 pub use answer::{chat_completion, openai_error, AnswerTranslator, MAX_ANSWER_BYTES};
 pub use request::messages_request;

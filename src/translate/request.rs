@@ -1,10 +1,11 @@
 //! An OpenAI chat completion request as an Anthropic Messages request.
 
+use super::tools;
 use super::{invalid, unsupported, TranslateError};
 use serde_json::{json, Map, Value};
 
 /// Top-level parameters taken as they are or mapped; any other is refused by name.
-const KNOWN: [&str; 15] = [
+const KNOWN: [&str; 17] = [
     "model",
     "messages",
     "max_tokens",
@@ -19,6 +20,8 @@ const KNOWN: [&str; 15] = [
     "logprobs",
     "top_logprobs",
     "parallel_tool_calls",
+    "tools",
+    "tool_choice",
     "mock",
 ];
 
@@ -121,6 +124,14 @@ pub fn messages_request(
         }
         Some(_) => return Err(invalid("user", "expected a string")),
     }
+    if let Some(t) = req.get("tools").filter(|t| !t.is_null()) {
+        out.insert("tools".into(), tools::tools(t)?);
+    }
+    if let Some(choice) =
+        tools::tool_choice(req.get("tool_choice"), req.get("parallel_tool_calls"))?
+    {
+        out.insert("tool_choice".into(), choice);
+    }
     if stream {
         // Usage always comes with Anthropic's stream; the client's `stream_options` only says
         // whether it sees the usage chunk, which the answer's translation decides.
@@ -164,27 +175,66 @@ fn messages(value: Option<&Value>) -> Result<(Option<String>, Vec<Value>), Trans
         let Value::Object(m) = m else {
             return Err(invalid(at, "expected an object"));
         };
-        if let Some(key) = m
-            .keys()
-            .find(|k| !matches!(k.as_str(), "role" | "content" | "name"))
-        {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        let allowed = |k: &str| {
+            matches!(k, "role" | "content" | "name")
+                || (role == "assistant" && matches!(k, "tool_calls" | "refusal"))
+                || (role == "tool" && k == "tool_call_id")
+        };
+        if let Some(key) = m.keys().find(|k| !allowed(k)) {
             return Err(unsupported(
                 format!("{at}.{key}"),
                 "keygate does not translate it (yet)",
             ));
         }
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let content = m.get("content").unwrap_or(&Value::Null);
         match role {
             "system" | "developer" => system.push(text_only(&format!("{at}.content"), content)?),
-            "user" | "assistant" => out.push(json!({
+            "user" => out.push(json!({
                 "role": role,
                 "content": blocks(&format!("{at}.content"), content)?,
             })),
-            "tool" | "function" => {
+            "assistant" => {
+                let calls = m.get("tool_calls").filter(|c| !c.is_null());
+                let content = match (content, calls) {
+                    (Value::Null, Some(_)) => None,
+                    (Value::String(s), Some(_)) if s.is_empty() => None,
+                    (c, _) => Some(blocks(&format!("{at}.content"), c)?),
+                };
+                let content = match calls {
+                    None => content.unwrap_or(Value::Null),
+                    Some(calls) => {
+                        let mut list = match content {
+                            Some(Value::String(s)) => vec![json!({"type": "text", "text": s})],
+                            Some(Value::Array(b)) => b,
+                            _ => Vec::new(),
+                        };
+                        list.extend(tools::tool_uses(&format!("{at}.tool_calls"), calls)?);
+                        Value::Array(list)
+                    }
+                };
+                out.push(json!({"role": "assistant", "content": content}));
+            }
+            "tool" => {
+                let result_content = blocks(&format!("{at}.content"), content)?;
+                let block = tools::tool_result(&at, m, result_content)?;
+                // The results of parallel calls answer one assistant turn: one user turn.
+                let merged = out.last_mut().and_then(|last| {
+                    let all_results = last["role"] == "user"
+                        && last["content"]
+                            .as_array()
+                            .is_some_and(|b| b.iter().all(|x| x["type"] == "tool_result"));
+                    all_results.then(|| last["content"].as_array_mut())?
+                });
+                match merged {
+                    Some(list) => list.push(block),
+                    None => out.push(json!({"role": "user", "content": [block]})),
+                }
+            }
+            "function" => {
                 return Err(unsupported(
                     format!("{at}.role"),
-                    "tool results are not translated yet",
+                    "the deprecated `function` role is not translated; use tools",
                 ))
             }
             other => {

@@ -24,6 +24,8 @@ pub struct StreamTranslator {
     completion: u64,
     finish: Option<&'static str>,
     done: bool,
+    /// Anthropic's block index of each tool call so far, in OpenAI's order.
+    tool_blocks: Vec<u64>,
 }
 
 impl StreamTranslator {
@@ -41,6 +43,7 @@ impl StreamTranslator {
             completion: 0,
             finish: None,
             done: false,
+            tool_blocks: Vec::new(),
         }
     }
 
@@ -93,11 +96,38 @@ impl StreamTranslator {
                 self.read_usage(msg.get("usage"));
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
             }
+            Some("content_block_start") => {
+                let block = v.get("content_block").unwrap_or(&Value::Null);
+                if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    let index = self.tool_blocks.len();
+                    self.tool_blocks
+                        .push(v.get("index").and_then(Value::as_u64).unwrap_or(0));
+                    let call = json!({
+                        "index": index,
+                        "id": block.get("id").cloned().unwrap_or(Value::Null),
+                        "type": "function",
+                        "function": {"name": block.get("name").cloned().unwrap_or(Value::Null), "arguments": ""},
+                    });
+                    self.chunk(out, json!({"tool_calls": [call]}), None);
+                }
+            }
             Some("content_block_delta") => {
                 let delta = v.get("delta").unwrap_or(&Value::Null);
-                if delta.get("type").and_then(Value::as_str) == Some("text_delta") {
-                    let text = delta.get("text").cloned().unwrap_or(Value::Null);
-                    self.chunk(out, json!({"content": text}), None);
+                match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        let text = delta.get("text").cloned().unwrap_or(Value::Null);
+                        self.chunk(out, json!({"content": text}), None);
+                    }
+                    Some("input_json_delta") => {
+                        let block = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        let Some(index) = self.tool_blocks.iter().position(|b| *b == block) else {
+                            return;
+                        };
+                        let part = delta.get("partial_json").cloned().unwrap_or(Value::Null);
+                        let call = json!({"index": index, "function": {"arguments": part}});
+                        self.chunk(out, json!({"tool_calls": [call]}), None);
+                    }
+                    _ => {}
                 }
             }
             Some("message_delta") => {
@@ -129,7 +159,7 @@ impl StreamTranslator {
                 );
                 self.done = true;
             }
-            // ping, content_block_start/stop, and whatever comes next.
+            // ping, content_block_stop, and whatever comes next.
             _ => {}
         }
     }

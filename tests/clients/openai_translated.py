@@ -1,8 +1,9 @@
 """The `openai` Python SDK against a keygate route that translates for Anthropic upstreams.
 
 Usage: openai_translated.py BASE_URL — a plain answer, a capped one, streams with and without
-usage, and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
+usage, tool calls (whole, streamed, and their results sent back), and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
 """
+import json
 import sys
 
 import openai
@@ -56,7 +57,50 @@ plain = list(
 assert all(c.usage is None for c in plain), plain
 assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
 
-for kwargs in ({"n": 2}, {"logprobs": True}, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}):
+weather = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+called = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[{"role": "user", "content": "Weather in Paris?"}],
+    tools=weather,
+    tool_choice="required",
+)
+assert called.choices[0].finish_reason == "tool_calls", called
+call = called.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather", call
+assert json.loads(call.function.arguments) == {"city": "Paris"}, call
+
+streamed = list(
+    client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=weather,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True,
+    )
+)
+arguments = "".join(
+    tc.function.arguments or ""
+    for c in streamed
+    if c.choices and c.choices[0].delta.tool_calls
+    for tc in c.choices[0].delta.tool_calls
+)
+assert json.loads(arguments) == {"city": "Paris"}, streamed
+assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"
+
+# The result goes back as a tool message, and the conversation continues.
+answer = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18°C"},
+    ],
+    tools=weather,
+)
+assert answer.choices[0].message.content, answer
+
+for kwargs in ({"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
     try:
         client.chat.completions.create(
             model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], **kwargs

@@ -6,7 +6,8 @@
 //! `rate_limit_error` (with `retry-after` and, for `reset_in`, `anthropic-ratelimit-*`),
 //! `unauthorized` a 401 `authentication_error`, `forbidden` a 403 `permission_error`,
 //! `insufficient_quota` Anthropic's 400 "credit balance is too low", `server_error` with status
-//! 529 an `overloaded_error`.
+//! 529 an `overloaded_error`. A request whose `tool_choice` forces a tool (`tool`, or `any`: the
+//! first tool) gets a call of it with `{"city": "Paris"}`, whole or streamed.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +39,34 @@ struct MessagesRequest<'a> {
     stream: Option<bool>,
     max_tokens: Option<u64>,
     mock: Option<MockOptions>,
+    tools: Option<Vec<ToolDef>>,
+    tool_choice: Option<ToolChoice>,
+}
+
+/// A tool the request offers (only its name matters to the mock).
+#[derive(Deserialize, Debug)]
+struct ToolDef {
+    name: String,
+}
+
+/// `tool_choice`: `any` or `tool` makes the mock call a tool instead of writing text.
+#[derive(Deserialize, Debug)]
+struct ToolChoice {
+    #[serde(rename = "type")]
+    kind: String,
+    name: Option<String>,
+}
+
+impl MessagesRequest<'_> {
+    /// The tool the request forces (`tool_choice` `tool`, or `any`: the first tool offered).
+    fn forced_tool(&self) -> Option<String> {
+        let choice = self.tool_choice.as_ref()?;
+        match choice.kind.as_str() {
+            "tool" => choice.name.clone(),
+            "any" => self.tools.as_ref()?.first().map(|t| t.name.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// What one Anthropic request came to, for the service to record.
@@ -173,6 +202,9 @@ fn message(
     let id = app.ids.completion_id("msg", n).replace('-', "_");
     let model = r.model.as_deref().unwrap_or("claude-mock");
     let input = input_tokens(body_len);
+    if let Some(tool) = r.forced_tool() {
+        return tool_use(&id, model, &tool, input, r.stream == Some(true));
+    }
     if r.stream != Some(true) {
         let body = json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
@@ -250,6 +282,65 @@ fn message(
         events,
         interval,
         break_after,
+    )))
+}
+
+/// A forced tool call: `{"city": "Paris"}` as the tool's input, whole or streamed in two parts.
+fn tool_use(
+    id: &str,
+    model: &str,
+    tool: &str,
+    input: u64,
+    stream: bool,
+) -> http::Response<MockBody> {
+    let call_id = format!("toolu_{id}");
+    let usage = json!({"input_tokens": input, "output_tokens": 7});
+    if !stream {
+        let body = json!({
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "tool_use", "id": call_id, "name": tool, "input": {"city": "Paris"}}],
+            "stop_reason": "tool_use", "stop_sequence": null, "usage": usage,
+        });
+        return reply::json(StatusCode::OK, Bytes::from(body.to_string()));
+    }
+    let events = [
+        event(
+            "message_start",
+            &json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": call_id, "name": tool, "input": {}}}),
+        ),
+        event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": "{\"city\": \"Pa"}}),
+        ),
+        event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": "ris\"}"}}),
+        ),
+        event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        ),
+        event(
+            "message_delta",
+            &json!({"type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 7}}),
+        ),
+        event("message_stop", &json!({"type": "message_stop"})),
+    ];
+    reply::event_stream(MockBody::Events(EventList::new(
+        events.into_iter().map(|e| (e, false)).collect(),
+        Duration::ZERO,
+        None,
     )))
 }
 
