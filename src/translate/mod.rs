@@ -5,10 +5,11 @@
 //!
 //! Built so far: text conversations (system and developer messages, text parts, `max_tokens`
 //! with a configured default since Anthropic requires one, `temperature`, `top_p`, `stop`,
-//! `user`, function tools with `tool_choice`, tool calls and their results), whole and streamed,
+//! `user`, images, function tools with `tool_choice`, tool calls and their results), whole and
+//! streamed,
 //! answers with their stop reasons, tool calls and usage
 //! (`stream_options.include_usage` included), and Anthropic's errors in OpenAI's shape, mid-stream
-//! ones too. Everything else a request may ask for (images, `n > 1`, `logprobs`, unknown
+//! ones too. Everything else a request may ask for (audio and file parts, `n > 1`, `logprobs`, unknown
 //! parameters) is refused with a 400 that names it, never half-translated.
 //!
 //! Layout: `request` maps the client's request, `answer` maps the upstream's answer and errors,

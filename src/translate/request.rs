@@ -262,12 +262,53 @@ fn blocks(at: &str, content: &Value) -> Result<Value, TranslateError> {
         Value::Array(parts) => parts
             .iter()
             .enumerate()
-            .map(|(j, p)| Ok(json!({"type": "text", "text": text_part(&format!("{at}[{j}]"), p)?})))
+            .map(|(j, p)| part_block(&format!("{at}[{j}]"), p))
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array),
         _ => Err(invalid(at, "expected a string or a list of content parts")),
     }
 }
+
+/// One content part as an Anthropic block: text, or an image (`image_url` with a base64 `data:`
+/// URL or an `http(s)` URL; `detail` has no Anthropic counterpart and is dropped).
+fn part_block(at: &str, part: &Value) -> Result<Value, TranslateError> {
+    if part.get("type").and_then(Value::as_str) != Some("image_url") {
+        return Ok(json!({"type": "text", "text": text_part(at, part)?}));
+    }
+    let url = match part.get("image_url") {
+        Some(Value::String(u)) => u.as_str(),
+        Some(obj) => obj.get("url").and_then(Value::as_str).unwrap_or(""),
+        None => "",
+    };
+    let at = format!("{at}.image_url.url");
+    if let Some(rest) = url.strip_prefix("data:") {
+        let Some((meta, data)) = rest.split_once(',') else {
+            return Err(invalid(at, "a data URL needs a comma before its data"));
+        };
+        let Some(media_type) = meta.strip_suffix(";base64") else {
+            return Err(unsupported(at, "only base64 data URLs are translated"));
+        };
+        if !IMAGE_TYPES.contains(&media_type) {
+            return Err(unsupported(
+                at,
+                format!(
+                    "Anthropic takes {} images, not `{media_type}`",
+                    IMAGE_TYPES.join(", ")
+                ),
+            ));
+        }
+        return Ok(
+            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+        );
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(json!({"type": "image", "source": {"type": "url", "url": url}}));
+    }
+    Err(invalid(at, "expected a data: URL or an http(s) URL"))
+}
+
+/// The image media types Anthropic accepts.
+const IMAGE_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
 /// System content as one string: a string, or text parts joined.
 fn text_only(at: &str, content: &Value) -> Result<String, TranslateError> {

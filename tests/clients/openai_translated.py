@@ -1,7 +1,7 @@
 """The `openai` Python SDK against a keygate route that translates for Anthropic upstreams.
 
 Usage: openai_translated.py BASE_URL — a plain answer, a capped one, streams with and without
-usage, tool calls (whole, streamed, and their results sent back), and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
+usage, an image, tool calls (whole, streamed, and their results sent back), and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
 """
 import json
 import sys
@@ -56,6 +56,15 @@ plain = list(
 )
 assert all(c.usage is None for c in plain), plain
 assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+
+seen = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+    ]}],
+)
+assert seen.choices[0].message.content, seen
 
 weather = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
