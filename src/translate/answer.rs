@@ -31,8 +31,16 @@ pub fn chat_completion(body: &[u8], created: u64) -> Option<Vec<u8>> {
         .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
         .filter_map(|b| b.get("text").and_then(Value::as_str))
         .collect();
+    let reasoning: String = blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("thinking"))
+        .filter_map(|b| b.get("thinking").and_then(Value::as_str))
+        .collect();
     let calls = super::tools::tool_calls(blocks);
     let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = Value::String(reasoning);
+    }
     if !calls.is_empty() {
         if text.is_empty() {
             message["content"] = Value::Null;

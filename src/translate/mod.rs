@@ -5,9 +5,9 @@
 //!
 //! Built so far: text conversations (system and developer messages, text parts, `max_tokens`
 //! with a configured default since Anthropic requires one, `temperature`, `top_p`, `stop`,
-//! `user`, images, function tools with `tool_choice`, tool calls and their results), whole and
+//! `user`, `reasoning_effort` as thinking, images, function tools with `tool_choice`, tool calls and their results), whole and
 //! streamed,
-//! answers with their stop reasons, tool calls and usage
+//! answers with their stop reasons, tool calls, thinking (as `reasoning_content`) and usage
 //! (`stream_options.include_usage` included), and Anthropic's errors in OpenAI's shape, mid-stream
 //! ones too. Everything else a request may ask for (audio and file parts, `n > 1`, `logprobs`, unknown
 //! parameters) is refused with a 400 that names it, never half-translated.

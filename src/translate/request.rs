@@ -5,7 +5,7 @@ use super::{invalid, unsupported, TranslateError};
 use serde_json::{json, Map, Value};
 
 /// Top-level parameters taken as they are or mapped; any other is refused by name.
-const KNOWN: [&str; 17] = [
+const KNOWN: [&str; 18] = [
     "model",
     "messages",
     "max_tokens",
@@ -22,6 +22,7 @@ const KNOWN: [&str; 17] = [
     "parallel_tool_calls",
     "tools",
     "tool_choice",
+    "reasoning_effort",
     "mock",
 ];
 
@@ -97,6 +98,17 @@ pub fn messages_request(
         (_, Some(v)) if !v.is_null() => token_limit("max_tokens", v)?,
         _ => default_max_tokens,
     };
+    // Thinking spends tokens before the answer: its budget comes on top of the answer's limit,
+    // so a client's `max_tokens` still bounds what it reads (Anthropic wants the budget below
+    // `max_tokens`).
+    let budget = thinking_budget(req.get("reasoning_effort"))?;
+    if let Some(budget) = budget {
+        out.insert(
+            "thinking".into(),
+            json!({"type": "enabled", "budget_tokens": budget}),
+        );
+    }
+    let max_tokens = max_tokens.saturating_add(budget.unwrap_or(0));
     out.insert("max_tokens".into(), max_tokens.into());
     for key in ["temperature", "top_p"] {
         match req.get(key) {
@@ -141,6 +153,25 @@ pub fn messages_request(
         out.insert("mock".into(), mock.clone());
     }
     Ok(Value::Object(out).to_string().into_bytes())
+}
+
+/// Anthropic's thinking budget for OpenAI's `reasoning_effort`: none for `minimal` (or none
+/// asked), 1024 tokens (Anthropic's least) for `low`, 4096 for `medium`, 16384 for `high`.
+fn thinking_budget(effort: Option<&Value>) -> Result<Option<u64>, TranslateError> {
+    match effort {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(e)) => match e.as_str() {
+            "minimal" | "none" => Ok(None),
+            "low" => Ok(Some(1024)),
+            "medium" => Ok(Some(4096)),
+            "high" => Ok(Some(16384)),
+            other => Err(invalid(
+                "reasoning_effort",
+                format!("unknown effort `{other}` (minimal, low, medium, high)"),
+            )),
+        },
+        Some(_) => Err(invalid("reasoning_effort", "expected a string")),
+    }
 }
 
 /// Refuses `key` when present with a value `ok` rejects.

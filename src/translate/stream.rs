@@ -1,5 +1,6 @@
 //! An Anthropic Messages event stream as an OpenAI `chat.completion.chunk` stream, event by
-//! event: `message_start` opens the assistant's turn, each `text_delta` becomes a content chunk,
+//! event: `message_start` opens the assistant's turn, each `text_delta` becomes a content chunk
+//! (each `thinking_delta` a `reasoning_content` one; signatures have no OpenAI counterpart),
 //! `message_delta` gives the finish reason (and the cumulative output tokens), `message_stop`
 //! ends with the usage chunk (when the client asked for `stream_options.include_usage`) and
 //! `data: [DONE]`. A mid-stream `error` event becomes an OpenAI error object, as OpenAI sends
@@ -117,6 +118,10 @@ impl StreamTranslator {
                     Some("text_delta") => {
                         let text = delta.get("text").cloned().unwrap_or(Value::Null);
                         self.chunk(out, json!({"content": text}), None);
+                    }
+                    Some("thinking_delta") => {
+                        let text = delta.get("thinking").cloned().unwrap_or(Value::Null);
+                        self.chunk(out, json!({"reasoning_content": text}), None);
                     }
                     Some("input_json_delta") => {
                         let block = v.get("index").and_then(Value::as_u64).unwrap_or(0);

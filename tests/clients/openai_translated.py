@@ -1,7 +1,7 @@
 """The `openai` Python SDK against a keygate route that translates for Anthropic upstreams.
 
 Usage: openai_translated.py BASE_URL — a plain answer, a capped one, streams with and without
-usage, an image, tool calls (whole, streamed, and their results sent back), and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
+usage, thinking, an image, tool calls (whole, streamed, and their results sent back), and the refusals of what is not translated, each checked; prints "ok" and exits 0 when all passed.
 """
 import json
 import sys
@@ -56,6 +56,29 @@ plain = list(
 )
 assert all(c.usage is None for c in plain), plain
 assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+
+thought = client.chat.completions.create(
+    model="claude-sonnet-4-5",
+    messages=[{"role": "user", "content": "hi"}],
+    reasoning_effort="low",
+    max_completion_tokens=3,
+)
+assert thought.choices[0].message.reasoning_content, thought
+assert thought.choices[0].message.content, thought
+thought_chunks = list(
+    client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "hi"}],
+        reasoning_effort="high",
+        stream=True,
+    )
+)
+reasoning = "".join(
+    getattr(c.choices[0].delta, "reasoning_content", None) or ""
+    for c in thought_chunks
+    if c.choices
+)
+assert reasoning, thought_chunks
 
 seen = client.chat.completions.create(
     model="claude-sonnet-4-5",

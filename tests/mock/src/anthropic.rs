@@ -7,7 +7,8 @@
 //! `unauthorized` a 401 `authentication_error`, `forbidden` a 403 `permission_error`,
 //! `insufficient_quota` Anthropic's 400 "credit balance is too low", `server_error` with status
 //! 529 an `overloaded_error`. A request whose `tool_choice` forces a tool (`tool`, or `any`: the
-//! first tool) gets a call of it with `{"city": "Paris"}`, whole or streamed.
+//! first tool) gets a call of it with `{"city": "Paris"}`, whole or streamed; one with
+//! `thinking` enabled gets a thinking block before its text.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime};
@@ -41,7 +42,18 @@ struct MessagesRequest<'a> {
     mock: Option<MockOptions>,
     tools: Option<Vec<ToolDef>>,
     tool_choice: Option<ToolChoice>,
+    thinking: Option<Thinking>,
 }
+
+/// `thinking`: when enabled, the mock thinks (a fixed thought) before it answers.
+#[derive(Deserialize, Debug)]
+struct Thinking {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// The mock's thought, when asked to think.
+const THOUGHT: &str = "The user says hi; a short greeting back will do.";
 
 /// A tool the request offers (only its name matters to the mock).
 #[derive(Deserialize, Debug)]
@@ -205,10 +217,18 @@ fn message(
     if let Some(tool) = r.forced_tool() {
         return tool_use(&id, model, &tool, input, r.stream == Some(true));
     }
+    let thinks = r.thinking.as_ref().is_some_and(|t| t.kind == "enabled");
     if r.stream != Some(true) {
+        let mut content = vec![json!({"type": "text", "text": openai::text(0, tokens)})];
+        if thinks {
+            content.insert(
+                0,
+                json!({"type": "thinking", "thinking": THOUGHT, "signature": "c2lnbmF0dXJl"}),
+            );
+        }
         let body = json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": openai::text(0, tokens)}],
+            "content": content,
             "stop_reason": stop_reason, "stop_sequence": null,
             "usage": {"input_tokens": input, "cache_creation_input_tokens": 0,
                       "cache_read_input_tokens": 0, "output_tokens": tokens},
@@ -238,10 +258,28 @@ fn message(
         ),
         false,
     )];
+    let text_index = u64::from(thinks);
+    if thinks {
+        for e in [
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": ""}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "thinking_delta", "thinking": THOUGHT}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+        ] {
+            let name = e["type"]
+                .as_str()
+                .unwrap_or("content_block_delta")
+                .to_string();
+            events.push((event(&name, &e), false));
+        }
+    }
     events.push((
         event(
             "content_block_start",
-            &json!({"type": "content_block_start", "index": 0,
+            &json!({"type": "content_block_start", "index": text_index,
                     "content_block": {"type": "text", "text": ""}}),
         ),
         false,
@@ -252,7 +290,7 @@ fn message(
         events.push((
             event(
                 "content_block_delta",
-                &json!({"type": "content_block_delta", "index": 0,
+                &json!({"type": "content_block_delta", "index": text_index,
                         "delta": {"type": "text_delta", "text": openai::text(from, to)}}),
             ),
             true,
@@ -261,7 +299,7 @@ fn message(
     events.push((
         event(
             "content_block_stop",
-            &json!({"type": "content_block_stop", "index": 0}),
+            &json!({"type": "content_block_stop", "index": text_index}),
         ),
         false,
     ));
