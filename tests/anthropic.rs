@@ -564,6 +564,23 @@ async fn a_translated_route_answers_openai_clients_from_anthropic_keys() {
             "{v}"
         );
     }
+    // Only chat completions are translated.
+    let r = post(
+        &kg,
+        "/v1/embeddings",
+        &json!({"model": "claude-sonnet-4-5", "input": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("translates only"),
+        "{v}"
+    );
     assert_eq!(mock.stats().await["total"].as_u64().unwrap(), before);
 }
 

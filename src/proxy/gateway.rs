@@ -606,6 +606,11 @@ impl Gateway {
         if error_body::is_credit_exhausted(body)
             && up.keys.disable(idx, DisableReason::InsufficientQuota)
         {
+            warn!(
+                "key {}/{}: Anthropic says its credit balance is too low (400)",
+                up.name,
+                up.keys.name(idx)
+            );
             self.count_cooldown(up, idx, DisableReason::InsufficientQuota.as_str());
         }
     }
