@@ -437,6 +437,50 @@ async fn streams_pass_event_by_event_and_are_metered_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_usage_inject_leaves_anthropic_bodies_as_the_client_sent_them() {
+    use sha2::{Digest, Sha256};
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(&(config(&mock, mport) + "stream_usage: inject\n"), KEYS);
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 20, "stream": true,
+        "messages": [{"role": "user", "content": "hello"}]});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let r = client()
+        .post(format!("{}/v1/messages", kg.url))
+        .header("content-type", "application/json")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stats = mock.stats().await;
+    assert_eq!(
+        stats["last_request"]["body_sha256"],
+        digest.as_str(),
+        "{stats}"
+    );
+    // Still metered, from Anthropic's own events.
+    let m = wait_for_metric(
+        mport,
+        "keygate_tokens_total",
+        &[("kind", "completion")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    assert!(
+        sum(&m, "keygate_tokens_total", &[("kind", "prompt")]) > 0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_answers_are_metered_and_count_against_client_budgets() {
     let mock = Mock::start(&[]);
     let mport = free_port();
