@@ -326,4 +326,21 @@ mod tests {
         assert!(t.held.len() <= MAX_EVENT_BYTES);
         assert_eq!(t.finish(), b"data: [DONE]\n\n");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_in_any_chunks_never_panic_and_end_with_one_done(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            cut in 0usize..512,
+        ) {
+            let cut = cut.min(bytes.len());
+            let mut t = StreamTranslator::new(1, true);
+            let mut out = t.feed(&bytes[..cut]);
+            out.extend(t.feed(&bytes[cut..]));
+            out.extend(t.finish());
+            proptest::prop_assert!(t.held.is_empty());
+            let text = String::from_utf8_lossy(&out);
+            proptest::prop_assert!(text.matches("data: [DONE]").count() <= 1);
+        }
+    }
 }
