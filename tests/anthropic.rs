@@ -300,6 +300,41 @@ async fn a_key_without_credit_is_probed_with_an_anthropic_message_and_comes_back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_permission_error_rests_the_key_for_that_model_only() {
+    let mock = Mock::start(&["--key", "sk-ant-a=403:models=claude-opus-4-1"]);
+    let kg = Keygate::start(&config(&mock, free_port()), KEYS);
+    for _ in 0..4 {
+        let r = post(&kg, "/v1/messages", &message("claude-opus-4-1"), &[]).await;
+        assert_eq!(r.status(), 200);
+    }
+    // The probe (`GET /v1/models` with the key) finds the key itself accepted: it keeps serving
+    // the models it may use.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert_eq!(send(&kg).await.status(), 200);
+        let stats = mock.stats().await;
+        let served = stats["requests"].as_array().unwrap().iter().any(|r| {
+            r["key"] == "sk-ant-a" && r["model"] == "claude-sonnet-4-5" && r["status"] == 200
+        });
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never back for other models: {stats}"
+        );
+    }
+    let opus: Vec<u64> = mock.stats().await["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["key"] == "sk-ant-a" && r["model"] == "claude-opus-4-1")
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(opus, vec![403], "rests for the refused model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_disables_the_key_and_its_body_never_reaches_the_client() {
     let mock = Mock::start(&["--key", "sk-ant-a=401", "--key", "sk-ant-b=401"]);
     let kg = Keygate::start(&config(&mock, free_port()), KEYS);
