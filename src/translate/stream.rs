@@ -18,6 +18,9 @@ pub struct StreamTranslator {
     created: u64,
     include_usage: bool,
     held: Vec<u8>,
+    /// How much of `held` is known to hold no event end, so a long event arriving in many
+    /// chunks is scanned once, not once per chunk.
+    scanned: usize,
     id: Value,
     model: Value,
     prompt: u64,
@@ -37,6 +40,7 @@ impl StreamTranslator {
             created,
             include_usage,
             held: Vec::new(),
+            scanned: 0,
             id: Value::Null,
             model: Value::Null,
             prompt: 0,
@@ -52,13 +56,19 @@ impl StreamTranslator {
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         self.held.extend_from_slice(chunk);
-        while let Some((end, skip)) = event_end(&self.held) {
+        // An end (`\n\n` or `\n\r\n`) may straddle the previous chunk's last two bytes.
+        let mut from = self.scanned.saturating_sub(2);
+        while let Some((end, skip)) = event_end(&self.held[from..]) {
+            let end = from + end;
             let event: Vec<u8> = self.held.drain(..end + skip).take(end).collect();
             self.on_event(&event, &mut out);
+            from = 0;
         }
+        self.scanned = self.held.len();
         if self.held.len() > MAX_EVENT_BYTES {
             // Not an Anthropic stream: nothing sensible can come of it.
             self.held.clear();
+            self.scanned = 0;
         }
         out
     }
@@ -69,6 +79,7 @@ impl StreamTranslator {
     pub fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.held);
+        self.scanned = 0;
         if !rest.iter().all(u8::is_ascii_whitespace) {
             self.on_event(&rest, &mut out);
         }
