@@ -22,7 +22,9 @@ state) affects all of them alike; each figure is the median over the rounds:
    direct and through keygate: p50/p90/p99 and what keygate adds;
 5. a stream of 10 chunks 20 ms apart: time to the first chunk and to the end, direct and
    through keygate;
-6. keygate's resident memory: idle after start, after the load, and its peak (VmHWM).
+6. keygate's resident memory: idle after start, after the load, and its peak (VmHWM);
+7. the response cache: requests/s and latency of a cache hit (keygate only: a route with `cache:`
+   added to its config) beside the direct mock, the Pingora floor and keygate without a cache.
 
 With `--baseline REV` (any git revision; `make bench` passes BASELINE, HEAD~1 unless set), keygate
 as built at REV runs as one more target, "keygate @REV", with the current bench/keygate.yaml: in
@@ -87,6 +89,10 @@ TARGET_LABELS = {
 PEERS = ["direct", "keygate", "pingora", "nginx2", "nginx1", "haproxy"]
 # Measured for latency and stream timings as well.
 LATENCY_TARGETS = ["direct", "keygate", "pingora"]
+# The model of the cache-hit scenario: keygate (not keygate @REV, whose config stays as it was)
+# gets a cached route for it; every other target passes it to the mock like any model.
+CACHED_MODEL = "bench-cached"
+CACHED_ROUTE = f"  - {{ name: cached, models: [{CACHED_MODEL}], upstreams: [mock], cache: {{ ttl: 1h }} }}\n"
 
 
 def log(msg: str) -> None:
@@ -97,10 +103,10 @@ def log(msg: str) -> None:
 # Request bodies
 
 
-def chat_body(size: int, stream: bool = False, mock: dict | None = None) -> bytes:
+def chat_body(size: int, stream: bool = False, mock: dict | None = None, model: str = "gpt-4o-mini") -> bytes:
     """A chat request of about `size` bytes (at least the minimal one)."""
     body = {
-        "model": "gpt-4o-mini",
+        "model": model,
         "messages": [{"role": "user", "content": ""}],
     }
     if stream:
@@ -413,6 +419,9 @@ class Stack:
         conf = fill(BENCH / "keygate.yaml",
                     {"KEYGATE_DIR": kg_dir, "KEYGATE_PORT": self.port[target], "MOCK_PORT": self.port["mock"]},
                     kg_dir / "keygate.yaml")
+        if target == "keygate":
+            # First match wins: the cached route goes before the catch-all.
+            conf.write_text(conf.read_text().replace("routes:\n", "routes:\n" + CACHED_ROUTE, 1))
         env = dict(os.environ, **KEYS)
         # Warnings only: nginx and HAProxy run without access logs too.
         env["RUST_LOG"] = os.environ.get("BENCH_RUST_LOG", "warn")
@@ -832,6 +841,7 @@ def main() -> int:
             "small": chat_body(200),
             "sse": chat_body(200, stream=True),
             "16k": chat_body(16 * 1024),
+            "cached": chat_body(200, model=CACHED_MODEL),
         }
         files = {}
         for k, b in bodies.items():
@@ -843,6 +853,8 @@ def main() -> int:
             ("chat", "small", PEERS),
             ("sse", "sse", PEERS),
             ("body16k", "16k", ["direct", "keygate", "pingora", "haproxy"]),
+            # keygate answers every request after the first from its cache.
+            ("cachehit", "cached", ["direct", "keygate", "pingora"]),
         ]
         wrk = tools["wrk"]
         log(f"warm-up: {warmup:g} s per target")
@@ -873,6 +885,8 @@ def main() -> int:
         sse_t: dict[str, dict[str, list]] = {t: {"first": [], "last": [], "events": []} for t in lat}
         sse_err = {t: 0 for t in lat_targets}
         slow = chat_body(200, stream=True, mock={"chunks": 10, "interval_ms": 20})
+        hit_lat: list[float] = []
+        hit_err = 0
         for rnd in range(rounds):
             order = round_order(LATENCY_TARGETS, rnd, with_base)
             for t in order:
@@ -884,6 +898,13 @@ def main() -> int:
                 log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s {TARGET_LABELS[t]:16} "
                     f"p50 {pct(r['latencies'], 50) * 1000:.3f} ms  p99 {pct(r['latencies'], 99) * 1000:.3f} ms  "
                     f"errors {r['errors']}")
+            r = asyncio.run(fixed_rate(stack.port["keygate"], auth_for("keygate"), bodies["cached"],
+                                       args.rate, lat_seconds))
+            hit_lat += r["latencies"]
+            hit_err += r["errors"]
+            log(f"round {rnd + 1}/{rounds} fixed {args.rate:g}/s keygate cache hit "
+                f"p50 {pct(r['latencies'], 50) * 1000:.3f} ms  p99 {pct(r['latencies'], 99) * 1000:.3f} ms  "
+                f"errors {r['errors']}")
             for t in order:
                 r = asyncio.run(stream_timings(stack.port[t], auth_for(t), slow, max(1, streams // rounds)))
                 sse_t[t]["first"] += r["first"]
@@ -913,6 +934,7 @@ def main() -> int:
         peers_mem=peers_mem, mock_mem=mock_mem, wrk_threads=args.wrk_threads,
         baseline=base, lat_rounds=lat_rounds, rss_rounds=rss_rounds,
         base_rss={"idle": base_idle_rss, "peak": base_mem.get("VmHWM", 0)},
+        hit_lat=hit_lat, hit_err=hit_err,
     )
     print(report["terminal"])
     Path(args.out).write_text(report["markdown"])
@@ -922,6 +944,34 @@ def main() -> int:
 
 # --------------------------------------------------------------------------------------------
 # Report
+
+
+def cache_table(r: dict, rps, errs) -> str:
+    """The response cache: a hit beside the direct mock, the Pingora floor and keygate without a
+    cache (the plain chat scenario, the same body size); empty when the run has no cache figures."""
+    if ("cachehit", "keygate") not in r["tput"]:
+        return ""
+    direct = rps("cachehit", "direct")
+    cells = {
+        "direct": rps("cachehit", "direct"),
+        "hit": rps("cachehit", "keygate"),
+        "miss": rps("chat", "keygate"),
+        "floor": rps("cachehit", "pingora"),
+    }
+    mark = lambda t: " (!)" if errs("cachehit", t) else ""  # noqa: E731
+    rows = [
+        ["req/s", f"{cells['direct']:,.0f}{mark('direct')}", f"{cells['hit']:,.0f}{mark('keygate')}",
+         f"{cells['miss']:,.0f}", f"{cells['floor']:,.0f}{mark('pingora')}"],
+        ["  of direct", *(f"{cells[k] / direct:.0%}" for k in ("direct", "hit", "miss", "floor"))],
+    ]
+    hit, lat = r.get("hit_lat") or [], r["lat"]
+    if hit:
+        ms = lambda v: f"{v * 1000:.3f}"  # noqa: E731
+        for p in (50, 99):
+            rows.append([f"latency p{p} at {r['rate']:g} req/s, ms", ms(pct(lat["direct"], p)), ms(pct(hit, p)),
+                         ms(pct(lat["keygate"], p)), ms(pct(lat["pingora"], p))])
+    return table(["response cache (200 B chat)", "direct (mock)", "keygate hit", "keygate uncached",
+                  "Pingora floor"], rows)
 
 
 def render(**r) -> dict[str, str]:
@@ -1056,7 +1106,10 @@ def render(**r) -> dict[str, str]:
         "is in the Scale\nsection; key selection time (flat from 10 to 100 000 keys) in "
         "`cargo bench --bench hot_paths`."
     )
-    tables = "\n\n".join([t0, floor_note, t1, t2, t3, t4, t5])
+    t6 = cache_table(r, rps, errs)
+    if r.get("hit_err"):
+        problems.append(f"fixed-rate cache hits via keygate: {r['hit_err']} errors")
+    tables = "\n\n".join([t0, floor_note, t1, t2, t3, t4, t5] + ([t6] if t6 else []))
     against_md = against(r)
     method = f"""\
 - {r['rounds']} round(s); in each, every target in turn (order rotated per round) for {r['seconds']:g} s with

@@ -24,6 +24,7 @@ RPS = {
     "chat": {"direct": 80000, "keygate": 20000, "pingora": 22000, "nginx2": 23000, "nginx1": 36000, "haproxy": 40000},
     "sse": {"direct": 66000, "keygate": 34000, "pingora": 13000, "nginx2": 14000, "nginx1": 29000, "haproxy": 33000},
     "body16k": {"direct": 32000, "keygate": 19000, "pingora": 14500, "haproxy": 20000},
+    "cachehit": {"direct": 80000, "keygate": 60000, "pingora": 22000},
 }
 # Per target, latency samples (s) and stream timings: keygate adds 0.1 ms, the floor 0.2 ms.
 ADDED = {"direct": 0.0, "keygate": 0.0001, "pingora": 0.0002}
@@ -47,6 +48,7 @@ def synthetic() -> dict:
         rss={"idle": 13 * 1024, "loaded": 20 * 1024, "end": 17 * 1024, "peak": 22 * 1024},
         peers_mem={t: {"VmRSS": 14 * 1024, "VmHWM": 15 * 1024} for t in ("nginx2", "nginx1", "haproxy")},
         mock_mem={"VmRSS": 15 * 1024, "VmHWM": 16 * 1024}, wrk_threads=1,
+        hit_lat=[0.0001 + i * 1e-6 for i in range(100)], hit_err=0,
     )
 
 
@@ -99,6 +101,9 @@ def main() -> int:
     assert row(md, "16 KiB / 200 B")[1:] == ["40%", "95%", "66%", "50%"], row(md, "16 KiB / 200 B")
     assert row(md, "slowest event, p50 added")[3] == "0.100"
     assert "No errors" in md
+    assert row(md, "req/s")[1:] == ["80,000", "60,000", "20,000", "22,000"], row(md, "req/s")
+    assert row(md, "response cache (200 B chat)")[1:] == ["direct (mock)", "keygate hit", "keygate uncached", "Pingora floor"]
+    assert row(md, "latency p50 at 200 req/s, ms")[1:3] == ["0.250", "0.150"], row(md, "latency p50 at 200 req/s, ms")
     assert "## Against" not in md, "no baseline, no comparison"
 
     # keygate @REV runs right beside keygate, after it then before it; the others rotate as before.

@@ -50,6 +50,9 @@ pub struct AccessEntry<'a> {
     /// A note on anything unusual (e.g. why the request was answered locally).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'a str>,
+    /// What the response cache did (`hit`, `miss`, `bypass`); absent on routes without a cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'a str>,
 }
 
 /// What the writer thread is sent.
@@ -190,6 +193,7 @@ mod tests {
             total_ms: 2.0,
             stream: false,
             note: None,
+            cache: None,
         }
     }
 

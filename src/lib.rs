@@ -33,7 +33,9 @@
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
 //!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere
 //!    or answer), [`routes`] (which upstreams serve a model or path, with their plan),
-//!    [`translate`] (OpenAI chat completions to Anthropic messages and back).
+//!    [`translate`] (OpenAI chat completions to Anthropic messages and back),
+//!    [`cache`] (the response cache: canonical request keys, the bounded in-memory store,
+//!    `Cache-Control`, one upstream request for identical misses).
 //!
 //! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
 //!    validation with precise messages).
@@ -45,7 +47,8 @@
 //!
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
 //!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
-//!    [`drain`] (a graceful stop that exits once nothing is left in flight).
+//!    [`drain`] (a graceful stop that exits once nothing is left in flight), [`memory_upkeep`]
+//!    (freed memory handed back to the system after a burst).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -61,6 +64,7 @@
 
 pub mod access_log;
 pub mod body_budget;
+pub mod cache;
 pub mod cli;
 pub mod clients;
 pub mod clock;
@@ -72,6 +76,7 @@ pub mod glob;
 pub mod header_rules;
 pub mod keys;
 pub mod local_response;
+pub mod memory_upkeep;
 pub mod metrics;
 pub mod outcome;
 pub mod outlier;

@@ -41,12 +41,20 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Requests being served.
     pub in_flight: IntGauge,
+    /// Request-body bytes held against the buffer budget.
+    pub buffered_body_bytes: IntGauge,
     /// Answers keygate wrote itself, by reason.
     pub local_responses: IntCounterVec,
     /// Client requests refused by client limits, by client and reason.
     pub client_rejections: IntCounterVec,
     /// Connections the request-header guard closed, by reason.
     pub connection_closes: IntCounterVec,
+    /// Requests on cached routes by route and cache result (hit, miss, bypass).
+    pub cache_requests: IntCounterVec,
+    /// Bytes held by the response cache.
+    pub cache_bytes: IntGauge,
+    /// Tokens the upstream reported for answers served again from the cache, by route.
+    pub cache_tokens_saved: IntCounterVec,
     models: ModelLabels,
 }
 
@@ -128,6 +136,12 @@ const IN_FLIGHT: MetricInfo = MetricInfo {
     labels: &[],
     help: "Requests being served.",
 };
+const BUFFERED_BODY_BYTES: MetricInfo = MetricInfo {
+    name: "keygate_buffered_body_bytes",
+    kind: MetricKind::Gauge,
+    labels: &[],
+    help: "Request-body bytes held now against max_buffered_bytes.",
+};
 const LOCAL_RESPONSES: MetricInfo = MetricInfo {
     name: "keygate_local_responses_total",
     kind: MetricKind::Counter,
@@ -147,6 +161,25 @@ const CONNECTION_CLOSES: MetricInfo = MetricInfo {
     help: "Connections closed by the request-header guard: 408, 431, idle or silent.",
 };
 
+const CACHE_REQUESTS: MetricInfo = MetricInfo {
+    name: "keygate_cache_requests_total",
+    kind: MetricKind::Counter,
+    labels: &["route", "result"],
+    help: "Requests on cached routes, by route and cache result (hit, miss, bypass).",
+};
+const CACHE_BYTES: MetricInfo = MetricInfo {
+    name: "keygate_cache_bytes",
+    kind: MetricKind::Gauge,
+    labels: &[],
+    help: "Bytes held by the response cache.",
+};
+const CACHE_TOKENS_SAVED: MetricInfo = MetricInfo {
+    name: "keygate_cache_tokens_saved_total",
+    kind: MetricKind::Counter,
+    labels: &["route"],
+    help: "Tokens of answers served from the response cache instead of the upstream, by route.",
+};
+
 /// Every metric family keygate exports. The registrations below are built from these entries,
 /// so the deploy kit's dashboard and alerts can be checked against this list.
 pub const CATALOGUE: &[MetricInfo] = &[
@@ -159,9 +192,13 @@ pub const CATALOGUE: &[MetricInfo] = &[
     COOLDOWNS,
     TOKENS,
     IN_FLIGHT,
+    BUFFERED_BODY_BYTES,
     LOCAL_RESPONSES,
     CLIENT_REJECTIONS,
     CONNECTION_CLOSES,
+    CACHE_REQUESTS,
+    CACHE_BYTES,
+    CACHE_TOKENS_SAVED,
 ];
 
 fn opts(info: &MetricInfo) -> Opts {
@@ -208,9 +245,13 @@ impl Metrics {
             cooldowns: counter(&COOLDOWNS),
             tokens: counter(&TOKENS),
             in_flight: gauge(&IN_FLIGHT),
+            buffered_body_bytes: gauge(&BUFFERED_BODY_BYTES),
             local_responses: counter(&LOCAL_RESPONSES),
             client_rejections: counter(&CLIENT_REJECTIONS),
             connection_closes: counter(&CONNECTION_CLOSES),
+            cache_requests: counter(&CACHE_REQUESTS),
+            cache_bytes: gauge(&CACHE_BYTES),
+            cache_tokens_saved: counter(&CACHE_TOKENS_SAVED),
             models: ModelLabels::default(),
         };
         for collector in m.collectors() {
@@ -230,9 +271,13 @@ impl Metrics {
             Box::new(self.cooldowns.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.in_flight.clone()),
+            Box::new(self.buffered_body_bytes.clone()),
             Box::new(self.local_responses.clone()),
             Box::new(self.client_rejections.clone()),
             Box::new(self.connection_closes.clone()),
+            Box::new(self.cache_requests.clone()),
+            Box::new(self.cache_bytes.clone()),
+            Box::new(self.cache_tokens_saved.clone()),
         ]
     }
 
@@ -590,6 +635,8 @@ mod tests {
         m.local_responses.with_label_values(&["not_found"]).inc();
         m.client_rejections.with_label_values(&["c", "rpm"]).inc();
         m.connection_closes.with_label_values(&["idle"]).inc();
+        m.cache_requests.with_label_values(&["r", "hit"]).inc();
+        m.cache_tokens_saved.with_label_values(&["r"]).inc();
 
         let mut registered = Families::new();
         for family in registry.gather() {

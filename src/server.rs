@@ -1,5 +1,6 @@
 //! Turning a validated [`Config`] into a running Pingora server.
 
+use crate::cache::ResponseCache;
 use crate::clients::{Client, ClientTable, IpLimiters};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
@@ -83,7 +84,18 @@ pub fn gateway_options(config: &Config, clock: SharedClock) -> GatewayOptions {
         deny_user_agents: config.guards.deny_user_agents.clone(),
         deny_cidrs: config.guards.deny_cidrs.clone(),
         models,
+        cache: response_cache(config, clock),
     }
+}
+
+/// The response cache of the routes with `cache:`; `None` when no route caches (then no
+/// request does any cache work).
+fn response_cache(config: &Config, clock: SharedClock) -> Option<ResponseCache> {
+    let policies: Vec<_> = config.routes.iter().map(|r| r.cache).collect();
+    policies
+        .iter()
+        .any(Option::is_some)
+        .then(|| ResponseCache::new(config.cache_memory, policies, clock))
 }
 
 /// Resolves every upstream once before listening, so the first requests have endpoints.
@@ -222,6 +234,10 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     server.add_service(pingora_core::services::background::background_service(
         "key prober",
         prober,
+    ));
+    server.add_service(pingora_core::services::background::background_service(
+        "memory upkeep",
+        crate::memory_upkeep::MemoryUpkeep,
     ));
     let grace = Duration::from_secs(
         server

@@ -199,16 +199,28 @@ async fn a_body_that_trickles_past_its_deadline_gets_a_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_beyond_the_buffer_cap_wait_then_get_a_503() {
     let mock = Mock::start(&[]);
+    let mport = free_port();
     let kg = Keygate::start(
-        &config(&mock, "max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\n"),
+        &config(
+            &mock,
+            &format!("max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\nmetrics: {{ addr: 127.0.0.1:{mport} }}\n"),
+        ),
         KEYS,
     );
-    // One client announces a full MiB and sends it slowly: it holds the whole budget.
+    // One client sends all but the last 40 KiB of a MiB, then stalls: its bytes hold the budget.
     let mut hog = TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
     hog.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{")
         .unwrap();
-    // Let keygate take the first request's header before the second arrives.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    hog.write_all(&vec![b' '; (1 << 20) - (40 << 10)]).unwrap();
+    // Let keygate read those bytes before the second request arrives.
+    wait_for_metric(
+        mport,
+        "keygate_buffered_body_bytes",
+        &[],
+        900_000.0,
+        Duration::from_secs(20),
+    )
+    .await;
     let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100_000)}]});
     let r = kg.post_chat(&body).await;
     assert_eq!(r.status(), 503);
@@ -228,6 +240,45 @@ async fn bodies_beyond_the_buffer_cap_wait_then_get_a_503() {
     }
 }
 
+/// Room in the buffer budget follows the bytes that came, not the bytes announced: clients that
+/// announce the whole budget and send a byte do not keep others out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcing_a_large_body_holds_no_room_until_its_bytes_come() {
+    let mock = Mock::start(&[]);
+    let mport = free_port();
+    let kg = Keygate::start(
+        &config(
+            &mock,
+            &format!("max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\nmetrics: {{ addr: 127.0.0.1:{mport} }}\n"),
+        ),
+        KEYS,
+    );
+    let announcers: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
+            c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{")
+                .unwrap();
+            c
+        })
+        .collect();
+    // All four are reading their bodies: each holds its first room (64 KiB), not a MiB.
+    let text = wait_for_metric(
+        mport,
+        "keygate_buffered_body_bytes",
+        &[],
+        4.0 * 65536.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        sum(&text, "keygate_buffered_body_bytes", &[]),
+        4.0 * 65536.0
+    );
+    let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100_000)}]});
+    assert_eq!(kg.post_chat(&body).await.status(), 200);
+    drop(announcers);
+}
+
 /// After a burst of large bodies, keygate gives the memory back instead of keeping it for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_falls_back_near_idle_after_a_burst_of_large_bodies() {
@@ -237,9 +288,26 @@ async fn memory_falls_back_near_idle_after_a_burst_of_large_bodies() {
     assert_eq!(kg.post_chat(&chat("gpt-4o")).await.status(), 200);
     let idle = kg.rss_kib();
     let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(16 << 20)}]});
-    let sends = (0..8).map(|_| kg.post_chat(&body));
-    for r in futures_util::future::join_all(sends).await {
-        assert_eq!(r.status(), 200);
+    // Serialised once, and each request on its own task: serialising 16 MiB inside a shared
+    // future would hold the other requests' connections silent past the header deadline on a
+    // busy machine.
+    let body = bytes::Bytes::from(serde_json::to_vec(&body).unwrap());
+    let url = format!("{}/v1/chat/completions", kg.url);
+    let sends = (0..8).map(|_| {
+        let (url, body) = (url.clone(), body.clone());
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    });
+    for status in futures_util::future::join_all(sends).await {
+        assert_eq!(status.unwrap(), 200);
     }
     // Generous: the bodies alone were 128 MiB; what stays must be a small fraction of that.
     let bound = idle + 48 * 1024;

@@ -271,20 +271,21 @@ async fn slow_body(
     (got, start.elapsed())
 }
 
-/// 100 clients each announce a 32 MiB body and send 64 bytes every 100 ms for 4 s. The normal
-/// client is served. Memory bound: 128 MiB of growth (the bytes actually sent are about 250 KiB;
-/// the bound allows 1.3 MiB per slow client, so a buffer sized by the announcement would show).
+/// 500 clients each announce a 32 MiB body (16 GiB in all) and send 64 bytes every 200 ms for
+/// 4 s. The normal client is served. Memory bound: 128 MiB of growth (the bytes actually sent are
+/// about 640 KiB; the bound allows 256 KiB per slow client, so a buffer sized by the announcement
+/// would show at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bodies_do_not_stop_other_clients() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, ""), KEYS);
     let port = kg.port;
     let m = during(&kg, async move {
-        let slow = (0..100).map(|_| {
+        let slow = (0..500).map(|_| {
             slow_body(
                 port,
                 32 << 20,
-                Duration::from_millis(100),
+                Duration::from_millis(200),
                 Duration::from_secs(4),
             )
         });

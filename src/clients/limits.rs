@@ -118,6 +118,8 @@ pub struct Admission {
     limiter: Arc<Limiter>,
     estimate: u64,
     settled: bool,
+    /// When it took its place in the minute window (to give the place back).
+    admitted_at: Instant,
 }
 
 impl Admission {
@@ -143,6 +145,20 @@ impl Admission {
     pub fn settle(mut self, actual: Option<u64>) {
         self.settled = true;
         self.limiter.settle(self.estimate, actual);
+    }
+
+    /// Gives back what admission took from the minute windows (its request and its token
+    /// estimate) and charges the budget nothing: the request was answered without spending
+    /// anything upstream (a cache hit). The concurrency slot is freed on drop, as always.
+    pub fn refund(mut self) {
+        self.settled = true;
+        if self.limiter.limits.rpm.is_some() {
+            let mut st = self.limiter.state.lock();
+            if let Some(i) = st.requests.iter().rposition(|t| *t == self.admitted_at) {
+                st.requests.remove(i);
+            }
+        }
+        self.limiter.settle(self.estimate, Some(0));
     }
 }
 
@@ -260,6 +276,7 @@ impl Limiter {
             limiter: self.clone(),
             estimate,
             settled: false,
+            admitted_at: now,
         })
     }
 
@@ -429,6 +446,31 @@ mod tests {
         assert!(r
             .headers
             .contains(&("x-ratelimit-limit-requests", "2".to_string())));
+    }
+
+    #[test]
+    fn a_refunded_admission_gives_back_its_request_tokens_and_budget() {
+        let (l, _clock) = limiter(Limits {
+            rpm: Some(1),
+            tpm: Some(100),
+            budget: Some(Budget {
+                tokens: 50,
+                per: Period::Day,
+            }),
+            ..Limits::default()
+        });
+        for _ in 0..5 {
+            let mut a = l.admit(60).unwrap();
+            a.add_tokens(30);
+            assert_eq!(l.in_flight(), 1);
+            a.refund();
+            assert_eq!(l.in_flight(), 0);
+        }
+        assert_eq!(l.budget_used().1, 0);
+        // The one request a minute is still free, and its estimate fits the empty window.
+        l.admit(90).unwrap().settle(Some(40));
+        assert_eq!(l.admit(1).unwrap_err().kind, LimitKind::Requests);
+        assert_eq!(l.budget_used().1, 40);
     }
 
     #[test]

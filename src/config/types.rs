@@ -62,6 +62,87 @@ pub struct ConfigFile {
     /// Connection and request guards.
     #[serde(default)]
     pub guards: Option<GuardsFile>,
+    /// Where routes with `cache:` keep their answers (default `{ memory: 256MiB }`).
+    #[serde(default)]
+    pub cache_store: Option<CacheStoreFile>,
+}
+
+/// The response cache's store (`cache_store:`): `{ memory: 256MiB }`. `redis` (as a name or a
+/// section) is recognised only so that validation can say it is not built yet; its content is
+/// never read.
+#[derive(Debug, Default)]
+pub struct CacheStoreFile {
+    /// Bytes of answers kept in memory.
+    pub memory: Option<ByteSize>,
+    /// Asked for a Redis store (refused by validation).
+    pub redis: Option<serde::de::IgnoredAny>,
+}
+
+/// `cache_store:` written as a section.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheStoreMap {
+    #[serde(default)]
+    memory: Option<ByteSize>,
+    #[serde(default)]
+    redis: Option<serde::de::IgnoredAny>,
+}
+
+impl<'de> Deserialize<'de> for CacheStoreFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct StoreVisitor;
+        impl<'de> serde::de::Visitor<'de> for StoreVisitor {
+            type Value = CacheStoreFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`{ memory: SIZE }`")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                match name {
+                    "memory" => Ok(CacheStoreFile::default()),
+                    "redis" => Ok(CacheStoreFile {
+                        memory: None,
+                        redis: Some(serde::de::IgnoredAny),
+                    }),
+                    other => Err(E::custom(format!(
+                        "unknown cache store {other:?} (use `{{ memory: 256MiB }}`)"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let m =
+                    CacheStoreMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(CacheStoreFile {
+                    memory: m.memory,
+                    redis: m.redis,
+                })
+            }
+        }
+        d.deserialize_any(StoreVisitor)
+    }
+}
+
+/// A route's response cache (`cache:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheFile {
+    /// How long an answer is served (default 1h).
+    #[serde(default)]
+    pub ttl: Option<Dur>,
+    /// Largest answer stored (default 1MiB).
+    #[serde(default)]
+    pub max_entry: Option<ByteSize>,
+    /// Clients share entries (default false: each client has its own).
+    #[serde(default)]
+    pub shared: Option<bool>,
+    /// Cache only `temperature: 0` or seeded requests, and embeddings (default false).
+    #[serde(default)]
+    pub only_deterministic: Option<bool>,
+    /// Charge hits to the client's token limits and budget (default false).
+    #[serde(default)]
+    pub charge_hits: Option<bool>,
 }
 
 /// One client of the gateway.
@@ -441,11 +522,14 @@ pub struct RouteFile {
     #[serde(default)]
     pub explore: Option<f64>,
     /// `openai`: the route takes OpenAI chat completion requests and its upstreams, all
-    /// `api: anthropic`, get them as Anthropic Messages requests (non-streamed text only so far).
+    /// `api: anthropic`, get them as Anthropic Messages requests.
     #[serde(default)]
     pub translate: Option<String>,
     /// With `translate`: `max_tokens` sent when the client set none (default 4096; Anthropic
     /// requires one).
     #[serde(default)]
     pub default_max_tokens: Option<u64>,
+    /// Answer identical requests from the response cache.
+    #[serde(default)]
+    pub cache: Option<RouteCacheFile>,
 }

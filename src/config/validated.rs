@@ -47,6 +47,8 @@ pub struct Config {
     pub trusted_proxies: TrustedProxies,
     /// Guards.
     pub guards: GuardsConfig,
+    /// Bytes of the in-memory response cache (used when a route has `cache:`).
+    pub cache_memory: u64,
 }
 
 /// A validated client.
@@ -176,4 +178,6 @@ pub struct RouteConfig {
     pub weights: Vec<u32>,
     /// Exploration share for `fastest`.
     pub explore: f64,
+    /// The response cache's settings, when the route caches.
+    pub cache: Option<crate::cache::CachePolicy>,
 }

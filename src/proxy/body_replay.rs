@@ -13,6 +13,8 @@ use bytes::{Bytes, BytesMut};
 use pingora_error::{Error, ErrorType};
 use pingora_proxy::Session;
 
+use crate::body_budget::BodyPermit;
+
 /// Pingora's retry buffer size (`BODY_BUF_LIMIT` in pingora-core 0.9).
 pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
@@ -37,6 +39,9 @@ pub enum BodyReadError {
     /// the next request would start is unknown.
     #[error("malformed request body: {0}")]
     Malformed(Box<Error>),
+    /// No room in the budget of buffered body bytes for what arrived, in time.
+    #[error("no room to buffer the request body")]
+    Busy,
     /// The client went away (or its connection failed) while sending the body: nobody to answer.
     #[error("reading the request body: {0}")]
     Downstream(Box<Error>),
@@ -69,20 +74,41 @@ pub fn content_length(session: &Session) -> Option<usize> {
         .and_then(|v| v.trim().parse::<usize>().ok())
 }
 
-/// Reads the whole body (bounded by `max` bytes and `deadline` for all of it), leaving Pingora
-/// able to replay it per attempt.
+/// How a body is bounded while it is read.
+#[derive(Debug)]
+pub struct BodyLimits<'a> {
+    /// Largest body accepted.
+    pub max: usize,
+    /// Time for all of it to arrive.
+    pub deadline: std::time::Duration,
+    /// The room the body holds in the shared budget, grown as its bytes arrive.
+    pub room: Option<&'a mut BodyPermit>,
+    /// How long growing the room may wait.
+    pub room_wait: std::time::Duration,
+}
+
+/// Reads the whole body within `limits`, leaving Pingora able to replay it per attempt.
 pub async fn read_body(
     session: &mut Session,
-    max: usize,
-    deadline: std::time::Duration,
+    limits: BodyLimits<'_>,
 ) -> Result<Bytes, BodyReadError> {
-    match tokio::time::timeout(deadline, read_body_untimed(session, max)).await {
+    let deadline = limits.deadline;
+    match tokio::time::timeout(deadline, read_body_untimed(session, limits)).await {
         Ok(result) => result,
         Err(_) => Err(BodyReadError::TimedOut(deadline)),
     }
 }
 
-async fn read_body_untimed(session: &mut Session, max: usize) -> Result<Bytes, BodyReadError> {
+async fn read_body_untimed(
+    session: &mut Session,
+    limits: BodyLimits<'_>,
+) -> Result<Bytes, BodyReadError> {
+    let BodyLimits {
+        max,
+        mut room,
+        room_wait,
+        ..
+    } = limits;
     let content_length = content_length(session);
     if content_length.is_some_and(|cl| cl > max) {
         return Err(BodyReadError::TooLarge { limit: max });
@@ -113,6 +139,11 @@ async fn read_body_untimed(session: &mut Session, max: usize) -> Result<Bytes, B
         len += chunk.len();
         if len > max {
             return Err(BodyReadError::TooLarge { limit: max });
+        }
+        if let Some(room) = room.as_deref_mut() {
+            if !room.cover(len, room_wait).await {
+                return Err(BodyReadError::Busy);
+            }
         }
         chunks.push(chunk);
     }

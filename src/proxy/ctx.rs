@@ -49,6 +49,8 @@ pub struct Attempt {
     pub scrubber: Option<ErrorBodyScrubber>,
     /// Turns an Anthropic answer into an OpenAI one, on a translating route.
     pub translator: Option<crate::translate::AnswerTranslator>,
+    /// Collects a cache miss's answer for the response cache.
+    pub capture: Option<crate::cache::entry::Capture>,
 }
 
 impl Attempt {
@@ -70,6 +72,7 @@ impl Attempt {
             stripper: None,
             scrubber: None,
             translator: None,
+            capture: None,
         }
     }
 
@@ -124,6 +127,8 @@ pub struct RequestCtx {
     pub translate: bool,
     /// With `translate`: the client's stream asked for the usage chunk.
     pub translate_usage: bool,
+    /// What the response cache did, on a cached route.
+    pub cache: Option<super::cached::CacheState>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -169,6 +174,7 @@ impl RequestCtx {
             note: None,
             translate: false,
             translate_usage: false,
+            cache: None,
         }
     }
 

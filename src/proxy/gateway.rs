@@ -66,7 +66,10 @@ impl BodyRules {
         Self {
             max_bytes: config.max_body_bytes,
             timeout: config.guards.body_timeout,
-            budget: BodyBudget::new(capacity),
+            budget: BodyBudget::new(capacity).observed(std::sync::Arc::new(|held| {
+                let held = i64::try_from(held).unwrap_or(i64::MAX);
+                crate::metrics::global().buffered_body_bytes.set(held);
+            })),
             budget_wait: crate::body_budget::DEFAULT_WAIT,
         }
     }
@@ -91,6 +94,8 @@ pub struct GatewayOptions {
     pub deny_cidrs: CidrList,
     /// `(model, owner)` pairs for `GET /v1/models`.
     pub models: Vec<(String, String)>,
+    /// The response cache, when a route has `cache:`.
+    pub cache: Option<crate::cache::ResponseCache>,
 }
 
 /// A gateway built from the config, with what must run beside it.

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! request_filter          read body (bounded) · model/stream · route · alias rewrite
+//!                         · response cache: answer a hit, or note the miss (cached.rs)
 //! upstream_peer           key from the KeyPool · endpoint from the LoadBalancer
 //! upstream_request_filter client credentials out · key in · Host · base path · Content-Length
 //! request_body_filter     hand Pingora the full body for this attempt
 //! upstream_response_filter 429 ⇒ cool · 401/403 ⇒ disable · 5xx ⇒ retry elsewhere
 //! response_filter         drop account-revealing headers
+//! response_body_filter    usage · usage-chunk hiding · error scrubbing · cache capture
 //! ```
 
 pub mod body_replay;
+pub mod cached;
 pub mod ctx;
 pub mod gateway;
 pub mod respond;
@@ -76,6 +79,7 @@ fn body_error_answer(e: &BodyReadError) -> LocalResponse {
             "Send a Content-Length header with request bodies over 64 KiB.",
         ),
         BodyReadError::TimedOut(limit) => LocalResponse::body_timeout(*limit),
+        BodyReadError::Busy => LocalResponse::busy(),
         BodyReadError::Malformed(_) => {
             LocalResponse::bad_request("The request body's chunked framing is invalid.")
         }
@@ -166,8 +170,10 @@ impl ProxyHttp for GatewayProxy {
         }
         let has_body = !session.as_mut().is_body_empty();
         if has_body {
-            // Unknown length: at most what Pingora can replay is accepted (411 beyond).
-            let room = announced.unwrap_or(body_replay::RETRY_BUFFER_LIMIT);
+            // Room for the first bytes now; the rest as they arrive (see `body_budget`).
+            let room = announced
+                .unwrap_or(body_replay::RETRY_BUFFER_LIMIT)
+                .min(crate::body_budget::FIRST_ROOM);
             let bodies = &gw.bodies;
             match bodies.budget.reserve(room, bodies.budget_wait).await {
                 Some(permit) => ctx.body_permit = Some(permit),
@@ -181,27 +187,33 @@ impl ProxyHttp for GatewayProxy {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
         }
-        let body =
-            match body_replay::read_body(session, gw.bodies.max_bytes, gw.bodies.timeout).await {
-                Ok(b) => b,
-                Err(BodyReadError::Downstream(e)) => return Err(e),
-                // Through Pingora's error path, which closes the connection: where the next
-                // request would start is unknown.
-                Err(e @ BodyReadError::Malformed(_)) => {
-                    return Err(respond::local_error(body_error_answer(&e)))
-                }
-                Err(e) => {
-                    gw.respond_local(session, &body_error_answer(&e)).await?;
-                    return Ok(true);
-                }
-            };
+        let limits = body_replay::BodyLimits {
+            max: gw.bodies.max_bytes,
+            deadline: gw.bodies.timeout,
+            room: ctx.body_permit.as_mut(),
+            room_wait: gw.bodies.budget_wait,
+        };
+        let body = match body_replay::read_body(session, limits).await {
+            Ok(b) => b,
+            Err(BodyReadError::Downstream(e)) => return Err(e),
+            // Through Pingora's error path, which closes the connection: where the next
+            // request would start is unknown.
+            Err(e @ BodyReadError::Malformed(_)) => {
+                return Err(respond::local_error(body_error_answer(&e)))
+            }
+            Err(e) => {
+                gw.respond_local(session, &body_error_answer(&e)).await?;
+                return Ok(true);
+            }
+        };
         let routed = parse_and_route(gw, session.req_header(), has_body.then_some(body), ctx);
         let admitted = routed.and_then(|()| gw.admit_model(ctx, announced.unwrap_or(0)));
         if let Err(resp) = admitted {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
-        Ok(false)
+        // After the limits decided the client may ask, before a key is chosen: a hit spends none.
+        gw.answer_from_cache(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -370,6 +382,7 @@ impl ProxyHttp for GatewayProxy {
             }
             att.translator = Some(translator);
         }
+        gw.capture_answer(ctx, resp);
         Ok(())
     }
 
@@ -377,10 +390,10 @@ impl ProxyHttp for GatewayProxy {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         header_rules::sanitize_response(resp);
-        Ok(())
+        cached::mark_response(resp, ctx)
     }
 
     fn response_body_filter(
@@ -468,6 +481,7 @@ impl ProxyHttp for GatewayProxy {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }
         }
+        self.0.feed_capture(ctx, body.as_ref(), end_of_stream);
         Ok(None)
     }
 
@@ -589,6 +603,7 @@ impl ProxyHttp for GatewayProxy {
         let m = gw.metrics;
         let attempts = ctx.log.attempts();
         gw.count_request(ctx, status, route, upstream);
+        gw.count_cache(ctx, route);
         if attempts > 1 {
             m.retries
                 .with_label_values(&[route])
@@ -637,6 +652,7 @@ impl ProxyHttp for GatewayProxy {
                 total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 stream: ctx.stream,
                 note: ctx.note.or_else(|| e.map(|e| e.etype().as_str())),
+                cache: ctx.cache.as_ref().map(|c| c.result.as_str()),
             });
         }
         debug!(

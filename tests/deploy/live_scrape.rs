@@ -144,7 +144,8 @@ fn config(mock: &Mock, metrics_port: u16) -> String {
          busy:\n    url: {url}\n    health: {{ enabled: false }}\n    keys:\n      \
          - {{ name: busy, env: K_BUSY }}\n\
          routes:\n  - {{ name: chat, models: [\"gpt-*\"], upstreams: [main] }}\n  \
-         - {{ name: busy, models: [\"busy-*\"], upstreams: [busy] }}\n",
+         - {{ name: busy, models: [\"busy-*\"], upstreams: [busy] }}\n  \
+         - {{ name: cached, models: [\"cached-*\"], upstreams: [main], cache: {{}} }}\n",
         url = mock.url
     )
 }
@@ -191,6 +192,9 @@ async fn dashboard_and_alerts_use_only_series_and_labels_a_running_keygate_expor
     }
     // The only key of `busy` answers 429: it cools down and the client gets the 429.
     assert_eq!(post(&kg, team, "busy-1").await, 429);
+    // A cached route: a miss, then a hit (cache requests, tokens saved, bytes held).
+    assert_eq!(post(&kg, team, "cached-1").await, 200);
+    assert_eq!(post(&kg, team, "cached-1").await, 200);
     // No route: keygate answers 404 itself.
     assert_eq!(post(&kg, team, "llama").await, 404);
     // A client over its rate.

@@ -3,6 +3,7 @@
 //! One file per section; [`validate_with`] calls them in the file's order (so the first mistake
 //! reported is the same whatever the layout of the code) and checks references between sections.
 
+mod cache;
 mod clients;
 mod guards;
 mod keys;
@@ -86,6 +87,13 @@ impl Scope<'_, '_> {
     }
 }
 
+impl<'c, 'a> Scope<'c, 'a> {
+    /// The scope of `field` inside this one (`routes[0].cache`).
+    fn nested(&self, field: &str) -> Scope<'c, 'a> {
+        self.cx.at(self.field(field))
+    }
+}
+
 /// Checks everything the file says and loads the secrets it points to, from the real system.
 pub fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
     validate_with(path, file, &SystemSource)
@@ -135,7 +143,9 @@ pub fn validate_with(
     let trusted_proxies =
         clients::trusted_proxies(&cx, &file.trusted_proxies, file.client_ip_header.as_deref())?;
     let guards = guards::guards(&cx, file.guards.as_ref())?;
+    let cache_memory = cache::cache_store(&cx, file.cache_store.as_ref(), &routes)?;
     Ok(Config {
+        cache_memory,
         path: path.to_path_buf(),
         server,
         listen,

@@ -69,7 +69,12 @@ fn route(
     if deadline.is_some_and(|d| d.is_zero()) {
         return Err(at.err("deadline", "must be greater than zero"));
     }
+    let cache = match &r.cache {
+        None => None,
+        Some(c) => Some(super::cache::route_cache(&at.nested("cache"), c)?),
+    };
     Ok(RouteConfig {
+        cache,
         deadline,
         strategy,
         weights: r.weights.clone(),
