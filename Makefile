@@ -9,7 +9,8 @@ MOCK_ADDR ?= 127.0.0.1:18000
 ## deps: install what the build and tests need that a fresh machine lacks:
 ## cmake (pingora's zlib-ng); the deploy kit's checkers, which the tests require: promtool
 ## (Debian's `prometheus` package), systemd-analyze (`systemd`) and `shellcheck`;
-## and the `openai` Python SDK (the upgrade test's keep-alive client).
+## the `openai` Python SDK (the upgrade test's keep-alive client) and the `anthropic` one
+## (the native Anthropic route's SDK test).
 deps:
 	@missing=""; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
@@ -25,6 +26,8 @@ deps:
 	fi
 	@python3 -c "import openai" 2>/dev/null || { echo "installing the openai Python SDK (upgrade test client)"; \
 	  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai; }
+	@python3 -c "import anthropic" 2>/dev/null || { echo "installing the anthropic Python SDK (Anthropic route test client)"; \
+	  python3 -m pip install -q anthropic 2>/dev/null || python3 -m pip install -q --break-system-packages anthropic; }
 
 build: deps
 	$(CARGO) build --release --workspace --bins

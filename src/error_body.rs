@@ -62,6 +62,41 @@ enum ErrorField {
     Other(serde::de::IgnoredAny),
 }
 
+/// Whether an error body says the account's credit balance is too low: Anthropic answers an
+/// exhausted prepaid balance with 400 `invalid_request_error` and a message saying so ("Your
+/// credit balance is too low to access the Anthropic API…"). The key, not the request, is at
+/// fault, for every model. Read from `error.message` (any case) of a JSON error body only, so a
+/// prompt quoted back in some other field cannot trigger it.
+pub fn is_credit_exhausted(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Option<MessageField>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MessageField {
+        Object {
+            #[serde(default)]
+            message: Option<serde_json::Value>,
+        },
+        Other(serde::de::IgnoredAny),
+    }
+    if body.len() > MAX_ERROR_BODY {
+        return false;
+    }
+    let Ok(Envelope {
+        error:
+            Some(MessageField::Object {
+                message: Some(serde_json::Value::String(message)),
+            }),
+    }) = serde_json::from_slice::<Envelope>(body)
+    else {
+        return false;
+    };
+    let message = message.to_ascii_lowercase();
+    message.contains("credit balance") && message.contains("too low")
+}
+
 /// Whom a 401/403 blames, as its error code tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -127,6 +162,28 @@ mod tests {
         );
         let huge = vec![b' '; MAX_ERROR_BODY + 1];
         assert_eq!(ErrorCodes::of(&huge), ErrorCodes::default());
+    }
+
+    #[test]
+    fn a_too_low_credit_balance_is_read_from_the_error_message_only() {
+        let credit = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+        assert!(is_credit_exhausted(credit));
+        assert!(is_credit_exhausted(
+            br#"{"error":{"message":"CREDIT BALANCE IS TOO LOW"}}"#
+        ));
+        for other in [
+            &br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#[..],
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long"},"echo":"credit balance is too low"}"#,
+            br#"{"error":"credit balance is too low"}"#,
+            br#"{"error":{"message":42}}"#,
+            b"credit balance is too low",
+            b"",
+        ] {
+            assert!(!is_credit_exhausted(other), "{}", String::from_utf8_lossy(other));
+        }
+        let mut huge = credit.to_vec();
+        huge.resize(MAX_ERROR_BODY + 1, b' ');
+        assert!(!is_credit_exhausted(&huge));
     }
 
     #[test]

@@ -171,6 +171,20 @@ pub fn auth_header(auth: AuthStyle) -> Option<(HeaderName, &'static str)> {
     }
 }
 
+/// The `anthropic-version` keygate sends when the client sent none (Anthropic requires one).
+pub const ANTHROPIC_VERSION: HeaderValue = HeaderValue::from_static("2023-06-01");
+const ANTHROPIC_VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
+
+/// For an Anthropic upstream: adds `anthropic-version` when the client did not choose one. The
+/// client's own `anthropic-version` and `anthropic-beta` pass unchanged (they choose the API's
+/// behaviour, not the account), so one that is empty passes too and Anthropic judges it.
+pub fn ensure_anthropic_version(req: &mut RequestHeader) -> Result<()> {
+    if req.headers.get(&ANTHROPIC_VERSION_HEADER).is_none() {
+        req.insert_header(ANTHROPIC_VERSION_HEADER, ANTHROPIC_VERSION)?;
+    }
+    Ok(())
+}
+
 /// Removes response headers that must not reach the client.
 pub fn sanitize_response(resp: &mut ResponseHeader) {
     for h in &DROPPED_RESPONSE_HEADERS {
@@ -279,6 +293,46 @@ mod tests {
         assert_eq!(r.headers.get("api-key").unwrap(), "az");
         assert!(r.headers.get("authorization").is_none());
         assert_eq!(r.uri.to_string(), "/openai/x?api-version=1");
+    }
+
+    #[test]
+    fn anthropic_requests_carry_the_key_in_x_api_key_and_a_version() {
+        let mut r = request(&[
+            ("authorization", "Bearer client"),
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ]);
+        prepare_upstream_request(
+            &mut r,
+            AuthStyle::XApiKey,
+            Some(&Credential::new(
+                AuthStyle::XApiKey,
+                "sk-ant-pool",
+                None,
+                None,
+            )),
+            &HeaderValue::from_static("h"),
+            None,
+            None,
+        )
+        .unwrap();
+        ensure_anthropic_version(&mut r).unwrap();
+        let keys: Vec<_> = r.headers.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, vec!["sk-ant-pool"]);
+        assert!(r.headers.get("authorization").is_none());
+        assert_eq!(r.headers.get("anthropic-version").unwrap(), "2023-06-01");
+        assert_eq!(
+            r.headers.get("anthropic-beta").unwrap(),
+            "prompt-caching-2024-07-31"
+        );
+    }
+
+    #[test]
+    fn a_clients_anthropic_version_is_kept() {
+        let mut r = request(&[("anthropic-version", "2099-01-01")]);
+        ensure_anthropic_version(&mut r).unwrap();
+        let versions: Vec<_> = r.headers.get_all("anthropic-version").iter().collect();
+        assert_eq!(versions, vec!["2099-01-01"]);
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! 1. **Parsers and primitives**: [`clock`] (injected time; dates come from `jiff` and
 //!    `httpdate`),
 //!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
-//!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers), [`retry_after`]
-//!    (what an upstream's 429 asks for), [`error_body`] (the code of an upstream's error body and
+//!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers, OpenAI's and
+//!    Anthropic's), [`retry_after`] (what an upstream's 429 asks for, Anthropic's reset times
+//!    included), [`error_body`] (the code of an upstream's error body and
 //!    whom a refusal blames), [`redact`] (keys and account ids masked out of error bodies),
 //!    [`strategy`] (the order of a route's upstreams),
 //!    [`access_log`] (one JSON line per request).
@@ -32,6 +33,7 @@
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
 //!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere
 //!    or answer), [`routes`] (which upstreams serve a model or path, with their plan),
+//!    [`translate`] (OpenAI chat completions to Anthropic messages and back),
 //!    [`cache`] (the response cache: canonical request keys, the bounded in-memory store,
 //!    `Cache-Control`, one upstream request for identical misses).
 //!
@@ -53,7 +55,11 @@
 //! 7. **Wiring**: [`server`] (a validated config turned into a running Pingora server) and
 //!    [`cli`] (the command line).
 //!
-//! The mock OpenAI upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
+//! Anthropic upstreams (`api: anthropic`) run through the same layers: their header rules in
+//! [`header_rules`], their statuses in [`outcome`] and [`error_body`], their error shape in
+//! [`local_response`].
+//!
+//! The mock OpenAI (and Anthropic) upstream used by the demo, the tests and the benchmarks is the `keygate-mock`
 //! crate (`tests/mock/`), a workspace member that only the gateway's tests depend on.
 
 pub mod access_log;
@@ -84,5 +90,6 @@ pub mod routes;
 pub mod server;
 pub mod state_file;
 pub mod strategy;
+pub mod translate;
 pub mod upstream;
 pub mod usage;

@@ -1,4 +1,6 @@
-//! keygate's own answers, shaped like OpenAI's errors: `{"error":{"message","type","param","code"}}`.
+//! keygate's own answers, shaped like OpenAI's errors: `{"error":{"message","type","param","code"}}`,
+//! or like Anthropic's (`{"type":"error","error":{"type","message"}}`) for clients of Anthropic's
+//! Messages API, whose SDK reads that shape.
 //!
 //! Plain data with no Pingora types: the proxy glue turns one into a response header.
 
@@ -232,6 +234,39 @@ impl LocalResponse {
     }
 }
 
+impl LocalResponse {
+    /// The same answer in Anthropic's error shape, for clients of its Messages API:
+    /// `{"type":"error","error":{"type":…,"message":…}}`, the type chosen by status as Anthropic
+    /// documents its errors. keygate's own `code` has no place there, so it leads the message in
+    /// brackets (`[all_cooling] …`) for operators reading client logs.
+    pub fn anthropic_body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": anthropic_error_type(self.status),
+                "message": format!("[{}] {}", self.reason(), self.message),
+            }
+        });
+        Bytes::from(v.to_string())
+    }
+}
+
+/// Anthropic's error `type` for a status, as its API documents them.
+pub fn anthropic_error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
 /// Rounds a duration up to whole seconds, at least 1.
 pub fn whole_seconds_up(d: Duration) -> u64 {
     let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -250,6 +285,31 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["message"].as_str().unwrap().contains("`x`"));
+    }
+
+    #[test]
+    fn anthropic_shaped_errors_carry_anthropics_type_for_the_status() {
+        let cases = [
+            (LocalResponse::bad_request("bad"), "invalid_request_error"),
+            (LocalResponse::bad_token(), "authentication_error"),
+            (LocalResponse::denied(), "permission_error"),
+            (LocalResponse::model_not_found("x"), "not_found_error"),
+            (LocalResponse::too_large(1), "request_too_large"),
+            (
+                LocalResponse::all_cooling(Duration::from_secs(1)),
+                "rate_limit_error",
+            ),
+            (LocalResponse::all_disabled(), "api_error"),
+            (LocalResponse::gateway_timeout(), "timeout_error"),
+        ];
+        for (resp, kind) in cases {
+            let v: serde_json::Value = serde_json::from_slice(&resp.anthropic_body()).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], kind, "{resp:?}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&resp.message), "{message}");
+            assert!(message.starts_with(&format!("[{}]", resp.reason())));
+        }
     }
 
     #[test]

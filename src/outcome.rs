@@ -11,7 +11,8 @@ pub enum Outcome {
     RateLimited,
     /// 401/403: the key is refused; it leaves rotation for every model.
     KeyRefused(DisableReason),
-    /// 5xx: the endpoint is in trouble; the key is not at fault.
+    /// 5xx: the endpoint is in trouble; the key is not at fault. Anthropic's 529
+    /// `overloaded_error` is one: the service is overloaded, not the key.
     ServerError,
     /// Any other 4xx: the request is at fault; nothing moves.
     ClientError,
@@ -64,6 +65,12 @@ mod tests {
         for s in [200, 201, 400, 404, 413, 422, 501] {
             assert!(!Outcome::of(s).worth_retrying(), "{s}");
         }
+    }
+
+    #[test]
+    fn anthropics_overload_is_a_server_error_that_leaves_the_key_alone() {
+        assert_eq!(Outcome::of(529), Outcome::ServerError);
+        assert!(Outcome::of(529).worth_retrying());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! authenticates); a refused completion leaves the key disabled and says so in a WARN line, once
 //! per key and status, naming the key and `probe_model`.
 
+use crate::config::Api;
+use crate::error_body;
 use crate::keys::{DisableReason, KeyIndex};
 use crate::retry_after;
 use crate::upstream::probe::{self, ProbeAnswer, ProbeRequest};
@@ -122,6 +124,9 @@ pub fn judge_probe(answer: &ProbeAnswer) -> ProbeVerdict {
             ProbeVerdict::Dead(DisableReason::InsufficientQuota)
         }
         429 => ProbeVerdict::WorksButLimited,
+        400 if error_body::is_credit_exhausted(&answer.body) => {
+            ProbeVerdict::Dead(DisableReason::InsufficientQuota)
+        }
         status @ 400..=499 => ProbeVerdict::Refused { status },
         _ => ProbeVerdict::Inconclusive,
     }
@@ -409,7 +414,21 @@ fn request(up: &Upstream, kind: ProbeKind) -> ProbeRequest<'static> {
     }
 }
 
+/// The cheapest request that proves a key can be used: one token of `probe_model`, in the API
+/// the upstream speaks (`GET /v1/models` is the same path at both and needs no change).
 fn completion(up: &Upstream) -> ProbeRequest<'static> {
+    if up.api == Api::Anthropic {
+        let body = serde_json::json!({
+            "model": up.probe_model,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}],
+        });
+        return ProbeRequest {
+            method: "POST",
+            path: "/v1/messages",
+            body: Some(Bytes::from(body.to_string())),
+        };
+    }
     let body = serde_json::json!({
         "model": up.probe_model,
         "messages": [{"role": "user", "content": "hi"}],
@@ -443,6 +462,26 @@ mod tests {
         assert_eq!(
             judge_probe(&answer(429, "{}")),
             ProbeVerdict::WorksButLimited
+        );
+    }
+
+    #[test]
+    fn an_anthropic_credit_refusal_keeps_the_key_dead_but_other_400s_do_not_judge_it() {
+        let credit = r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API."}}"#;
+        assert_eq!(
+            judge_probe(&answer(400, credit)),
+            ProbeVerdict::Dead(DisableReason::InsufficientQuota)
+        );
+        let other = r#"{"type":"error","error":{"type":"invalid_request_error","message":"model: not found"}}"#;
+        assert_eq!(
+            judge_probe(&answer(400, other)),
+            ProbeVerdict::Refused { status: 400 }
+        );
+        let overloaded =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(
+            judge_probe(&answer(529, overloaded)),
+            ProbeVerdict::Inconclusive
         );
     }
 

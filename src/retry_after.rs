@@ -6,6 +6,10 @@
 //! Numbers are parsed as exact decimals with checked integer arithmetic, never through floats, so
 //! nothing can panic or overflow and `retry-after-ms: 1001` is exactly 1.001 s.
 
+mod anthropic;
+
+pub use anthropic::parse_rfc3339;
+
 use crate::error_body::ErrorCodes;
 use http::HeaderMap;
 use jiff::civil::{Date, Time};
@@ -35,6 +39,8 @@ const NANOS_PER_MILLI: u128 = 1_000_000;
 ///    refused the request (e.g. a request too large for the tokens left, or another limit), so
 ///    any of them would be a guess; the backoff handles the unknown instead, and grows if the
 ///    guess would have been too short.
+/// 4. Anthropic's `anthropic-ratelimit-*-reset` (RFC 3339 times), by the same rule: for the
+///    limits whose `anthropic-ratelimit-*-remaining` is 0, the latest.
 ///
 /// `Some(Duration::ZERO)` means "retry now".
 pub fn requested_cooldown(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -42,13 +48,15 @@ pub fn requested_cooldown(headers: &HeaderMap, now: SystemTime) -> Option<Durati
         .and_then(|v| bounded(decimal_nanos(v, NANOS_PER_MILLI)?))
         .or_else(|| header_str(headers, "retry-after").and_then(|v| parse_retry_after(v, now)))
         .or_else(|| exhausted_limit_reset(headers))
+        .or_else(|| anthropic::exhausted_reset(headers, now))
 }
 
 /// Whether a 429 is about the whole organisation's bucket for the model (so every key of the
 /// account is refused alike) rather than about this one key.
 ///
 /// True when `x-ratelimit-remaining-requests` or `x-ratelimit-remaining-tokens` is 0 (OpenAI
-/// reports the organisation's per-model bucket there), when the error body mentions the
+/// reports the organisation's per-model bucket there), or an `anthropic-ratelimit-*-remaining`
+/// is (Anthropic's limits are the organisation's), when the error body mentions the
 /// organization (`Rate limit reached for gpt-4o in organization org-… on requests per min`), or
 /// when it contains `extra_pattern`. Body matches ignore ASCII case and look at the first
 /// [`MAX_BODY_SCAN`] bytes; an empty pattern matches nothing.
@@ -60,6 +68,7 @@ pub fn is_org_wide_limit(
     let body = &body_snippet[..body_snippet.len().min(MAX_BODY_SCAN)];
     remaining_is_zero(headers, "x-ratelimit-remaining-requests")
         || remaining_is_zero(headers, "x-ratelimit-remaining-tokens")
+        || anthropic::any_exhausted(headers)
         || contains_ignore_case(body, b"organization")
         || contains_ignore_case(body, b"organisation")
         || extra_pattern.is_some_and(|p| contains_ignore_case(body, p.as_bytes()))
@@ -428,6 +437,22 @@ mod tests {
             ("x-ratelimit-reset-tokens", "3s"),
         ];
         assert_eq!(cooldown(&h), None);
+    }
+
+    #[test]
+    fn anthropic_resets_come_after_retry_after() {
+        // 1994-11-06T08:49:37Z is `now`.
+        let reset = [
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "1994-11-06T08:50:07Z"),
+        ];
+        assert_eq!(cooldown(&reset), Some(secs(30)));
+        let mut both = reset.to_vec();
+        both.push(("retry-after", "12"));
+        assert_eq!(cooldown(&both), Some(secs(12)));
+        let mut junk = reset.to_vec();
+        junk.push(("retry-after", "soon"));
+        assert_eq!(cooldown(&junk), Some(secs(30)));
     }
 
     #[test]

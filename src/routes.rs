@@ -60,7 +60,19 @@ pub struct RoutePlan {
     pub budget: RetryBudget,
     /// Response-header timeout per attempt.
     pub ttfb_timeout: Duration,
+    /// OpenAI chat completions translated for Anthropic upstreams, when the route says so.
+    pub translate: Option<Translation>,
 }
+
+/// A route's translation of OpenAI chat completions into Anthropic messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// `max_tokens` sent when the client set none.
+    pub default_max_tokens: u64,
+}
+
+/// The default of [`Translation::default_max_tokens`].
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Whether `path` lies under `prefix`, comparing whole segments: `/v1/embeddings` covers
 /// `/v1/embeddings` and `/v1/embeddings/x` but not `/v1/embeddingsfoo`. A trailing `/` on the
@@ -185,13 +197,28 @@ impl<'a> IntoIterator for &'a RouteTable {
 
 /// Last path segments (after any base such as `/v1` or `/openai/v1`) of the OpenAI endpoints that carry
 /// the model in their body.
-const MODEL_ENDPOINTS: [&str; 5] = [
+const MODEL_ENDPOINTS: [&str; 7] = [
     "/chat/completions",
     "/completions",
     "/embeddings",
     "/responses",
     "/moderations",
+    // Anthropic's Messages API. With `/v1` in front, so that OpenAI's Assistants
+    // `POST /v1/threads/{id}/messages` (no model) is not taken for it.
+    ANTHROPIC_ENDPOINTS[0],
+    ANTHROPIC_ENDPOINTS[1],
 ];
+
+/// Anthropic's endpoints that carry the model in their body: Messages and its token count.
+const ANTHROPIC_ENDPOINTS: [&str; 2] = ["/v1/messages", "/v1/messages/count_tokens"];
+
+/// Whether `path` is one of Anthropic's Messages endpoints (any base path in front, query string
+/// ignored): its clients speak Anthropic's API, so keygate's own errors take Anthropic's shape.
+pub fn is_anthropic_endpoint(path: &str) -> bool {
+    let path = strip_query(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    ANTHROPIC_ENDPOINTS.iter().any(|e| path.ends_with(e))
+}
 
 /// Endpoint families whose every `POST /family/<action>` carries the model in its body.
 const MODEL_FAMILIES: [&str; 2] = ["audio", "images"];
@@ -410,9 +437,36 @@ mod tests {
             "/v1/chat/completions?stream=true",
             "/v1/chat/completions/",
             "/openai/v1/chat/completions",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/anthropic/v1/messages?beta=true",
         ] {
             assert_eq!(model_field("POST", path), ModelField::Required, "{path}");
         }
+    }
+
+    #[test]
+    fn anthropic_endpoints_are_told_from_openai_thread_messages() {
+        for path in [
+            "/v1/messages",
+            "/v1/messages/",
+            "/v1/messages/count_tokens",
+            "/relay/v1/messages?beta=true",
+        ] {
+            assert!(is_anthropic_endpoint(path), "{path}");
+        }
+        for path in [
+            "/v1/threads/thread_1/messages",
+            "/v1/chat/completions",
+            "/v1/messages/batches",
+            "/v1/messagesx",
+        ] {
+            assert!(!is_anthropic_endpoint(path), "{path}");
+        }
+        assert_eq!(
+            model_field("POST", "/v1/threads/thread_1/messages"),
+            ModelField::Absent
+        );
     }
 
     #[test]

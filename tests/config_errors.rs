@@ -229,6 +229,14 @@ fn the_shipped_configs_are_valid() {
                 ("OPENAI_KEY_C", "sk-test-c"),
             ],
         ),
+        (
+            "anthropic.yaml",
+            [
+                ("ANTHROPIC_KEY_A", "sk-ant-test-a"),
+                ("ANTHROPIC_KEY_B", "sk-ant-test-b"),
+                ("UNUSED", "x"),
+            ],
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["-t", "-c", &format!("{conf}/{file}")])

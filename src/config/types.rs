@@ -322,15 +322,29 @@ pub enum AuthStyle {
     None,
 }
 
+/// Which API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// OpenAI's API and the many compatible ones.
+    #[default]
+    Openai,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`, typed stream events).
+    Anthropic,
+}
+
 /// One upstream API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// Base URL, optionally with a path prefix: `https://relay.example/openai`.
     pub url: String,
-    /// Credential style; default `bearer`.
+    /// The API it speaks: `openai` (default) or `anthropic`.
     #[serde(default)]
-    pub auth: AuthStyle,
+    pub api: Api,
+    /// Credential style; default `bearer`, or `x-api-key` with `api: anthropic`.
+    #[serde(default)]
+    pub auth: Option<AuthStyle>,
     /// Keys given one by one, each from an environment variable.
     #[serde(default)]
     pub keys: Vec<KeyFile>,
@@ -373,6 +387,16 @@ pub struct UpstreamFile {
     /// Text in a 429 body that marks an organisation-wide limit (cools every key of the account).
     #[serde(default)]
     pub org_limit_pattern: Option<String>,
+}
+
+impl UpstreamFile {
+    /// The credential style: as written, else the API's own (`x-api-key` for Anthropic).
+    pub fn auth_style(&self) -> AuthStyle {
+        self.auth.unwrap_or(match self.api {
+            Api::Openai => AuthStyle::Bearer,
+            Api::Anthropic => AuthStyle::XApiKey,
+        })
+    }
 }
 
 /// Outlier ejection settings.
@@ -497,6 +521,14 @@ pub struct RouteFile {
     /// Share of requests `fastest` sends elsewhere to keep measuring (default 0.05).
     #[serde(default)]
     pub explore: Option<f64>,
+    /// `openai`: the route takes OpenAI chat completion requests and its upstreams, all
+    /// `api: anthropic`, get them as Anthropic Messages requests.
+    #[serde(default)]
+    pub translate: Option<String>,
+    /// With `translate`: `max_tokens` sent when the client set none (default 4096; Anthropic
+    /// requires one).
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
     /// Answer identical requests from the response cache.
     #[serde(default)]
     pub cache: Option<RouteCacheFile>,

@@ -1,6 +1,6 @@
 //! The validated configuration, every secret loaded: what the rest of keygate reads.
 
-use super::types::{AuthStyle, StreamUsage};
+use super::types::{Api, AuthStyle, StreamUsage};
 use crate::clients::addr::{CidrList, TrustedProxies};
 use crate::clients::limits::Limits;
 use crate::clients::IpPolicy;
@@ -116,6 +116,8 @@ pub struct UpstreamConfig {
     pub base_path: String,
     /// Credential style.
     pub auth: AuthStyle,
+    /// The API it speaks.
+    pub api: Api,
     /// Keys with their secrets.
     pub keys: Vec<KeySpec>,
     /// How keys are picked.
@@ -158,6 +160,8 @@ pub struct KeepWarm {
 /// A validated route.
 #[derive(Debug)]
 pub struct RouteConfig {
+    /// OpenAI-to-Anthropic translation, when `translate: openai`.
+    pub translate: Option<crate::routes::Translation>,
     /// What the route table needs.
     pub spec: RouteSpec,
     /// Indexes into [`Config::upstreams`], in fallback order.

@@ -47,6 +47,8 @@ pub struct Attempt {
     pub stripper: Option<UsageChunkStripper>,
     /// Masks the key and account ids out of an error body passed to the client.
     pub scrubber: Option<ErrorBodyScrubber>,
+    /// Turns an Anthropic answer into an OpenAI one, on a translating route.
+    pub translator: Option<crate::translate::AnswerTranslator>,
     /// Collects a cache miss's answer for the response cache.
     pub capture: Option<crate::cache::entry::Capture>,
 }
@@ -69,6 +71,7 @@ impl Attempt {
             usage_meter: None,
             stripper: None,
             scrubber: None,
+            translator: None,
             capture: None,
         }
     }
@@ -119,6 +122,11 @@ pub struct RequestCtx {
     pub usage: Option<Usage>,
     /// Why keygate answered by itself, for the access log.
     pub note: Option<&'static str>,
+    /// The body went upstream translated (OpenAI chat completion to Anthropic message): its
+    /// answer comes back translated too.
+    pub translate: bool,
+    /// With `translate`: the client's stream asked for the usage chunk.
+    pub translate_usage: bool,
     /// What the response cache did, on a cached route.
     pub cache: Option<super::cached::CacheState>,
 }
@@ -164,6 +172,8 @@ impl RequestCtx {
             bytes_sent: 0,
             usage: None,
             note: None,
+            translate: false,
+            translate_usage: false,
             cache: None,
         }
     }

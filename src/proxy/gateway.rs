@@ -134,6 +134,7 @@ impl Gateway {
                     deadline: r.deadline,
                 },
                 ttfb_timeout: r.ttfb_timeout,
+                translate: r.translate,
             })
             .collect();
         let (suspects, rx) = crate::prober::suspect_channel();
@@ -596,7 +597,29 @@ impl Gateway {
         }
     }
 
-    /// Writes keygate's own answer and counts it.
+    /// An Anthropic 400 that says the credit balance is too low is the key's, not the request's:
+    /// the key leaves rotation for every model until a probe finds credit again. The client
+    /// gets this one 400 (the body is only read as it passes); later requests use other keys.
+    pub(crate) fn judge_400_body(&self, ctx: &RequestCtx, body: &[u8]) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let Some(idx) = att.key_index() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        if error_body::is_credit_exhausted(body)
+            && up.keys.disable(idx, DisableReason::InsufficientQuota)
+        {
+            warn!(
+                "key {}/{}: Anthropic says its credit balance is too low (400)",
+                up.name,
+                up.keys.name(idx)
+            );
+            self.count_cooldown(up, idx, DisableReason::InsufficientQuota.as_str());
+        }
+    }
+
     /// A 401/403 that reaches the client can be read: a body that blames the request clears the
     /// key's disable (it rests for this model only); one that blames the key disables it.
     pub(crate) fn judge_refusal_body(&self, ctx: &RequestCtx, status: u16, body: &[u8]) {
@@ -842,6 +865,83 @@ mod tests {
                 .status,
             503
         );
+    }
+
+    /// [`one_key`] on an Anthropic upstream.
+    fn one_anthropic_key() -> String {
+        one_key().replace(
+            "    url: http://127.0.0.1:9\n",
+            "    url: http://127.0.0.1:9\n    api: anthropic\n",
+        )
+    }
+
+    #[tokio::test]
+    async fn an_anthropic_credit_400_disables_the_key_for_every_model() {
+        let yaml = one_anthropic_key();
+        assert!(yaml.contains("api: anthropic"));
+        let (gw, _) = gateway(&yaml).await;
+        let mut ctx = request("claude-sonnet-4-5");
+        attempt(&gw, &mut ctx).unwrap();
+        assert_eq!(
+            gw.judge(&mut ctx, 400, &answer(400, &[])),
+            Outcome::ClientError
+        );
+        let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#;
+        gw.judge_400_body(&ctx, other);
+        assert_eq!(
+            attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(),
+            "a"
+        );
+        let credit = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+        gw.judge_400_body(&ctx, credit);
+        for model in ["claude-sonnet-4-5", "claude-haiku-4-5"] {
+            assert_eq!(
+                attempt(&gw, &mut request(model)).unwrap_err().status,
+                503,
+                "{model}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_anthropic_529_is_the_services_overload_not_the_keys() {
+        let (gw, _) = gateway(&one_anthropic_key()).await;
+        let mut ctx = request("claude-sonnet-4-5");
+        attempt(&gw, &mut ctx).unwrap();
+        let outcome = gw.judge(&mut ctx, 529, &answer(529, &[("retry-after", "30")]));
+        assert_eq!(outcome, Outcome::ServerError);
+        assert!(outcome.worth_retrying());
+        assert_eq!(
+            attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap(),
+            "a"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_anthropic_429_rests_the_key_until_the_exhausted_limit_resets() {
+        let (gw, clock) = gateway(&one_anthropic_key()).await;
+        let mut ctx = request("claude-sonnet-4-5");
+        attempt(&gw, &mut ctx).unwrap();
+        let reset =
+            jiff::Timestamp::try_from(crate::clock::Clock::wall(&*clock) + Duration::from_secs(40))
+                .unwrap()
+                .to_string();
+        let outcome = gw.judge(
+            &mut ctx,
+            429,
+            &answer(
+                429,
+                &[
+                    ("anthropic-ratelimit-tokens-remaining", "0"),
+                    ("anthropic-ratelimit-tokens-reset", reset.as_str()),
+                ],
+            ),
+        );
+        assert_eq!(outcome, Outcome::RateLimited);
+        let err = attempt(&gw, &mut request("claude-sonnet-4-5")).unwrap_err();
+        assert_eq!(err.status, 429);
+        let wait = err.retry_after.unwrap();
+        assert!((39..=41).contains(&wait), "{wait}");
     }
 
     #[tokio::test]

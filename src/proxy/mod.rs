@@ -243,14 +243,19 @@ impl ProxyHttp for GatewayProxy {
         };
         let up = &self.0.upstreams[att.upstream];
         // Without a base path the client's path goes upstream unchanged: no rewrite needed.
-        let path = (!up.base_path.is_empty()).then(|| {
-            let client_path = session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str());
-            up.upstream_path(client_path)
-        });
+        let path = if ctx.translate {
+            // A translated chat completion goes to Anthropic's Messages endpoint.
+            Some(up.upstream_path("/v1/messages"))
+        } else {
+            (!up.base_path.is_empty()).then(|| {
+                let client_path = session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str());
+                up.upstream_path(client_path)
+            })
+        };
         let credential = att.key_index().and_then(|k| up.credential(k));
         header_rules::prepare_upstream_request(
             upstream_request,
@@ -259,7 +264,11 @@ impl ProxyHttp for GatewayProxy {
             &up.host_header,
             path.as_deref(),
             ctx.body.as_ref().map(Bytes::len),
-        )
+        )?;
+        if up.api == crate::config::Api::Anthropic {
+            header_rules::ensure_anthropic_version(upstream_request)?;
+        }
+        Ok(())
     }
 
     async fn request_body_filter(
@@ -312,11 +321,14 @@ impl ProxyHttp for GatewayProxy {
             return Err(respond::try_elsewhere(status));
         }
         let strip_usage = ctx.strip_usage;
+        let translate = ctx.translate.then_some(ctx.translate_usage);
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
-        if matches!(status, 401 | 403 | 429) {
-            // Read as it passes: its error code says what the answer means for the key.
+        let anthropic = gw.upstreams[att.upstream].api == crate::config::Api::Anthropic;
+        if matches!(status, 401 | 403 | 429) || (status == 400 && anthropic) {
+            // Read as it passes: its error code says what the answer means for the key (an
+            // Anthropic 400 may say the key's credit balance is gone).
             att.error_body = Some(bytes::BytesMut::new());
         }
         if (200..300).contains(&status) {
@@ -342,9 +354,33 @@ impl ProxyHttp for GatewayProxy {
                 // answers instead.
                 return Err(respond::local_error(replacement));
             }
-            let body = replacement.body();
+            let body = respond::body_for(session, &replacement);
             *resp = respond::header(&replacement, body.len())?;
             att.replace_body = Some(body);
+        } else if let Some(include_usage) = translate {
+            let content_type = resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let translator = crate::translate::AnswerTranslator::new(
+                status,
+                content_type,
+                created,
+                include_usage,
+            );
+            // The answer is rewritten as it passes: its length changes.
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+            if !session.is_http2() {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
+            if !translator.is_stream() {
+                resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            }
+            att.translator = Some(translator);
         }
         gw.capture_answer(ctx, resp);
         Ok(())
@@ -398,6 +434,14 @@ impl ProxyHttp for GatewayProxy {
                 ctx.usage = meter.finish();
             }
         }
+        if let Some(translator) = att.translator.as_mut() {
+            let mut out = body.take().map(|b| translator.feed(&b)).unwrap_or_default();
+            if end_of_stream {
+                out.extend(translator.finish());
+            }
+            // An empty chunk could read as the end of a chunked body: send nothing instead.
+            *body = (!out.is_empty()).then(|| Bytes::from(out));
+        }
         if let Some(stripper) = att.stripper.as_mut() {
             let mut out = body.take().map(|b| stripper.filter(b)).unwrap_or_default();
             if end_of_stream {
@@ -431,6 +475,8 @@ impl ProxyHttp for GatewayProxy {
         if let (Some(buf), Some(status)) = (finished_error_body, status) {
             if status == 429 {
                 self.0.judge_429_body(ctx, &buf);
+            } else if status == 400 {
+                self.0.judge_400_body(ctx, &buf);
             } else {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }

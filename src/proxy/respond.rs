@@ -21,9 +21,19 @@ pub fn header(resp: &LocalResponse, len: usize) -> Result<ResponseHeader> {
     Ok(h)
 }
 
+/// A local answer's body in the shape the client's API uses: Anthropic's on its Messages
+/// endpoints (the `anthropic` SDK reads that shape), OpenAI's everywhere else.
+pub fn body_for(session: &Session, resp: &LocalResponse) -> bytes::Bytes {
+    if crate::routes::is_anthropic_endpoint(session.req_header().uri.path()) {
+        resp.anthropic_body()
+    } else {
+        resp.body()
+    }
+}
+
 /// Writes a local answer, header and body, to the client.
 pub async fn write(session: &mut Session, resp: &LocalResponse) -> Result<()> {
-    let body = resp.body();
+    let body = body_for(session, resp);
     let header = header(resp, body.len())?;
     session
         .write_response_header(Box::new(header), false)
@@ -34,7 +44,7 @@ pub async fn write(session: &mut Session, resp: &LocalResponse) -> Result<()> {
 
 /// Writes a local answer in place of a failed proxy attempt (Pingora's error path).
 pub async fn write_error(session: &mut Session, resp: &LocalResponse) -> Result<()> {
-    let body = resp.body();
+    let body = body_for(session, resp);
     let header = header(resp, body.len())?;
     session.write_error_response(header, body).await
 }

@@ -7,6 +7,7 @@ use crate::config::StreamUsage;
 use crate::local_response::LocalResponse;
 use crate::request_body;
 use crate::routes::{model_field, ModelField, MAX_MODEL_NAME};
+use crate::translate;
 use bytes::Bytes;
 use pingora_http::RequestHeader;
 
@@ -84,7 +85,28 @@ pub(crate) fn parse_and_route(
         }
         ctx.upstream_model = Some(new_model.to_string());
     }
+    if let Some(t) = gw.plans.get(idx).and_then(|p| p.translate) {
+        if field == ModelField::Absent || !path_is_chat(path) {
+            return Err(LocalResponse::new(
+                404,
+                "invalid_request_error",
+                "unknown_url",
+                format!(
+                    "This route translates only POST /v1/chat/completions, not {} {path}.",
+                    req.method
+                ),
+            ));
+        }
+        let translated = translate::messages_request(&body, None, t.default_max_tokens)
+            .map_err(|e| LocalResponse::bad_request(e.to_string()))?;
+        body = Bytes::from(translated);
+        ctx.translate = true;
+        ctx.translate_usage = json_info.as_ref().is_some_and(|i| i.include_usage);
+    }
+    // Anthropic's streams always report usage, and its API refuses `stream_options`.
     if gw.options.stream_usage == StreamUsage::Inject
+        && !ctx.translate
+        && !crate::routes::is_anthropic_endpoint(path)
         && ctx.stream
         && json_info.as_ref().is_some_and(|i| !i.include_usage)
     {
@@ -96,4 +118,10 @@ pub(crate) fn parse_and_route(
     }
     ctx.body = has_body.then_some(body);
     Ok(())
+}
+
+/// Whether `path` is a chat completions endpoint (any base path; query string ignored).
+fn path_is_chat(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.trim_end_matches('/').ends_with("/chat/completions")
 }

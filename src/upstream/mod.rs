@@ -7,7 +7,7 @@ pub mod discovery;
 pub mod probe;
 
 use crate::clock::SharedClock;
-use crate::config::{AuthStyle, KeepWarm, UpstreamConfig};
+use crate::config::{Api, AuthStyle, KeepWarm, UpstreamConfig};
 use crate::header_rules::Credential;
 use crate::keys::KeyPool;
 use crate::outlier::{OutlierDetector, Verdict};
@@ -35,6 +35,8 @@ pub struct Upstream {
     pub name: String,
     /// Credential style.
     pub auth: AuthStyle,
+    /// The API it speaks.
+    pub api: Api,
     /// Keys and their state.
     pub keys: Arc<KeyPool>,
     /// Resolved, health-checked addresses.
@@ -112,6 +114,7 @@ impl Upstream {
         let upstream = Upstream {
             name: cfg.name.clone(),
             auth: cfg.auth,
+            api: cfg.api,
             keys: Arc::new(KeyPool::new(
                 &cfg.name,
                 cfg.keys.clone(),

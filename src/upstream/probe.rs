@@ -62,6 +62,9 @@ pub async fn send(
             Some(&path),
             req.body.as_ref().map(Bytes::len),
         )?;
+        if up.api == crate::config::Api::Anthropic {
+            crate::header_rules::ensure_anthropic_version(&mut header)?;
+        }
         session.write_request_header(Box::new(header)).await?;
         if let Some(body) = req.body.clone() {
             session.write_request_body(body, true).await?;

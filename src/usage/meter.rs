@@ -91,25 +91,49 @@ impl UsageMeter {
 /// What the meter needs from an event's JSON; every other field is skipped unparsed.
 #[derive(Deserialize)]
 struct EventPayload {
+    #[serde(rename = "type")]
+    kind: Option<String>,
     usage: Option<Value>,
     response: Option<ResponsePayload>,
+    message: Option<ResponsePayload>,
 }
 
-/// The `response` object of a Responses API event.
+/// The `response` object of a Responses API event, or the `message` of Anthropic's
+/// `message_start`.
 #[derive(Deserialize)]
 struct ResponsePayload {
     usage: Option<Value>,
 }
 
-/// Usage from one event's data: top-level `usage` (chat, completions), else `response.usage`
-/// (Responses API).
-fn event_usage(data: &[u8]) -> Option<Usage> {
+/// What one event says about usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// The whole usage so far: it replaces what was read before.
+    Whole(Usage),
+    /// Anthropic's `message_delta`: cumulative counts for what it names (always the output
+    /// tokens; newer versions repeat the input ones); the others stay as read before.
+    Update {
+        prompt: Option<u64>,
+        completion: Option<u64>,
+    },
+}
+
+/// Usage from one event's data: top-level `usage` (chat, completions; Anthropic's
+/// `message_delta`, which updates), else `response.usage` (Responses API), else
+/// `message.usage` (Anthropic's `message_start`).
+fn event_usage(data: &[u8]) -> Option<Report> {
     let payload: EventPayload = serde_json::from_slice(data).ok()?;
+    if payload.kind.as_deref() == Some("message_delta") {
+        let (prompt, completion) = super::usage_parts(payload.usage.as_ref()?)?;
+        return Some(Report::Update { prompt, completion });
+    }
     payload
         .usage
         .as_ref()
         .and_then(usage_from_value)
         .or_else(|| payload.response?.usage.as_ref().and_then(usage_from_value))
+        .or_else(|| payload.message?.usage.as_ref().and_then(usage_from_value))
+        .map(Report::Whole)
 }
 
 /// The meter of an SSE response: the framer cuts the events, [`EventUsage`] reads them.
@@ -203,8 +227,17 @@ impl EventUsage {
         {
             self.parses += 1;
         }
-        if let Some(usage) = event_usage(&data) {
-            self.last = Some(usage);
+        match event_usage(&data) {
+            Some(Report::Whole(usage)) => self.last = Some(usage),
+            Some(Report::Update { prompt, completion }) => {
+                // Cumulative counts: they replace, never add to, what `message_start` said.
+                let before = self.last.unwrap_or_default();
+                self.last = Some(Usage {
+                    prompt: prompt.unwrap_or(before.prompt),
+                    completion: completion.unwrap_or(before.completion),
+                });
+            }
+            None => {}
         }
     }
 
@@ -641,5 +674,88 @@ mod tests {
             let mut meter = metered(SSE, stream.as_bytes().chunks(size));
             assert_eq!(meter.finish(), usage(1, 2), "chunks of {size}");
         }
+    }
+
+    // ---- Anthropic ----
+
+    /// A Messages stream as Anthropic documents it: input (with cache tokens) in
+    /// `message_start`, cumulative output in each `message_delta`.
+    fn anthropic_stream(deltas: &[u64]) -> String {
+        let mut out = String::from(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":10,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\n\
+             event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+             event: ping\ndata: {\"type\": \"ping\"}\n\n\
+             event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+             event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        );
+        for d in deltas {
+            out.push_str(&format!(
+                "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{d}}}}}\n\n"
+            ));
+        }
+        out.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        out
+    }
+
+    #[test]
+    fn anthropic_json_usage_counts_cache_tokens_as_input() {
+        let body = json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "Hi"}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 12, "cache_creation_input_tokens": 100,
+                      "cache_read_input_tokens": 3, "output_tokens": 7},
+        });
+        assert_eq!(meter_once(JSON, body.to_string().as_bytes()), usage(115, 7));
+        let plain = br#"{"type":"message","usage":{"input_tokens":12,"output_tokens":7}}"#;
+        assert_eq!(meter_once(JSON, plain), usage(12, 7));
+    }
+
+    #[test]
+    fn anthropic_stream_takes_input_from_message_start_and_output_from_the_last_delta() {
+        let stream = anthropic_stream(&[15]);
+        assert_eq!(meter_once(SSE, stream.as_bytes()), usage(40, 15));
+        // Cumulative counts: three deltas are not added up.
+        let stream = anthropic_stream(&[5, 9, 15]);
+        assert_eq!(meter_once(SSE, stream.as_bytes()), usage(40, 15));
+    }
+
+    #[test]
+    fn anthropic_stream_cut_anywhere_is_read_the_same() {
+        let stream = anthropic_stream(&[4, 15]);
+        let bytes = stream.as_bytes();
+        for cut in 0..=bytes.len() {
+            let meter_usage = metered(SSE, [&bytes[..cut], &bytes[cut..]]).finish();
+            assert_eq!(meter_usage, usage(40, 15), "cut at {cut}");
+        }
+        assert_eq!(metered(SSE, bytes.chunks(1)).finish(), usage(40, 15));
+    }
+
+    #[test]
+    fn anthropic_delta_that_repeats_the_input_replaces_it() {
+        let stream = anthropic_stream(&[]).replace(
+            "event: message_stop",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":30,\"cache_read_input_tokens\":2,\"output_tokens\":8}}\n\nevent: message_stop",
+        );
+        assert_eq!(meter_once(SSE, stream.as_bytes()), usage(32, 8));
+    }
+
+    #[test]
+    fn anthropic_stream_cut_before_its_delta_keeps_the_start_and_an_error_event_adds_nothing() {
+        let full = anthropic_stream(&[15]);
+        let cut = &full[..full.find("event: message_delta").unwrap()];
+        assert_eq!(meter_once(SSE, cut.as_bytes()), usage(40, 1));
+        let errored = format!(
+            "{cut}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n"
+        );
+        assert_eq!(meter_once(SSE, errored.as_bytes()), usage(40, 1));
+    }
+
+    #[test]
+    fn a_delta_alone_counts_its_output() {
+        let only = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\n\n";
+        assert_eq!(meter_once(SSE, only.as_bytes()), usage(0, 3));
+        let junk = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\"3\"}}\n\n";
+        assert_eq!(meter_once(SSE, junk.as_bytes()), None);
     }
 }

@@ -8,6 +8,10 @@
 //! - a chat stream (SSE) has it in a last chunk `{"choices":[],"usage":{..}}` when the request set
 //!   `stream_options.include_usage` (every other chunk then says `"usage":null`);
 //! - a Responses API stream has it in `response.completed` as `response.usage`.
+//! - an Anthropic Messages stream has the input in `message_start` as `message.usage` and the
+//!   cumulative output in each `message_delta`'s `usage`: the last one counts, on top of the
+//!   input already read (prompt-cache tokens, which Anthropic reports beside `input_tokens`,
+//!   count as input).
 //!
 //! [`UsageMeter`] reads it from the body chunks as the proxy forwards them, without ever buffering
 //! the body: a JSON body leaves only its last [`JSON_TAIL_BYTES`] in a ring buffer, a stream only
@@ -65,6 +69,10 @@ impl Usage {
 /// The `usage` object as sent. Both spellings are separate fields rather than `#[serde(alias)]`:
 /// with an alias, a provider that sends both (`prompt_tokens` and `input_tokens`) would fail the
 /// whole parse with "duplicate field", and that request would go unmetered.
+///
+/// Anthropic reports prompt-cache tokens beside `input_tokens`, not inside it
+/// (`cache_creation_input_tokens`, `cache_read_input_tokens`); they are input all the same, so
+/// they are added to it, as OpenAI's `prompt_tokens` already includes its cached tokens.
 #[derive(Deserialize)]
 struct RawUsage {
     prompt_tokens: Option<u64>,
@@ -72,15 +80,33 @@ struct RawUsage {
     completion_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
 }
 
 impl RawUsage {
+    /// Input tokens: `prompt_tokens`, else `input_tokens` plus Anthropic's cache tokens.
+    fn prompt(&self) -> Option<u64> {
+        self.prompt_tokens.or_else(|| {
+            let cached = self
+                .cache_creation_input_tokens
+                .unwrap_or(0)
+                .saturating_add(self.cache_read_input_tokens.unwrap_or(0));
+            self.input_tokens.map(|i| i.saturating_add(cached))
+        })
+    }
+
+    /// Output tokens as reported, without deriving them from a total.
+    fn completion(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
+    }
+
     /// `None` when the object has no token count at all (`{}`), which says nothing about cost.
     /// A missing completion count is `total - prompt`: embeddings send only those two, and the
     /// difference is then 0.
     fn into_usage(self) -> Option<Usage> {
-        let prompt = self.prompt_tokens.or(self.input_tokens);
-        let completion = self.completion_tokens.or(self.output_tokens);
+        let prompt = self.prompt();
+        let completion = self.completion();
         if prompt.is_none() && completion.is_none() {
             return None;
         }
@@ -98,6 +124,16 @@ fn usage_from_value(value: &Value) -> Option<Usage> {
         return None;
     }
     RawUsage::deserialize(value).ok()?.into_usage()
+}
+
+/// The counts a `usage` value reports, each `None` when absent: Anthropic's `message_delta`
+/// events report only some (always the cumulative `output_tokens`).
+fn usage_parts(value: &Value) -> Option<(Option<u64>, Option<u64>)> {
+    if !value.is_object() {
+        return None;
+    }
+    let raw = RawUsage::deserialize(value).ok()?;
+    Some((raw.prompt(), raw.completion()))
 }
 
 /// Usage from the object that starts at `object[0]`, ignoring whatever follows it. An object cut

@@ -43,13 +43,13 @@ pub(super) fn keys(at: &Scope, u: &UpstreamFile) -> Result<Vec<KeySpec>, ConfigE
             keys.push(at, spec, "keys_file")?;
         }
     }
-    if keys.keys.is_empty() && u.auth != AuthStyle::None {
+    if keys.keys.is_empty() && u.auth_style() != AuthStyle::None {
         return Err(at.err(
             "keys",
             "no keys: give `keys` (from env vars) or `keys_file`, or set `auth: none`",
         ));
     }
-    if !keys.keys.is_empty() && u.auth == AuthStyle::None {
+    if !keys.keys.is_empty() && u.auth_style() == AuthStyle::None {
         return Err(at.err("auth", "is `none` but keys are given; pick an auth style"));
     }
     Ok(keys.keys)

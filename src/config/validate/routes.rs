@@ -2,9 +2,10 @@
 
 use super::{Ctx, RouteConfig, Scope, UpstreamConfig};
 use crate::config::types::RouteFile;
+use crate::config::Api;
 use crate::config::ConfigError;
 use crate::glob::Glob;
-use crate::routes::RouteSpec;
+use crate::routes::{RouteSpec, Translation, DEFAULT_MAX_TOKENS};
 use crate::strategy::{Strategy, DEFAULT_EXPLORE};
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ fn route(
     upstreams: &[UpstreamConfig],
 ) -> Result<RouteConfig, ConfigError> {
     let idx = upstream_indexes(at, r, upstreams)?;
+    let translate = translation(at, r, &idx, upstreams)?;
     let mut models = Vec::new();
     for (j, m) in r.models.iter().enumerate() {
         models.push(Glob::new(m).map_err(|e| at.err(&format!("models[{j}]"), e.to_string()))?);
@@ -85,6 +87,7 @@ fn route(
             rewrite_model: r.rewrite_model.clone(),
         },
         upstreams: idx,
+        translate,
         retries,
         ttfb_timeout,
     })
@@ -113,6 +116,49 @@ fn upstream_indexes(
         idx.push(pos);
     }
     Ok(idx)
+}
+
+/// A route's upstreams speak one API: a fallback from Anthropic to OpenAI would send a Messages
+/// body to an OpenAI server. `translate: openai` needs Anthropic upstreams.
+fn translation(
+    at: &Scope,
+    r: &RouteFile,
+    idx: &[usize],
+    upstreams: &[UpstreamConfig],
+) -> Result<Option<Translation>, ConfigError> {
+    let first = idx.first().map(|&i| upstreams[i].api);
+    if let Some(j) = idx.iter().position(|&i| Some(upstreams[i].api) != first) {
+        return Err(at.err(
+            &format!("upstreams[{j}]"),
+            "speaks another API than the route's first upstream (`api:`); \
+             a route's upstreams must all speak the same API",
+        ));
+    }
+    let Some(kind) = r.translate.as_deref() else {
+        if r.default_max_tokens.is_some() {
+            return Err(at.err("default_max_tokens", "only used with `translate: openai`"));
+        }
+        return Ok(None);
+    };
+    if kind != "openai" {
+        return Err(at.err(
+            "translate",
+            format!(
+                "{kind:?}: the one translation is `openai` (OpenAI clients, Anthropic upstreams)"
+            ),
+        ));
+    }
+    if first != Some(Api::Anthropic) {
+        return Err(at.err(
+            "translate",
+            "`openai` translates for Anthropic upstreams: give the route upstreams with `api: anthropic`",
+        ));
+    }
+    let default_max_tokens = r.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if default_max_tokens == 0 {
+        return Err(at.err("default_max_tokens", "must be greater than zero"));
+    }
+    Ok(Some(Translation { default_max_tokens }))
 }
 
 /// `weights`: only for `weighted`, one per upstream, not all zero.
@@ -153,6 +199,7 @@ fn explore(at: &Scope, r: &RouteFile, strategy: Strategy) -> Result<f64, ConfigE
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::test_support::*;
+    use crate::routes::{Translation, DEFAULT_MAX_TOKENS};
     use crate::strategy::Strategy;
     use std::time::Duration;
 
@@ -254,6 +301,67 @@ mod tests {
         for (route, field, reason) in cases {
             expect_error(&with_route(route), &source(), field, reason);
         }
+    }
+
+    #[test]
+    fn translation_needs_anthropic_upstreams_and_a_positive_default() {
+        let claude = "  claude:\n    url: http://127.0.0.1:9\n    api: anthropic\n    keys: [ { name: c, env: KG_TEST_KEY } ]\nroutes:";
+        let yaml = |route: &str| with_route(route).replace("routes:", claude);
+        expect_error_containing(
+            &yaml("{ upstreams: [openai], translate: openai }"),
+            &source(),
+            "routes[0].translate",
+            "give the route upstreams with `api: anthropic`",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], translate: gemini }"),
+            &source(),
+            "routes[0].translate",
+            "the one translation is `openai`",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], translate: openai, default_max_tokens: 0 }"),
+            &source(),
+            "routes[0].default_max_tokens",
+            "must be greater than zero",
+        );
+        expect_error_containing(
+            &yaml("{ upstreams: [claude], default_max_tokens: 5 }"),
+            &source(),
+            "routes[0].default_max_tokens",
+            "only used with `translate: openai`",
+        );
+        let config = load(
+            &yaml("{ upstreams: [claude], translate: openai }"),
+            &source(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.routes[0].translate,
+            Some(Translation {
+                default_max_tokens: DEFAULT_MAX_TOKENS
+            })
+        );
+        assert_eq!(
+            load(&with_route(ROUTE), &source()).unwrap().routes[0].translate,
+            None
+        );
+    }
+
+    #[test]
+    fn a_route_may_not_mix_apis() {
+        let yaml = with_route("{ upstreams: [openai, claude] }").replace(
+            "routes:",
+            "  claude:\n    url: http://127.0.0.1:9\n    api: anthropic\n    keys: [ { name: c, env: KG_TEST_KEY } ]\nroutes:",
+        );
+        expect_error_containing(
+            &yaml,
+            &source(),
+            "routes[0].upstreams[1]",
+            "speaks another API than the route's first upstream",
+        );
+        let same = yaml.replace("[openai, claude]", "[claude]");
+        assert!(load(&same, &source()).is_ok());
     }
 
     #[test]

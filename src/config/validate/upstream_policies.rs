@@ -2,7 +2,7 @@
 
 use super::{KeepWarm, Scope};
 use crate::config::source::ConfigSource;
-use crate::config::types::UpstreamFile;
+use crate::config::types::{Api, UpstreamFile};
 use crate::config::ConfigError;
 use crate::keys::CooldownPolicy;
 use crate::outlier::OutlierPolicy;
@@ -92,16 +92,20 @@ fn load_ca(source: &dyn ConfigSource, path: &Path) -> Result<Vec<Vec<u8>>, Strin
     Ok(certs)
 }
 
-/// `probe_interval` (default 5m, at least 100ms) and `probe_model` (default `gpt-4o-mini`).
+/// The default `probe_model` of an `api: anthropic` upstream: the cheapest current model.
+pub const DEFAULT_ANTHROPIC_PROBE_MODEL: &str = "claude-3-5-haiku-latest";
+
+/// `probe_interval` (default 5m, at least 100ms) and `probe_model` (default `gpt-4o-mini`, or
+/// [`DEFAULT_ANTHROPIC_PROBE_MODEL`] with `api: anthropic`).
 pub(super) fn probe(at: &Scope, u: &UpstreamFile) -> Result<(Duration, String), ConfigError> {
     let interval = u.probe_interval.map_or(Duration::from_secs(300), |d| d.0);
     if interval < Duration::from_millis(100) {
         return Err(at.err("probe_interval", "must be at least 100ms"));
     }
-    let model = u
-        .probe_model
-        .clone()
-        .unwrap_or_else(|| "gpt-4o-mini".to_string());
+    let model = u.probe_model.clone().unwrap_or_else(|| match u.api {
+        Api::Openai => "gpt-4o-mini".to_string(),
+        Api::Anthropic => DEFAULT_ANTHROPIC_PROBE_MODEL.to_string(),
+    });
     if model.trim().is_empty() {
         return Err(at.err("probe_model", "must not be empty"));
     }

@@ -55,7 +55,8 @@ fn upstream(cx: &Ctx, name: &str, u: &UpstreamFile) -> Result<UpstreamConfig, Co
         port: url.port,
         host_header: url.host_header,
         base_path: url.base_path,
-        auth: u.auth,
+        auth: u.auth_style(),
+        api: u.api,
         keys,
         key_policy: u.key_policy.unwrap_or_default(),
         cooldown,
@@ -117,5 +118,30 @@ mod tests {
         assert_eq!(u.connect_timeout, Duration::from_secs(2));
         assert_eq!(u.org_limit_pattern, None);
         assert_eq!(u.models, vec!["gpt-4o".to_string()]);
+    }
+
+    #[test]
+    fn an_anthropic_upstream_defaults_to_x_api_key_and_a_claude_probe() {
+        use crate::config::{Api, AuthStyle};
+        let u = &load(&with_top(""), &source()).unwrap().upstreams[0];
+        assert_eq!((u.api, u.auth), (Api::Openai, AuthStyle::Bearer));
+        let u = &load(&with_upstream("api: anthropic"), &source())
+            .unwrap()
+            .upstreams[0];
+        assert_eq!((u.api, u.auth), (Api::Anthropic, AuthStyle::XApiKey));
+        assert_eq!(
+            u.probe_model,
+            super::super::upstream_policies::DEFAULT_ANTHROPIC_PROBE_MODEL
+        );
+        let yaml = with_upstream("api: anthropic\nauth: bearer\nprobe_model: claude-x");
+        let u = &load(&yaml, &source()).unwrap().upstreams[0];
+        assert_eq!((u.api, u.auth), (Api::Anthropic, AuthStyle::Bearer));
+        assert_eq!(u.probe_model, "claude-x");
+        expect_error_containing(
+            &with_upstream("api: gemini"),
+            &source(),
+            "upstreams.openai.api",
+            "unknown variant `gemini`",
+        );
     }
 }

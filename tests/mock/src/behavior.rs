@@ -20,6 +20,9 @@ pub struct RateLimit {
     pub reset_requests: Option<HeaderValue>,
     /// The limit is the organization's, not the key's: says so in the body, and remaining = 0.
     pub org_wide: bool,
+    /// Anthropic only: `anthropic-ratelimit-requests-reset` this many seconds ahead, with
+    /// `anthropic-ratelimit-requests-remaining: 0`.
+    pub reset_in: Option<u64>,
 }
 
 /// How a key misbehaves (or not).

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::event_list::EventList;
 use crate::sse::SseBody;
 
 /// The error a body yields to make hyper drop the connection (`break_stream`).
@@ -52,6 +53,8 @@ pub enum MockBody {
     Full(Option<Bytes>),
     /// Server-sent events, one frame per event.
     Sse(SseBody),
+    /// Ready-made server-sent events (Anthropic's stream), one frame per event.
+    Events(EventList),
     /// Announces `len` bytes, sends `head`, then breaks the connection.
     Truncated {
         /// What is sent before the break.
@@ -94,6 +97,7 @@ impl Body for MockBody {
         match self.get_mut() {
             MockBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             MockBody::Sse(s) => s.poll_event(cx),
+            MockBody::Events(e) => e.poll_event(cx),
             MockBody::Truncated { head, brk, .. } => match head.take() {
                 Some(h) if !h.is_empty() => Poll::Ready(Some(Ok(Frame::data(h)))),
                 _ => brk.poll(cx).map(|b| Some(Err(b))),
@@ -110,7 +114,7 @@ impl Body for MockBody {
             MockBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             MockBody::Full(None) => SizeHint::with_exact(0),
             MockBody::Truncated { len, .. } => SizeHint::with_exact(*len),
-            MockBody::Sse(_) => SizeHint::default(),
+            MockBody::Sse(_) | MockBody::Events(_) => SizeHint::default(),
         }
     }
 }

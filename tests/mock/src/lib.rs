@@ -2,14 +2,17 @@
 //!
 //! Layout: `cli` (flags) → `spec` (behaviour parsing) → `behavior` (pure decisions) →
 //! `registry` (per-key state) → `service` (one request) using `request`, `openai`, `reply`,
-//! `sse`, `body`, `stats`; `debug` serves `/_mock/*`; `server` and `tls` accept connections;
+//! `sse`, `body`, `stats`, and `anthropic` (Anthropic's Messages API, streamed through
+//! `event_list`); `debug` serves `/_mock/*`; `server` and `tls` accept connections;
 //! `launch` turns options into a running mock, in the foreground ([`cli_main`], the binary) or
 //! in the background behind a handle ([`spawn`], keygate's integration tests).
 
+mod anthropic;
 mod behavior;
 mod body;
 mod cli;
 mod debug;
+mod event_list;
 mod launch;
 mod openai;
 mod registry;

@@ -72,6 +72,10 @@ pub enum Endpoint {
     Model(String),
     /// `POST …/audio/transcriptions`.
     Transcriptions,
+    /// `POST …/v1/messages` (Anthropic).
+    Messages,
+    /// `POST …/v1/messages/count_tokens` (Anthropic).
+    CountTokens,
     /// Anything else.
     NotFound,
 }
@@ -81,7 +85,11 @@ pub fn route(method: &Method, path: &str) -> Endpoint {
     let path = path.trim_end_matches('/');
     let post = *method == Method::POST;
     let get = *method == Method::GET;
-    if post && path.ends_with("/chat/completions") {
+    if post && path.ends_with("/v1/messages") {
+        Endpoint::Messages
+    } else if post && path.ends_with("/v1/messages/count_tokens") {
+        Endpoint::CountTokens
+    } else if post && path.ends_with("/chat/completions") {
         Endpoint::Chat
     } else if post && path.ends_with("/completions") {
         Endpoint::Completions

@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
+use crate::anthropic;
 use crate::behavior::{Behavior, Mode};
 use crate::body::MockBody;
 use crate::debug;
@@ -113,6 +114,25 @@ async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, 
         }
     };
     let body_sha256: [u8; 32] = Sha256::digest(&body).into();
+    if matches!(endpoint, Endpoint::Messages | Endpoint::CountTokens) {
+        let now = SystemTime::now();
+        let a = anthropic::answer(app, &endpoint, &parts.headers, &body, n, now, at);
+        app.stats.record(Record {
+            key: a.key,
+            model: a.model,
+            status: a.response.status().as_u16(),
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            body_len: body.len(),
+            body_sha256,
+            at,
+        });
+        if !a.latency.is_zero() {
+            tokio::time::sleep(a.latency).await;
+        }
+        return (a.response, Some(KeyStyle::XApiKey));
+    }
 
     let parsed = parse(&endpoint, &body);
     let model: Option<&str> = match &parsed {

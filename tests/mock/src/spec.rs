@@ -37,6 +37,7 @@ struct RawSpec {
     retry_after_ms: Option<u64>,
     retry_after_date: Option<bool>,
     reset_requests: Option<String>,
+    reset_in: Option<u64>,
     org_wide: Option<bool>,
     status: Option<u16>,
     after: Option<u32>,
@@ -201,6 +202,7 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
                 "retry_after_ms",
                 "retry_after_date",
                 "reset_requests",
+                "reset_in",
                 "org_wide",
             ];
             let retry_after_date = raw.retry_after_date.unwrap_or(false);
@@ -220,6 +222,7 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
                 retry_after_date,
                 reset_requests,
                 org_wide: raw.org_wide.unwrap_or(false),
+                reset_in: raw.reset_in,
             })
         }
         "server_error" => {
@@ -254,6 +257,7 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
         ("retry_after_ms", raw.retry_after_ms.is_some()),
         ("retry_after_date", raw.retry_after_date.is_some()),
         ("reset_requests", raw.reset_requests.is_some()),
+        ("reset_in", raw.reset_in.is_some()),
         ("org_wide", raw.org_wide.is_some()),
         ("status", raw.status.is_some()),
         ("after", raw.after.is_some()),
