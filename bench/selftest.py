@@ -10,6 +10,7 @@ mistake in the report code would only show at its very end. This catches those i
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ sys.dont_write_bytecode = True  # no bench/__pycache__
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import LATENCY_TARGETS, PEERS, judge, noise_of, render, round_order  # noqa: E402
 from scale import write_section  # noqa: E402
+import anthropic  # noqa: E402
 
 # Requests/s per scenario and target: keygate beats HAProxy on streams only.
 RPS = {
@@ -163,6 +165,11 @@ def main() -> int:
         text = f.read_text()
         assert text.count("## Instructions per request") == 1 and "second" in text and "first" not in text, text
         assert "new scale" in text and "scale text" not in text and "## Results\n\nold" in text, text
+    t = anthropic.render_table({"direct": 40000, "native": 10000, "translated": 8000, "plain": 10500},
+                               {"direct": 0, "native": 0, "translated": 2, "plain": 0})
+    assert "| keygate translated route, POST /v1/chat/completions |  8,000 |       20% |       80% |      2 |" in t, t
+    body = json.loads(anthropic.messages_body(200))
+    assert body["model"] == anthropic.CLAUDE and body["max_tokens"] > 0, body
     print("bench reports: ok")
     return 0
 

@@ -1,6 +1,7 @@
 -- wrk script used by bench/load.py: POSTs the JSON body in the file named by the first script
--- argument, with the Authorization header given as the optional second one
--- (`wrk ... -s wrk-post.lua URL -- BODY_FILE ["Bearer KEY"]`), and prints one machine-readable line.
+-- argument, with the Authorization header given as the optional second one and any further
+-- arguments sent as headers (`wrk ... -s wrk-post.lua URL -- BODY_FILE ["Bearer KEY" ["Name: value" ...]]`),
+-- and prints one machine-readable line.
 init = function(args)
     local f = assert(io.open(args[1], "rb"))
     wrk.body = f:read("*a")
@@ -9,6 +10,12 @@ init = function(args)
     wrk.headers["Content-Type"] = "application/json"
     if args[2] and args[2] ~= "" then
         wrk.headers["Authorization"] = args[2]
+    end
+    for i = 3, #args do
+        local name, value = args[i]:match("^([^:]+):%s*(.*)$")
+        if name then
+            wrk.headers[name] = value
+        end
     end
 end
 
