@@ -41,6 +41,7 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     table,
     wait_ready,
     wait_ready_plain,
+    wrk_result,
 )
 from scale import write_section  # noqa: E402
 
@@ -73,14 +74,7 @@ def wrk(port: int, path: str, body_file: Path, seconds: float, headers: list[str
     cmd = ["wrk", "-t", "1", "-c", "64", "-d", f"{seconds:g}s", "--timeout", "10s",
            "-s", str(BENCH / "wrk-post.lua"), f"http://127.0.0.1:{port}{path}",
            "--", str(body_file), "", *headers]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    for line in r.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            res = json.loads(line[len("WRKJSON "):])
-            res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
-            res["errors"] = sum(res[k] for k in ("connect", "read", "write", "status", "timeout"))
-            return res
-    raise SystemExit(f"wrk failed ({r.returncode}): {r.stdout}{r.stderr}")
+    return wrk_result(subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60))
 
 
 LABELS = {

@@ -555,7 +555,11 @@ def run_wrk(wrk: str, stack: "Stack", target: str, body_file: Path, seconds: flo
     cmd = [wrk, "-t", str(threads), "-c", str(conns), "-d", f"{seconds:g}s", "--timeout", "10s",
            "-s", str(BENCH / "wrk-post.lua"), f"http://127.0.0.1:{stack.port[target]}{CHAT_PATH}",
            "--", str(body_file), auth_for(target)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    return wrk_result(subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60))
+
+
+def wrk_result(r: subprocess.CompletedProcess) -> dict:
+    """The figures wrk-post.lua printed, with req/s and the sum of errors added."""
     for line in r.stdout.splitlines():
         if line.startswith("WRKJSON "):
             res = json.loads(line[len("WRKJSON "):])

@@ -552,27 +552,7 @@ async fn json_answers_are_metered_and_count_against_client_budgets() {
 async fn the_anthropic_python_sdk_works_against_a_native_route() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&config(&mock, free_port()), KEYS);
-    let url = kg.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/clients/anthropic_sdk.py"
-            ))
-            .arg(url)
-            .output()
-            .expect("python3 runs (the Makefile's deps target installs the anthropic SDK)")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}\nkeygate: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        kg.log_text()
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_sdk_client(&kg, "anthropic_sdk").await;
 }
 
 /// An OpenAI-speaking route translated for the Anthropic upstream.
@@ -779,22 +759,25 @@ async fn a_translated_stream_becomes_chat_chunks_event_by_event_and_is_metered()
 async fn the_openai_python_sdk_works_against_a_translated_route() {
     let mock = Mock::start(&[]);
     let kg = Keygate::start(&translated_config(&mock, free_port(), ""), KEYS);
+    run_sdk_client(&kg, "openai_translated").await;
+}
+
+/// Runs `tests/clients/NAME.py` against keygate; it prints `ok` when every check passed.
+async fn run_sdk_client(kg: &Keygate, name: &str) {
+    let script = format!("{}/tests/clients/{name}.py", env!("CARGO_MANIFEST_DIR"));
     let url = kg.url.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/clients/openai_translated.py"
-            ))
+            .arg(script)
             .arg(url)
             .output()
-            .expect("python3 runs (the Makefile's deps target installs the openai SDK)")
+            .expect("python3 runs (the Makefile's deps target installs the SDKs)")
     })
     .await
     .unwrap();
     assert!(
         out.status.success(),
-        "stdout: {}\nstderr: {}\nkeygate: {}",
+        "{name}: stdout: {}\nstderr: {}\nkeygate: {}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         kg.log_text()

@@ -196,17 +196,19 @@ async fn a_body_that_trickles_past_its_deadline_gets_a_408() {
     assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 0);
 }
 
+/// keygate with 1 MiB bodies and a 1 MiB buffer budget, and its metrics port.
+fn with_a_one_mib_buffer(mock: &Mock) -> (Keygate, u16) {
+    let mport = free_port();
+    let top = format!(
+        "max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\nmetrics: {{ addr: 127.0.0.1:{mport} }}\n"
+    );
+    (Keygate::start(&config(mock, &top), KEYS), mport)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_beyond_the_buffer_cap_wait_then_get_a_503() {
     let mock = Mock::start(&[]);
-    let mport = free_port();
-    let kg = Keygate::start(
-        &config(
-            &mock,
-            &format!("max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\nmetrics: {{ addr: 127.0.0.1:{mport} }}\n"),
-        ),
-        KEYS,
-    );
+    let (kg, mport) = with_a_one_mib_buffer(&mock);
     // One client sends all but the last 40 KiB of a MiB, then stalls: its bytes hold the budget.
     let mut hog = TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
     hog.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{")
@@ -245,14 +247,7 @@ async fn bodies_beyond_the_buffer_cap_wait_then_get_a_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announcing_a_large_body_holds_no_room_until_its_bytes_come() {
     let mock = Mock::start(&[]);
-    let mport = free_port();
-    let kg = Keygate::start(
-        &config(
-            &mock,
-            &format!("max_body_bytes: 1MiB\nmax_buffered_bytes: 1MiB\nmetrics: {{ addr: 127.0.0.1:{mport} }}\n"),
-        ),
-        KEYS,
-    );
+    let (kg, mport) = with_a_one_mib_buffer(&mock);
     let announcers: Vec<TcpStream> = (0..4)
         .map(|_| {
             let mut c = TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
