@@ -255,6 +255,46 @@ async fn a_credit_balance_400_disables_the_key_for_every_model() {
     assert_eq!(statuses_of(&mock.stats().await, "sk-ant-a"), vec![400]);
 }
 
+/// A key disabled for its credit stays out of rotation across a restart: the state file keeps
+/// Anthropic keys like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_disabled_for_its_credit_stays_disabled_across_a_restart() {
+    let mock = Mock::start(&["--key", "sk-ant-a=insufficient_quota"]);
+    let state = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let yaml = format!(
+        "{}state_file: {}/state.json\n",
+        config(&mock, mport),
+        state.path().display()
+    );
+    let mut first = Keygate::start(&yaml, KEYS);
+    for _ in 0..3 {
+        send(&first).await.bytes().await.unwrap();
+    }
+    wait_for_metric(
+        mport,
+        "keygate_key_cooldowns_total",
+        &[("key", "a"), ("reason", "insufficient_quota")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    assert!(
+        first.stop(libc::SIGTERM, Duration::from_secs(15)),
+        "{}",
+        first.log_text()
+    );
+    let kept = std::fs::read_to_string(state.path().join("state.json")).unwrap();
+    assert!(kept.contains("insufficient_quota"), "{kept}");
+
+    let second = Keygate::start(&yaml, KEYS);
+    for _ in 0..6 {
+        assert_eq!(send(&second).await.status(), 200);
+    }
+    // Only the first keygate's one request ever reached the key without credit.
+    assert_eq!(statuses_of(&mock.stats().await, "sk-ant-a"), vec![400]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_without_credit_is_probed_with_an_anthropic_message_and_comes_back() {
     let mock = Mock::start(&["--key", "sk-ant-a=insufficient_quota:first=1"]);
