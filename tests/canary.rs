@@ -284,6 +284,97 @@ async fn no_output_holds_a_key_or_token_whatever_the_request() {
     );
 }
 
+/// Anthropic upstreams, native and translated: the key travels in `x-api-key`, and refusing
+/// keys echo it in Anthropic's error shape; no answer, log, access log, metric or state file
+/// holds any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_keys_never_reach_any_output() {
+    let c = Canaries::new(&["A_OK", "A_401", "A_429", "A_CREDIT"]);
+    let specs = [
+        format!("{}=ok", c.get("A_OK")),
+        format!("{}=401:echo_key=true", c.get("A_401")),
+        format!("{}=rate_limit:retry_after=60:echo_key=true", c.get("A_429")),
+        format!("{}=insufficient_quota:echo_key=true", c.get("A_CREDIT")),
+    ];
+    let mut args = vec!["--strict"];
+    for s in &specs {
+        args.extend(["--key", s.as_str()]);
+    }
+    let mock = Mock::start(&args);
+    let mport = free_port();
+    let up = |name: &str, var: &str| {
+        format!(
+            "  {name}:\n    url: {}\n    api: anthropic\n    health: {{ enabled: false }}\n    keys: [ {{ name: {name}-key, env: {var} }} ]\n",
+            mock.url
+        )
+    };
+    let yaml = format!(
+        "metrics: {{ addr: 127.0.0.1:{mport} }}\naccess_log: {{ path: {{dir}}/access.log }}\nstate_file: {{dir}}/state.json\nupstreams:\n{}{}{}{}routes:\n  \
+         - {{ models: [\"ok-*\"], upstreams: [ok] }}\n  - {{ models: [\"dead-*\"], upstreams: [dead] }}\n  \
+         - {{ models: [\"cool-*\"], upstreams: [cool] }}\n  - {{ models: [\"broke-*\"], upstreams: [broke] }}\n  \
+         - {{ models: [\"chat-*\"], upstreams: [ok], translate: openai }}\n",
+        up("ok", "A_OK"),
+        up("dead", "A_401"),
+        up("cool", "A_429"),
+        up("broke", "A_CREDIT"),
+    );
+    let mut env = c.env();
+    env.push(("RUST_LOG", "info,keygate=trace"));
+    let mut kg = Keygate::start(&yaml, &env);
+    let http = client();
+    let message = |model: &str| serde_json::json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]});
+    let cases = [
+        ("a served message", "ok-1", 200),
+        ("an upstream 401 echoing the key", "dead-1", 401),
+        ("all keys disabled", "dead-1", 503),
+        ("an upstream 429 echoing the key", "cool-1", 429),
+        ("a credit 400 echoing the key", "broke-1", 400),
+    ];
+    for (what, model, want) in cases {
+        let r = http
+            .post(format!("{}/v1/messages", kg.url))
+            .header("x-api-key", "the-client-s-own-key")
+            .json(&message(model))
+            .send()
+            .await
+            .unwrap();
+        let (status, text) = whole(r).await;
+        assert_eq!(status, want, "{what}: {text}\n{}", kg.log_text());
+        c.assert_absent(&text, &format!("the answer to {what}"));
+    }
+    let (status, text) = whole(kg.post_chat(&chat("chat-1")).await).await;
+    assert_eq!(status, 200, "a translated chat: {text}");
+    c.assert_absent(&text, "a translated answer");
+
+    let sent = cases.len() + 1;
+    let access = wait_for_lines(
+        &kg.dir.path().join("access.log"),
+        sent,
+        Duration::from_secs(10),
+    )
+    .await;
+    c.assert_absent(&access, "the access log");
+    let metrics = wait_for_metric(
+        mport,
+        "keygate_requests_total",
+        &[],
+        sent as f64,
+        Duration::from_secs(10),
+    )
+    .await;
+    c.assert_absent(&metrics, "/metrics");
+    assert!(
+        kg.stop(libc::SIGTERM, Duration::from_secs(30)),
+        "keygate did not stop"
+    );
+    let state = std::fs::read_to_string(kg.dir.path().join("state.json")).unwrap();
+    assert!(state.contains("dead-key"), "{state}");
+    c.assert_absent(&state, "the state file");
+    let log = kg.log_text();
+    assert!(log.contains(" DEBUG "), "the log ran below INFO: {log}");
+    c.assert_absent(&log, "the diagnostic log");
+}
+
 /// Starts keygate with `RUST_LOG=spelling`, sends requests that carry a key upstream and get
 /// answers echoing keys back, and returns the first leak found in its log.
 async fn log_leak_under(spelling: &str) -> Option<String> {
