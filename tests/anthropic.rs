@@ -410,6 +410,36 @@ async fn a_401_disables_the_key_and_its_body_never_reaches_the_client() {
     assert_eq!(v["error"]["type"], "api_error", "{v}");
 }
 
+/// A native route with `cache:` stores a whole Anthropic stream (it ends with `message_stop`,
+/// not `[DONE]`) and a JSON answer, and replays each byte for byte without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_native_routes_replay_anthropic_streams_and_answers() {
+    let mock = Mock::start(&[]);
+    let yaml = config(&mock, free_port()).replace(
+        "upstreams: [claude] }",
+        "upstreams: [claude], cache: { ttl: 1h, shared: true } }",
+    );
+    let kg = Keygate::start(&yaml, KEYS);
+    let mut streamed = message("claude-sonnet-4-5");
+    streamed["stream"] = json!(true);
+    for body in [streamed, message("claude-haiku-4-5")] {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = post(&kg, "/v1/messages", &body, &[]).await;
+            assert_eq!(r.status(), 200);
+            let cache = r.headers()["x-keygate-cache"].to_str().unwrap().to_string();
+            seen.push((cache, r.bytes().await.unwrap()));
+        }
+        assert_eq!(seen[0].0, "miss", "{body}");
+        assert_eq!(seen[1].0, "hit", "{body}");
+        assert_eq!(
+            seen[0].1, seen[1].1,
+            "a hit replays the answer byte for byte"
+        );
+    }
+    assert_eq!(mock.stats().await["total"].as_u64().unwrap(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygates_own_errors_on_messages_routes_take_anthropics_shape() {
     let mock = Mock::start(&[]);

@@ -1,7 +1,7 @@
 //! What the cache keeps of an answer, and the capture that collects it as it passes.
 //!
 //! Only a complete `200` is kept: a plain JSON body that parses whole, or a stream of
-//! server-sent events that ended with `data: [DONE]`. Its body is exactly what the client
+//! server-sent events that ended with `data: [DONE]` (Anthropic's: with `message_stop`). Its body is exactly what the client
 //! received (after keygate hid a usage chunk it had asked for on the client's behalf), and of
 //! its headers only those in [`KEPT_HEADERS`]: never one that names an account
 //! (`openai-organization`, `openai-project`), sets a cookie or identifies the original request.
@@ -103,7 +103,7 @@ impl Capture {
     }
 
     /// The answer to store once the body has ended, or `None` when it is not complete (cut
-    /// short, not valid JSON, a stream without its `[DONE]`) or was too large.
+    /// short, not valid JSON, a stream without its `[DONE]` or `message_stop`) or was too large.
     pub fn finish(self, usage: Option<Usage>, now: Instant, ttl: Duration) -> Option<CachedAnswer> {
         if self.abandoned {
             return None;
@@ -128,7 +128,8 @@ fn starts_with_ignore_case(text: &[u8], prefix: &[u8]) -> bool {
     text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// Whether a stream's last event is `data: [DONE]`.
+/// Whether a stream ended as its API ends a whole one: OpenAI's last event is `data: [DONE]`,
+/// Anthropic's is `message_stop` (an `error` event or a cut leaves something else last).
 fn ends_with_done(body: &[u8]) -> bool {
     let trimmed = body.trim_ascii_end();
     let last_line = trimmed
@@ -138,7 +139,18 @@ fn ends_with_done(body: &[u8]) -> bool {
     let Some(data) = last_line.strip_prefix(b"data:") else {
         return false;
     };
-    data.trim_ascii() == b"[DONE]"
+    let data = data.trim_ascii();
+    data == b"[DONE]" || is_message_stop(data)
+}
+
+/// Whether an event's data is Anthropic's `{"type":"message_stop"}`.
+fn is_message_stop(data: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Event>(data).is_ok_and(|e| e.kind.as_deref() == Some("message_stop"))
 }
 
 #[cfg(test)]
@@ -155,6 +167,18 @@ mod tests {
         h.insert("x-request-id", "req_1".parse().unwrap());
         h.insert("openai-version", "2020-10-01".parse().unwrap());
         h
+    }
+
+    #[test]
+    fn an_anthropic_stream_is_whole_when_message_stop_comes_last() {
+        let whole = b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(ends_with_done(whole));
+        let errored = b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        assert!(!ends_with_done(errored));
+        let cut = b"event: message_delta\ndata: {\"type\":\"message_delta\"}\n\n";
+        assert!(!ends_with_done(cut));
+        assert!(!ends_with_done(b"data: {\"type\":\"message_sto"));
+        assert!(!ends_with_done(b"data: \"message_stop\"\n\n"));
     }
 
     fn finish(c: Capture) -> Option<CachedAnswer> {
