@@ -86,7 +86,7 @@ impl Gateway {
             max_age,
         } = cache::plan(&policy, &request)
         else {
-            ctx.cache = Some(state);
+            ctx.cache = Some(Box::new(state));
             return Ok(false);
         };
         match cache.lookup(key, lookup, max_age).await {
@@ -102,7 +102,7 @@ impl Gateway {
                     }
                 }
                 ctx.bytes_sent = found.answer.body.len();
-                ctx.cache = Some(state);
+                ctx.cache = Some(Box::new(state));
                 write_hit(session, &found).await?;
                 Ok(true)
             }
@@ -110,7 +110,7 @@ impl Gateway {
                 state.result = CacheResult::Miss;
                 state.key = Some(key);
                 state.leader = leader;
-                ctx.cache = Some(state);
+                ctx.cache = Some(Box::new(state));
                 Ok(false)
             }
         }
@@ -125,7 +125,10 @@ impl Gateway {
             return;
         }
         if let Some(att) = ctx.attempt.as_mut() {
-            att.capture = Some(Capture::new(&resp.headers, state.policy.max_entry));
+            att.capture = Some(Box::new(Capture::new(
+                &resp.headers,
+                state.policy.max_entry,
+            )));
         }
     }
 
@@ -159,7 +162,7 @@ impl Gateway {
         else {
             return;
         };
-        if cache.store(key, capture, ctx.usage, state.policy.ttl) {
+        if cache.store(key, *capture, ctx.usage, state.policy.ttl) {
             self.metrics
                 .cache_bytes
                 .set(i64::try_from(cache.bytes()).unwrap_or(i64::MAX));

@@ -47,10 +47,11 @@ pub struct Attempt {
     pub stripper: Option<UsageChunkStripper>,
     /// Masks the key and account ids out of an error body passed to the client.
     pub scrubber: Option<ErrorBodyScrubber>,
-    /// Turns an Anthropic answer into an OpenAI one, on a translating route.
-    pub translator: Option<crate::translate::AnswerTranslator>,
+    /// Turns an Anthropic answer into an OpenAI one, on a translating route (boxed, like the
+    /// other rarely used parts, to keep the per-attempt state small to move).
+    pub translator: Option<Box<crate::translate::AnswerTranslator>>,
     /// Collects a cache miss's answer for the response cache.
-    pub capture: Option<crate::cache::entry::Capture>,
+    pub capture: Option<Box<crate::cache::entry::Capture>>,
 }
 
 impl Attempt {
@@ -127,8 +128,8 @@ pub struct RequestCtx {
     pub translate: bool,
     /// With `translate`: the client's stream asked for the usage chunk.
     pub translate_usage: bool,
-    /// What the response cache did, on a cached route.
-    pub cache: Option<super::cached::CacheState>,
+    /// What the response cache did, on a cached route (boxed: most routes have no cache).
+    pub cache: Option<Box<super::cached::CacheState>>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.

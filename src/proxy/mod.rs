@@ -380,7 +380,7 @@ impl ProxyHttp for GatewayProxy {
             if !translator.is_stream() {
                 resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
             }
-            att.translator = Some(translator);
+            att.translator = Some(Box::new(translator));
         }
         gw.capture_answer(ctx, resp);
         Ok(())
