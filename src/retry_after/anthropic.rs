@@ -52,18 +52,7 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        map
-    }
+    use crate::retry_after::tests::headers;
 
     /// 2026-01-01T00:00:00Z.
     fn now() -> SystemTime {
