@@ -48,7 +48,8 @@
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
 //!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
 //!    [`drain`] (a graceful stop that exits once nothing is left in flight), [`memory_upkeep`]
-//!    (freed memory handed back to the system after a burst).
+//!    (freed memory handed back to the system after a burst), [`shared`] (key states and
+//!    client limits shared by several instances through Redis).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -88,6 +89,7 @@ pub mod retry_after;
 pub mod retry_policy;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod state_file;
 pub mod strategy;
 pub mod translate;

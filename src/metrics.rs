@@ -55,6 +55,16 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// Tokens the upstream reported for answers served again from the cache, by route.
     pub cache_tokens_saved: IntCounterVec,
+    /// 1 while the shared Redis answers, 0 while keygate goes on with local state.
+    pub redis_up: IntGauge,
+    /// Redis operation latency by operation.
+    pub redis_op_duration: HistogramVec,
+    /// Redis operations that failed or timed out, by operation.
+    pub redis_errors: IntCounterVec,
+    /// Key state changes sent to and applied from other instances.
+    pub shared_key_events: IntCounterVec,
+    /// Time from another instance's key state change to its application here.
+    pub shared_key_event_delay: HistogramVec,
     models: ModelLabels,
 }
 
@@ -180,6 +190,37 @@ const CACHE_TOKENS_SAVED: MetricInfo = MetricInfo {
     help: "Tokens of answers served from the response cache instead of the upstream, by route.",
 };
 
+const REDIS_UP: MetricInfo = MetricInfo {
+    name: "keygate_redis_up",
+    kind: MetricKind::Gauge,
+    labels: &[],
+    help: "1 while the shared Redis answers; 0 while state is kept locally (or no redis: section).",
+};
+const REDIS_OP_DURATION: MetricInfo = MetricInfo {
+    name: "keygate_redis_op_duration_seconds",
+    kind: MetricKind::Histogram,
+    labels: &["op"],
+    help: "Redis operation latency by operation.",
+};
+const REDIS_ERRORS: MetricInfo = MetricInfo {
+    name: "keygate_redis_errors_total",
+    kind: MetricKind::Counter,
+    labels: &["op"],
+    help: "Redis operations that failed or timed out, by operation.",
+};
+const SHARED_KEY_EVENTS: MetricInfo = MetricInfo {
+    name: "keygate_shared_key_events_total",
+    kind: MetricKind::Counter,
+    labels: &["direction"],
+    help: "Key state changes sent to other instances (sent) and applied from them (applied).",
+};
+const SHARED_KEY_EVENT_DELAY: MetricInfo = MetricInfo {
+    name: "keygate_shared_key_event_delay_seconds",
+    kind: MetricKind::Histogram,
+    labels: &[],
+    help: "Time from another instance's key state change to its application here.",
+};
+
 /// Every metric family keygate exports. The registrations below are built from these entries,
 /// so the deploy kit's dashboard and alerts can be checked against this list.
 pub const CATALOGUE: &[MetricInfo] = &[
@@ -199,6 +240,11 @@ pub const CATALOGUE: &[MetricInfo] = &[
     CACHE_REQUESTS,
     CACHE_BYTES,
     CACHE_TOKENS_SAVED,
+    REDIS_UP,
+    REDIS_OP_DURATION,
+    REDIS_ERRORS,
+    SHARED_KEY_EVENTS,
+    SHARED_KEY_EVENT_DELAY,
 ];
 
 fn opts(info: &MetricInfo) -> Opts {
@@ -233,6 +279,14 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+/// Buckets from 100 µs to 2.5 s: a loopback Redis answers in well under a millisecond, a
+/// troubled one at the timeout.
+fn redis_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ]
+}
+
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
@@ -252,6 +306,11 @@ impl Metrics {
             cache_requests: counter(&CACHE_REQUESTS),
             cache_bytes: gauge(&CACHE_BYTES),
             cache_tokens_saved: counter(&CACHE_TOKENS_SAVED),
+            redis_up: gauge(&REDIS_UP),
+            redis_op_duration: histogram(&REDIS_OP_DURATION, redis_buckets()),
+            redis_errors: counter(&REDIS_ERRORS),
+            shared_key_events: counter(&SHARED_KEY_EVENTS),
+            shared_key_event_delay: histogram(&SHARED_KEY_EVENT_DELAY, redis_buckets()),
             models: ModelLabels::default(),
         };
         for collector in m.collectors() {
@@ -278,6 +337,11 @@ impl Metrics {
             Box::new(self.cache_requests.clone()),
             Box::new(self.cache_bytes.clone()),
             Box::new(self.cache_tokens_saved.clone()),
+            Box::new(self.redis_up.clone()),
+            Box::new(self.redis_op_duration.clone()),
+            Box::new(self.redis_errors.clone()),
+            Box::new(self.shared_key_events.clone()),
+            Box::new(self.shared_key_event_delay.clone()),
         ]
     }
 

@@ -155,6 +155,23 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let prober = crate::prober::Prober::new(gw.shared_upstreams(), built.suspects);
     let pools: Vec<_> = gw.upstreams().iter().map(|u| u.keys.clone()).collect();
     let client_limiters = gw.client_limiters();
+    let shared = config.redis.as_ref().map(|cfg| {
+        let clients: Vec<_> = config
+            .clients
+            .iter()
+            .flatten()
+            .map(|c| (c.name.clone(), c.limits))
+            .collect();
+        let shared = crate::shared::Shared::new(
+            cfg,
+            pools.clone(),
+            &clients,
+            clock::system(),
+            crate::metrics::global(),
+        );
+        gw.share_limits(shared.limits().clone());
+        shared
+    });
     if let Some(path) = &config.state_file {
         crate::state_file::load(path, &pools, &client_limiters);
     }
@@ -235,6 +252,12 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         "key prober",
         prober,
     ));
+    if let Some(shared) = shared {
+        server.add_service(pingora_core::services::background::background_service(
+            "shared state",
+            crate::shared::service::SharedService(shared),
+        ));
+    }
     server.add_service(pingora_core::services::background::background_service(
         "memory upkeep",
         crate::memory_upkeep::MemoryUpkeep,

@@ -80,16 +80,6 @@ pub struct CoolingSnapshot {
     pub remaining_ms: u64,
 }
 
-fn reason_from_str(s: &str) -> Option<DisableReason> {
-    [
-        DisableReason::Unauthorized,
-        DisableReason::Forbidden,
-        DisableReason::InsufficientQuota,
-    ]
-    .into_iter()
-    .find(|r| r.as_str() == s)
-}
-
 fn millis_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -170,7 +160,7 @@ pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usiz
                 Some(_) => true,
                 None => false,
             };
-            if let Some(reason) = ks.disabled.as_deref().and_then(reason_from_str) {
+            if let Some(reason) = ks.disabled.as_deref().and_then(DisableReason::parse) {
                 if id_checked {
                     pool.disable(idx, reason);
                     changed += 1;

@@ -48,6 +48,21 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// One instance's share of these limits among `instances` (each at least 1): what it admits
+    /// alone while the store that shares the limits is unreachable.
+    pub fn share(&self, instances: u32) -> Limits {
+        let n = instances.max(1);
+        Limits {
+            rpm: self.rpm.map(|v| v.div_ceil(n).max(1)),
+            tpm: self.tpm.map(|v| v.div_ceil(u64::from(n)).max(1)),
+            concurrency: self.concurrency.map(|v| v.div_ceil(n).max(1)),
+            budget: self.budget.map(|b| Budget {
+                tokens: b.tokens.div_ceil(u64::from(n)).max(1),
+                per: b.per,
+            }),
+        }
+    }
+
     /// Whether any limit is set.
     pub fn is_empty(&self) -> bool {
         self.rpm.is_none()
@@ -140,6 +155,11 @@ impl Admission {
         }
     }
 
+    /// The tokens this admission is charged for so far.
+    pub fn estimate(&self) -> u64 {
+        self.estimate
+    }
+
     /// Replaces the token estimate with what the upstream reported (or keeps the estimate when
     /// it reported nothing) and charges the budget.
     pub fn settle(mut self, actual: Option<u64>) {
@@ -174,7 +194,8 @@ impl Drop for Admission {
     }
 }
 
-fn period_id(per: Period, wall: SystemTime) -> (u64, Duration) {
+/// The budget period holding `wall` (an opaque number) and the time left in it.
+pub fn period_id(per: Period, wall: SystemTime) -> (u64, Duration) {
     let secs = wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let day = secs / 86_400;
     match per {
@@ -200,7 +221,7 @@ fn month_period(secs: u64) -> Option<(u64, Duration)> {
 }
 
 /// OpenAI writes resets like `1.5s` or `6m0s`.
-fn reset_text(d: Duration) -> String {
+pub fn reset_text(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 60_000 {
         format!("{}.{:03}s", ms / 1000, ms % 1000)
@@ -407,6 +428,30 @@ mod tests {
     fn limiter(limits: Limits) -> (Arc<Limiter>, Arc<ManualClock>) {
         let clock = ManualClock::new();
         (Limiter::new(limits, clock.clone()), clock)
+    }
+
+    #[test]
+    fn an_instance_share_divides_every_limit_and_never_reaches_zero() {
+        let l = Limits {
+            rpm: Some(600),
+            tpm: Some(10_000),
+            concurrency: Some(2),
+            budget: Some(Budget {
+                tokens: 1_000,
+                per: Period::Day,
+            }),
+        };
+        let s = l.share(3);
+        assert_eq!(s.rpm, Some(200));
+        assert_eq!(s.tpm, Some(3_334));
+        assert_eq!(s.concurrency, Some(1));
+        assert_eq!(
+            s.budget.map(|b| (b.tokens, b.per)),
+            Some((334, Period::Day))
+        );
+        assert_eq!(l.share(1), l);
+        assert_eq!(l.share(0), l, "0 instances is taken as 1");
+        assert_eq!(Limits::default().share(4), Limits::default());
     }
 
     #[test]

@@ -65,6 +65,39 @@ pub struct ConfigFile {
     /// Where routes with `cache:` keep their answers (default `{ memory: 256MiB }`).
     #[serde(default)]
     pub cache_store: Option<CacheStoreFile>,
+    /// Redis (or Valkey) through which several instances share key states and client limits.
+    #[serde(default)]
+    pub redis: Option<RedisFile>,
+}
+
+/// `redis:`: the store shared by the instances of one gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    /// `redis://host:6379/0` or `rediss://…`; a list of nodes means a Redis Cluster.
+    pub url: RedisUrls,
+    /// The environment variable holding the password (when the URL has none).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Put before every Redis key and channel name (default `keygate:`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The longest a request waits for Redis before going on with local state (default 50ms).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// How many instances share the limits: with Redis down each admits its share of them.
+    #[serde(default)]
+    pub instances: Option<u32>,
+}
+
+/// One Redis URL, or the seed nodes of a cluster.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RedisUrls {
+    /// A single server.
+    One(String),
+    /// The nodes of a Redis Cluster.
+    Cluster(Vec<String>),
 }
 
 /// The response cache's store (`cache_store:`): `{ memory: 256MiB }`. `redis` (as a name or a

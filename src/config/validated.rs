@@ -49,6 +49,25 @@ pub struct Config {
     pub guards: GuardsConfig,
     /// Bytes of the in-memory response cache (used when a route has `cache:`).
     pub cache_memory: u64,
+    /// The Redis shared by several instances; `None`: every state is local.
+    pub redis: Option<RedisConfig>,
+}
+
+/// A validated `redis:` section.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// One server's URL, or a cluster's seed nodes (`cluster` true).
+    pub urls: Vec<String>,
+    /// Whether `urls` are the nodes of a Redis Cluster.
+    pub cluster: bool,
+    /// The password from `password_env`.
+    pub password: Option<Secret>,
+    /// Before every key and channel name.
+    pub prefix: String,
+    /// The longest a request waits for Redis.
+    pub timeout: Duration,
+    /// How many instances share the limits (each admits its share when Redis is down).
+    pub instances: u32,
 }
 
 /// A validated client.

@@ -38,7 +38,7 @@ use state::{Availability, Probe, Slot, TimeBase};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// The position of a key in its pool, as given to [`KeyPool::new`].
@@ -52,6 +52,27 @@ pub const ALL_MODELS: &str = "";
 /// on unusable keys: with a third of the keys cooling, 16 misses in a row happen once in 40
 /// million picks.
 const RANDOM_DRAWS: usize = 16;
+
+/// A change of a key's state made by this instance, told to a store shared with other
+/// instances (changes applied from such a store are not told again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// A cooldown for `model` ([`ALL_MODELS`]: every model) started or grew to `remaining`.
+    Cooled {
+        /// The model scope.
+        model: String,
+        /// How long it runs from now.
+        remaining: Duration,
+    },
+    /// Taken out until a probe passes.
+    Disabled(DisableReason),
+    /// Back in rotation.
+    Enabled,
+}
+
+/// Told of every [`KeyChange`] this instance makes, with the key's index. Called on the thread
+/// that made the change, so it must only hand the change on (to a channel), never wait.
+pub type KeyObserver = Arc<dyn Fn(KeyIndex, &KeyChange) + Send + Sync>;
 
 /// One key as configured.
 #[derive(Debug, Clone)]
@@ -240,6 +261,8 @@ struct Inner {
     /// The weighted order; empty for the other policies.
     ring: Box<[usize]>,
     accounts: HashMap<Box<str>, Vec<KeyIndex>>,
+    /// Set once at start when a shared store is configured.
+    observer: OnceLock<KeyObserver>,
 }
 
 /// The keys of one upstream and their state; picks one per request attempt.
@@ -431,9 +454,57 @@ impl Inner {
                 self.upstream, slot.info.name, scope, cooled.remaining
             );
         }
+        if cooled.started || cooled.extended {
+            if let Some(observe) = self.observer.get().filter(|_| why != SHARED) {
+                let change = KeyChange::Cooled {
+                    model: model.to_string(),
+                    remaining: cooled.remaining,
+                };
+                observe(idx, &change);
+            }
+        }
         cooled
     }
+
+    fn tell(&self, idx: KeyIndex, change: &KeyChange) {
+        if let Some(observe) = self.observer.get() {
+            observe(idx, change);
+        }
+    }
+
+    fn disable(&self, idx: KeyIndex, reason: DisableReason, why: &str) -> bool {
+        let Some(slot) = self.slots.get(idx) else {
+            return false;
+        };
+        let changed = slot.disable(reason);
+        if changed {
+            info!(
+                "key {}/{} disabled: {reason}{why}",
+                self.upstream, slot.info.name
+            );
+        }
+        changed
+    }
+
+    fn enable(&self, idx: KeyIndex, why: &str) -> bool {
+        let Some(slot) = self.slots.get(idx) else {
+            return false;
+        };
+        match slot.enable() {
+            Some(reason) => {
+                info!(
+                    "key {}/{} re-enabled (was {reason}){why}",
+                    self.upstream, slot.info.name
+                );
+                true
+            }
+            None => false,
+        }
+    }
 }
+
+/// The `why` of changes applied from the shared store: logged, and never told back to it.
+const SHARED: &str = "shared by another instance";
 
 impl KeyPool {
     /// A pool over `keys`, in that order (indices are positions in `keys`), all ready.
@@ -474,6 +545,7 @@ impl KeyPool {
                 cursor: CachePadded(AtomicUsize::new(0)),
                 ring,
                 accounts,
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -615,15 +687,9 @@ impl KeyPool {
     /// Takes key `idx` out for every model until [`KeyPool::enable`]. True if it was enabled;
     /// a key already disabled keeps its first reason.
     pub fn disable(&self, idx: KeyIndex, reason: DisableReason) -> bool {
-        let Some(slot) = self.inner.slots.get(idx) else {
-            return false;
-        };
-        let changed = slot.disable(reason);
+        let changed = self.inner.disable(idx, reason, "");
         if changed {
-            info!(
-                "key {}/{} disabled: {reason}",
-                self.inner.upstream, slot.info.name
-            );
+            self.inner.tell(idx, &KeyChange::Disabled(reason));
         }
         changed
     }
@@ -631,18 +697,30 @@ impl KeyPool {
     /// Puts key `idx` back into rotation (its cooldowns, if any, still run). True if it was
     /// disabled.
     pub fn enable(&self, idx: KeyIndex) -> bool {
-        let Some(slot) = self.inner.slots.get(idx) else {
-            return false;
-        };
-        match slot.enable() {
-            Some(reason) => {
-                info!(
-                    "key {}/{} re-enabled (was {reason})",
-                    self.inner.upstream, slot.info.name
-                );
-                true
+        let changed = self.inner.enable(idx, "");
+        if changed {
+            self.inner.tell(idx, &KeyChange::Enabled);
+        }
+        changed
+    }
+
+    /// Has `observer` told of every change this pool makes from now on. A pool has at most one
+    /// observer: false (and nothing changes) if it already has one.
+    pub fn observe(&self, observer: KeyObserver) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// Applies a change another instance made, without telling the observer (which would send
+    /// it back). A cooldown only ever grows here; true if the key's state changed.
+    pub fn apply_shared(&self, idx: KeyIndex, change: &KeyChange) -> bool {
+        let inner = &*self.inner;
+        match change {
+            KeyChange::Cooled { model, remaining } => {
+                let cooled = inner.cool(idx, model, Some(*remaining), SHARED);
+                cooled.started || cooled.extended
             }
-            None => false,
+            KeyChange::Disabled(reason) => inner.disable(idx, *reason, &format!(" ({SHARED})")),
+            KeyChange::Enabled => inner.enable(idx, &format!(" ({SHARED})")),
         }
     }
 

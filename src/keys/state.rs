@@ -36,6 +36,13 @@ impl DisableReason {
         matches!(self, Self::InsufficientQuota)
     }
 
+    /// The reason named `s` (as [`DisableReason::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Unauthorized, Self::Forbidden, Self::InsufficientQuota]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+
     /// A short stable label, for metrics and JSON.
     pub fn as_str(&self) -> &'static str {
         match self {

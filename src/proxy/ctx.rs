@@ -6,10 +6,10 @@
 //! state of that upstream's answer as it passes.
 
 use crate::body_budget::BodyPermit;
-use crate::clients::limits::Admission;
 use crate::keys::KeyLease;
 use crate::redact::ErrorBodyScrubber;
 use crate::retry_policy::{AttemptLog, Decision};
+use crate::shared::Admitted;
 use crate::usage::{Usage, UsageChunkStripper, UsageMeter};
 use bytes::{Bytes, BytesMut};
 use pingora_load_balancing::Backend;
@@ -108,7 +108,7 @@ pub struct RequestCtx {
     /// The client's address (behind trusted proxies: the forwarded one).
     pub client_ip: Option<std::net::IpAddr>,
     /// The request's place in its client's limits.
-    pub admission: Option<Admission>,
+    pub admission: Option<Admitted>,
     /// The body's room in the budget of buffered bytes, held while the body may be replayed.
     pub body_permit: Option<BodyPermit>,
     /// Counts the request in `keygate_in_flight_requests` while it lives.

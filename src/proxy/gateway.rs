@@ -18,6 +18,7 @@ use crate::prober::{Suspect, SuspectKind, SuspectSender};
 use crate::retry_after;
 use crate::retry_policy::RetryBudget;
 use crate::routes::{RoutePlan, RouteTable};
+use crate::shared::{Admitted, SharedLimits, Verdict};
 use crate::strategy::{LatencyTable, RouteOrder};
 use crate::upstream::{EndpointService, Upstream};
 use bytes::Bytes;
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub(crate) metrics: &'static Metrics,
     pub(crate) series: RequestSeries,
     pub(crate) options: GatewayOptions,
+    /// Client limits shared with other instances, when `redis:` is configured.
+    pub(crate) shared_limits: std::sync::OnceLock<Arc<SharedLimits>>,
 }
 
 /// How request bodies are taken: how large, how fast, and how many bytes at once.
@@ -184,7 +187,14 @@ impl Gateway {
             metrics,
             series,
             options,
+            shared_limits: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts client limits in the store shared with other instances from now on (set once,
+    /// at start).
+    pub fn share_limits(&self, limits: Arc<SharedLimits>) {
+        let _ = self.shared_limits.set(limits);
     }
 
     /// Every client's name and limiter (for the state file).
@@ -459,7 +469,7 @@ impl Gateway {
 
     /// The client's (or the IP's) limits, checked before the body is read: the token estimate
     /// starts from the announced body size and is completed by [`Gateway::admit_model`].
-    pub(crate) fn admit_request(
+    pub(crate) async fn admit_request(
         &self,
         ctx: &mut RequestCtx,
         announced_len: usize,
@@ -477,7 +487,24 @@ impl Gateway {
         if limiter.limits().is_empty() {
             return Ok(());
         }
-        match limiter.admit(token_estimate(announced_len, None)) {
+        let estimate = token_estimate(announced_len, None);
+        let shared = self.shared_limits.get().zip(ctx.client);
+        let admitted = match shared {
+            None => limiter.admit(estimate).map(Admitted::local),
+            Some((shared, i)) => match shared.admit(i, estimate).await {
+                Verdict::Admitted(a) => Ok(Admitted::Shared(a)),
+                Verdict::Refused(r) => Err(r),
+                // Redis is away: this instance admits its share of the limits on its own.
+                Verdict::Unavailable(_) => match shared.fallback(i) {
+                    Some(local) => local.admit(estimate).map(|admission| Admitted::Local {
+                        admission,
+                        shared: Some((shared.clone(), i)),
+                    }),
+                    None => limiter.admit(estimate).map(Admitted::local),
+                },
+            },
+        };
+        match admitted {
             Ok(a) => {
                 ctx.admission = Some(a);
                 Ok(())

@@ -92,7 +92,7 @@ fn body_error_answer(e: &BodyReadError) -> LocalResponse {
 impl GatewayProxy {
     /// What refuses a request before its body is read: an announced body over the size limit,
     /// and the client's (or the address's) request limits.
-    fn before_body(
+    async fn before_body(
         &self,
         ctx: &mut RequestCtx,
         announced: Option<usize>,
@@ -101,7 +101,7 @@ impl GatewayProxy {
         if announced.is_some_and(|len| len > gw.bodies.max_bytes) {
             return Err(LocalResponse::too_large(gw.bodies.max_bytes));
         }
-        gw.admit_request(ctx, announced.unwrap_or(0))
+        gw.admit_request(ctx, announced.unwrap_or(0)).await
     }
 
     /// Asks the retry policy about the attempt that just ended and keeps its decision there.
@@ -164,7 +164,7 @@ impl ProxyHttp for GatewayProxy {
         // Everything that can refuse the request without its body does so before a byte of it
         // is read (and before any `100 Continue` invites it).
         let announced = body_replay::content_length(session);
-        if let Err(resp) = self.before_body(ctx, announced) {
+        if let Err(resp) = self.before_body(ctx, announced).await {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }

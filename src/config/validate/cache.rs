@@ -41,14 +41,14 @@ pub(super) fn route_cache(at: &Scope, c: &RouteCacheFile) -> Result<CachePolicy,
 }
 
 /// `cache_store:`: the in-memory store's size, large enough for every route's `max_entry`.
-/// The Redis store is refused: it needs the `redis:` section, which keygate does not have yet.
+/// The Redis store is refused: it is not built yet.
 pub(super) fn cache_store(
     cx: &Ctx,
     store: Option<&CacheStoreFile>,
     routes: &[RouteConfig],
 ) -> Result<u64, ConfigError> {
     if store.is_some_and(|s| s.redis.is_some()) {
-        let reason = "a Redis cache store needs the `redis:` section, which this keygate does not have yet; use `cache_store: { memory: 256MiB }`";
+        let reason = "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`";
         return Err(cx.err("cache_store.redis", reason));
     }
     let memory = store.and_then(|s| s.memory).map_or(DEFAULT_MEMORY, |m| m.0);
@@ -133,12 +133,12 @@ mod tests {
             (
                 with_top("cache_store: { redis: { url: \"redis://127.0.0.1:6379\" } }"),
                 "cache_store.redis",
-                "a Redis cache store needs the `redis:` section, which this keygate does not have yet; use `cache_store: { memory: 256MiB }`",
+                "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`",
             ),
             (
                 with_top("cache_store: redis"),
                 "cache_store.redis",
-                "a Redis cache store needs the `redis:` section, which this keygate does not have yet; use `cache_store: { memory: 256MiB }`",
+                "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`",
             ),
         ];
         for (yaml, field, reason) in cases {

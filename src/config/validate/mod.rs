@@ -9,6 +9,7 @@ mod guards;
 mod keys;
 mod listen;
 mod outputs;
+mod redis;
 mod routes;
 mod server;
 #[cfg(test)]
@@ -144,8 +145,13 @@ pub fn validate_with(
         clients::trusted_proxies(&cx, &file.trusted_proxies, file.client_ip_header.as_deref())?;
     let guards = guards::guards(&cx, file.guards.as_ref())?;
     let cache_memory = cache::cache_store(&cx, file.cache_store.as_ref(), &routes)?;
+    let redis = match &file.redis {
+        None => None,
+        Some(r) => Some(redis::redis(&cx.at("redis"), r)?),
+    };
     Ok(Config {
         cache_memory,
+        redis,
         path: path.to_path_buf(),
         server,
         listen,

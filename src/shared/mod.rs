@@ -1,0 +1,17 @@
+//! State shared by several instances through Redis (or Valkey): key states and client limits.
+//!
+//! Without a `redis:` section none of this runs and every state is local, as before. With one:
+//! - [`key_sync`]: cooldowns, disables and re-enables made on any instance reach every other
+//!   within milliseconds (pub/sub), with a hash in Redis as the truth that a starting or
+//!   reconnecting instance loads; key selection stays local and lock-free;
+//! - [`limits`]: client limits and budgets counted in Redis, one round trip per request;
+//! - [`link`]: the connection and its health: Redis trouble never stops or slows traffic beyond
+//!   the configured timeout, and [`service`] brings states back in step when Redis returns.
+
+pub mod key_sync;
+pub mod limits;
+pub mod link;
+pub mod service;
+
+pub use limits::{Admitted, SharedLimits, Verdict};
+pub use service::Shared;
