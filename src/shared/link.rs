@@ -136,6 +136,19 @@ pub struct Link {
     metrics: &'static Metrics,
 }
 
+/// The operation labels of the Redis metrics, so that every series exists from the start.
+pub const OPS: [&str; 9] = [
+    "admit",
+    "settle",
+    "release",
+    "push_budget",
+    "key_event",
+    "load_keys",
+    "prune_keys",
+    "subscribe",
+    "ping",
+];
+
 /// How long background work (loading all key states, pushing local ones) may take: it holds no
 /// request up, and a cluster's first answer may need a redirection or two.
 pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -144,6 +157,10 @@ impl Link {
     /// A link not connected yet, marked down.
     pub fn new(timeout: Duration, metrics: &'static Metrics) -> Arc<Self> {
         metrics.redis_up.set(0);
+        for op in OPS {
+            metrics.redis_op_duration.with_label_values(&[op]);
+            metrics.redis_errors.with_label_values(&[op]);
+        }
         Arc::new(Link {
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
@@ -218,6 +235,7 @@ impl Link {
         let Some(conn) = self.conn.read().clone() else {
             return Err(LinkError::Down);
         };
+        debug_assert!(OPS.contains(&op), "{op} is not in OPS");
         let started = Instant::now();
         let out = match tokio::time::timeout(limit, f(conn)).await {
             Ok(Ok(v)) => Ok(v),

@@ -51,6 +51,10 @@ impl Shared {
         clock: SharedClock,
         metrics: &'static Metrics,
     ) -> Arc<Self> {
+        for direction in ["sent", "applied"] {
+            metrics.shared_key_events.with_label_values(&[direction]);
+        }
+        metrics.shared_key_event_delay.with_label_values::<&str>(&[]);
         let instance = format!("{:016x}", rand::random::<u64>());
         let link = Link::new(cfg.timeout, metrics);
         let book = Arc::new(KeyBook::new(instance.clone(), pools, clock.clone()));

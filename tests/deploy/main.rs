@@ -10,6 +10,7 @@
 #[path = "../utils/mod.rs"]
 mod utils;
 
+mod compose;
 mod docker;
 mod grafana;
 mod kit;
@@ -106,7 +107,8 @@ fn code_lines(script: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The environment variables a keygate config names with `env:`.
+/// The environment variables a keygate config names: keys' `env:`, clients' `token_env:` and
+/// Redis's `password_env:`.
 fn env_vars_named(config: &Value) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(ups) = config["upstreams"].as_mapping() {
@@ -115,6 +117,14 @@ fn env_vars_named(config: &Value) -> BTreeSet<String> {
                 out.insert(s(&k["env"]).to_string());
             }
         }
+    }
+    for c in config["clients"].as_sequence().into_iter().flatten() {
+        if let Some(var) = c["token_env"].as_str() {
+            out.insert(var.to_string());
+        }
+    }
+    if let Some(var) = config["redis"]["password_env"].as_str() {
+        out.insert(var.to_string());
     }
     out
 }
