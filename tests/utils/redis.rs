@@ -3,7 +3,7 @@
 //!
 //! Every server is a `redis-server` child on a free loopback port with its own temp dir, no
 //! persistence, owned by a [`ChildGuard`] so it stops also when an assertion panics. A missing
-//! `redis-server` or `redis-cli` fails the test (install them with `make deps`); nothing is skipped.
+//! `redis-server` fails the test (`make deps` installs it); nothing is skipped.
 //! Commands go over a small RESP client ([`redis_cmd`]), so polling spawns no processes.
 
 use super::{free_port, signal, ChildGuard};
@@ -27,6 +27,8 @@ const POLL: Duration = Duration::from_millis(20);
 const PORT_ATTEMPTS: usize = 5;
 /// Connect, read and write limit of one command.
 const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hash slots of a Redis Cluster.
+const SLOTS: usize = 16384;
 
 /// What to tell whoever lacks the Redis tools.
 const INSTALL_HINT: &str =
@@ -168,6 +170,12 @@ impl Node {
         }
     }
 
+    /// The value given to `flag` in the extra arguments.
+    fn arg(&self, flag: &str) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == flag)?;
+        self.extra.get(at + 1).map(String::as_str)
+    }
+
     /// [`redis_cmd`] on this node, panicking if the exchange fails.
     fn cmd(&self, args: &[&str]) -> String {
         redis_cmd(self.port, args)
@@ -261,8 +269,8 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts `masters` nodes (at least 3, Redis's minimum), joins them with
-    /// `redis-cli --cluster create`, and waits until every node reports `cluster_state:ok`.
+    /// Starts `masters` nodes (at least 3, Redis's minimum), joins them as `redis-cli --cluster
+    /// create` would, and waits until every node reports `cluster_state:ok` and knows them all.
     pub fn start(masters: usize) -> RedisCluster {
         assert!(masters >= 3, "a Redis Cluster needs at least 3 masters");
         let nodes: Vec<Node> = (0..masters)
@@ -291,37 +299,42 @@ impl RedisCluster {
         cluster
     }
 
-    /// Assigns the slots and joins the nodes with `redis-cli --cluster create`.
+    /// Assigns each node an equal share of the slots and a distinct config epoch, then makes
+    /// the first node meet the others (what `redis-cli --cluster create` does, without its
+    /// one-second polls for the join).
     fn create(&self) {
-        let mut cmd = Command::new("redis-cli");
-        cmd.arg("--cluster").arg("create");
-        for port in self.ports() {
-            cmd.arg(format!("127.0.0.1:{port}"));
+        let n = self.nodes.len();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let first = (SLOTS * i / n).to_string();
+            let last = (SLOTS * (i + 1) / n - 1).to_string();
+            let reply = node.cmd(&["CLUSTER", "ADDSLOTSRANGE", &first, &last]);
+            assert_eq!(reply, "OK", "ADDSLOTSRANGE on port {}", node.port);
+            let epoch = (i + 1).to_string();
+            let reply = node.cmd(&["CLUSTER", "SET-CONFIG-EPOCH", &epoch]);
+            assert_eq!(reply, "OK", "SET-CONFIG-EPOCH on port {}", node.port);
         }
-        cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = ChildGuard::spawn(&mut cmd, &format!("redis-cli ({INSTALL_HINT})"));
-        let out = child
-            .wait_output(CLUSTER_LIMIT)
-            .unwrap_or_else(|| panic!("redis-cli --cluster create ran over {CLUSTER_LIMIT:?}"));
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for node in &self.nodes[1..] {
+            let port = node.port.to_string();
+            let bus = node.arg("--cluster-port").unwrap();
+            let reply = self.nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &port, bus]);
+            assert_eq!(reply, "OK", "CLUSTER MEET of port {port}");
+        }
     }
 
-    /// Waits until every node reports `cluster_state:ok`.
+    /// Waits until every node reports `cluster_state:ok`, every slot served and every node known.
+    /// A master turns ok at least 2 s after its start (Redis's writable delay), so this takes
+    /// about that long.
     fn wait_ok(&self) {
         let deadline = Instant::now() + CLUSTER_LIMIT;
+        let want = [
+            "cluster_state:ok".to_string(),
+            format!("cluster_slots_ok:{SLOTS}"),
+            format!("cluster_known_nodes:{}", self.nodes.len()),
+        ];
         for node in &self.nodes {
             loop {
                 let info = node.cmd(&["CLUSTER", "INFO"]);
-                if info.contains("cluster_state:ok") {
+                if want.iter().all(|w| info.lines().any(|l| l == w)) {
                     break;
                 }
                 assert!(
