@@ -44,6 +44,21 @@ fn three_masters_form_a_cluster_with_every_node_ok() {
             "node {node}:\n{info}"
         );
     }
+    // Every slot has one owner: exactly one node takes the key, the others redirect.
+    let replies: Vec<String> = (0..3).map(|n| cluster.cmd(n, &["SET", "k", "v"])).collect();
+    assert_eq!(
+        replies.iter().filter(|r| *r == "OK").count(),
+        1,
+        "{replies:?}"
+    );
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| r.starts_with("(error) MOVED"))
+            .count(),
+        2,
+        "{replies:?}"
+    );
 }
 
 /// How long one SET through `port` takes, on a blocking thread.
