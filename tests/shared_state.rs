@@ -3,6 +3,8 @@
 //! re-enable reach every instance; rpm and budgets hold across instances; Redis killed,
 //! restarted or slowed never fails a request.
 
+#![allow(clippy::unwrap_used)]
+
 mod utils;
 
 use std::time::{Duration, Instant};
@@ -63,7 +65,7 @@ impl Instance {
                     self.kg.log_text()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -125,32 +127,46 @@ async fn a_429_on_one_instance_keeps_the_others_off_that_key_within_100ms() {
         let model = format!("m-{trial}");
         hit_bad_key(&a, &mock, &model).await;
         let t0 = Instant::now();
-        for other in [&b, &c] {
-            other
-                .wait_metric(
-                    "keygate_shared_key_events_total",
-                    &applied,
-                    f64::from(trial + 1),
-                    Duration::from_secs(5),
-                )
-                .await;
-        }
+        let want = f64::from(trial + 1);
+        let limit = Duration::from_secs(5);
+        tokio::join!(
+            b.wait_metric("keygate_shared_key_events_total", &applied, want, limit),
+            c.wait_metric("keygate_shared_key_events_total", &applied, want, limit),
+        );
         delays.push(t0.elapsed());
     }
     delays.sort();
     let (p50, p99) = (delays[49], delays[98]);
-    println!("cooldown propagation over 100 trials: p50 {p50:?}, p99 {p99:?}, max {:?}", delays[99]);
+    println!(
+        "cooldown propagation over 100 trials: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        delays[99]
+    );
     assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
-    // B and C now keep off the bad key for those models: their requests never reach it.
+    // B and C now keep off the bad key for those models: their requests never reach it (the
+    // last ones: a key keeps a bounded number of per-model cooldowns, the oldest go first).
     let before = mock.count("sk-bad").await;
-    for trial in 0..10 {
+    for trial in 95..100 {
         for other in [&b, &c] {
             assert_eq!(other.post(&format!("m-{trial}")).await.status(), 200);
         }
     }
-    assert_eq!(mock.count("sk-bad").await, before, "B and C skipped the cooling key");
-    // The instance itself also measures the delay.
-    assert!(b.metric("keygate_shared_key_event_delay_seconds_count", &[]).await >= 100.0);
+    assert_eq!(
+        mock.count("sk-bad").await,
+        before,
+        "B and C skipped the cooling key"
+    );
+    // The instance itself also measures the delay, from the change's time to its application.
+    let count = b
+        .metric("keygate_shared_key_event_delay_seconds_count", &[])
+        .await;
+    let total = b
+        .metric("keygate_shared_key_event_delay_seconds_sum", &[])
+        .await;
+    println!(
+        "as B measured it: mean {:.2} ms over {count} changes",
+        total / count * 1000.0
+    );
+    assert!(count >= 100.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +250,15 @@ async fn rpm_holds_across_three_instances() {
     let section = redis_section(&redis.url(), ", instances: 3");
     let start = || {
         Instance::start(
-            |m| instance_yaml(&mock, "{ name: good, env: K_GOOD }", "rpm: 120", &section, m),
+            |m| {
+                instance_yaml(
+                    &mock,
+                    "{ name: good, env: K_GOOD }",
+                    "rpm: 120",
+                    &section,
+                    m,
+                )
+            },
             KEY_ENV,
         )
     };
@@ -272,7 +296,10 @@ async fn a_budget_is_not_overspent_by_more_than_one_request_per_instance() {
     assert!(limited > 0, "the budget ran out");
     // Up to 8 requests are in flight at once, holding reservations when the last ones come.
     assert!(spent + 8 * largest >= 2000, "the budget was used: {spent}");
-    assert!(spent <= 2000 + 3 * largest, "overspent: {spent} (largest request {largest})");
+    assert!(
+        spent <= 2000 + 3 * largest,
+        "overspent: {spent} (largest request {largest})"
+    );
     // Every instance now refuses, with the budget's code.
     for i in [&a, &b, &c] {
         let r = i.post("gpt-4o-mini").await;
@@ -298,9 +325,14 @@ async fn redis_killed_and_restarted_under_load_fails_no_request_and_states_conve
     b.wait_redis_up(true).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
-    for (n, url) in [a.kg.url.clone(), b.kg.url.clone(), a.kg.url.clone(), b.kg.url.clone()]
-        .into_iter()
-        .enumerate()
+    for (n, url) in [
+        a.kg.url.clone(),
+        b.kg.url.clone(),
+        a.kg.url.clone(),
+        b.kg.url.clone(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let stop = stop.clone();
         load.push(tokio::spawn(async move {
@@ -356,7 +388,11 @@ async fn redis_killed_and_restarted_under_load_fails_no_request_and_states_conve
     for _ in 0..4 {
         assert_eq!(b.post("during-outage").await.status(), 200);
     }
-    assert_eq!(mock.count("sk-bad").await, before, "B keeps off the key A cooled");
+    assert_eq!(
+        mock.count("sk-bad").await,
+        before,
+        "B keeps off the key A cooled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +402,15 @@ async fn a_slow_redis_adds_no_wait_beyond_the_timeout() {
     let mock = Mock::start(&["--key", "sk-good=ok"]);
     let section = redis_section(&proxy.url(), ", timeout: 50ms");
     let inst = Instance::start(
-        |m| instance_yaml(&mock, "{ name: good, env: K_GOOD }", "rpm: 100000", &section, m),
+        |m| {
+            instance_yaml(
+                &mock,
+                "{ name: good, env: K_GOOD }",
+                "rpm: 100000",
+                &section,
+                m,
+            )
+        },
         KEY_ENV,
     );
     inst.wait_redis_up(true).await;
@@ -401,11 +445,16 @@ async fn an_unreachable_redis_at_start_is_a_warning_and_traffic_flows() {
     for _ in 0..5 {
         assert_eq!(inst.post("gpt-4o-mini").await.status(), 200);
     }
-    assert_eq!(inst.post("gpt-4o-mini").await.status(), 429, "local limits still hold");
+    assert_eq!(
+        inst.post("gpt-4o-mini").await.status(),
+        429,
+        "local limits still hold"
+    );
     assert_eq!(inst.metric("keygate_redis_up", &[]).await, 0.0);
     let metrics = scrape(inst.mport).await;
     assert!(
-        sum(&metrics, "keygate_redis_errors_total", &[]) > 0.0 || inst.kg.log_text().contains("Redis"),
+        sum(&metrics, "keygate_redis_errors_total", &[]) > 0.0
+            || inst.kg.log_text().contains("Redis"),
         "the trouble is visible"
     );
     let ready = utils::metrics_get(inst.mport, "/readyz").await;

@@ -129,6 +129,24 @@ struct ClientSlot {
     name: String,
     limits: Limits,
     fallback: Arc<Limiter>,
+    /// A moving average of the tokens its requests really used: a request's reservation is at
+    /// least this, so that estimates that run short (no `max_tokens`) do not let concurrent
+    /// requests overspend a budget.
+    typical: AtomicU64,
+}
+
+impl ClientSlot {
+    /// Folds one request's real usage into [`ClientSlot::typical`] (weight 1/8).
+    fn learn(&self, used: u64) {
+        let old = self.typical.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            used
+        } else {
+            let (o, u) = (i128::from(old), i128::from(used));
+            u64::try_from(o + (u - o) / 8).unwrap_or(old)
+        };
+        self.typical.store(new, Ordering::Relaxed);
+    }
 }
 
 /// Client limits shared through Redis.
@@ -218,11 +236,13 @@ impl Admitted {
                 if let Some((owner, client)) = shared {
                     let used = actual.unwrap_or_else(|| admission.estimate());
                     owner.remember_spent(client, used);
+                    owner.learn(client, actual);
                 }
                 admission.settle(actual);
             }
             Admitted::Shared(mut s) => {
-                let used = actual.unwrap_or(s.estimate);
+                s.owner.learn(s.client, actual);
+                let used = actual.unwrap_or(s.estimate.max(s.reserved));
                 s.finish(used, false);
             }
         }
@@ -381,6 +401,7 @@ impl SharedLimits {
                 name: name.clone(),
                 limits: *limits,
                 fallback: Limiter::new(limits.share(instances), clock.clone()),
+                typical: AtomicU64::new(0),
             })
             .collect();
         Arc::new(SharedLimits {
@@ -417,6 +438,7 @@ impl SharedLimits {
             return Verdict::Unavailable(LinkError::Down);
         };
         let l = slot.limits;
+        let reserve = estimate.max(slot.typical.load(Ordering::Relaxed));
         let wall = self.clock.wall();
         let period = l.budget.map(|b| period_id(b.per, wall));
         let keys = self.keys(client, period);
@@ -440,7 +462,7 @@ impl SharedLimits {
                     .arg(l.tpm.unwrap_or(0))
                     .arg(l.concurrency.unwrap_or(0))
                     .arg(l.budget.map_or(0, |b| b.tokens))
-                    .arg(estimate)
+                    .arg(reserve)
                     .arg(rid)
                     .arg(u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX))
                     .arg(k.budget_ttl_s)
@@ -464,7 +486,7 @@ impl SharedLimits {
                     keys,
                     id,
                     budget_period: period.map(|p| p.0),
-                    reserved: estimate,
+                    reserved: reserve,
                     estimate,
                     admitted_sec,
                     settled: false,
@@ -485,6 +507,13 @@ impl SharedLimits {
     /// The local share of client `client`'s limits, for when Redis is away.
     pub fn fallback(&self, client: usize) -> Option<&Arc<Limiter>> {
         self.clients.get(client).map(|c| &c.fallback)
+    }
+
+    /// Folds a request's reported usage into the client's typical size.
+    fn learn(&self, client: usize, actual: Option<u64>) {
+        if let (Some(slot), Some(used)) = (self.clients.get(client), actual) {
+            slot.learn(used);
+        }
     }
 
     /// Notes budget tokens spent on the local share, to add to the shared budget later.
@@ -534,21 +563,28 @@ impl SharedLimits {
                 continue; // that period is over: nothing to charge
             }
             let keys = self.keys(client, Some((period, left)));
+            let script = self.settle.clone();
             let out = self
                 .link
-                .timed("push_budget", super::link::BACKGROUND_TIMEOUT, |mut c| {
-                    let k = keys.clone();
-                    async move {
-                        redis::pipe()
-                            .atomic()
-                            .incr(&k.budget, tokens)
-                            .ignore()
-                            .expire(&k.budget, i64::try_from(k.budget_ttl_s).unwrap_or(i64::MAX))
-                            .ignore()
-                            .query_async::<()>(&mut c)
+                .timed(
+                    "push_budget",
+                    super::link::BACKGROUND_TIMEOUT,
+                    |mut c| async move {
+                        // The settlement script with only a budget correction: one slot, atomic.
+                        script
+                            .key(&keys.rpm)
+                            .key(&keys.tpm)
+                            .key(&keys.conc)
+                            .key(&keys.budget)
+                            .arg("")
+                            .arg(0)
+                            .arg(tokens)
+                            .arg(0)
+                            .arg(keys.budget_ttl_s)
+                            .invoke_async::<i64>(&mut c)
                             .await
-                    }
-                })
+                    },
+                )
                 .await;
             if out.is_err() {
                 self.add_unpushed(client, period, tokens);
@@ -590,6 +626,22 @@ fn rejection(l: &Limits, kind: LimitKind, wait: Duration, requests: i64, tokens:
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_typical_size_starts_at_the_first_usage_and_moves_an_eighth_of_the_way() {
+        let slot = ClientSlot {
+            name: "app".into(),
+            limits: Limits::default(),
+            fallback: Limiter::new(Limits::default(), crate::clock::system()),
+            typical: AtomicU64::new(0),
+        };
+        slot.learn(80);
+        assert_eq!(slot.typical.load(Ordering::Relaxed), 80);
+        slot.learn(160);
+        assert_eq!(slot.typical.load(Ordering::Relaxed), 90);
+        slot.learn(10);
+        assert_eq!(slot.typical.load(Ordering::Relaxed), 80);
+    }
 
     #[test]
     fn a_shared_refusal_carries_the_shared_counts_in_openai_headers() {

@@ -54,7 +54,9 @@ impl Shared {
         for direction in ["sent", "applied"] {
             metrics.shared_key_events.with_label_values(&[direction]);
         }
-        metrics.shared_key_event_delay.with_label_values::<&str>(&[]);
+        metrics
+            .shared_key_event_delay
+            .with_label_values::<&str>(&[]);
         let instance = format!("{:016x}", rand::random::<u64>());
         let link = Link::new(cfg.timeout, metrics);
         let book = Arc::new(KeyBook::new(instance.clone(), pools, clock.clone()));
@@ -106,13 +108,19 @@ impl Shared {
         let out = self
             .link
             .timed("key_event", BACKGROUND_TIMEOUT, |mut c| async move {
-                let mut p = redis::pipe();
-                match write {
-                    HashWrite::Set { field, value } => p.hset(&hash, field, value).ignore(),
-                    HashWrite::Delete { field } => p.hdel(&hash, field).ignore(),
+                // Two commands at once rather than a pipeline: on a cluster the hash and the
+                // channel live in different slots.
+                let store = match write {
+                    HashWrite::Set { field, value } => redis::Cmd::hset(&hash, field, value),
+                    HashWrite::Delete { field } => redis::Cmd::hdel(&hash, field),
                 };
-                p.publish(&channel, payload).ignore();
-                p.query_async::<()>(&mut c).await
+                let publish = redis::Cmd::publish(&channel, payload);
+                let mut c2 = c.clone();
+                let (stored, published) = tokio::join!(
+                    store.query_async::<()>(&mut c),
+                    publish.query_async::<()>(&mut c2)
+                );
+                stored.and(published)
             })
             .await;
         match out {

@@ -7,6 +7,7 @@
 use crate::grafana::{dashboard, dashboard_exprs, variable_selectors};
 use crate::prometheus::alert_exprs;
 use crate::promql::{check_promql, TARGET_LABELS};
+use crate::utils::redis::RedisServer;
 use crate::utils::{chat, client, free_port, scrape, Keygate, Mock};
 use keygate::metrics::{MetricKind, CATALOGUE};
 use std::collections::{BTreeMap, BTreeSet};
@@ -132,9 +133,11 @@ const ENV: &[(&str, &str)] = &[
     ("TOKEN_TINY", "kg-live-tiny-0123456789"),
 ];
 
-fn config(mock: &Mock, metrics_port: u16) -> String {
+/// The config: with `redis:` on a real server, so that the shared-state series exist too.
+fn config(mock: &Mock, metrics_port: u16, redis_url: &str) -> String {
     format!(
         "metrics: {{ addr: 127.0.0.1:{metrics_port} }}\n\
+         redis: {{ url: \"{redis_url}\" }}\n\
          guards: {{ max_headers: 20 }}\n\
          clients:\n  - {{ name: team, token_env: TOKEN_TEAM }}\n  \
          - {{ name: tiny, token_env: TOKEN_TINY, limits: {{ rpm: 1 }} }}\n\
@@ -182,8 +185,19 @@ async fn too_many_headers(kg: &Keygate) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_use_only_series_and_labels_a_running_keygate_exports() {
     let mock = Mock::start(MOCK_KEYS);
+    let redis = RedisServer::start();
     let mport = free_port();
-    let kg = Keygate::start(&config(&mock, mport), ENV);
+    let kg = Keygate::start(&config(&mock, mport, &redis.url()), ENV);
+    // Limits are counted in Redis once it is reached; until then on the local share.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scrape(mport).await.contains("\nkeygate_redis_up 1") {
+        assert!(
+            Instant::now() < deadline,
+            "Redis never up:\n{}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (team, tiny) = (ENV[3].1, ENV[4].1);
 
     // Successes; one of the first two meets the refused key, which is disabled, and is retried.
