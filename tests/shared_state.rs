@@ -492,3 +492,109 @@ async fn a_redis_cluster_of_three_masters_works_like_a_single_server() {
     println!("rpm 40 over a cluster: {ok} admitted, {limited} refused");
     assert!((34..=40).contains(&ok), "admitted {ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_holds_across_instances_and_slots_come_back() {
+    let redis = RedisServer::start();
+    let mock = Mock::start(&["--key", "sk-good=ok:latency=1500ms"]);
+    let section = redis_section(&redis.url(), ", instances: 2");
+    let start = || {
+        Instance::start(
+            |m| {
+                instance_yaml(
+                    &mock,
+                    "{ name: good, env: K_GOOD }",
+                    "concurrency: 2",
+                    &section,
+                    m,
+                )
+            },
+            KEY_ENV,
+        )
+    };
+    let (a, b) = (start(), start());
+    a.wait_redis_up(true).await;
+    b.wait_redis_up(true).await;
+    // Two slow requests, one on each instance, hold both slots of the group.
+    let (a_url, b_url) = (a.kg.url.clone(), b.kg.url.clone());
+    let slow = |url: String| {
+        tokio::spawn(async move {
+            client()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(TOKEN)
+                .json(&chat("gpt-4o-mini"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let held = [slow(a_url), slow(b_url)];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.count("sk-good").await < 2 {
+        assert!(Instant::now() < deadline, "the slow requests never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for inst in [&a, &b] {
+        let r = inst.post("gpt-4o-mini").await;
+        assert_eq!(r.status(), 429, "a third request anywhere is refused");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "concurrency_limit");
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    // The slots are given back after the answers (settled off the request's path).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held = redis.cmd(&["ZCARD", "keygate:{client:app}:conc"]);
+        if held.trim() == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots still held: {held}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_spent_while_redis_was_away_is_added_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start(&["--key", "sk-good=ok"]);
+    let section = redis_section(&redis.url(), ", instances: 2");
+    let limits = "budget: { tokens: 100000, per: day }";
+    let inst = Instance::start(
+        |m| instance_yaml(&mock, "{ name: good, env: K_GOOD }", limits, &section, m),
+        KEY_ENV,
+    );
+    inst.wait_redis_up(true).await;
+    redis.kill9();
+    inst.wait_redis_up(false).await;
+    let mut spent = 0;
+    for _ in 0..5 {
+        let r = inst.post("gpt-4o-mini").await;
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        spent += body["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    redis.restart();
+    inst.wait_redis_up(true).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys = redis.cmd(&["KEYS", "keygate:{client:app}:budget:*"]);
+        let used: u64 = keys
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(|k| redis.cmd(&["GET", k]).trim().parse::<u64>().unwrap_or(0))
+            .sum();
+        if used == spent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis has {used} of the {spent} tokens spent alone:\n{}",
+            inst.kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
