@@ -170,6 +170,11 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
             crate::metrics::global(),
         );
         gw.share_limits(shared.limits().clone());
+        if config.cache_redis {
+            if let Some(cache) = gw.options.cache.as_ref() {
+                cache.share(shared.answers());
+            }
+        }
         shared
     });
     if let Some(path) = &config.state_file {

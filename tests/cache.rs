@@ -438,3 +438,75 @@ async fn only_the_answer_of_the_attempt_that_succeeded_is_stored() {
     );
     assert_eq!(mock.count("sk-one").await + mock.count("sk-two").await, 2);
 }
+
+/// Waits (bounded) until the instance on `mport` reports Redis up.
+async fn wait_redis_up(mport: u16, kg: &Keygate) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !scrape(mport).await.contains("\nkeygate_redis_up 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never up:\n{}",
+            kg.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_answers_through_redis_and_a_dead_redis_means_misses() {
+    let mut redis = utils::redis::RedisServer::start();
+    let mock = Mock::start(&[]);
+    let shared = format!(
+        "redis: {{ url: \"{}\" }}\ncache_store: {{ memory: 8MiB, redis: true }}\n",
+        redis.url()
+    );
+    let (pa, pb) = (free_port(), free_port());
+    let a = Keygate::start(
+        &format!("{shared}{}", config(&mock, "{ ttl: 1h }", "", pa)),
+        ENV,
+    );
+    let b = Keygate::start(
+        &format!("{shared}{}", config(&mock, "{ ttl: 1h }", "", pb)),
+        ENV,
+    );
+    wait_redis_up(pa, &a).await;
+    wait_redis_up(pb, &b).await;
+
+    // A fetches the answer; B, which never saw the request, answers it from Redis.
+    let body = question("shared between instances");
+    let (status, cache, first) = chat_as(&a, TOKEN_A, &body, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    let upstream = mock.count("sk-one").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        let (status, cache, text) = chat_as(&b, TOKEN_A, &body, &[]).await;
+        assert_eq!(status, 200);
+        if cache == "hit" {
+            break text;
+        }
+        // The answer is written to Redis after A's answer went out: B may ask first.
+        assert!(std::time::Instant::now() < deadline, "B never hit: {cache}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(again, first, "the same answer, byte for byte");
+    let keys = redis.cmd(&["KEYS", "keygate:cache:*"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 1, "{keys}");
+    let ttl: i64 = redis.cmd(&["PTTL", keys.trim()]).trim().parse().unwrap();
+    assert!(
+        ttl > 3_500_000 && ttl <= 3_600_000,
+        "the route's ttl: {ttl}"
+    );
+    // Client isolation holds across instances too.
+    let (_, cache, _) = chat_as(&b, TOKEN_B, &body, &[]).await;
+    assert_eq!(cache, "miss", "client b never gets client a's answer");
+    let seen = mock.count("sk-one").await;
+    assert!(seen >= upstream, "{seen}");
+
+    // Redis gone: a new question is a miss answered normally, never an error.
+    redis.kill9();
+    for i in 0..3 {
+        let (status, cache, _) =
+            chat_as(&b, TOKEN_A, &question(&format!("while down {i}")), &[]).await;
+        assert_eq!((status, cache.as_str()), (200, "miss"));
+    }
+}

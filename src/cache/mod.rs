@@ -6,6 +6,7 @@
 //! - [`entry`]: what is stored of an answer, and the capture that collects it.
 //! - [`store`]: the bounded in-memory store (`moka`), TTL per entry.
 //! - [`flight`]: concurrent identical misses send one request upstream.
+//! - [`wire`]: a stored answer as bytes, for a [`SharedStore`] (Redis) behind the memory one.
 //!
 //! [`plan`] decides what a request does with the cache; [`ResponseCache::lookup`] finds its
 //! entry or makes it the miss that fetches one. The proxy glue writes hits and feeds captures.
@@ -15,6 +16,7 @@ pub mod entry;
 pub mod flight;
 pub mod key;
 pub mod store;
+pub mod wire;
 
 use crate::clock::SharedClock;
 use crate::usage::Usage;
@@ -200,12 +202,23 @@ pub enum Lookup {
     Miss(Option<Leader>),
 }
 
+/// A store of answers shared with other instances (Redis), looked up after the in-memory one
+/// misses. Its failures are misses, never errors.
+#[async_trait::async_trait]
+pub trait SharedStore: Send + Sync {
+    /// The bytes stored under `key` ([`wire`] format), if any.
+    async fn get(&self, key: &CacheKey) -> Option<Vec<u8>>;
+    /// Stores `bytes` under `key` for `ttl`, without making the caller wait.
+    fn put(&self, key: &CacheKey, bytes: Vec<u8>, ttl: Duration);
+}
+
 /// The gateway's response cache: the store, the misses in flight, and each route's policy.
 pub struct ResponseCache {
     store: Store,
     flights: Arc<Flights>,
     policies: Vec<Option<CachePolicy>>,
     follower_wait: Duration,
+    shared: std::sync::OnceLock<Arc<dyn SharedStore>>,
 }
 
 impl ResponseCache {
@@ -216,7 +229,24 @@ impl ResponseCache {
             flights: Flights::new(),
             policies,
             follower_wait: FOLLOWER_WAIT,
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Looks answers up in `shared` too, and stores them there (set once, at start).
+    pub fn share(&self, shared: Arc<dyn SharedStore>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// The entry for `key` in memory, or else in the shared store (then kept in memory too).
+    async fn find(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Found> {
+        if let Some(found) = self.store.get(key, max_age) {
+            return Some(found);
+        }
+        let bytes = self.shared.get()?.get(key).await?;
+        let answer = wire::decode(&bytes, self.store.wall(), self.store.now())?;
+        self.store.insert(*key, answer);
+        self.store.get(key, max_age)
     }
 
     /// The policy of route `route`, if it caches.
@@ -232,7 +262,7 @@ impl ResponseCache {
             // `no-cache`: a fresh answer is wanted, not the one a twin is fetching.
             return Lookup::Miss(None);
         }
-        if let Some(found) = self.store.get(&key, max_age) {
+        if let Some(found) = self.find(&key, max_age).await {
             return Lookup::Hit(found);
         }
         match self.flights.join(key) {
@@ -257,6 +287,10 @@ impl ResponseCache {
     ) -> bool {
         match capture.finish(usage, self.store.now(), ttl) {
             Some(answer) => {
+                if let Some(shared) = self.shared.get() {
+                    let bytes = wire::encode(&answer, Duration::ZERO, self.store.wall());
+                    shared.put(&key, bytes, answer.ttl);
+                }
                 self.store.insert(key, answer);
                 // Evictions and the byte count settle now (on a miss, which waited for an
                 // upstream anyway), so the gauge and the bound hold at once.

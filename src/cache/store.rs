@@ -88,6 +88,11 @@ impl Store {
     pub fn now(&self) -> Instant {
         self.clock.now()
     }
+
+    /// Wall-clock now, for entries shared with other instances.
+    pub fn wall(&self) -> std::time::SystemTime {
+        self.clock.wall()
+    }
 }
 
 #[cfg(test)]

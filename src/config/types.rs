@@ -100,15 +100,14 @@ pub enum RedisUrls {
     Cluster(Vec<String>),
 }
 
-/// The response cache's store (`cache_store:`): `{ memory: 256MiB }`. `redis` (as a name or a
-/// section) is recognised only so that validation can say it is not built yet; its content is
-/// never read.
+/// The response cache's store (`cache_store:`): `{ memory: 256MiB, redis: true }`, or `memory`
+/// or `redis` alone.
 #[derive(Debug, Default)]
 pub struct CacheStoreFile {
-    /// Bytes of answers kept in memory.
+    /// Bytes of answers kept in memory (in front of Redis when `redis` is true).
     pub memory: Option<ByteSize>,
-    /// Asked for a Redis store (refused by validation).
-    pub redis: Option<serde::de::IgnoredAny>,
+    /// Share answers with the other instances through the `redis:` section's server.
+    pub redis: Option<bool>,
 }
 
 /// `cache_store:` written as a section.
@@ -118,7 +117,7 @@ struct CacheStoreMap {
     #[serde(default)]
     memory: Option<ByteSize>,
     #[serde(default)]
-    redis: Option<serde::de::IgnoredAny>,
+    redis: Option<bool>,
 }
 
 impl<'de> Deserialize<'de> for CacheStoreFile {
@@ -134,10 +133,10 @@ impl<'de> Deserialize<'de> for CacheStoreFile {
                     "memory" => Ok(CacheStoreFile::default()),
                     "redis" => Ok(CacheStoreFile {
                         memory: None,
-                        redis: Some(serde::de::IgnoredAny),
+                        redis: Some(true),
                     }),
                     other => Err(E::custom(format!(
-                        "unknown cache store {other:?} (use `{{ memory: 256MiB }}`)"
+                        "unknown cache store {other:?} (use `{{ memory: 256MiB }}` or `{{ redis: true }}`)"
                     ))),
                 }
             }

@@ -49,6 +49,8 @@ pub struct Config {
     pub guards: GuardsConfig,
     /// Bytes of the in-memory response cache (used when a route has `cache:`).
     pub cache_memory: u64,
+    /// Whether cached answers are shared through [`Config::redis`].
+    pub cache_redis: bool,
     /// The Redis shared by several instances; `None`: every state is local.
     pub redis: Option<RedisConfig>,
 }

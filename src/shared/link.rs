@@ -137,7 +137,7 @@ pub struct Link {
 }
 
 /// The operation labels of the Redis metrics, so that every series exists from the start.
-pub const OPS: [&str; 9] = [
+pub const OPS: [&str; 11] = [
     "admit",
     "settle",
     "release",
@@ -147,6 +147,8 @@ pub const OPS: [&str; 9] = [
     "prune_keys",
     "subscribe",
     "ping",
+    "cache_get",
+    "cache_put",
 ];
 
 /// How long background work (loading all key states, pushing local ones) may take: it holds no

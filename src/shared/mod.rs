@@ -5,9 +5,11 @@
 //!   within milliseconds (pub/sub), with a hash in Redis as the truth that a starting or
 //!   reconnecting instance loads; key selection stays local and lock-free;
 //! - [`limits`]: client limits and budgets counted in Redis, one round trip per request;
+//! - [`answers`]: the response cache's answers, shared (`cache_store: { redis: true }`);
 //! - [`link`]: the connection and its health: Redis trouble never stops or slows traffic beyond
 //!   the configured timeout, and [`service`] brings states back in step when Redis returns.
 
+pub mod answers;
 pub mod key_sync;
 pub mod limits;
 pub mod link;

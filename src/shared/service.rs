@@ -97,6 +97,11 @@ impl Shared {
         &self.limits
     }
 
+    /// The response cache's store in this Redis.
+    pub fn answers(&self) -> Arc<super::answers::RedisAnswers> {
+        super::answers::RedisAnswers::new(self.link.clone(), &self.cfg.prefix)
+    }
+
     /// Writes one change to the hash and publishes it.
     async fn write(&self, ev: &Event) -> bool {
         let payload = match serde_json::to_string(ev) {

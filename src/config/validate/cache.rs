@@ -40,15 +40,17 @@ pub(super) fn route_cache(at: &Scope, c: &RouteCacheFile) -> Result<CachePolicy,
     })
 }
 
-/// `cache_store:`: the in-memory store's size, large enough for every route's `max_entry`.
-/// The Redis store is refused: it is not built yet.
+/// `cache_store:`: the in-memory store's size, large enough for every route's `max_entry`, and
+/// whether answers are shared through Redis (which needs the `redis:` section).
 pub(super) fn cache_store(
     cx: &Ctx,
     store: Option<&CacheStoreFile>,
     routes: &[RouteConfig],
-) -> Result<u64, ConfigError> {
-    if store.is_some_and(|s| s.redis.is_some()) {
-        let reason = "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`";
+    has_redis: bool,
+) -> Result<(u64, bool), ConfigError> {
+    let shared = store.and_then(|s| s.redis).unwrap_or(false);
+    if shared && !has_redis {
+        let reason = "needs the `redis:` section (the server the instances share answers through)";
         return Err(cx.err("cache_store.redis", reason));
     }
     let memory = store.and_then(|s| s.memory).map_or(DEFAULT_MEMORY, |m| m.0);
@@ -67,7 +69,7 @@ pub(super) fn cache_store(
             return Err(cx.err(format!("routes[{i}].cache.max_entry"), reason));
         }
     }
-    Ok(memory)
+    Ok((memory, shared))
 }
 
 #[cfg(test)]
@@ -131,19 +133,41 @@ mod tests {
             ),
             (with_top("cache_store: { memory: 0 }"), "cache_store.memory", "must be greater than zero"),
             (
-                with_top("cache_store: { redis: { url: \"redis://127.0.0.1:6379\" } }"),
+                with_top("cache_store: { redis: true }"),
                 "cache_store.redis",
-                "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`",
+                "needs the `redis:` section (the server the instances share answers through)",
             ),
             (
                 with_top("cache_store: redis"),
                 "cache_store.redis",
-                "a Redis cache store is not built yet (`redis:` shares key states and client limits, not answers); use `cache_store: { memory: 256MiB }`",
+                "needs the `redis:` section (the server the instances share answers through)",
             ),
         ];
         for (yaml, field, reason) in cases {
             expect_error(&yaml, &src, field, reason);
         }
+    }
+
+    #[test]
+    fn a_redis_cache_store_shares_answers_through_the_redis_section() {
+        let redis = "redis: { url: \"redis://127.0.0.1:6379\" }";
+        for store in [
+            "cache_store: redis",
+            "cache_store: { memory: 8MiB, redis: true }",
+        ] {
+            let c = load(&with_top(&format!("{redis}\n{store}")), &source()).unwrap();
+            assert!(c.cache_redis, "{store}");
+        }
+        let c = load(
+            &with_top(&format!("{redis}\ncache_store: {{ redis: false }}")),
+            &source(),
+        )
+        .unwrap();
+        assert!(!c.cache_redis);
+        assert!(
+            !load(&with_top(redis), &source()).unwrap().cache_redis,
+            "memory only by default"
+        );
     }
 
     #[test]

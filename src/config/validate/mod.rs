@@ -144,13 +144,15 @@ pub fn validate_with(
     let trusted_proxies =
         clients::trusted_proxies(&cx, &file.trusted_proxies, file.client_ip_header.as_deref())?;
     let guards = guards::guards(&cx, file.guards.as_ref())?;
-    let cache_memory = cache::cache_store(&cx, file.cache_store.as_ref(), &routes)?;
     let redis = match &file.redis {
         None => None,
         Some(r) => Some(redis::redis(&cx.at("redis"), r)?),
     };
+    let (cache_memory, cache_redis) =
+        cache::cache_store(&cx, file.cache_store.as_ref(), &routes, redis.is_some())?;
     Ok(Config {
         cache_memory,
+        cache_redis,
         redis,
         path: path.to_path_buf(),
         server,
