@@ -202,7 +202,7 @@ mod tests {
             (
                 with_top("cache_store: disk"),
                 "cache_store",
-                "unknown cache store \"disk\" (use `{ memory: 256MiB }`)",
+                "unknown cache store \"disk\" (use `{ memory: 256MiB }` or `{ redis: true }`)",
             ),
             (
                 with_top("cache_store: 5"),
