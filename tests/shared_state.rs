@@ -85,6 +85,22 @@ impl Instance {
     }
 }
 
+/// `N` instances on one mock and one Redis, each with Redis up.
+async fn group<const N: usize>(
+    mock: &Mock,
+    keys: &str,
+    limits: &str,
+    section: &str,
+) -> [Instance; N] {
+    let all: [Instance; N] = std::array::from_fn(|_| {
+        Instance::start(|m| instance_yaml(mock, keys, limits, section, m), KEY_ENV)
+    });
+    for i in &all {
+        i.wait_redis_up(true).await;
+    }
+    all
+}
+
 fn redis_section(url: &str, extra: &str) -> String {
     format!("{{ url: \"{url}\"{extra} }}")
 }
@@ -113,16 +129,7 @@ async fn a_429_on_one_instance_keeps_the_others_off_that_key_within_100ms() {
     // A 1 s timeout: a request's admission timing out on a busy machine would hold key changes
     // back until the link is checked again, which is not what this measures.
     let section = redis_section(&redis.url(), ", timeout: 1s");
-    let start = || {
-        Instance::start(
-            |m| instance_yaml(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section, m),
-            KEY_ENV,
-        )
-    };
-    let (a, b, c) = (start(), start(), start());
-    for i in [&a, &b, &c] {
-        i.wait_redis_up(true).await;
-    }
+    let [a, b, c] = group::<3>(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section).await;
     let applied = [("direction", "applied")];
     let mut delays = Vec::new();
     for trial in 0..100 {
@@ -178,16 +185,7 @@ async fn a_disable_and_a_probe_re_enable_reach_every_instance() {
     let redis = RedisServer::start();
     let mock = Mock::start(&["--key", "sk-good=ok", "--key", "sk-bad=401"]);
     let section = redis_section(&redis.url(), "");
-    let start = || {
-        Instance::start(
-            |m| instance_yaml(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section, m),
-            KEY_ENV,
-        )
-    };
-    let (a, b, c) = (start(), start(), start());
-    for i in [&a, &b, &c] {
-        i.wait_redis_up(true).await;
-    }
+    let [a, b, c] = group::<3>(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section).await;
     hit_bad_key(&a, &mock, "gpt-4o").await;
     let disabled = [("state", "disabled")];
     for i in [&a, &b, &c] {
@@ -252,24 +250,7 @@ async fn rpm_holds_across_three_instances() {
     let redis = RedisServer::start();
     let mock = Mock::start(&["--key", "sk-good=ok"]);
     let section = redis_section(&redis.url(), ", instances: 3, timeout: 1s");
-    let start = || {
-        Instance::start(
-            |m| {
-                instance_yaml(
-                    &mock,
-                    "{ name: good, env: K_GOOD }",
-                    "rpm: 600",
-                    &section,
-                    m,
-                )
-            },
-            KEY_ENV,
-        )
-    };
-    let (a, b, c) = (start(), start(), start());
-    for i in [&a, &b, &c] {
-        i.wait_redis_up(true).await;
-    }
+    let [a, b, c] = group::<3>(&mock, "{ name: good, env: K_GOOD }", "rpm: 600", &section).await;
     let (ok, limited, _) = spread(&[&a, &b, &c], 720).await;
     println!("rpm 600 over 3 instances: {ok} admitted, {limited} refused");
     // 600 ± 5 %: the cluster admits its limit, not 3 × 600.
@@ -283,16 +264,7 @@ async fn a_budget_is_not_overspent_by_more_than_one_request_per_instance() {
     let mock = Mock::start(&["--key", "sk-good=ok"]);
     let section = redis_section(&redis.url(), ", instances: 3, timeout: 1s");
     let limits = "budget: { tokens: 2000, per: day }";
-    let start = || {
-        Instance::start(
-            |m| instance_yaml(&mock, "{ name: good, env: K_GOOD }", limits, &section, m),
-            KEY_ENV,
-        )
-    };
-    let (a, b, c) = (start(), start(), start());
-    for i in [&a, &b, &c] {
-        i.wait_redis_up(true).await;
-    }
+    let [a, b, c] = group::<3>(&mock, "{ name: good, env: K_GOOD }", limits, &section).await;
     let (ok, limited, tokens) = spread(&[&a, &b, &c], 300).await;
     let spent: u64 = tokens.iter().sum();
     let largest = tokens.iter().copied().max().unwrap_or(0);
@@ -318,15 +290,7 @@ async fn redis_killed_and_restarted_under_load_fails_no_request_and_states_conve
     let mut redis = RedisServer::start();
     let mock = Mock::start(&["--key", "sk-good=ok", "--key", "sk-bad=429:retry_after=120"]);
     let section = redis_section(&redis.url(), ", instances: 2");
-    let start = || {
-        Instance::start(
-            |m| instance_yaml(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section, m),
-            KEY_ENV,
-        )
-    };
-    let (a, b) = (start(), start());
-    a.wait_redis_up(true).await;
-    b.wait_redis_up(true).await;
+    let [a, b] = group::<2>(&mock, KEYS_GOOD_BAD, "rpm: 100000", &section).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for (n, url) in [
@@ -471,17 +435,7 @@ async fn a_redis_cluster_of_three_masters_works_like_a_single_server() {
     let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let section = format!("{{ url: [{}], timeout: 1s }}", urls.join(", "));
     let mock = Mock::start(&["--key", "sk-good=ok", "--key", "sk-bad=429:retry_after=120"]);
-    let start = |limits: &'static str| {
-        let section = section.clone();
-        let mock = &mock;
-        Instance::start(
-            move |m| instance_yaml(mock, KEYS_GOOD_BAD, limits, &section, m),
-            KEY_ENV,
-        )
-    };
-    let (a, b) = (start("rpm: 40"), start("rpm: 40"));
-    a.wait_redis_up(true).await;
-    b.wait_redis_up(true).await;
+    let [a, b] = group::<2>(&mock, KEYS_GOOD_BAD, "rpm: 40", &section).await;
     // Key states travel.
     hit_bad_key(&a, &mock, "cluster-model").await;
     b.wait_metric(
@@ -502,23 +456,13 @@ async fn concurrency_holds_across_instances_and_slots_come_back() {
     let redis = RedisServer::start();
     let mock = Mock::start(&["--key", "sk-good=ok:latency=1500ms"]);
     let section = redis_section(&redis.url(), ", instances: 2, timeout: 1s");
-    let start = || {
-        Instance::start(
-            |m| {
-                instance_yaml(
-                    &mock,
-                    "{ name: good, env: K_GOOD }",
-                    "concurrency: 2",
-                    &section,
-                    m,
-                )
-            },
-            KEY_ENV,
-        )
-    };
-    let (a, b) = (start(), start());
-    a.wait_redis_up(true).await;
-    b.wait_redis_up(true).await;
+    let [a, b] = group::<2>(
+        &mock,
+        "{ name: good, env: K_GOOD }",
+        "concurrency: 2",
+        &section,
+    )
+    .await;
     // Two slow requests, one on each instance, hold both slots of the group.
     let (a_url, b_url) = (a.kg.url.clone(), b.kg.url.clone());
     let slow = |url: String| {

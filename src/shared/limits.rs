@@ -332,33 +332,14 @@ impl Settlement {
         };
         rt.spawn(async move {
             let owner = self.owner.clone();
-            let k = self.keys.clone();
-            let script = owner.settle.clone();
-            let (id, tpm, budget, refund) = (
-                self.id.clone(),
-                self.tpm_delta,
-                self.budget_delta,
-                self.refund_sec,
-            );
             let out = owner
-                .link
-                .timed(
+                .run_settle(
                     "settle",
-                    super::link::BACKGROUND_TIMEOUT,
-                    |mut c| async move {
-                        script
-                            .key(&k.rpm)
-                            .key(&k.tpm)
-                            .key(&k.conc)
-                            .key(&k.budget)
-                            .arg(id)
-                            .arg(tpm)
-                            .arg(budget)
-                            .arg(refund)
-                            .arg(k.budget_ttl_s)
-                            .invoke_async::<i64>(&mut c)
-                            .await
-                    },
+                    &self.keys,
+                    &self.id,
+                    self.tpm_delta,
+                    self.budget_delta,
+                    self.refund_sec,
                 )
                 .await;
             if let Err(e) = out {
@@ -430,6 +411,36 @@ impl SharedLimits {
             budget: format!("{base}:budget:{pid}"),
             budget_ttl_s: left.as_secs() + 86_400,
         }
+    }
+
+    /// Runs the settlement script (see [`SETTLE`]) for one client and period.
+    async fn run_settle(
+        &self,
+        op: &'static str,
+        keys: &ClientKeys,
+        id: &str,
+        tpm_delta: i64,
+        budget_delta: i64,
+        refund_sec: u64,
+    ) -> Result<i64, LinkError> {
+        let script = &self.settle;
+        let (k, id) = (keys.clone(), id.to_string());
+        self.link
+            .timed(op, super::link::BACKGROUND_TIMEOUT, |mut c| async move {
+                script
+                    .key(&k.rpm)
+                    .key(&k.tpm)
+                    .key(&k.conc)
+                    .key(&k.budget)
+                    .arg(id)
+                    .arg(tpm_delta)
+                    .arg(budget_delta)
+                    .arg(refund_sec)
+                    .arg(k.budget_ttl_s)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
     }
 
     /// Asks Redis to admit a request of client `client` estimated at `estimate` tokens.
@@ -563,28 +574,9 @@ impl SharedLimits {
                 continue; // that period is over: nothing to charge
             }
             let keys = self.keys(client, Some((period, left)));
-            let script = self.settle.clone();
+            // The settlement script with only a budget correction: one slot, atomic.
             let out = self
-                .link
-                .timed(
-                    "push_budget",
-                    super::link::BACKGROUND_TIMEOUT,
-                    |mut c| async move {
-                        // The settlement script with only a budget correction: one slot, atomic.
-                        script
-                            .key(&keys.rpm)
-                            .key(&keys.tpm)
-                            .key(&keys.conc)
-                            .key(&keys.budget)
-                            .arg("")
-                            .arg(0)
-                            .arg(tokens)
-                            .arg(0)
-                            .arg(keys.budget_ttl_s)
-                            .invoke_async::<i64>(&mut c)
-                            .await
-                    },
-                )
+                .run_settle("push_budget", &keys, "", 0, tokens, 0)
                 .await;
             if out.is_err() {
                 self.add_unpushed(client, period, tokens);
