@@ -492,7 +492,7 @@ impl Gateway {
         let admitted = match shared {
             None => limiter.admit(estimate).map(Admitted::local),
             Some((shared, i)) => match shared.admit(i, estimate).await {
-                Verdict::Admitted(a) => Ok(Admitted::Shared(a)),
+                Verdict::Admitted(a) => Ok(a),
                 Verdict::Refused(r) => Err(r),
                 // Redis is away: this instance admits its share of the limits on its own.
                 Verdict::Unavailable(_) => match shared.fallback(i) {

@@ -1,8 +1,12 @@
 //! Client limits held across instances: requests and tokens per minute, requests in flight and
-//! the day's or month's token budget, counted in Redis by one atomic Lua script per request.
+//! the day's or month's token budget, counted in Redis by atomic Lua scripts.
 //!
-//! A request costs one Redis round trip on its path (the admission script); its settlement
-//! (the real token count, the concurrency slot given back) runs after the answer, off the path.
+//! A client without a concurrency limit is served from leases (see [`super::ledger`]): one
+//! Redis round trip buys a small share of each limit, spent locally, so most requests cost no
+//! round trip at all and none costs more than one. A client with a concurrency limit needs each
+//! slot counted where all instances see it: each of its requests costs one round trip (the
+//! admission script), and its settlement (real token count, slot given back) runs after the
+//! answer, off the request's path.
 //! Budgets are reserved by the request's estimate at admission and corrected with its real usage
 //! at settlement, so concurrent requests on several instances cannot all pass a nearly spent
 //! budget. Every key of one client carries the same hash tag, so the script works on a Redis
@@ -12,6 +16,7 @@
 //! divided by `instances`), and the tokens it spends meanwhile are added to the shared budget
 //! when Redis returns.
 
+use super::ledger::{lease_size, Lease, Ledger, Need, Outgoing, LEASE_TTL};
 use super::link::{Link, LinkError};
 use crate::clients::limits::{
     period_id, reset_text, Admission, LimitKind, Limiter, Limits, Rejection,
@@ -20,7 +25,6 @@ use crate::clock::SharedClock;
 use log::debug;
 use parking_lot::Mutex;
 use redis::Script;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +93,86 @@ end
 return {0, 0, rsum + 1, tsum + est}
 "#;
 
+/// Gives back an ended lease's rest and applies corrections, then (unless all it is asked for
+/// is 0: a flush) checks the limits and grants a lease.
+///
+/// KEYS: requests per second (hash), tokens per second (hash), budget of the period (counter).
+/// ARGV: rpm, tpm, budget (0: no such limit); the second an ended lease was counted in, its
+/// unused requests and tokens; the token correction for the window, the budget correction; the
+/// request's need (requests, tokens, budget tokens) and the lease wanted (the same three); the
+/// budget's ttl (s). Returns `{refused kind (0: granted), wait ms, requests granted, tokens
+/// granted, budget granted, the second counted in, requests in the window, tokens in it}`.
+const RESERVE: &str = r#"
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rsec, rr, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local tdelta, bdelta = tonumber(ARGV[7]), tonumber(ARGV[8])
+local need_r, need_t, need_b = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local want_r, want_t, want_b = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local ttl = tonumber(ARGV[15])
+if rsec > sec - 60 then
+  if rr > 0 then redis.call('HINCRBY', KEYS[1], rsec, -rr) end
+  if rt > 0 then redis.call('HINCRBY', KEYS[2], rsec, -rt) end
+end
+if tdelta ~= 0 then
+  redis.call('HINCRBY', KEYS[2], sec, tdelta)
+  redis.call('EXPIRE', KEYS[2], 61)
+end
+if bdelta ~= 0 then
+  redis.call('INCRBY', KEYS[3], bdelta)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+if need_r + need_t + need_b + want_r + want_t + want_b == 0 then return {0, 0, 0, 0, 0, sec, 0, 0} end
+local function window(key)
+  local h = redis.call('HGETALL', key)
+  local sum, oldest = 0, nil
+  for i = 1, #h, 2 do
+    local s = tonumber(h[i])
+    if s <= sec - 60 then
+      redis.call('HDEL', key, h[i])
+    else
+      local n = tonumber(h[i + 1])
+      sum = sum + n
+      if n > 0 and (oldest == nil or s < oldest) then oldest = s end
+    end
+  end
+  return sum, oldest or sec
+end
+local gb = 0
+if budget > 0 then
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if used >= budget then return {4, 0, 0, 0, 0, sec, 0, 0} end
+  gb = math.min(want_b, math.max(need_b, budget - used))
+end
+local rsum, roldest, gr = 0, sec, 0
+if rpm > 0 then
+  rsum, roldest = window(KEYS[1])
+  if rsum + need_r > rpm then return {1, (roldest + 60) * 1000 - now, 0, 0, 0, sec, rsum, 0} end
+  gr = math.min(want_r, rpm - rsum)
+end
+local tsum, toldest, gt = 0, sec, 0
+if tpm > 0 then
+  tsum, toldest = window(KEYS[2])
+  if tsum > 0 and tsum + need_t > tpm then return {2, (toldest + 60) * 1000 - now, 0, 0, 0, sec, rsum, tsum} end
+  gt = math.min(want_t, math.max(need_t, tpm - tsum))
+end
+if gr > 0 then
+  redis.call('HINCRBY', KEYS[1], sec, gr)
+  redis.call('EXPIRE', KEYS[1], 61)
+end
+if gt > 0 then
+  redis.call('HINCRBY', KEYS[2], sec, gt)
+  redis.call('EXPIRE', KEYS[2], 61)
+end
+if gb > 0 then
+  redis.call('INCRBY', KEYS[3], gb)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+return {0, 0, gr, gt, gb, sec, rsum + gr, tsum + gt}
+"#;
+
 /// Settles an admitted request. KEYS as [`ADMIT`]. ARGV: the request's id ('' when it held no
 /// slot), the token correction for the minute window, the budget correction, the second it was
 /// admitted in (to give its request back on a refund; 0: keep it), the budget's ttl.
@@ -129,6 +213,10 @@ struct ClientSlot {
     name: String,
     limits: Limits,
     fallback: Arc<Limiter>,
+    /// Served from leases (no concurrency limit).
+    leased: bool,
+    /// Its lease and pending corrections.
+    ledger: Mutex<Ledger>,
     /// A moving average of the tokens its requests really used: a request's reservation is at
     /// least this, so that estimates that run short (no `max_tokens`) do not let concurrent
     /// requests overspend a budget.
@@ -158,18 +246,18 @@ pub struct SharedLimits {
     clock: SharedClock,
     admit: Script,
     settle: Script,
+    reserve: Script,
+    instances: u32,
     next_id: AtomicU64,
-    /// Budget tokens spent while Redis was away, by client index and period: pushed on return.
-    unpushed: Mutex<HashMap<(usize, u64), i64>>,
     /// Concurrency slots (set, request id) whose release did not reach Redis.
     unreleased: Mutex<Vec<(String, String)>>,
 }
 
-/// Why the shared admission gave no verdict: the caller uses the local share.
+/// What the shared limits say of a request.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Admitted in Redis.
-    Admitted(SharedAdmission),
+    /// Admitted by the shared limits (from a lease, or in Redis).
+    Admitted(Admitted),
     /// Refused by a shared limit.
     Refused(Rejection),
     /// Redis gave no answer in time: admit on the local share.
@@ -208,8 +296,37 @@ pub enum Admitted {
         /// Set when this is the share of shared limits: its spending is pushed to Redis later.
         shared: Option<(Arc<SharedLimits>, usize)>,
     },
-    /// By the limits shared in Redis.
+    /// By the limits shared in Redis, a round trip for this request.
     Shared(SharedAdmission),
+    /// From this instance's lease of the shared limits.
+    Leased(LeasedAdmission),
+}
+
+/// A request admitted from a lease: its corrections go to the client's ledger.
+#[derive(Debug)]
+pub struct LeasedAdmission {
+    owner: Arc<SharedLimits>,
+    client: usize,
+    /// The second its lease was counted in.
+    sec: u64,
+    period: u64,
+    reserved: u64,
+    estimate: u64,
+}
+
+impl LeasedAdmission {
+    fn correct(&self, delta: i64) {
+        let Some(slot) = self.owner.clients.get(self.client) else {
+            return;
+        };
+        let tpm = if slot.limits.tpm.is_some() { delta } else { 0 };
+        let budget = if slot.limits.budget.is_some() {
+            delta
+        } else {
+            0
+        };
+        slot.ledger.lock().correct(tpm, budget, self.period);
+    }
 }
 
 impl Admitted {
@@ -226,6 +343,7 @@ impl Admitted {
         match self {
             Admitted::Local { admission, .. } => admission.add_tokens(tokens),
             Admitted::Shared(s) => s.estimate = s.estimate.saturating_add(tokens),
+            Admitted::Leased(s) => s.estimate = s.estimate.saturating_add(tokens),
         }
     }
 
@@ -245,6 +363,11 @@ impl Admitted {
                 let used = actual.unwrap_or(s.estimate.max(s.reserved));
                 s.finish(used, false);
             }
+            Admitted::Leased(s) => {
+                s.owner.learn(s.client, actual);
+                let used = actual.unwrap_or(s.estimate.max(s.reserved));
+                s.correct(signed(used) - signed(s.reserved));
+            }
         }
     }
 
@@ -253,6 +376,14 @@ impl Admitted {
         match self {
             Admitted::Local { admission, .. } => admission.refund(),
             Admitted::Shared(mut s) => s.finish(0, true),
+            Admitted::Leased(s) => {
+                s.correct(-signed(s.reserved));
+                if let Some(slot) = s.owner.clients.get(s.client) {
+                    if slot.limits.rpm.is_some() {
+                        slot.ledger.lock().give_back_request(s.sec);
+                    }
+                }
+            }
         }
     }
 }
@@ -345,7 +476,7 @@ impl Settlement {
             if let Err(e) = out {
                 debug!("shared limits: settlement not written ({e}); kept for later");
                 if let Some(period) = self.budget_period {
-                    owner.add_unpushed(self.client, period, self.budget_delta);
+                    owner.correct_budget(self.client, period, self.budget_delta);
                 }
                 if !self.id.is_empty() {
                     owner
@@ -382,6 +513,8 @@ impl SharedLimits {
                 name: name.clone(),
                 limits: *limits,
                 fallback: Limiter::new(limits.share(instances), clock.clone()),
+                leased: limits.concurrency.is_none(),
+                ledger: Mutex::new(Ledger::default()),
                 typical: AtomicU64::new(0),
             })
             .collect();
@@ -393,8 +526,9 @@ impl SharedLimits {
             clock,
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            reserve: Script::new(RESERVE),
+            instances,
             next_id: AtomicU64::new(0),
-            unpushed: Mutex::new(HashMap::new()),
             unreleased: Mutex::new(Vec::new()),
         })
     }
@@ -443,13 +577,176 @@ impl SharedLimits {
             .await
     }
 
-    /// Asks Redis to admit a request of client `client` estimated at `estimate` tokens.
+    /// Admits a request of client `client` estimated at `estimate` tokens: from its lease, or
+    /// by one call to Redis.
     pub async fn admit(self: &Arc<Self>, client: usize, estimate: u64) -> Verdict {
         let Some(slot) = self.clients.get(client) else {
             return Verdict::Unavailable(LinkError::Down);
         };
-        let l = slot.limits;
         let reserve = estimate.max(slot.typical.load(Ordering::Relaxed));
+        if slot.leased {
+            self.admit_leased(client, slot, reserve, estimate).await
+        } else {
+            self.admit_each(client, slot, reserve, estimate).await
+        }
+    }
+
+    /// The budget period now (0 without a budget) and the time left in it.
+    fn period(&self, l: &Limits) -> (u64, Duration) {
+        l.budget
+            .map_or((0, Duration::ZERO), |b| period_id(b.per, self.clock.wall()))
+    }
+
+    /// Runs [`RESERVE`]: gives back `out`, asks for `need` and a lease of `want`.
+    async fn run_reserve(
+        &self,
+        client: usize,
+        period: (u64, Duration),
+        out: &Outgoing,
+        need: &Need,
+        want: &Need,
+        op: &'static str,
+    ) -> Result<[i64; 8], LinkError> {
+        let Some(slot) = self.clients.get(client) else {
+            return Err(LinkError::Down);
+        };
+        let l = slot.limits;
+        let k = self.keys(client, l.budget.map(|_| period));
+        let script = &self.reserve;
+        let (out, need, want) = (*out, *need, *want);
+        let call = |mut c: super::link::Conn| async move {
+            script
+                .key(&k.rpm)
+                .key(&k.tpm)
+                .key(&k.budget)
+                .arg(l.rpm.unwrap_or(0))
+                .arg(l.tpm.unwrap_or(0))
+                .arg(l.budget.map_or(0, |b| b.tokens))
+                .arg(out.return_sec)
+                .arg(out.return_requests)
+                .arg(out.return_tokens)
+                .arg(out.tpm_delta)
+                .arg(out.budget_delta)
+                .arg(need.requests)
+                .arg(need.tokens)
+                .arg(need.budget)
+                .arg(want.requests)
+                .arg(want.tokens)
+                .arg(want.budget)
+                .arg(k.budget_ttl_s)
+                .invoke_async::<[i64; 8]>(&mut c)
+                .await
+        };
+        if op == "admit" {
+            self.link.call(op, call).await
+        } else {
+            self.link
+                .timed(op, super::link::BACKGROUND_TIMEOUT, call)
+                .await
+        }
+    }
+
+    /// The leased path: the lease covers the request, or one call gives back what is left of
+    /// it with the pending corrections and brings a new one.
+    async fn admit_leased(
+        self: &Arc<Self>,
+        client: usize,
+        slot: &ClientSlot,
+        reserve: u64,
+        estimate: u64,
+    ) -> Verdict {
+        let l = slot.limits;
+        let need = Need {
+            requests: u64::from(l.rpm.is_some()),
+            tokens: if l.tpm.is_some() { reserve } else { 0 },
+            budget: if l.budget.is_some() { reserve } else { 0 },
+        };
+        let period = self.period(&l);
+        let now = self.clock.now();
+        let admitted = |sec| {
+            Verdict::Admitted(Admitted::Leased(LeasedAdmission {
+                owner: self.clone(),
+                client,
+                sec,
+                period: period.0,
+                reserved: reserve,
+                estimate,
+            }))
+        };
+        let out = {
+            let mut ledger = slot.ledger.lock();
+            if let Some(sec) = ledger.take(&need, now, period.0) {
+                return admitted(sec);
+            }
+            ledger.outgoing(now, period.0, true)
+        };
+        let n = self.instances;
+        let want = Need {
+            requests: lease_size(l.rpm.map(u64::from), n, need.requests),
+            tokens: lease_size(l.tpm, n, need.tokens),
+            budget: lease_size(l.budget.map(|b| b.tokens), n, need.budget),
+        };
+        let [kind, wait_ms, gr, gt, gb, sec, requests, tokens] = match self
+            .run_reserve(client, period, &out, &need, &want, "admit")
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                slot.ledger.lock().restore(&out, period.0);
+                return Verdict::Unavailable(e);
+            }
+        };
+        if kind != 0 {
+            let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+            return Verdict::Refused(refusal(&l, kind, wait, period.1, requests, tokens));
+        }
+        let left =
+            |granted: i64, needed: u64| u64::try_from(granted).unwrap_or(0).saturating_sub(needed);
+        let sec = u64::try_from(sec).unwrap_or(0);
+        slot.ledger.lock().grant(Lease {
+            sec,
+            period: period.0,
+            until: now + LEASE_TTL,
+            requests: left(gr, need.requests),
+            tokens: left(gt, need.tokens),
+            budget: left(gb, need.budget),
+        });
+        admitted(sec)
+    }
+
+    /// Sends every client's pending corrections and expired leases (`all`: every lease) to
+    /// Redis; what fails is kept for the next time.
+    pub async fn flush(&self, all: bool) {
+        let now = self.clock.now();
+        for (client, slot) in self.clients.iter().enumerate() {
+            if !slot.leased {
+                continue;
+            }
+            let period = self.period(&slot.limits);
+            let out = slot.ledger.lock().outgoing(now, period.0, all);
+            if out.is_empty() {
+                continue;
+            }
+            let none = Need::default();
+            if self
+                .run_reserve(client, period, &out, &none, &none, "flush")
+                .await
+                .is_err()
+            {
+                slot.ledger.lock().restore(&out, period.0);
+            }
+        }
+    }
+
+    /// The per-request path, for clients with a concurrency limit.
+    async fn admit_each(
+        self: &Arc<Self>,
+        client: usize,
+        slot: &ClientSlot,
+        reserve: u64,
+        estimate: u64,
+    ) -> Verdict {
+        let l = slot.limits;
         let wall = self.clock.wall();
         let period = l.budget.map(|b| period_id(b.per, wall));
         let keys = self.keys(client, period);
@@ -491,7 +788,7 @@ impl SharedLimits {
                 let admitted_sec = wall
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                return Verdict::Admitted(SharedAdmission {
+                return Verdict::Admitted(Admitted::Shared(SharedAdmission {
                     owner: self.clone(),
                     client,
                     keys,
@@ -501,18 +798,12 @@ impl SharedLimits {
                     estimate,
                     admitted_sec,
                     settled: false,
-                });
+                }));
             }
-            1 => LimitKind::Requests,
-            2 => LimitKind::Tokens,
-            3 => LimitKind::Concurrency,
-            _ => LimitKind::Budget,
+            kind => kind,
         };
-        let retry_after = match (kind, period) {
-            (LimitKind::Budget, Some((_, left))) => left,
-            _ => wait,
-        };
-        Verdict::Refused(rejection(&l, kind, retry_after, requests, tokens))
+        let left = period.map_or(Duration::ZERO, |p| p.1);
+        Verdict::Refused(refusal(&l, kind, wait, left, requests, tokens))
     }
 
     /// The local share of client `client`'s limits, for when Redis is away.
@@ -533,17 +824,19 @@ impl SharedLimits {
             return;
         };
         let (period, _) = period_id(b.per, self.clock.wall());
-        self.add_unpushed(client, period, i64::try_from(tokens).unwrap_or(i64::MAX));
+        self.correct_budget(client, period, signed(tokens));
     }
 
-    fn add_unpushed(&self, client: usize, period: u64, tokens: i64) {
-        if tokens != 0 {
-            *self.unpushed.lock().entry((client, period)).or_default() += tokens;
+    /// Adds `tokens` to client `client`'s budget of `period` with the next call to Redis.
+    fn correct_budget(&self, client: usize, period: u64, tokens: i64) {
+        if let Some(slot) = self.clients.get(client) {
+            slot.ledger.lock().correct(0, tokens, period);
         }
     }
 
-    /// Adds the budget spent while Redis was away to the shared budgets; what fails stays for
-    /// the next time.
+    /// After Redis was away: gives back the concurrency slots whose release failed, and sends
+    /// every pending correction and lease (budget spent on the local share included). What
+    /// fails stays for the next time.
     pub async fn push_unpushed(&self) {
         let slots: Vec<(String, String)> = std::mem::take(&mut *self.unreleased.lock());
         for (set, id) in slots {
@@ -564,25 +857,55 @@ impl SharedLimits {
                 self.unreleased.lock().push((set, id));
             }
         }
-        let pending: Vec<((usize, u64), i64)> = self.unpushed.lock().drain().collect();
-        for ((client, period), tokens) in pending {
-            let Some(b) = self.clients.get(client).and_then(|c| c.limits.budget) else {
+        self.flush(true).await;
+        // Corrections of the per-request path (clients with a concurrency limit) wait in
+        // their ledgers too; they go by the settlement script.
+        for (client, slot) in self.clients.iter().enumerate() {
+            if slot.leased {
                 continue;
-            };
-            let (now_period, left) = period_id(b.per, self.clock.wall());
-            if now_period != period {
-                continue; // that period is over: nothing to charge
             }
-            let keys = self.keys(client, Some((period, left)));
-            // The settlement script with only a budget correction: one slot, atomic.
-            let out = self
-                .run_settle("push_budget", &keys, "", 0, tokens, 0)
-                .await;
-            if out.is_err() {
-                self.add_unpushed(client, period, tokens);
+            let period = self.period(&slot.limits);
+            let out = slot
+                .ledger
+                .lock()
+                .outgoing(self.clock.now(), period.0, true);
+            if out.budget_delta == 0 {
+                continue;
+            }
+            let keys = self.keys(client, Some(period));
+            if self
+                .run_settle("push_budget", &keys, "", 0, out.budget_delta, 0)
+                .await
+                .is_err()
+            {
+                slot.ledger.lock().restore(&out, period.0);
             }
         }
     }
+}
+
+/// The refusal for a script's refused `kind` (1 rpm, 2 tpm, 3 concurrency, 4 budget), with
+/// `wait` from the script, or `budget_left` (the rest of the period) for a budget.
+fn refusal(
+    l: &Limits,
+    kind: i64,
+    wait: Duration,
+    budget_left: Duration,
+    requests: i64,
+    tokens: i64,
+) -> Rejection {
+    let (kind, wait) = match kind {
+        1 => (LimitKind::Requests, wait),
+        2 => (LimitKind::Tokens, wait),
+        3 => (LimitKind::Concurrency, wait),
+        _ => (LimitKind::Budget, budget_left),
+    };
+    rejection(l, kind, wait, requests, tokens)
+}
+
+/// `v` as a signed token count.
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// A refusal with OpenAI's `x-ratelimit-*` headers for the shared counts.
@@ -625,6 +948,8 @@ mod tests {
             name: "app".into(),
             limits: Limits::default(),
             fallback: Limiter::new(Limits::default(), crate::clock::system()),
+            leased: true,
+            ledger: Mutex::new(Ledger::default()),
             typical: AtomicU64::new(0),
         };
         slot.learn(80);
@@ -651,7 +976,7 @@ mod tests {
         );
         assert_eq!(r.kind, LimitKind::Requests);
         assert_eq!(r.retry_after, Duration::from_millis(1500));
-        let h: HashMap<_, _> = r.headers.into_iter().collect();
+        let h: std::collections::HashMap<_, _> = r.headers.into_iter().collect();
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
         assert_eq!(h["x-ratelimit-remaining-tokens"], "750");
         assert_eq!(h["x-ratelimit-reset-requests"], "1.500s");

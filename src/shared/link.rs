@@ -137,8 +137,9 @@ pub struct Link {
 }
 
 /// The operation labels of the Redis metrics, so that every series exists from the start.
-pub const OPS: [&str; 11] = [
+pub const OPS: [&str; 12] = [
     "admit",
+    "flush",
     "settle",
     "release",
     "push_budget",

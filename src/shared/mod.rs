@@ -11,6 +11,7 @@
 
 pub mod answers;
 pub mod key_sync;
+pub mod ledger;
 pub mod limits;
 pub mod link;
 pub mod service;

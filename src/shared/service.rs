@@ -323,6 +323,10 @@ impl Shared {
                 } else {
                     debug!("Redis: resynchronisation failed; retrying");
                 }
+            } else {
+                // Expired leases go back and token corrections reach Redis even when no
+                // request comes to carry them.
+                self.limits.flush(false).await;
             }
         }
     }
