@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks the benchmark reports without running a benchmark: feeds synthetic results to
-bench/load.py's report and to the section writer the scripts share, and checks what comes out.
+bench/load.py's, bench/anthropic.py's and bench/shared.py's reports and to the section writer the
+scripts share, and checks what comes out.
 
     python3 bench/selftest.py      (run by `make test` through tests/bench_scripts.rs)
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import LATENCY_TARGETS, PEERS, judge, noise_of, render, round_order  # noqa: E402
 from scale import write_section  # noqa: E402
 import anthropic  # noqa: E402
+import shared  # noqa: E402
 
 # Requests/s per scenario and target: keygate beats HAProxy on streams only.
 RPS = {
@@ -89,6 +91,58 @@ def row(md: str, label: str) -> list[str]:
         if cells and cells[0] == label:
             return cells
     raise AssertionError(f"no row {label!r} in:\n{md}")
+
+
+def shared_results() -> dict:
+    """bench/shared.py's measurements: redis: costs 15 % of the req/s and adds 0.05 ms to every
+    fixed-rate sample (0.5 ms at wrk's p50); a cooldown reaches B in 1 to 10 ms (p99 10 ms) in 200 trials, 100 of them
+    needing a second request to reach the 429 key."""
+    wrk = lambda rps, p50: [{"rps": rps, "requests": rps * 10, "errors": 0, "p50_us": p50,  # noqa: E731
+                             "p99_us": 2 * p50}] * 3
+    local = [0.0002 + i * 1e-6 for i in range(100)]
+    shared_lat = [x + 0.00005 for x in local]
+    return {
+        "args": ["--rounds", "3"], "when": "2026-01-01 00:00 UTC", "commit": "abc1234",
+        "redis_version": "Redis server v=7.0.15", "nproc": 2, "loadavg": "1.00", "rounds": 3, "seconds": 10,
+        "rate": 200, "wrk": {"local": wrk(20000, 3000), "shared": wrk(17000, 3500)},
+        "lat": {"local": local, "shared": shared_lat}, "lat_err": {"local": 0, "shared": 0},
+        "prop": {"delays": [0.001 + (i % 10) * 0.001 for i in range(200)], "sent": [1, 2] * 100,
+                 "statuses": {200: 300}, "applied": 200, "delay_sum": 0.4, "delay_count": 200},
+        "cpu": {"local": 3.0, "shared": 3.06, "redis": 1.53}, "script": {"calls": 1000, "usec": 12345},
+        "redis_up": 1.0, "redis_errors": 0.0,
+    }
+
+
+def check_shared() -> None:
+    md = shared.render(shared_results())
+    assert md.startswith("## Shared state (Redis)\n"), md
+    assert row(md, "throughput cost of redis:")[2:] == ["15.0%", "NOT met"], row(md, "throughput cost of redis:")
+    assert row(md, "added p50 at 200 req/s, ms")[2:] == ["0.050", "met"], row(md, "added p50 at 200 req/s, ms")
+    assert row(md, "cooldown propagation p99, ms")[2:] == ["10.000", "met"], row(md, "cooldown propagation p99, ms")
+    assert "**Not met in this run: the throughput cost.**" in md, md
+    assert row(md, "keygate, no redis:")[1:] == ["20,000", "3.000", "6.000", "0.250", "0.298", "0"], md
+    assert row(md, "keygate with redis:")[1:] == ["17,000", "3.500", "7.000", "0.300", "0.348", "0"], md
+    assert row(md, "difference")[1:6] == ["-15.0%", "+0.500", "+1.000", "+0.050", "+0.050"], row(md, "difference")
+    assert row(md, "A's answer to B's metric, p50, ms")[1] == "6.000", md
+    assert row(md, "A's answer to B's metric, max, ms")[1] == "10.000", md
+    assert row(md, "B's keygate_shared_key_event_delay_seconds mean, ms")[1] == "2.000 (count 200)", md
+    assert row(md, "requests to A per trial (round robin)")[1] == "1.50 mean", md
+    assert "Problems seen" not in md, md
+    # 3 s over 600 000 requests; 3.06 s and 1.53 s over 510 000; 12 345 µs over 1 000 calls.
+    assert row(md, "without redis:")[1:] == ["5.0", "", "5.0"], md
+    assert row(md, "with redis:")[1:] == ["6.0", "3.0", "9.0"], md
+    assert row(md, "admission script in Redis (INFO commandstats: evalsha)")[2] == "12.3", md
+    # A trial B never saw fails the propagation goal whatever the others' p99, and is listed.
+    r = shared_results()
+    r["prop"]["delays"][0] = None
+    r["wrk"]["shared"] = r["wrk"]["local"]
+    md = shared.render(r)
+    assert row(md, "cooldown propagation p99, ms")[-1] == "NOT met", md
+    assert row(md, "throughput cost of redis:")[2:] == ["0.0%", "met"], md
+    assert row(md, "seen by B within 2 s")[1] == "199 (1 missed)", md
+    assert "- propagation: 1 trial(s) not seen by B within 2 s" in md, md
+    r["redis_errors"] = 3.0
+    assert "keygate_redis_up 1 and 3 Redis errors" in shared.render(r), "Redis errors are a problem seen"
 
 
 def main() -> int:
@@ -170,6 +224,7 @@ def main() -> int:
     assert "| keygate translated route, POST /v1/chat/completions |  8,000 |       20% |       80% |      2 |" in t, t
     body = json.loads(anthropic.messages_body(200))
     assert body["model"] == anthropic.CLAUDE and body["max_tokens"] > 0, body
+    check_shared()
     print("bench reports: ok")
     return 0
 
