@@ -131,7 +131,7 @@ def check_shared() -> None:
     # 3 s over 600 000 requests; 3.06 s and 1.53 s over 510 000; 12 345 µs over 1 000 calls.
     assert row(md, "without redis:")[1:] == ["5.0", "", "5.0"], md
     assert row(md, "with redis:")[1:] == ["6.0", "3.0", "9.0"], md
-    assert row(md, "admission script in Redis (INFO commandstats: evalsha)")[2] == "12.3", md
+    assert row(md, "per call of the lease script in Redis (INFO commandstats: evalsha)")[2] == "12.3", md
     # A trial B never saw fails the propagation goal whatever the others' p99, and is listed.
     r = shared_results()
     r["prop"]["delays"][0] = None
