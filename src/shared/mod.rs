@@ -4,7 +4,8 @@
 //! - [`key_sync`]: cooldowns, disables and re-enables made on any instance reach every other
 //!   within milliseconds (pub/sub), with a hash in Redis as the truth that a starting or
 //!   reconnecting instance loads; key selection stays local and lock-free;
-//! - [`limits`]: client limits and budgets counted in Redis, one round trip per request;
+//! - [`limits`] and [`ledger`]: client limits and budgets counted in Redis, from leases spent
+//!   locally (at most one round trip per request, most none);
 //! - [`answers`]: the response cache's answers, shared (`cache_store: { redis: true }`);
 //! - [`link`]: the connection and its health: Redis trouble never stops or slows traffic beyond
 //!   the configured timeout, and [`service`] brings states back in step when Redis returns.
