@@ -941,13 +941,32 @@ def main() -> int:
         hit_lat=hit_lat, hit_err=hit_err,
     )
     print(report["terminal"])
-    Path(args.out).write_text(report["markdown"])
+    out = Path(args.out)
+    out.write_text(keep_other_sections(out.read_text() if out.exists() else "", report["markdown"]))
     log(f"wrote {args.out}")
     return 0
 
 
 # --------------------------------------------------------------------------------------------
 # Report
+
+# The "## " sections of BENCHMARKS.md that load.py writes; the others belong to bench/scale.py,
+# instructions.py, anthropic.py and shared.py and are kept as they are.
+OWN_SECTIONS = ("Machine", "Results", "Method", "Against ")
+
+
+def keep_other_sections(old: str, new: str) -> str:
+    """`new` (load.py's report) followed by the sections of `old` that other scripts wrote."""
+    kept, keep = [], False
+    for line in old.splitlines(keepends=True):
+        if line.startswith("## "):
+            keep = not line[3:].startswith(OWN_SECTIONS)
+        elif line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    rest = "".join(kept).strip("\n")
+    return new.rstrip("\n") + "\n\n" + rest + "\n" if rest else new
 
 
 def cache_table(r: dict, rps, errs) -> str:

@@ -623,7 +623,8 @@ def write_section(path: Path, section: str, heading: str = "Scale") -> None:
     """Replaces the "## {heading}" section of `path` (up to the next # or ## heading), or appends one."""
     text = path.read_text() if path.exists() else ""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if re.match(rf"## {re.escape(heading)}\b", l)), None)
+    # The heading ends at the end of the line or a space: `\b` would never match after `)`.
+    start = next((i for i, l in enumerate(lines) if re.match(rf"## {re.escape(heading)}(?=\s|$)", l)), None)
     section = section.rstrip("\n") + "\n"
     if start is None:
         new = (text.rstrip("\n") + "\n\n" + section) if text.strip() else section

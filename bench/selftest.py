@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # no bench/__pycache__
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import LATENCY_TARGETS, PEERS, judge, noise_of, render, round_order  # noqa: E402
+from load import LATENCY_TARGETS, PEERS, judge, keep_other_sections, noise_of, render, round_order  # noqa: E402
 from scale import write_section  # noqa: E402
 import anthropic  # noqa: E402
 import shared  # noqa: E402
@@ -219,6 +219,16 @@ def main() -> int:
         text = f.read_text()
         assert text.count("## Instructions per request") == 1 and "second" in text and "first" not in text, text
         assert "new scale" in text and "scale text" not in text and "## Results\n\nold" in text, text
+        # A heading ending in a bracket is found again (not appended twice).
+        write_section(f, "## Shared state (Redis)\n\none\n", heading="Shared state (Redis)")
+        write_section(f, "## Shared state (Redis)\n\ntwo\n", heading="Shared state (Redis)")
+        text = f.read_text()
+        assert text.count("## Shared state (Redis)") == 1 and "two" in text, text
+        # load.py's report replaces its own sections and keeps the other scripts' ones.
+        merged = keep_other_sections(text, "# keygate load benchmark\n\n## Machine\n\nnew\n\n## Results\n\nnew\n")
+        assert merged.count("## Results") == 1 and "## Results\n\nnew" in merged, merged
+        assert "## Scale\n\nnew scale" in merged and "## Shared state (Redis)\n\ntwo" in merged, merged
+        assert "## Instructions per request\n\nsecond" in merged and "old" not in merged, merged
     t = anthropic.render_table({"direct": 40000, "native": 10000, "translated": 8000, "plain": 10500},
                                {"direct": 0, "native": 0, "translated": 2, "plain": 0})
     assert "| keygate translated route, POST /v1/chat/completions |  8,000 |       20% |       80% |      2 |" in t, t

@@ -602,19 +602,10 @@ impl ProxyHttp for GatewayProxy {
         };
         let m = gw.metrics;
         let attempts = ctx.log.attempts();
-        gw.count_request(ctx, status, route, upstream);
-        gw.count_cache(ctx, route);
-        if attempts > 1 {
-            m.retries
-                .with_label_values(&[route])
-                .inc_by(u64::from(attempts - 1));
-        }
         let client_name = ctx
             .client
             .map_or("-", |i| gw.options.clients.clients()[i].name.as_str());
-        if let Some(admission) = ctx.admission.take() {
-            admission.settle(ctx.usage.map(|u| u.total()));
-        }
+        // Tokens first: a scrape that sees the request counted sees its tokens too.
         if let Some(usage) = ctx.usage {
             let model = m.model_label(
                 ctx.upstream_model
@@ -628,6 +619,16 @@ impl ProxyHttp for GatewayProxy {
             m.tokens
                 .with_label_values(&[model, upstream, client_name, "completion"])
                 .inc_by(usage.completion);
+        }
+        gw.count_request(ctx, status, route, upstream);
+        gw.count_cache(ctx, route);
+        if attempts > 1 {
+            m.retries
+                .with_label_values(&[route])
+                .inc_by(u64::from(attempts - 1));
+        }
+        if let Some(admission) = ctx.admission.take() {
+            admission.settle(ctx.usage.map(|u| u.total()));
         }
         if let Some(log) = gw.options.access_log.as_ref() {
             log.write(&AccessEntry {
