@@ -1,4 +1,5 @@
-//! The command line: Pingora's flags (`-c FILE`, `-t`, `-u`, `-d`) with keygate's config handling.
+//! The command line: Pingora's flags (`-c FILE`, `-t`, `-u`, `-d`) with keygate's config handling,
+//! and `keygate admin …` (the admin API's client, [`crate::admin::cli`]).
 
 use crate::config;
 use pingora_core::server::configuration::Opt;
@@ -10,6 +11,10 @@ pub const DEFAULT_CONFIG: &str = "conf/keygate.yaml";
 
 /// Entry point of the `keygate` binary.
 pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "admin") {
+        return ExitCode::from(crate::admin::cli::main(&args[1..]));
+    }
     init_logging();
     let opt = Opt::parse_args();
     let path = PathBuf::from(

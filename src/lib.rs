@@ -49,7 +49,8 @@
 //!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
 //!    [`drain`] (a graceful stop that exits once nothing is left in flight), [`memory_upkeep`]
 //!    (freed memory handed back to the system after a burst), [`shared`] (key states and
-//!    client limits shared by several instances through Redis).
+//!    client limits shared by several instances through Redis), [`admin`] (the admin API on
+//!    its own listener: status, key disable/enable/test).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!
@@ -64,6 +65,7 @@
 //! crate (`tests/mock/`), a workspace member that only the gateway's tests depend on.
 
 pub mod access_log;
+pub mod admin;
 pub mod body_budget;
 pub mod cache;
 pub mod cli;

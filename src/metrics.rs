@@ -701,7 +701,9 @@ mod tests {
         m.connection_closes.with_label_values(&["idle"]).inc();
         m.cache_requests.with_label_values(&["r", "hit"]).inc();
         m.cache_tokens_saved.with_label_values(&["r"]).inc();
-        m.redis_op_duration.with_label_values(&["ping"]).observe(0.001);
+        m.redis_op_duration
+            .with_label_values(&["ping"])
+            .observe(0.001);
         m.redis_errors.with_label_values(&["ping"]).inc();
         m.shared_key_events.with_label_values(&["sent"]).inc();
         m.shared_key_event_delay

@@ -213,7 +213,9 @@ impl Inner {
         let now = Instant::now();
         for (u, up) in self.upstreams.iter().enumerate() {
             up.return_ejected();
-            let disabled = up.keys.disabled();
+            // A key an operator disabled stays out until an operator enables it.
+            let mut disabled = up.keys.disabled();
+            disabled.retain(|(_, reason)| reason.probes_may_enable());
             {
                 let mut last = self.last_probe.lock();
                 last.retain(|(lu, lk), _| *lu != u || disabled.iter().any(|(k, _)| k == lk));
@@ -323,7 +325,7 @@ impl Inner {
                         answer.status
                     );
                     self.refusals.forget(u, k);
-                    up.keys.enable(k);
+                    up.keys.enable_if_still(k, reason);
                 }
                 ProbeVerdict::WorksButLimited => {
                     info!(
@@ -332,8 +334,9 @@ impl Inner {
                         up.keys.name(k)
                     );
                     self.refusals.forget(u, k);
-                    up.keys.enable(k);
-                    up.keys.cool_down(k, crate::keys::ALL_MODELS, None);
+                    if up.keys.enable_if_still(k, reason) {
+                        up.keys.cool_down(k, crate::keys::ALL_MODELS, None);
+                    }
                 }
                 ProbeVerdict::Dead(r) => debug!("key {}/{}: still {r}", up.name, up.keys.name(k)),
                 ProbeVerdict::Refused { status } => match kind.after_refusal() {
@@ -403,7 +406,8 @@ impl Inner {
     }
 }
 
-fn request(up: &Upstream, kind: ProbeKind) -> ProbeRequest<'static> {
+/// The request a `kind` probe of `up` sends (also used by the admin API's `test`).
+pub fn request(up: &Upstream, kind: ProbeKind) -> ProbeRequest<'static> {
     match kind {
         ProbeKind::Models => ProbeRequest {
             method: "GET",

@@ -98,6 +98,59 @@ fn response_cache(config: &Config, clock: SharedClock) -> Option<ResponseCache> 
         .then(|| ResponseCache::new(config.cache_memory, policies, clock))
 }
 
+/// The admin API over the gateway's upstreams, routes and clients.
+fn admin_api(
+    config: &Config,
+    cfg: &crate::config::AdminConfig,
+    gw: &Gateway,
+) -> crate::admin::app::AdminApp {
+    use crate::admin::{views::RouteView, Admin, AdminUpstream};
+    if cfg.token.is_none() {
+        warn!(
+            "admin.token_env is not set: anyone who can reach {} may use the admin API",
+            cfg.addr
+        );
+    }
+    let upstreams = gw
+        .upstreams()
+        .iter()
+        .map(|u| AdminUpstream {
+            name: u.name.clone(),
+            api: match u.api {
+                crate::config::Api::Openai => "openai",
+                crate::config::Api::Anthropic => "anthropic",
+            },
+            keys: u.keys.clone(),
+        })
+        .collect();
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| RouteView {
+            name: r.spec.name.clone(),
+            models: r
+                .spec
+                .models
+                .iter()
+                .map(|g| g.as_str().to_string())
+                .collect(),
+            path_prefix: r.spec.path_prefix.clone(),
+            upstreams: r.spec.upstreams.clone(),
+        })
+        .collect();
+    let admin = Admin::new(
+        crate::admin::auth::AdminAuth::new(cfg.token, cfg.read_token),
+        upstreams,
+        routes,
+        gw.client_limiters(),
+        Arc::new(crate::admin::app::UpstreamProbes::new(
+            gw.shared_upstreams(),
+        )),
+        clock::system(),
+    );
+    crate::admin::app::AdminApp(Arc::new(admin))
+}
+
 /// Resolves every upstream once before listening, so the first requests have endpoints.
 fn resolve_endpoints_now(gw: &Gateway) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -196,6 +249,10 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let _ = crate::metrics::global();
     resolve_endpoints_now(&gw);
 
+    let admin_app = config
+        .admin
+        .as_ref()
+        .map(|cfg| (cfg.addr, admin_api(&config, cfg, &gw)));
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     // As a service (not `bootstrap()`): with `-d` and `daemon_wait_for_ready`, the parent is told
     // "ready" only once it has run, and `-u` takes the sockets over inside the daemon.
@@ -249,6 +306,15 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         service.add_tcp(&addr.to_string());
         server.add_service(service).add_dependency(&bootstrap);
         info!("metrics on http://{addr}/metrics");
+    }
+    if let Some((addr, admin)) = admin_app {
+        let mut service = pingora_core::services::listening::Service::new(
+            "keygate admin".to_string(),
+            pingora_core::apps::http_app::HttpServer::new_app(admin),
+        );
+        service.add_tcp(&addr.to_string());
+        server.add_service(service).add_dependency(&bootstrap);
+        info!("admin API on http://{addr}/admin/v1/status");
     }
     for s in services {
         server.add_service(s);

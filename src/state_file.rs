@@ -387,6 +387,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_manual_disable_survives_a_round_trip() {
+        let a = vec![pool(ManualClock::new())];
+        a[0].disable_manually(1);
+        let mut snap = capture(&a, &[]);
+        let now = SystemTime::now();
+        snap.written_at_ms = millis_since_epoch(now);
+        let text = serde_json::to_string(&snap).unwrap();
+        assert!(text.contains("\"manual\""), "{text}");
+        let b = vec![pool(ManualClock::new())];
+        let back: Snapshot = serde_json::from_str(&text).unwrap();
+        restore(&b, &back, now);
+        assert_eq!(b[0].disabled(), vec![(1, DisableReason::Manual)]);
+    }
+
     fn is_cooling(pool: &KeyPool, idx: usize) -> bool {
         matches!(pool.status()[idx].state, KeyState::Cooling { .. })
     }

@@ -23,7 +23,8 @@ pub use source::{ConfigSource, MemorySource, SystemSource};
 pub use types::*;
 pub use validate::{validate, validate_with};
 pub use validated::{
-    ClientConfig, Config, GuardsConfig, KeepWarm, ListenerConfig, RouteConfig, UpstreamConfig,
+    AdminConfig, ClientConfig, Config, GuardsConfig, KeepWarm, ListenerConfig, RouteConfig,
+    UpstreamConfig,
 };
 
 use std::path::Path;

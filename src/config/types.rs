@@ -36,6 +36,9 @@ pub struct ConfigFile {
     /// The Prometheus side port (`/metrics`, `/healthz`, `/readyz`).
     #[serde(default)]
     pub metrics: Option<MetricsFile>,
+    /// The admin API's own listener (status and key actions), never on a proxy port.
+    #[serde(default)]
+    pub admin: Option<AdminFile>,
     /// One JSON line per request.
     #[serde(default)]
     pub access_log: Option<AccessLogFile>,
@@ -297,6 +300,20 @@ pub struct GuardsFile {
 pub struct MetricsFile {
     /// `IP:PORT`, e.g. `127.0.0.1:9091`.
     pub addr: String,
+}
+
+/// The admin listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// `IP:PORT`, e.g. `127.0.0.1:9092`.
+    pub addr: String,
+    /// The environment variable holding the admin token (may read and act).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The environment variable holding a read-only token (may only read).
+    #[serde(default)]
+    pub read_token_env: Option<String>,
 }
 
 /// Access log destination.

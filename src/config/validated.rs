@@ -33,6 +33,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Metrics side port.
     pub metrics_addr: Option<SocketAddr>,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
     /// Access log: `None` off, `Some(None)` stdout, `Some(Some(path))` a file.
     pub access_log: Option<Option<PathBuf>>,
     /// Key state file.
@@ -70,6 +72,27 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// How many instances share the limits (each admits its share when Redis is down).
     pub instances: u32,
+}
+
+/// A validated `admin:` section. Tokens are kept only as SHA-256 digests.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where the admin API listens.
+    pub addr: SocketAddr,
+    /// SHA-256 of the admin token; `None`: no token (only allowed on a loopback address).
+    pub token: Option<[u8; 32]>,
+    /// SHA-256 of the read-only token, if any.
+    pub read_token: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.is_some())
+            .field("read_token", &self.read_token.is_some())
+            .finish()
+    }
 }
 
 /// A validated client.

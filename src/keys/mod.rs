@@ -704,6 +704,45 @@ impl KeyPool {
         changed
     }
 
+    /// Takes key `idx` out by an operator's hand: the reason becomes [`DisableReason::Manual`]
+    /// even if the key was already out for another reason, so probes leave it alone. True if
+    /// the key was not already manually disabled.
+    pub fn disable_manually(&self, idx: KeyIndex) -> bool {
+        let Some(slot) = self.inner.slots.get(idx) else {
+            return false;
+        };
+        let before = slot.force_disable(DisableReason::Manual);
+        if before == Some(DisableReason::Manual) {
+            return false;
+        }
+        info!(
+            "key {}/{} disabled: {}",
+            self.inner.upstream,
+            slot.info.name,
+            DisableReason::Manual
+        );
+        self.inner
+            .tell(idx, &KeyChange::Disabled(DisableReason::Manual));
+        true
+    }
+
+    /// Puts key `idx` back after a passing probe, only if it is still out for `reason` (an
+    /// operator's disable in the meantime wins). True if it was.
+    pub fn enable_if_still(&self, idx: KeyIndex, reason: DisableReason) -> bool {
+        let Some(slot) = self.inner.slots.get(idx) else {
+            return false;
+        };
+        if !reason.probes_may_enable() || !slot.enable_if(reason) {
+            return false;
+        }
+        info!(
+            "key {}/{} re-enabled (was {reason})",
+            self.inner.upstream, slot.info.name
+        );
+        self.inner.tell(idx, &KeyChange::Enabled);
+        true
+    }
+
     /// Has `observer` told of every change this pool makes from now on. A pool has at most one
     /// observer: false (and nothing changes) if it already has one.
     pub fn observe(&self, observer: KeyObserver) -> bool {
@@ -719,6 +758,19 @@ impl KeyPool {
                 let cooled = inner.cool(idx, model, Some(*remaining), SHARED);
                 cooled.started || cooled.extended
             }
+            KeyChange::Disabled(DisableReason::Manual) => inner.slots.get(idx).is_some_and(|s| {
+                // An operator's disable wins over any other reason, on every instance.
+                let before = s.force_disable(DisableReason::Manual);
+                if before != Some(DisableReason::Manual) {
+                    info!(
+                        "key {}/{} disabled: {} ({SHARED})",
+                        inner.upstream,
+                        s.info.name,
+                        DisableReason::Manual
+                    );
+                }
+                before != Some(DisableReason::Manual)
+            }),
             KeyChange::Disabled(reason) => inner.disable(idx, *reason, &format!(" ({SHARED})")),
             KeyChange::Enabled => inner.enable(idx, &format!(" ({SHARED})")),
         }

@@ -25,9 +25,17 @@ pub enum DisableReason {
     Forbidden,
     /// A 429 whose error code is `insufficient_quota` or `billing_not_active`.
     InsufficientQuota,
+    /// An operator took the key out through the admin API: only an operator puts it back
+    /// (probes leave it alone).
+    Manual,
 }
 
 impl DisableReason {
+    /// Whether probes may bring the key back: every reason but [`DisableReason::Manual`].
+    pub fn probes_may_enable(&self) -> bool {
+        !matches!(self, Self::Manual)
+    }
+
     /// Whether the prober must try a (1-token) completion to know the key works again.
     ///
     /// Listing models is free, so it succeeds while the quota is still empty; only auth failures
@@ -38,9 +46,14 @@ impl DisableReason {
 
     /// The reason named `s` (as [`DisableReason::as_str`] writes it).
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Unauthorized, Self::Forbidden, Self::InsufficientQuota]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            Self::Unauthorized,
+            Self::Forbidden,
+            Self::InsufficientQuota,
+            Self::Manual,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 
     /// A short stable label, for metrics and JSON.
@@ -49,6 +62,7 @@ impl DisableReason {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::InsufficientQuota => "insufficient_quota",
+            Self::Manual => "manual",
         }
     }
 
@@ -58,6 +72,7 @@ impl DisableReason {
             Self::Unauthorized => 1,
             Self::Forbidden => 2,
             Self::InsufficientQuota => 3,
+            Self::Manual => 4,
         }
     }
 
@@ -66,6 +81,7 @@ impl DisableReason {
             1 => Some(Self::Unauthorized),
             2 => Some(Self::Forbidden),
             3 => Some(Self::InsufficientQuota),
+            4 => Some(Self::Manual),
             _ => None,
         }
     }
@@ -77,6 +93,7 @@ impl fmt::Display for DisableReason {
             Self::Unauthorized => "unauthorized (401)",
             Self::Forbidden => "forbidden (403)",
             Self::InsufficientQuota => "insufficient quota (429)",
+            Self::Manual => "manual (admin)",
         })
     }
 }
@@ -480,6 +497,18 @@ impl Slot {
             .is_ok()
     }
 
+    /// Takes the key out for `reason` whatever it was out for before; the previous reason.
+    pub(super) fn force_disable(&self, reason: DisableReason) -> Option<DisableReason> {
+        DisableReason::from_code(self.disabled.swap(reason.code(), Ordering::AcqRel))
+    }
+
+    /// Puts the key back only if it is out for `reason`; true if it was.
+    pub(super) fn enable_if(&self, reason: DisableReason) -> bool {
+        self.disabled
+            .compare_exchange(reason.code(), 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Puts the key back; the reason it was out, or `None` if it was not.
     pub(super) fn enable(&self) -> Option<DisableReason> {
         DisableReason::from_code(self.disabled.swap(0, Ordering::AcqRel))
@@ -565,8 +594,19 @@ mod tests {
             DisableReason::Unauthorized,
             DisableReason::Forbidden,
             DisableReason::InsufficientQuota,
+            DisableReason::Manual,
         ] {
             assert_eq!(DisableReason::from_code(r.code()), Some(r));
+            assert_eq!(DisableReason::parse(r.as_str()), Some(r));
         }
+    }
+
+    #[test]
+    fn only_an_operator_brings_back_a_manually_disabled_key() {
+        assert_eq!(DisableReason::Manual.as_str(), "manual");
+        assert_eq!(DisableReason::Manual.to_string(), "manual (admin)");
+        assert!(!DisableReason::Manual.probes_may_enable());
+        assert!(DisableReason::Unauthorized.probes_may_enable());
+        assert!(!DisableReason::Manual.needs_completion_probe());
     }
 }

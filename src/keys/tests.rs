@@ -697,3 +697,27 @@ fn peek_skips_what_a_pick_would_skip() {
     let (empty, _) = pool_of(Vec::new(), KeyPolicy::RoundRobin);
     assert_eq!(empty.peek(GPT4O, &[]), None);
 }
+
+#[test]
+fn a_manual_disable_overrides_another_reason_and_probes_cannot_undo_it() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    pool.disable(0, DisableReason::Unauthorized);
+    assert!(pool.disable_manually(0));
+    assert!(!pool.disable_manually(0), "already manual");
+    assert_eq!(pool.disabled(), vec![(0, DisableReason::Manual)]);
+    // A probe that started while the key was out for 401 must not bring it back.
+    assert!(!pool.enable_if_still(0, DisableReason::Unauthorized));
+    assert!(!pool.enable_if_still(0, DisableReason::Manual));
+    assert_eq!(pool.disabled(), vec![(0, DisableReason::Manual)]);
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+    assert!(pool.enable(0));
+    assert!(pool.disabled().is_empty());
+}
+
+#[test]
+fn a_passing_probe_enables_a_key_still_out_for_the_same_reason() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    pool.disable(0, DisableReason::Forbidden);
+    assert!(pool.enable_if_still(0, DisableReason::Forbidden));
+    assert!(pool.disabled().is_empty());
+}

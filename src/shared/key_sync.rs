@@ -360,6 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn a_manual_disable_travels_and_overrides_another_reason() {
+        let clock = ManualClock::new();
+        let (a, b) = (book("A", &clock, "sk-bbb"), book("B", &clock, "sk-bbb"));
+        b.pools()[0].disable(0, DisableReason::Unauthorized);
+        let off = a
+            .event(0, 0, &KeyChange::Disabled(DisableReason::Manual))
+            .unwrap();
+        assert_eq!(b.apply(&off), Applied::Changed);
+        assert_eq!(b.pools()[0].disabled(), [(0, DisableReason::Manual)]);
+        assert_eq!(b.apply(&off), Applied::Unchanged);
+    }
+
+    #[test]
     fn a_key_whose_secret_differs_or_is_unknown_is_left_alone() {
         let clock = ManualClock::new();
         let (a, b) = (book("A", &clock, "sk-bbb"), book("B", &clock, "sk-other"));

@@ -3,6 +3,7 @@
 //! One file per section; [`validate_with`] calls them in the file's order (so the first mistake
 //! reported is the same whatever the layout of the code) and checks references between sections.
 
+mod admin;
 mod cache;
 mod clients;
 mod guards;
@@ -125,6 +126,10 @@ pub fn validate_with(
             Some(addr)
         }
     };
+    let admin = match &file.admin {
+        None => None,
+        Some(a) => Some(admin::admin(&cx.at("admin"), a, &listen, metrics_addr)?),
+    };
     let access_log = outputs::access_log(&cx, file.access_log.as_ref())?;
     let state_file = file.state_file.as_deref().map(|p| cx.resolve(p));
     server::upgrade_sock_dir(&cx, &server.upgrade_sock)?;
@@ -162,6 +167,7 @@ pub fn validate_with(
         upstreams,
         routes,
         metrics_addr,
+        admin,
         access_log,
         state_file,
         stream_usage: file.stream_usage.unwrap_or_default(),
