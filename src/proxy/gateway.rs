@@ -10,6 +10,7 @@ use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
+use crate::key_activity::AttemptEnd;
 use crate::keys::{DisableReason, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
@@ -394,6 +395,30 @@ impl Gateway {
                     .inc();
             }
         }
+    }
+
+    /// Records how the current attempt ended in its key's activity (for the admin API).
+    pub(crate) fn note_activity(&self, ctx: &RequestCtx, end: AttemptEnd<'_>) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        if let Some(idx) = att.key_index() {
+            self.upstreams[att.upstream].activity.record(idx, end);
+        }
+    }
+
+    /// Gives the current attempt's key its last error's message, read from the upstream's error
+    /// `body` (masked there: the body may echo the key).
+    pub(crate) fn note_error_body(&self, ctx: &RequestCtx, status: u16, body: &[u8]) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let Some(idx) = att.key_index() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        let secret = up.keys.secret(idx).expose().as_bytes();
+        up.activity.note_error_body(idx, status, body, secret);
     }
 
     /// Counts a finished request in `keygate_requests_total` and its duration; `route` and
