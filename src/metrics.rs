@@ -701,6 +701,14 @@ mod tests {
         m.connection_closes.with_label_values(&["idle"]).inc();
         m.cache_requests.with_label_values(&["r", "hit"]).inc();
         m.cache_tokens_saved.with_label_values(&["r"]).inc();
+        m.redis_op_duration
+            .with_label_values(&["op"])
+            .observe(0.001);
+        m.redis_errors.with_label_values(&["op"]).inc();
+        m.shared_key_events.with_label_values(&["sent"]).inc();
+        m.shared_key_event_delay
+            .with_label_values::<&str>(&[])
+            .observe(0.001);
 
         let mut registered = Families::new();
         for family in registry.gather() {
