@@ -14,6 +14,8 @@
 //!   past, per SSE chunk and per whole stream, and hiding the usage-only chunk.
 //! - `header_scan/<case>`: the connection guard's pass over a request header's raw bytes (an
 //!   OpenAI SDK request in one read and in 16-byte reads; a 30 KiB header).
+//! - `key_activity_record/<success|error>`: recording one attempt in a key's activity (the
+//!   per-key counts the admin API shows), on the real clock.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::clock::{ManualClock, SharedClock};
 use keygate::conn_guard::{HeaderScan, ScanVerdict};
+use keygate::key_activity::{AttemptEnd, KeyActivity};
 use keygate::keys::{CooldownPolicy, KeyPolicy, KeyPool, KeySpec, Pick};
 use keygate::request_body::{scan_json, BodyInfo};
 use keygate::retry_after::{parse_http_date, requested_cooldown};
@@ -441,6 +444,24 @@ fn bench_header_scan(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// KeyActivity::record
+
+/// One attempt recorded in a key's activity, on the real clock (reading it is part of the cost):
+/// a success (two window buckets and the last use), and an error (which also replaces the last
+/// error under the key's own lock).
+fn bench_activity_record(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_activity_record");
+    let activity = KeyActivity::new(16, keygate::clock::system());
+    group.bench_function("success", |b| {
+        b.iter(|| activity.record(black_box(3), AttemptEnd::Answered(black_box(200))))
+    });
+    group.bench_function("error", |b| {
+        b.iter(|| activity.record(black_box(3), AttemptEnd::Answered(black_box(429))))
+    });
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// Short defaults so `cargo bench` finishes in a few minutes; criterion's command line
 /// (`--measurement-time`, `--warm-up-time`, a filter) still overrides them: `criterion_group!`
@@ -455,6 +476,6 @@ criterion_group! {
     name = hot_paths;
     config = config();
     targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
-        bench_usage, bench_header_scan
+        bench_usage, bench_header_scan, bench_activity_record
 }
 criterion_main!(hot_paths);

@@ -35,7 +35,8 @@
 //!    or answer), [`routes`] (which upstreams serve a model or path, with their plan),
 //!    [`translate`] (OpenAI chat completions to Anthropic messages and back),
 //!    [`cache`] (the response cache: canonical request keys, the bounded in-memory store,
-//!    `Cache-Control`, one upstream request for identical misses).
+//!    `Cache-Control`, one upstream request for identical misses), [`key_activity`] (each key's
+//!    requests and errors over the last minute and hour, last use, last error, next probe).
 //!
 //! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
 //!    validation with precise messages).
@@ -77,6 +78,7 @@ pub mod drain;
 pub mod error_body;
 pub mod glob;
 pub mod header_rules;
+pub mod key_activity;
 pub mod keys;
 pub mod local_response;
 pub mod memory_upkeep;

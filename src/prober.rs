@@ -13,6 +13,7 @@
 
 use crate::config::Api;
 use crate::error_body;
+use crate::key_activity::KeyActivity;
 use crate::keys::{DisableReason, KeyIndex};
 use crate::retry_after;
 use crate::upstream::probe::{self, ProbeAnswer, ProbeRequest};
@@ -201,6 +202,23 @@ impl BackgroundService for Prober {
     }
 }
 
+/// Tells upstream `u`'s key activity when each of its keys is probed next: `interval` after its
+/// last probe (or after it was first seen disabled) for a key in `last_probe`, which holds the
+/// disabled keys only; none for every other key.
+fn publish_next_probes(
+    last_probe: &HashMap<(usize, KeyIndex), Instant>,
+    u: usize,
+    interval: Duration,
+    activity: &KeyActivity,
+) {
+    for k in 0..activity.len() {
+        let at = last_probe
+            .get(&(u, k))
+            .and_then(|seen| seen.checked_add(interval));
+        activity.set_next_probe(k, at);
+    }
+}
+
 async fn recv(rx: &mut Option<UnboundedReceiver<Suspect>>) -> Option<Suspect> {
     match rx {
         Some(r) => r.recv().await,
@@ -232,6 +250,7 @@ impl Inner {
                     tokio::spawn(self.clone().probe_disabled(u, k, reason));
                 }
             }
+            publish_next_probes(&self.last_probe.lock(), u, up.probe_interval, &up.activity);
             if let Some(kw) = &up.keep_warm {
                 let since_ping = self
                     .last_ping
@@ -547,5 +566,28 @@ mod tests {
         log.forget(0, 1);
         assert!(log.first(0, 1, 404));
         assert!(!log.first(0, 2, 404), "other keys untouched");
+    }
+
+    #[test]
+    fn the_next_probe_is_published_for_disabled_keys_of_this_upstream_only() {
+        let clock = crate::clock::ManualClock::new();
+        let activity = KeyActivity::new(3, clock.clone());
+        let seen = crate::clock::Clock::now(&*clock);
+        let interval = Duration::from_secs(30);
+        let mut last = HashMap::new();
+        last.insert((0, 1), seen);
+        last.insert((1, 0), seen); // another upstream's key 0
+        publish_next_probes(&last, 0, interval, &activity);
+        clock.advance(Duration::from_secs(5));
+        let next = |k| activity.snapshot(k).next_probe_in_ms;
+        assert_eq!((next(0), next(1), next(2)), (None, Some(25_000), None));
+        // Probed again: the countdown restarts from then.
+        last.insert((0, 1), crate::clock::Clock::now(&*clock));
+        publish_next_probes(&last, 0, interval, &activity);
+        assert_eq!(next(1), Some(30_000));
+        // Back in rotation, the key leaves the table and its next probe goes.
+        last.remove(&(0, 1));
+        publish_next_probes(&last, 0, interval, &activity);
+        assert_eq!(next(1), None);
     }
 }

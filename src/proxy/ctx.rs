@@ -36,7 +36,8 @@ pub struct Attempt {
     pub decision: Option<Decision>,
     /// A replacement for the upstream's body (a sanitised 401/403).
     pub replace_body: Option<Bytes>,
-    /// The start of a 429 body being passed to the client, read for quota and org-wide signs.
+    /// The start of an error body being passed to the client: a 429's read for quota and
+    /// org-wide signs, a 401/403's for whom it blames, every one's for the key's last error.
     pub error_body: Option<BytesMut>,
     /// What that 429 asked for in its headers (`Retry-After` …), for an org-wide limit its
     /// body reveals.

@@ -10,6 +10,7 @@ use crate::clients::{presented_token, ClientTable, IpLimiters};
 use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
+use crate::key_activity::AttemptEnd;
 use crate::keys::{DisableReason, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
@@ -396,6 +397,30 @@ impl Gateway {
         }
     }
 
+    /// Records how the current attempt ended in its key's activity (for the admin API).
+    pub(crate) fn note_activity(&self, ctx: &RequestCtx, end: AttemptEnd<'_>) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        if let Some(idx) = att.key_index() {
+            self.upstreams[att.upstream].activity.record(idx, end);
+        }
+    }
+
+    /// Gives the current attempt's key its last error's message, read from the upstream's error
+    /// `body` (masked there: the body may echo the key).
+    pub(crate) fn note_error_body(&self, ctx: &RequestCtx, status: u16, body: &[u8]) {
+        let Some(att) = ctx.attempt.as_ref() else {
+            return;
+        };
+        let Some(idx) = att.key_index() else {
+            return;
+        };
+        let up = &self.upstreams[att.upstream];
+        let secret = up.keys.secret(idx).expose().as_bytes();
+        up.activity.note_error_body(idx, status, body, secret);
+    }
+
     /// Counts a finished request in `keygate_requests_total` and its duration; `route` and
     /// `upstream` are the label values (`-` when there was none).
     pub(crate) fn count_request(&self, ctx: &RequestCtx, status: u16, route: &str, upstream: &str) {
@@ -775,6 +800,50 @@ mod tests {
             h.insert_header(k.to_string(), *v).unwrap();
         }
         h
+    }
+
+    #[tokio::test]
+    async fn each_attempt_lands_in_its_keys_activity_with_the_error_message_masked() {
+        let (gw, clock) = gateway(TWO_KEYS).await;
+        let up = &gw.upstreams()[0];
+        let (a, b) = (
+            up.keys.index_of("a").unwrap(),
+            up.keys.index_of("b").unwrap(),
+        );
+        let key_of = |status: u16| {
+            let mut ctx = request("gpt-4o");
+            let name = attempt(&gw, &mut ctx).unwrap();
+            gw.judge(&mut ctx, status, &answer(status, &[]));
+            gw.note_activity(&ctx, AttemptEnd::Answered(status));
+            (name, ctx)
+        };
+        // Round robin: one key answers 200, the other 401 with a body that echoes its secret.
+        let (first, _) = key_of(200);
+        let (second, ctx) = key_of(401);
+        assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-test-b","code":"invalid_api_key"}}"#;
+        gw.note_error_body(&ctx, 401, body);
+        // The next attempt on key a never connects.
+        let mut ctx = request("gpt-4o");
+        attempt(&gw, &mut ctx).unwrap();
+        gw.note_activity(&ctx, AttemptEnd::NoAnswer("connect error"));
+        clock.advance(Duration::from_millis(250));
+
+        let va = up.activity.snapshot(a);
+        assert_eq!((va.requests_1m, va.errors_1m), (2, 1));
+        let err = va.last_error.unwrap();
+        assert_eq!((err.status, err.message.as_str()), (None, "connect error"));
+        let vb = up.activity.snapshot(b);
+        assert_eq!((vb.requests_1m, vb.errors_1m, vb.requests_1h), (1, 1, 1));
+        assert_eq!(vb.last_used_ms_ago, Some(250));
+        let err = vb.last_error.unwrap();
+        assert_eq!(err.status, Some(401));
+        assert!(
+            err.message.starts_with("Incorrect API key provided: "),
+            "{}",
+            err.message
+        );
+        assert!(!err.message.contains("sk-test-b"), "{}", err.message);
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ pub mod routing;
 use crate::access_log::AccessEntry;
 use crate::error_body;
 use crate::header_rules;
+use crate::key_activity::AttemptEnd;
 use crate::local_response::LocalResponse;
 use crate::outcome::Outcome;
 use crate::redact::ErrorBodyScrubber;
@@ -313,6 +314,7 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         gw.count_attempt(ctx, outcome.label());
+        gw.note_activity(ctx, AttemptEnd::Answered(status));
         gw.note_answer(ctx, status);
         let result = AttemptResult::Answered { status, outcome };
         if self.decide(session, ctx, result) == Decision::TryElsewhere {
@@ -325,10 +327,10 @@ impl ProxyHttp for GatewayProxy {
         let Some(att) = ctx.attempt.as_mut() else {
             return Ok(());
         };
-        let anthropic = gw.upstreams[att.upstream].api == crate::config::Api::Anthropic;
-        if matches!(status, 401 | 403 | 429) || (status == 400 && anthropic) {
-            // Read as it passes: its error code says what the answer means for the key (an
-            // Anthropic 400 may say the key's credit balance is gone).
+        if status >= 400 {
+            // Read as it passes: its error code says what the answer means for the key (a 401,
+            // 403 or 429; an Anthropic 400 may say the key's credit balance is gone), and its
+            // message becomes the key's last error.
             att.error_body = Some(bytes::BytesMut::new());
         }
         if (200..300).contains(&status) {
@@ -456,6 +458,7 @@ impl ProxyHttp for GatewayProxy {
             *body = (!out.is_empty()).then_some(out);
         }
         let up = &self.0.upstreams[att.upstream];
+        let anthropic = up.api == crate::config::Api::Anthropic;
         let secret = att
             .key_index()
             .map_or(&b""[..], |k| up.keys.secret(k).expose().as_bytes());
@@ -473,11 +476,12 @@ impl ProxyHttp for GatewayProxy {
         }
         let status = att.status;
         if let (Some(buf), Some(status)) = (finished_error_body, status) {
+            self.0.note_error_body(ctx, status, &buf);
             if status == 429 {
                 self.0.judge_429_body(ctx, &buf);
-            } else if status == 400 {
+            } else if status == 400 && anthropic {
                 self.0.judge_400_body(ctx, &buf);
-            } else {
+            } else if matches!(status, 401 | 403) {
                 self.0.judge_refusal_body(ctx, status, &buf);
             }
         }
@@ -516,6 +520,15 @@ impl ProxyHttp for GatewayProxy {
                     "connect_error"
                 };
                 self.0.count_attempt(ctx, label);
+                if ctx.attempt.as_ref().is_some_and(|a| a.status.is_none()) {
+                    // An answer that breaks off later was counted when its header came.
+                    let what = match result {
+                        AttemptResult::TimedOut => "timeout",
+                        AttemptResult::Broke => "connection broke",
+                        _ => "connect error",
+                    };
+                    self.0.note_activity(ctx, AttemptEnd::NoAnswer(what));
+                }
             }
             self.decide(session, ctx, result)
         };
@@ -532,6 +545,8 @@ impl ProxyHttp for GatewayProxy {
     ) -> Box<Error> {
         self.0.note_endpoint(ctx, false);
         self.0.count_attempt(ctx, "connect_error");
+        self.0
+            .note_activity(ctx, AttemptEnd::NoAnswer("connect error"));
         if let Some(att) = ctx.attempt.as_ref() {
             // The key was never used: let it be tried again on another endpoint.
             ctx.log.release(att.upstream, att.key_index());

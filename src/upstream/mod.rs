@@ -9,6 +9,7 @@ pub mod probe;
 use crate::clock::SharedClock;
 use crate::config::{Api, AuthStyle, KeepWarm, UpstreamConfig};
 use crate::header_rules::Credential;
+use crate::key_activity::KeyActivity;
 use crate::keys::KeyPool;
 use crate::outlier::{OutlierDetector, Verdict};
 use discovery::DnsDiscovery;
@@ -39,6 +40,8 @@ pub struct Upstream {
     pub api: Api,
     /// Keys and their state.
     pub keys: Arc<KeyPool>,
+    /// Each key's recent requests, errors and next probe, by the same index as `keys`.
+    pub activity: KeyActivity,
     /// Resolved, health-checked addresses.
     pub endpoints: Arc<Endpoints>,
     /// Value of the `Host` header sent upstream.
@@ -122,6 +125,7 @@ impl Upstream {
                 cfg.cooldown,
                 clock.clone(),
             )),
+            activity: KeyActivity::new(cfg.keys.len(), clock.clone()),
             probe_interval: cfg.probe_interval,
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
