@@ -121,6 +121,7 @@ fn admin_api(
                 crate::config::Api::Anthropic => "anthropic",
             },
             keys: u.keys.clone(),
+            activity: u.activity.clone(),
         })
         .collect();
     let routes = config

@@ -322,3 +322,33 @@ async fn the_cli_lists_disables_enables_and_tests_keys() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot connect"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_show_their_recent_requests_errors_last_error_and_next_probe() {
+    let mock = Mock::start(&["--key", "sk-bad-bbbb=unauthorized:echo_key=true"]);
+    let (kg, base, _) = start(&mock);
+    // Round robin reaches b within two requests; its 401 disables it and the request is
+    // retried on a.
+    for _ in 0..4 {
+        assert_eq!(kg.post_chat(&chat("gpt-4o")).await.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        let (_, keys) = call(&base, "GET", "/admin/v1/keys", Some(READ), "").await;
+        if key(&keys, "b")["next_probe_in_ms"].is_u64() {
+            break keys;
+        }
+        assert!(Instant::now() < deadline, "no next probe for b: {keys}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (a, b) = (key(&keys, "a"), key(&keys, "b"));
+    assert!(a["requests_1m"].as_u64().unwrap() >= 4, "{a}");
+    assert_eq!(a["errors_1m"], 0, "{a}");
+    assert!(a["last_used_ms_ago"].is_u64(), "{a}");
+    assert_eq!(b["errors_1m"].as_u64(), b["requests_1m"].as_u64(), "{b}");
+    assert!(b["errors_1h"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(b["last_error"]["status"], 401, "{b}");
+    let message = b["last_error"]["message"].as_str().unwrap();
+    assert!(!message.is_empty(), "{b}");
+    assert_no_canary(&keys.to_string(), "sk-bad-bbbb", "the admin key list");
+}

@@ -14,6 +14,7 @@ pub mod views;
 
 use crate::clients::limits::Limiter;
 use crate::clock::SharedClock;
+use crate::key_activity::KeyActivity;
 use crate::keys::{DisableReason, KeyIndex, KeyPool, ALL_MODELS};
 use crate::local_response::LocalResponse;
 use crate::prober::{judge_probe, ProbeKind, ProbeVerdict};
@@ -48,6 +49,8 @@ pub struct AdminUpstream {
     pub api: &'static str,
     /// Its keys.
     pub keys: Arc<KeyPool>,
+    /// What its keys did lately, by key index.
+    pub activity: Arc<KeyActivity>,
 }
 
 /// An answer: status and JSON body.
@@ -159,12 +162,13 @@ impl Admin {
         let notes = self.notes.lock();
         self.upstreams
             .iter()
-            .flat_map(|u| views::keys(&u.keys, &notes))
+            .flat_map(|u| views::keys(&u.keys, &u.activity, &notes))
             .collect()
     }
 
     fn key_view(&self, u: usize, k: KeyIndex) -> Option<KeyView> {
-        views::keys(&self.upstreams[u].keys, &self.notes.lock())
+        let up = &self.upstreams[u];
+        views::keys(&up.keys, &up.activity, &self.notes.lock())
             .into_iter()
             .nth(k)
     }
@@ -179,7 +183,7 @@ impl Admin {
                 name: u.name.clone(),
                 api: u.api,
                 endpoints: self.probes.endpoints(i),
-                keys: views::keys(&u.keys, &notes),
+                keys: views::keys(&u.keys, &u.activity, &notes),
             })
             .collect();
         let now = self.clock.wall();

@@ -61,6 +61,7 @@ fn admin(answers: Vec<(u16, &'static str)>) -> (Admin, Arc<FakeProbes>) {
             name: "openai".into(),
             api: "openai",
             keys: pool,
+            activity: Arc::new(crate::key_activity::KeyActivity::new(2, clock.clone())),
         }],
         vec![RouteView {
             name: "chat".into(),

@@ -2,6 +2,7 @@
 //! reads them. Built from the pools and limiters; never holds a secret (a key shows its id).
 
 use crate::clients::limits::{period_id, Limiter, Limits, Period};
+use crate::key_activity::{ActivityView, KeyActivity};
 use crate::keys::{KeyPool, KeyState};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -30,6 +31,9 @@ pub struct KeyView {
     pub cooldowns: Vec<CooldownView>,
     /// Requests using it now.
     pub in_flight: usize,
+    /// Requests and errors lately, last use, last error, next probe.
+    #[serde(flatten)]
+    pub activity: ActivityView,
 }
 
 /// One running cooldown of a key.
@@ -45,7 +49,7 @@ pub struct CooldownView {
 pub type Notes = HashMap<(String, String), String>;
 
 /// Every key of `pool`, in config order.
-pub fn keys(pool: &KeyPool, notes: &Notes) -> Vec<KeyView> {
+pub fn keys(pool: &KeyPool, activity: &KeyActivity, notes: &Notes) -> Vec<KeyView> {
     let upstream = pool.upstream();
     pool.status()
         .into_iter()
@@ -75,6 +79,7 @@ pub fn keys(pool: &KeyPool, notes: &Notes) -> Vec<KeyView> {
                     })
                     .collect(),
                 in_flight: s.in_flight,
+                activity: activity.snapshot(s.index),
             }
         })
         .collect()
@@ -183,6 +188,7 @@ mod tests {
     use super::*;
     use crate::clients::limits::Budget;
     use crate::clock::{Clock, ManualClock};
+    use crate::key_activity::AttemptEnd;
     use crate::keys::{CooldownPolicy, DisableReason, KeyPolicy, KeySpec};
     use std::time::Duration;
 
@@ -207,7 +213,12 @@ mod tests {
         p.disable_manually(2);
         let mut notes = Notes::new();
         notes.insert(("openai".into(), "c".into()), "rotating".into());
-        let v = keys(&p, &notes);
+        let activity = KeyActivity::new(3, ManualClock::new());
+        activity.record(0, AttemptEnd::Answered(200));
+        activity.record(1, AttemptEnd::Answered(429));
+        let v = keys(&p, &activity, &notes);
+        assert_eq!((v[0].activity.requests_1m, v[0].activity.errors_1m), (1, 0));
+        assert_eq!((v[1].activity.requests_1m, v[1].activity.errors_1m), (1, 1));
         assert_eq!((v[0].state, v[0].reason), ("ready", None));
         assert_eq!(v[1].state, "cooling");
         assert_eq!(v[1].cooldowns[0].model.as_deref(), Some("gpt-4o"));
@@ -216,6 +227,10 @@ mod tests {
         assert_eq!(v[2].note.as_deref(), Some("rotating"));
         assert_eq!(v[0].id, p.key_id(0));
         let json = serde_json::to_string(&v).unwrap();
+        assert!(
+            json.contains("\"requests_1h\":1"),
+            "activity is flattened in: {json}"
+        );
         assert!(!json.contains("sk-secret"), "{json}");
         assert!(!json.contains("secret-"), "{json}");
     }
@@ -226,7 +241,7 @@ mod tests {
         p.disable(0, DisableReason::Unauthorized);
         let mut notes = Notes::new();
         notes.insert(("openai".into(), "a".into()), "old".into());
-        let v = keys(&p, &notes);
+        let v = keys(&p, &KeyActivity::new(3, ManualClock::new()), &notes);
         assert_eq!(v[0].reason, Some("unauthorized"));
         assert_eq!(v[0].note, None);
     }

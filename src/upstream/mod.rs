@@ -41,7 +41,7 @@ pub struct Upstream {
     /// Keys and their state.
     pub keys: Arc<KeyPool>,
     /// Each key's recent requests, errors and next probe, by the same index as `keys`.
-    pub activity: KeyActivity,
+    pub activity: Arc<KeyActivity>,
     /// Resolved, health-checked addresses.
     pub endpoints: Arc<Endpoints>,
     /// Value of the `Host` header sent upstream.
@@ -125,7 +125,7 @@ impl Upstream {
                 cfg.cooldown,
                 clock.clone(),
             )),
-            activity: KeyActivity::new(cfg.keys.len(), clock.clone()),
+            activity: Arc::new(KeyActivity::new(cfg.keys.len(), clock.clone())),
             probe_interval: cfg.probe_interval,
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
