@@ -29,19 +29,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Checks every limit of one client and, if all pass, takes its place in each.
-///
-/// KEYS: requests per second (hash), tokens per second (hash), requests in flight (sorted set
-/// of lease expiries), budget of the period (counter). ARGV: rpm, tpm, concurrency, budget (0:
-/// no such limit), the estimate, the request's id, the lease length (ms), the budget's ttl (s).
-/// Returns `{refused kind (0: admitted), wait ms, requests in the window, tokens in the window}`.
-const ADMIT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local sec = tonumber(t[1])
-local rpm, tpm, conc, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local est, lease, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local function window(key)
+/// The Lua function both scripts sum a minute window with: the per-second buckets of the last
+/// 60 s of hash `key` (older ones deleted), and the oldest non-empty second. Needs `sec`.
+macro_rules! lua_window {
+    () => {
+        r#"local function window(key)
   local h = redis.call('HGETALL', key)
   local sum, oldest = 0, nil
   for i = 1, #h, 2 do
@@ -56,7 +48,26 @@ local function window(key)
   end
   return sum, oldest or sec
 end
-if budget > 0 then
+"#
+    };
+}
+
+/// Checks every limit of one client and, if all pass, takes its place in each.
+///
+/// KEYS: requests per second (hash), tokens per second (hash), requests in flight (sorted set
+/// of lease expiries), budget of the period (counter). ARGV: rpm, tpm, concurrency, budget (0:
+/// no such limit), the estimate, the request's id, the lease length (ms), the budget's ttl (s).
+/// Returns `{refused kind (0: admitted), wait ms, requests in the window, tokens in the window}`.
+const ADMIT: &str = concat!(
+    r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local sec = tonumber(t[1])
+local rpm, tpm, conc, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local est, lease, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8])
+"#,
+    lua_window!(),
+    r#"if budget > 0 then
   local used = tonumber(redis.call('GET', KEYS[4]) or '0')
   if used >= budget then return {4, 0, 0, 0} end
 end
@@ -91,7 +102,8 @@ if budget > 0 then
   redis.call('EXPIRE', KEYS[4], ttl)
 end
 return {0, 0, rsum + 1, tsum + est}
-"#;
+"#
+);
 
 /// Gives back an ended lease's rest and applies corrections, then (unless all it is asked for
 /// is 0: a flush) checks the limits and grants a lease.
@@ -102,7 +114,8 @@ return {0, 0, rsum + 1, tsum + est}
 /// request's need (requests, tokens, budget tokens) and the lease wanted (the same three); the
 /// budget's ttl (s). Returns `{refused kind (0: granted), wait ms, requests granted, tokens
 /// granted, budget granted, the second counted in, requests in the window, tokens in it}`.
-const RESERVE: &str = r#"
+const RESERVE: &str = concat!(
+    r#"
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -125,22 +138,9 @@ if bdelta ~= 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 if need_r + need_t + need_b + want_r + want_t + want_b == 0 then return {0, 0, 0, 0, 0, sec, 0, 0} end
-local function window(key)
-  local h = redis.call('HGETALL', key)
-  local sum, oldest = 0, nil
-  for i = 1, #h, 2 do
-    local s = tonumber(h[i])
-    if s <= sec - 60 then
-      redis.call('HDEL', key, h[i])
-    else
-      local n = tonumber(h[i + 1])
-      sum = sum + n
-      if n > 0 and (oldest == nil or s < oldest) then oldest = s end
-    end
-  end
-  return sum, oldest or sec
-end
-local gb = 0
+"#,
+    lua_window!(),
+    r#"local gb = 0
 if budget > 0 then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   if used >= budget then return {4, 0, 0, 0, 0, sec, 0, 0} end
@@ -171,7 +171,8 @@ if gb > 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 return {0, 0, gr, gt, gb, sec, rsum + gr, tsum + gt}
-"#;
+"#
+);
 
 /// Settles an admitted request. KEYS as [`ADMIT`]. ARGV: the request's id ('' when it held no
 /// slot), the token correction for the minute window, the budget correction, the second it was
