@@ -512,3 +512,18 @@ async fn moderations_may_leave_the_model_to_the_provider() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// The harness waits for *its* keygate on the port, not for whatever process holds it (two
+/// tests can draw the same free port; the loser's requests went to the winner's keygate).
+#[test]
+fn the_harness_tells_its_own_listener_from_another_process() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert!(utils::listens_on(std::process::id(), port));
+    assert!(
+        !utils::listens_on(1, port),
+        "pid 1 does not hold this test's socket"
+    );
+    drop(listener);
+    assert!(!utils::listens_on(std::process::id(), port));
+}

@@ -212,6 +212,35 @@ impl Mock {
     }
 }
 
+/// How many ports [`Keygate::start`] tries.
+const PORT_ATTEMPTS: usize = 4;
+
+/// Whether process `pid` holds the socket listening on TCP `port` (Linux `/proc`): another
+/// test's process may have taken a port between [`free_port`] and the bind.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode
+            if f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A" {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.to_str() == Some(i.as_str())))
+    })
+}
+
 /// A free loopback port (bound then released: the window for a clash is tiny).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -258,7 +287,17 @@ pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf, u16) {
 
 impl Keygate {
     /// Starts keygate with `yaml` (see [`write_config`]) and env vars; waits until it listens.
+    /// A port another process took between [`free_port`] and keygate's bind is tried again with
+    /// a fresh one.
     pub fn start(yaml: &str, env: &[(&str, &str)]) -> Keygate {
+        for _ in 0..PORT_ATTEMPTS - 1 {
+            let (dir, path, port) = write_config(yaml);
+            match Self::spawn(dir, &path, port, env) {
+                Ok(kg) => return kg,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("keygate exited early: {log}"),
+            }
+        }
         let (dir, path, port) = write_config(yaml);
         Self::start_with(dir, &path, port, env)
     }
@@ -271,6 +310,17 @@ impl Keygate {
         port: u16,
         env: &[(&str, &str)],
     ) -> Keygate {
+        Self::spawn(dir, path, port, env)
+            .unwrap_or_else(|log| panic!("keygate exited early: {log}"))
+    }
+
+    /// [`Keygate::start_with`], but an early exit is returned (with the log) for a retry.
+    fn spawn(
+        dir: tempfile::TempDir,
+        path: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Result<Keygate, String> {
         let log = dir.path().join("keygate.log");
         let child = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_keygate"))
@@ -291,18 +341,21 @@ impl Keygate {
             port,
             log,
         };
-        kg.wait_listening();
-        kg
+        kg.wait_listening().map(|()| kg)
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits until this keygate (not another process that took the port) listens on its port;
+    /// `Err` with the log if it exits first.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.child.exited() {
-                panic!("keygate exited early: {}", self.log_text());
+                return Err(self.log_text());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && listens_on(self.pid(), self.port)
+            {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
