@@ -12,6 +12,17 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn wall(&self) -> SystemTime;
 }
 
+/// Whole milliseconds in `d`, saturating.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the Unix epoch at wall time `t` (0 before it): how times travel in files
+/// and between instances.
+pub fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, millis)
+}
+
 /// Shared handle to a clock.
 pub type SharedClock = Arc<dyn Clock>;
 

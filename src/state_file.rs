@@ -14,6 +14,7 @@
 //! (retried on another key) before the key is disabled again.
 
 use crate::clients::limits::Limiter;
+use crate::clock::epoch_ms;
 use crate::keys::{DisableReason, KeyPool, KeyState, ALL_MODELS};
 use async_trait::async_trait;
 use log::{info, warn};
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// How often the states are compared with what was last written.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -78,11 +79,6 @@ pub struct CoolingSnapshot {
     pub model: Option<String>,
     /// Milliseconds left when the file was written.
     pub remaining_ms: u64,
-}
-
-fn millis_since_epoch(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Takes a snapshot of the pools and client budgets (the time is filled in by the writer).
@@ -139,7 +135,7 @@ pub fn restore_clients(clients: &[ClientLimiter], snap: &Snapshot) {
 /// Applies a snapshot written at `snap.written_at_ms` to the pools, as of wall time `now`.
 /// Returns how many keys it changed.
 pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usize {
-    let age = Duration::from_millis(millis_since_epoch(now).saturating_sub(snap.written_at_ms));
+    let age = Duration::from_millis(epoch_ms(now).saturating_sub(snap.written_at_ms));
     let mut changed = 0;
     for pool in pools {
         let Some(keys) = snap.upstreams.get(pool.upstream()) else {
@@ -274,7 +270,7 @@ impl StateKeeper {
             }
         }
         let now = SystemTime::now();
-        snap.written_at_ms = millis_since_epoch(now);
+        snap.written_at_ms = epoch_ms(now);
         match write(&self.path, &snap) {
             Ok(()) => {
                 let written = std::fs::metadata(&self.path)
@@ -366,7 +362,7 @@ mod tests {
         a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(30)));
         let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
-        snap.written_at_ms = millis_since_epoch(now);
+        snap.written_at_ms = epoch_ms(now);
         let text = serde_json::to_string(&snap).unwrap();
         assert!(!text.contains("sk-"), "no secret in the state file");
 
@@ -393,7 +389,7 @@ mod tests {
         a[0].disable_manually(1);
         let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
-        snap.written_at_ms = millis_since_epoch(now);
+        snap.written_at_ms = epoch_ms(now);
         let text = serde_json::to_string(&snap).unwrap();
         assert!(text.contains("\"manual\""), "{text}");
         let b = vec![pool(ManualClock::new())];
@@ -414,7 +410,7 @@ mod tests {
         a[0].cool_down(2, "gpt-4o", Some(Duration::from_secs(30)));
         let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
-        snap.written_at_ms = millis_since_epoch(now);
+        snap.written_at_ms = epoch_ms(now);
         let text = serde_json::to_string(&snap).unwrap();
         assert!(!text.contains("sk-"), "no secret in the state file: {text}");
         let back: Snapshot = serde_json::from_str(&text).unwrap();
@@ -437,7 +433,7 @@ mod tests {
         let now = SystemTime::now();
         let text = format!(
             r#"{{"written_at_ms":{},"upstreams":{{"up":{{"k0":{{"disabled":"unauthorized"}},"k1":{{"cooling":[{{"model":"gpt-4o","remaining_ms":30000}}]}}}}}}}}"#,
-            millis_since_epoch(now)
+            epoch_ms(now)
         );
         let snap: Snapshot = serde_json::from_str(&text).unwrap();
         let b = vec![pool(ManualClock::new())];
@@ -452,7 +448,7 @@ mod tests {
         a[0].cool_down(1, "gpt-4o", Some(Duration::from_secs(5)));
         let mut snap = capture(&a, &[]);
         let now = SystemTime::now();
-        snap.written_at_ms = millis_since_epoch(now);
+        snap.written_at_ms = epoch_ms(now);
         let b = vec![pool(ManualClock::new())];
         assert_eq!(restore(&b, &snap, now + Duration::from_secs(6)), 0);
         assert_eq!(b[0].counts().ready, 3);

@@ -4,11 +4,12 @@
 //! Layout: `KGC1`, the metadata's length (4 bytes, big-endian), the metadata as JSON, the body.
 
 use super::entry::CachedAnswer;
+use crate::clock::{epoch_ms, millis};
 use crate::usage::Usage;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 const MAGIC: &[u8; 4] = b"KGC1";
 
@@ -26,14 +27,6 @@ struct Meta {
     ttl_ms: u64,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, ms)
-}
-
 /// `answer` as bytes; `age` is how old it is at wall time `wall`.
 pub fn encode(answer: &CachedAnswer, age: Duration, wall: SystemTime) -> Vec<u8> {
     let meta = Meta {
@@ -44,8 +37,8 @@ pub fn encode(answer: &CachedAnswer, age: Duration, wall: SystemTime) -> Vec<u8>
             .collect(),
         events: answer.events,
         usage: answer.usage.map(|u| (u.prompt, u.completion)),
-        stored_ms: epoch_ms(wall).saturating_sub(ms(age)),
-        ttl_ms: ms(answer.ttl),
+        stored_ms: epoch_ms(wall).saturating_sub(millis(age)),
+        ttl_ms: millis(answer.ttl),
     };
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
     let mut out = Vec::with_capacity(8 + meta.len() + answer.body.len());

@@ -11,12 +11,12 @@
 //! Cooldowns travel as wall-clock end times, so instances need clocks in step (NTP); a skew of
 //! a few milliseconds only shifts a cooldown's end by as much.
 
-use crate::clock::SharedClock;
+use crate::clock::{epoch_ms, SharedClock};
 use crate::keys::{DisableReason, KeyChange, KeyIndex, KeyPool, KeyState, ALL_MODELS};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// A key state change as it travels on the channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,12 +70,6 @@ pub enum HashWrite {
         /// The field.
         field: String,
     },
-}
-
-/// Milliseconds since the epoch.
-pub fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The hash field of a key's cooldown for `model`, or of its disable (`model` `None`): a JSON

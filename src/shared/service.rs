@@ -189,7 +189,7 @@ impl Shared {
                 .with_label_values(&["applied"])
                 .inc();
             if live {
-                let now = super::key_sync::epoch_ms(std::time::SystemTime::now());
+                let now = crate::clock::epoch_ms(std::time::SystemTime::now());
                 let delay = Duration::from_millis(now.saturating_sub(ev.at_ms));
                 self.metrics
                     .shared_key_event_delay
@@ -280,7 +280,7 @@ impl Shared {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            if !self.has_conn() {
+            if !self.link.has_conn() {
                 match connect(&self.cfg, pushes.clone()).await {
                     Ok(conn) => self.link.set_conn(conn),
                     Err(e) => {
@@ -329,11 +329,6 @@ impl Shared {
                 self.limits.flush(false).await;
             }
         }
-    }
-
-    fn has_conn(&self) -> bool {
-        // A ping on no connection fails at once with `Down`.
-        self.link.has_conn()
     }
 }
 
