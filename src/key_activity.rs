@@ -10,6 +10,7 @@
 //! so "the last minute" covers the current second and the 59 before it (59 to 60 s), and "the
 //! last hour" the current minute and the 59 before it.
 
+use crate::append_only::AppendOnly;
 use crate::clock::SharedClock;
 use crate::error_body::MAX_ERROR_BODY;
 use crate::keys::KeyIndex;
@@ -89,7 +90,7 @@ pub struct KeyActivity {
     clock: SharedClock,
     /// Every time below is kept as milliseconds after this instant.
     born: Instant,
-    keys: Box<[KeySlot]>,
+    keys: AppendOnly<KeySlot>,
 }
 
 impl std::fmt::Debug for KeyActivity {
@@ -196,7 +197,15 @@ impl KeyActivity {
         Self {
             born: clock.now(),
             clock,
-            keys: (0..keys).map(|_| KeySlot::default()).collect(),
+            keys: AppendOnly::new((0..keys).map(|_| KeySlot::default()).collect()),
+        }
+    }
+
+    /// Counts keys up to index `len - 1` too (keys added to the pool at run time). Callers
+    /// that grow it take turns, as the pool's additions do.
+    pub fn grow_to(&self, len: usize) {
+        while self.keys.len() < len {
+            self.keys.push(KeySlot::default());
         }
     }
 

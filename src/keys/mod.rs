@@ -30,8 +30,11 @@ pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
 pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
 
+use crate::append_only::AppendOnly;
 use crate::clock::SharedClock;
+use arc_swap::ArcSwap;
 use log::{debug, info};
+use parking_lot::{Mutex, RwLock};
 use rand::Rng;
 use serde::{Serialize, Serializer};
 use state::{Availability, Probe, Slot, TimeBase};
@@ -41,7 +44,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// The position of a key in its pool, as given to [`KeyPool::new`].
+/// The position of a key in its pool: its place in the list given to [`KeyPool::new`], then
+/// in the order [`KeyPool::add`] added keys. A removed key keeps its index (never reused).
 pub type KeyIndex = usize;
 
 /// The model scope of a cooldown that applies to every model: a 429 on a request that names no
@@ -115,6 +119,27 @@ impl KeySpec {
             project: None,
         }
     }
+}
+
+/// Why [`KeyPool::add`] refused a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddKeyError {
+    /// A key of that name is in the pool.
+    #[error("upstream {upstream} already has a key named {name}")]
+    NameTaken {
+        /// The upstream.
+        upstream: String,
+        /// The name.
+        name: String,
+    },
+    /// The same secret is in the pool under another name.
+    #[error("upstream {upstream} already has this secret, as key {name}")]
+    SecretTaken {
+        /// The upstream.
+        upstream: String,
+        /// The name of the key holding it.
+        name: String,
+    },
 }
 
 /// The outcome of [`KeyPool::pick`].
@@ -252,15 +277,20 @@ struct CachePadded<T>(T);
 
 struct Inner {
     upstream: Box<str>,
-    slots: Box<[Slot]>,
+    /// The configured keys, then those added at run time; removed ones stay, marked removed.
+    slots: AppendOnly<Slot>,
     policy: KeyPolicy,
     cooldown: CooldownPolicy,
     time: TimeBase,
     /// The next position to try: in `ring` for the weighted policy, in `slots` otherwise.
     cursor: CachePadded<AtomicUsize>,
-    /// The weighted order; empty for the other policies.
-    ring: Box<[usize]>,
-    accounts: HashMap<Box<str>, Vec<KeyIndex>>,
+    /// The weighted order, rebuilt when keys are added or removed; empty for the other
+    /// policies (which never load it).
+    ring: ArcSwap<Vec<usize>>,
+    /// Each account's live keys.
+    accounts: RwLock<HashMap<Box<str>, Vec<KeyIndex>>>,
+    /// Makes additions and removals take turns.
+    changes: Mutex<()>,
     /// Set once at start when a shared store is configured.
     observer: OnceLock<KeyObserver>,
 }
@@ -325,8 +355,46 @@ impl Miss {
 }
 
 impl Inner {
+    /// The keys not removed, with their indices.
+    fn live(&self) -> impl Iterator<Item = (KeyIndex, &Slot)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| !slot.is_removed())
+    }
+
+    /// Key `idx`, unless it was removed.
+    fn live_slot(&self, idx: KeyIndex) -> Option<&Slot> {
+        self.slots.get(idx).filter(|s| !s.is_removed())
+    }
+
+    /// Rebuilds what depends on which keys are in the pool: the accounts' key lists and the
+    /// weighted order. Called at start and under `changes` after each addition or removal.
+    fn membership_changed(&self) {
+        let mut accounts: HashMap<Box<str>, Vec<KeyIndex>> = HashMap::new();
+        for (idx, slot) in self.live() {
+            if let Some(account) = &slot.info.account {
+                accounts.entry(account.clone()).or_default().push(idx);
+            }
+        }
+        *self.accounts.write() = accounts;
+        if self.policy == KeyPolicy::Weighted {
+            let live: Vec<(KeyIndex, u32)> =
+                self.live().map(|(idx, s)| (idx, s.info.weight)).collect();
+            let weights: Vec<u32> = live.iter().map(|&(_, w)| w).collect();
+            let ring = policy::weighted_ring(&weights)
+                .into_iter()
+                .map(|pos| live[pos].0)
+                .collect();
+            self.ring.store(Arc::new(ring));
+        }
+    }
+
     fn classify(&self, idx: usize, exclude: &[usize], probe: &mut Probe<'_>) -> Class {
-        match self.slots[idx].availability(probe, &self.cooldown) {
+        let Some(slot) = self.slots.get(idx) else {
+            return Class::Disabled;
+        };
+        match slot.availability(probe, &self.cooldown) {
             Availability::Disabled => Class::Disabled,
             Availability::Cooling(d) => Class::Cooling(d),
             Availability::Ready if exclude.contains(&idx) => Class::Excluded,
@@ -334,12 +402,9 @@ impl Inner {
         }
     }
 
-    fn key_at(&self, pos: usize) -> usize {
-        if self.ring.is_empty() {
-            pos
-        } else {
-            self.ring[pos]
-        }
+    /// The weighted order, or `None` for the policies that rotate over the slots themselves.
+    fn ring(&self) -> Option<arc_swap::Guard<Arc<Vec<usize>>>> {
+        (self.policy == KeyPolicy::Weighted).then(|| self.ring.load())
     }
 
     /// Round-robin, weighted and least-in-flight: scan from the cursor, then move the cursor
@@ -351,18 +416,17 @@ impl Inner {
         least_in_flight: bool,
         probe: &mut Probe<'_>,
     ) -> Result<usize, Pick> {
-        let positions = if self.ring.is_empty() {
-            self.slots.len()
-        } else {
-            self.ring.len()
-        };
+        let ring = self.ring();
+        let ring = ring.as_deref().map(|r| r.as_slice());
+        let positions = ring.map_or(self.slots.len(), <[usize]>::len);
+        let key_at = |pos: usize| ring.map_or(pos, |r| r[pos]);
         loop {
             let start = self.cursor.0.load(Ordering::Acquire);
             let mut pos = if start < positions { start } else { 0 };
             let mut miss = Miss::default();
             let mut best: Option<(usize, usize, u32)> = None; // (pos, idx, in flight)
             for _ in 0..positions {
-                let idx = self.key_at(pos);
+                let idx = key_at(pos);
                 match self.classify(idx, exclude, probe) {
                     Class::Usable if !least_in_flight => {
                         best = Some((pos, idx, 0));
@@ -515,39 +579,100 @@ impl KeyPool {
         cooldown: CooldownPolicy,
         clock: SharedClock,
     ) -> KeyPool {
-        let ring = match policy {
-            KeyPolicy::Weighted => {
-                let weights: Vec<u32> = keys.iter().map(|k| k.weight).collect();
-                policy::weighted_ring(&weights).into_boxed_slice()
-            }
-            _ => Box::default(),
-        };
-        let mut accounts: HashMap<Box<str>, Vec<KeyIndex>> = HashMap::new();
-        for (idx, key) in keys.iter().enumerate() {
-            if let Some(account) = &key.account {
-                accounts
-                    .entry(account.as_str().into())
-                    .or_default()
-                    .push(idx);
-            }
-        }
         let slots = keys
             .into_iter()
             .map(|k| Slot::new(k.name, k.secret, k.account, k.weight))
             .collect();
+        let inner = Inner {
+            upstream: upstream.into(),
+            slots: AppendOnly::new(slots),
+            policy,
+            cooldown,
+            time: TimeBase::new(clock),
+            cursor: CachePadded(AtomicUsize::new(0)),
+            ring: ArcSwap::from_pointee(Vec::new()),
+            accounts: RwLock::new(HashMap::new()),
+            changes: Mutex::new(()),
+            observer: OnceLock::new(),
+        };
+        inner.membership_changed();
         KeyPool {
-            inner: Arc::new(Inner {
-                upstream: upstream.into(),
-                slots,
-                policy,
-                cooldown,
-                time: TimeBase::new(clock),
-                cursor: CachePadded(AtomicUsize::new(0)),
-                ring,
-                accounts,
-                observer: OnceLock::new(),
-            }),
+            inner: Arc::new(inner),
         }
+    }
+
+    /// Adds a key at the end of the pool, ready; its index. Refused when a key of that name, or
+    /// with that secret, is in the pool (removed keys do not count).
+    pub fn add(&self, key: KeySpec) -> Result<KeyIndex, AddKeyError> {
+        self.add_with(key, |_| {})
+    }
+
+    /// [`KeyPool::add`], calling `prepare` with the new key's index once the key is accepted
+    /// and before any pick can see it: lists kept beside the pool by index (credentials,
+    /// activity) grow there, in turn with every other addition.
+    pub fn add_with(
+        &self,
+        key: KeySpec,
+        prepare: impl FnOnce(KeyIndex),
+    ) -> Result<KeyIndex, AddKeyError> {
+        let inner = &*self.inner;
+        let _turn = inner.changes.lock();
+        self.check_add(&key)?;
+        prepare(inner.slots.len());
+        let idx = inner
+            .slots
+            .push(Slot::new(key.name, key.secret, key.account, key.weight));
+        inner.membership_changed();
+        info!(
+            "key {}/{} added",
+            inner.upstream, inner.slots[idx].info.name
+        );
+        Ok(idx)
+    }
+
+    /// Whether [`KeyPool::add`] would take `key` now: its name and secret are not in the pool.
+    pub fn check_add(&self, key: &KeySpec) -> Result<(), AddKeyError> {
+        let inner = &*self.inner;
+        if self.index_of(&key.name).is_some() {
+            return Err(AddKeyError::NameTaken {
+                upstream: inner.upstream.to_string(),
+                name: key.name.clone(),
+            });
+        }
+        let id = key.secret.id();
+        match inner.live().find(|(_, s)| *s.info.id == id) {
+            Some((_, other)) => Err(AddKeyError::SecretTaken {
+                upstream: inner.upstream.to_string(),
+                name: other.info.name.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes key `idx` for good: it is never picked, probed or listed again, and its index is
+    /// not reused (requests holding it finish). False if there is no such key or it was removed.
+    pub fn remove(&self, idx: KeyIndex) -> bool {
+        let inner = &*self.inner;
+        let _turn = inner.changes.lock();
+        let Some(slot) = inner.slots.get(idx) else {
+            return false;
+        };
+        if !slot.remove() {
+            return false;
+        }
+        inner.membership_changed();
+        info!("key {}/{} removed", inner.upstream, slot.info.name);
+        true
+    }
+
+    /// Whether key `idx` was added after start ([`KeyPool::add`]) rather than configured.
+    pub fn is_added(&self, idx: KeyIndex) -> bool {
+        idx >= self.inner.slots.initial_len()
+    }
+
+    /// Whether key `idx` was removed (or never existed).
+    pub fn is_removed(&self, idx: KeyIndex) -> bool {
+        self.inner.slots.get(idx).is_none_or(Slot::is_removed)
     }
 
     /// The upstream's name, as used in logs.
@@ -560,7 +685,7 @@ impl KeyPool {
         self.inner.policy
     }
 
-    /// The number of keys.
+    /// The number of key indices: every key the pool has held, removed ones included.
     pub fn len(&self) -> usize {
         self.inner.slots.len()
     }
@@ -609,13 +734,12 @@ impl KeyPool {
         if n == 0 {
             return None;
         }
-        let positions = if inner.ring.is_empty() {
-            n
-        } else {
-            inner.ring.len()
-        };
+        let ring = inner.ring();
+        let ring = ring.as_deref().map(|r| r.as_slice());
+        let positions = ring.map_or(n, <[usize]>::len);
         let cursor = inner.cursor.0.load(Ordering::Acquire);
-        let start = inner.key_at(if cursor < positions { cursor } else { 0 });
+        let pos = if cursor < positions { cursor } else { 0 };
+        let start = ring.map_or(pos, |r| r.get(pos).copied().unwrap_or(0));
         let mut probe = Probe::new(&inner.time, model);
         (0..n)
             .map(|step| (start + step) % n)
@@ -670,11 +794,10 @@ impl KeyPool {
         requested: Option<Duration>,
         except: Option<KeyIndex>,
     ) -> Vec<KeyIndex> {
-        let Some(keys) = self.inner.accounts.get(account) else {
+        let Some(keys) = self.inner.accounts.read().get(account).cloned() else {
             return Vec::new();
         };
-        keys.iter()
-            .copied()
+        keys.into_iter()
             .filter(|&idx| Some(idx) != except)
             .filter(|&idx| {
                 self.inner
@@ -708,7 +831,7 @@ impl KeyPool {
     /// even if the key was already out for another reason, so probes leave it alone. True if
     /// the key was not already manually disabled.
     pub fn disable_manually(&self, idx: KeyIndex) -> bool {
-        let Some(slot) = self.inner.slots.get(idx) else {
+        let Some(slot) = self.inner.live_slot(idx) else {
             return false;
         };
         let before = slot.force_disable(DisableReason::Manual);
@@ -758,7 +881,7 @@ impl KeyPool {
                 let cooled = inner.cool(idx, model, Some(*remaining), SHARED);
                 cooled.started || cooled.extended
             }
-            KeyChange::Disabled(DisableReason::Manual) => inner.slots.get(idx).is_some_and(|s| {
+            KeyChange::Disabled(DisableReason::Manual) => inner.live_slot(idx).is_some_and(|s| {
                 // An operator's disable wins over any other reason, on every instance.
                 let before = s.force_disable(DisableReason::Manual);
                 if before != Some(DisableReason::Manual) {
@@ -779,20 +902,16 @@ impl KeyPool {
     /// The disabled keys and why, for the background prober.
     pub fn disabled(&self) -> Vec<(KeyIndex, DisableReason)> {
         self.inner
-            .slots
-            .iter()
-            .enumerate()
+            .live()
             .filter_map(|(idx, slot)| slot.disabled_reason().map(|r| (idx, r)))
             .collect()
     }
 
-    /// Every key's state, in index order.
+    /// Every key's state, in index order (removed keys left out).
     pub fn status(&self) -> Vec<KeyStatus> {
         let now = self.inner.time.now();
         self.inner
-            .slots
-            .iter()
-            .enumerate()
+            .live()
             .map(|(index, slot)| {
                 let state = match slot.disabled_reason() {
                     Some(reason) => KeyState::Disabled { reason },
@@ -829,7 +948,7 @@ impl KeyPool {
     pub fn counts(&self) -> StateCounts {
         let now = self.inner.time.now();
         let mut counts = StateCounts::default();
-        for slot in self.inner.slots.iter() {
+        for (_, slot) in self.inner.live() {
             if slot.disabled_reason().is_some() {
                 counts.disabled += 1;
             } else if slot.is_cooling(now) {
@@ -841,9 +960,12 @@ impl KeyPool {
         counts
     }
 
-    /// The index of the key named `name`.
+    /// The index of the key named `name` (removed keys left out).
     pub fn index_of(&self, name: &str) -> Option<KeyIndex> {
-        self.inner.slots.iter().position(|s| &*s.info.name == name)
+        self.inner
+            .live()
+            .find(|(_, s)| &*s.info.name == name)
+            .map(|(idx, _)| idx)
     }
 
     /// The name of key `idx`.

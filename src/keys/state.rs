@@ -283,6 +283,9 @@ pub(super) struct KeyInfo {
 /// change; a reader racing with that may see one field new and one old, which at worst picks a
 /// key that started cooling a moment ago (as an in-flight request would have used it anyway) or
 /// skips a key once.
+/// The disabled code of a key removed from its pool (no [`DisableReason`] has it).
+const REMOVED: u8 = u8::MAX;
+
 pub(super) struct Slot {
     /// 0: enabled; otherwise a [`DisableReason`] code.
     disabled: AtomicU8,
@@ -317,6 +320,16 @@ impl Slot {
 
     pub(super) fn disabled_reason(&self) -> Option<DisableReason> {
         DisableReason::from_code(self.disabled.load(Ordering::Acquire))
+    }
+
+    /// Whether the key was removed from its pool: out for good, whatever enables it.
+    pub(super) fn is_removed(&self) -> bool {
+        self.disabled.load(Ordering::Acquire) == REMOVED
+    }
+
+    /// Takes the key out for good; false if it already was.
+    pub(super) fn remove(&self) -> bool {
+        self.disabled.swap(REMOVED, Ordering::AcqRel) != REMOVED
     }
 
     /// Whether the key may serve the probe's model now, and if cooling, for how much longer.
@@ -499,7 +512,8 @@ impl Slot {
 
     /// Takes the key out for `reason` whatever it was out for before; the previous reason.
     pub(super) fn force_disable(&self, reason: DisableReason) -> Option<DisableReason> {
-        DisableReason::from_code(self.disabled.swap(reason.code(), Ordering::AcqRel))
+        let before = self.swap_unless_removed(reason.code());
+        DisableReason::from_code(before)
     }
 
     /// Puts the key back only if it is out for `reason`; true if it was.
@@ -511,7 +525,18 @@ impl Slot {
 
     /// Puts the key back; the reason it was out, or `None` if it was not.
     pub(super) fn enable(&self) -> Option<DisableReason> {
-        DisableReason::from_code(self.disabled.swap(0, Ordering::AcqRel))
+        DisableReason::from_code(self.swap_unless_removed(0))
+    }
+
+    /// Sets the disabled code to `code` unless the key was removed; the code before.
+    fn swap_unless_removed(&self, code: u8) -> u8 {
+        match self
+            .disabled
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (c != REMOVED).then_some(code)
+            }) {
+            Ok(before) | Err(before) => before,
+        }
     }
 
     /// The cooldowns running at `now`.

@@ -721,3 +721,117 @@ fn a_passing_probe_enables_a_key_still_out_for_the_same_reason() {
     assert!(pool.enable_if_still(0, DisableReason::Forbidden));
     assert!(pool.disabled().is_empty());
 }
+
+#[test]
+fn a_key_added_at_run_time_joins_the_rotation_at_the_next_index() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    assert_eq!(pool.add(spec("c")).unwrap(), 2);
+    assert!(pool.is_added(2) && !pool.is_added(1));
+    assert_eq!(tally(&pool, GPT4O, 300), vec![100, 100, 100]);
+    assert_eq!(pool.index_of("c"), Some(2));
+    assert_eq!(pool.name(2), "c");
+    assert_eq!(pool.counts().ready, 3);
+}
+
+#[test]
+fn adding_a_taken_name_or_a_secret_already_in_the_pool_is_refused() {
+    let (pool, _) = pool(&["a"], KeyPolicy::RoundRobin);
+    let err = pool.add(spec("a")).unwrap_err();
+    assert_eq!(err.to_string(), "upstream openai already has a key named a");
+    let mut same_secret = spec("other");
+    same_secret.secret = Secret::new("sk-secret-a");
+    let err = pool.add(same_secret).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "upstream openai already has this secret, as key a"
+    );
+    assert_eq!(pool.len(), 1);
+}
+
+#[test]
+fn a_removed_key_is_never_picked_listed_or_brought_back() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::RoundRobin);
+    let lease = match pool.pick(GPT4O, &[]) {
+        Pick::Key(l) => l,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(lease.index(), 0);
+    assert!(pool.remove(0));
+    assert!(!pool.remove(0), "a second removal changes nothing");
+    // The request holding it finishes with its name and secret intact.
+    assert_eq!(lease.name(), "a");
+    drop(lease);
+    let counts = tally(&pool, GPT4O, 200);
+    assert_eq!(counts, vec![0, 100, 100]);
+    assert!(!pool.enable(0), "enable does not undo a removal");
+    assert!(!pool.disable_manually(0));
+    assert!(!pool.enable_if_still(0, DisableReason::Unauthorized));
+    assert_eq!(tally(&pool, GPT4O, 2), vec![0, 1, 1]);
+    assert!(pool.is_removed(0) && !pool.is_removed(1) && pool.is_removed(9));
+    assert_eq!(pool.index_of("a"), None);
+    let names: Vec<String> = pool.status().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["b", "c"]);
+    assert_eq!(pool.counts().ready, 2);
+    assert!(pool.disabled().is_empty());
+    assert_eq!(pool.len(), 3, "indices are never reused");
+}
+
+#[test]
+fn a_removed_keys_name_and_secret_may_be_added_again_under_a_new_index() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    pool.disable(1, DisableReason::Unauthorized);
+    assert!(pool.remove(1));
+    assert_eq!(pool.add(spec("b")).unwrap(), 2);
+    assert_eq!(pool.index_of("b"), Some(2));
+    assert_eq!(tally(&pool, GPT4O, 4), vec![2, 0, 2]);
+}
+
+#[test]
+fn removing_every_key_leaves_a_pool_that_answers_all_disabled() {
+    for policy in [
+        KeyPolicy::RoundRobin,
+        KeyPolicy::Weighted,
+        KeyPolicy::LeastInFlight,
+        KeyPolicy::Random,
+    ] {
+        let (pool, _) = pool(&["a", "b"], policy);
+        assert!(pool.remove(0) && pool.remove(1));
+        assert!(
+            matches!(pool.pick(GPT4O, &[]), Pick::AllDisabled),
+            "{policy:?}"
+        );
+        assert_eq!(pool.peek(GPT4O, &[]), None, "{policy:?}");
+    }
+}
+
+#[test]
+fn weighted_pools_give_added_keys_their_weight_and_removed_keys_none() {
+    let mut specs = vec![spec("a"), spec("b")];
+    specs[1].weight = 2;
+    let (pool, _) = pool_of(specs, KeyPolicy::Weighted);
+    let mut c = spec("c");
+    c.weight = 3;
+    assert_eq!(pool.add(c).unwrap(), 2);
+    assert_eq!(tally(&pool, GPT4O, 600), vec![100, 200, 300]);
+    assert!(pool.remove(1));
+    assert_eq!(tally(&pool, GPT4O, 400), vec![100, 0, 300]);
+}
+
+#[test]
+fn an_added_keys_account_shares_org_wide_cooldowns_and_a_removed_one_leaves_it() {
+    let mut a = spec("a");
+    a.account = Some("org1".into());
+    let (pool, _) = pool_of(vec![a, spec("b")], KeyPolicy::RoundRobin);
+    let mut c = spec("c");
+    c.account = Some("org1".into());
+    assert_eq!(pool.add(c).unwrap(), 2);
+    assert_eq!(
+        pool.cool_down_account("org1", GPT4O, Some(secs(5)), None),
+        vec![0, 2]
+    );
+    assert!(pool.remove(2));
+    assert_eq!(
+        pool.cool_down_account("org1", MINI, Some(secs(5)), None),
+        vec![0]
+    );
+}

@@ -6,11 +6,12 @@
 pub mod discovery;
 pub mod probe;
 
+use crate::append_only::AppendOnly;
 use crate::clock::SharedClock;
 use crate::config::{Api, AuthStyle, KeepWarm, UpstreamConfig};
 use crate::header_rules::Credential;
 use crate::key_activity::KeyActivity;
-use crate::keys::KeyPool;
+use crate::keys::{AddKeyError, KeyIndex, KeyPool, KeySpec};
 use crate::outlier::{OutlierDetector, Verdict};
 use discovery::DnsDiscovery;
 use pingora_core::protocols::tls::CaType;
@@ -59,7 +60,7 @@ pub struct Upstream {
     /// Extra body text that marks an organisation-wide 429.
     pub org_limit_pattern: Option<String>,
     /// Each key's credential and account-scope headers, built once (marked sensitive).
-    credentials: Vec<Credential>,
+    credentials: AppendOnly<Credential>,
     clock: SharedClock,
     born: std::time::Instant,
     /// Milliseconds after `born` of the last request sent (for keep-warm).
@@ -130,18 +131,19 @@ impl Upstream {
             probe_model: cfg.probe_model.clone(),
             keep_warm: cfg.keep_warm.clone(),
             org_limit_pattern: cfg.org_limit_pattern.clone(),
-            credentials: cfg
-                .keys
-                .iter()
-                .map(|k| {
-                    Credential::new(
-                        cfg.auth,
-                        k.secret.expose(),
-                        k.organization.as_deref(),
-                        k.project.as_deref(),
-                    )
-                })
-                .collect(),
+            credentials: AppendOnly::new(
+                cfg.keys
+                    .iter()
+                    .map(|k| {
+                        Credential::new(
+                            cfg.auth,
+                            k.secret.expose(),
+                            k.organization.as_deref(),
+                            k.project.as_deref(),
+                        )
+                    })
+                    .collect(),
+            ),
             outliers: OutlierDetector::new(&cfg.name, cfg.outlier.clone(), clock.clone()),
             born: clock.now(),
             clock,
@@ -179,6 +181,22 @@ impl Upstream {
     /// What key `idx` puts on a request (`None` for `auth: none`).
     pub fn credential(&self, idx: usize) -> Option<&Credential> {
         self.credentials.get(idx)
+    }
+
+    /// Adds a key at run time; its index. Its credential and activity counters exist before
+    /// any request can pick it.
+    pub fn add_key(&self, key: KeySpec) -> Result<KeyIndex, AddKeyError> {
+        let credential = Credential::new(
+            self.auth,
+            key.secret.expose(),
+            key.organization.as_deref(),
+            key.project.as_deref(),
+        );
+        self.keys.add_with(key, |idx| {
+            let at = self.credentials.push(credential);
+            debug_assert_eq!(at, idx, "credentials follow the pool's indices");
+            self.activity.grow_to(idx + 1);
+        })
     }
 
     /// Records an upstream answer from `endpoint`: a failure when the upstream's outlier policy
