@@ -17,7 +17,8 @@
 //! imports, so this tour stays true.
 //!
 //! 1. **Parsers and primitives**: [`clock`] (injected time; dates come from `jiff` and
-//!    `httpdate`),
+//!    `httpdate`), [`append_only`] (a list that grows without moving its items), [`private_file`]
+//!    (owner-only files replaced atomically),
 //!    [`glob`] (model patterns), [`request_body`] (`model`/`stream` from a body without a full
 //!    parse; alias rewrite), [`usage`] (token usage from JSON and SSE answers, OpenAI's and
 //!    Anthropic's), [`retry_after`] (what an upstream's 429 asks for, Anthropic's reset times
@@ -44,7 +45,8 @@
 //! 4. **Run-time parts**: [`header_rules`] (what leaves for the upstream, what comes back),
 //!    [`upstream`] (one upstream: base URL, auth style, keys, endpoints, discovery, probes),
 //!    [`metrics`] (Prometheus metrics and the health endpoints), [`state_file`] (key states
-//!    kept across restarts and upgrades).
+//!    kept across restarts and upgrades), [`key_store`] (keys added at run time: sealed with
+//!    AES-256-GCM, stored, put into the pools).
 //!
 //! 5. **Background and connections**: [`prober`] (key probes, quota checks, keep-warm,
 //!    endpoint returns), [`conn_guard`] (per-connection guards below Pingora's HTTP/1 parser),
@@ -67,6 +69,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod append_only;
 pub mod body_budget;
 pub mod cache;
 pub mod cli;
@@ -79,12 +82,14 @@ pub mod error_body;
 pub mod glob;
 pub mod header_rules;
 pub mod key_activity;
+pub mod key_store;
 pub mod keys;
 pub mod local_response;
 pub mod memory_upkeep;
 pub mod metrics;
 pub mod outcome;
 pub mod outlier;
+pub mod private_file;
 pub mod prober;
 pub mod proxy;
 pub mod redact;

@@ -30,6 +30,57 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("access_log: {0}")]
     AccessLog(String),
+    /// The runtime key store could not be read, or its keys not opened.
+    #[error("admin.runtime_keys: {0}")]
+    RuntimeKeys(String),
+}
+
+/// Keys added at run time: read from the local store now (a store that cannot be read or
+/// opened stops the start), or kept in line with Redis by the shared service.
+fn runtime_keys(
+    cfg: &crate::config::RuntimeKeysConfig,
+    gw: &Gateway,
+    shared: Option<&Arc<crate::shared::Shared>>,
+) -> Result<Arc<crate::key_store::RuntimeKeys>, StartError> {
+    use crate::config::RuntimeKeyStore;
+    use crate::key_store::{file::FileBackend, MasterKey, RuntimeKeys};
+    let master = MasterKey::new(&cfg.master_key);
+    match (&cfg.store, shared) {
+        (RuntimeKeyStore::File(path), _) => {
+            let backend = Arc::new(FileBackend::new(path.clone()));
+            let stored = backend
+                .read()
+                .map_err(|e| StartError::RuntimeKeys(e.to_string()))?;
+            let keys = Arc::new(RuntimeKeys::new(gw.shared_upstreams(), master, backend));
+            let applied = keys.apply(&stored);
+            if !applied.failed.is_empty() {
+                return Err(StartError::RuntimeKeys(format!(
+                    "{}: {}; is master_key_env the key they were stored with?",
+                    path.display(),
+                    applied.failed.join("; ")
+                )));
+            }
+            info!(
+                "runtime keys: {} loaded from {}",
+                applied.added.len(),
+                path.display()
+            );
+            Ok(keys)
+        }
+        (RuntimeKeyStore::Redis, Some(shared)) => {
+            let keys = Arc::new(RuntimeKeys::new(
+                gw.shared_upstreams(),
+                master,
+                shared.runtime_key_store(),
+            ));
+            shared.keep_runtime_keys(keys.clone());
+            info!("runtime keys: kept in Redis, shared by every instance");
+            Ok(keys)
+        }
+        (RuntimeKeyStore::Redis, None) => Err(StartError::RuntimeKeys(
+            "the store is Redis but no redis: section is configured".into(),
+        )),
+    }
 }
 
 /// Who may get in and what they see: clients, per-IP limits, deny rules, the model list.
@@ -103,6 +154,7 @@ fn admin_api(
     config: &Config,
     cfg: &crate::config::AdminConfig,
     gw: &Gateway,
+    runtime: Option<Arc<crate::key_store::RuntimeKeys>>,
 ) -> crate::admin::app::AdminApp {
     use crate::admin::{views::RouteView, Admin, AdminUpstream};
     if cfg.token.is_none() {
@@ -149,6 +201,10 @@ fn admin_api(
         )),
         clock::system(),
     );
+    let admin = match runtime {
+        Some(r) => admin.with_runtime_keys(r),
+        None => admin,
+    };
     crate::admin::app::AdminApp(Arc::new(admin))
 }
 
@@ -231,6 +287,11 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         }
         shared
     });
+    // Before the state file: the states it keeps for runtime keys need the keys there.
+    let runtime = match config.admin.as_ref().and_then(|a| a.runtime_keys.as_ref()) {
+        None => None,
+        Some(cfg) => Some(runtime_keys(cfg, &gw, shared.as_ref())?),
+    };
     if let Some(path) = &config.state_file {
         crate::state_file::load(path, &pools, &client_limiters);
     }
@@ -253,7 +314,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
     let admin_app = config
         .admin
         .as_ref()
-        .map(|cfg| (cfg.addr, admin_api(&config, cfg, &gw)));
+        .map(|cfg| (cfg.addr, admin_api(&config, cfg, &gw, runtime)));
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     // As a service (not `bootstrap()`): with `-d` and `daemon_wait_for_ready`, the parent is told
     // "ready" only once it has run, and `-u` takes the sockets over inside the daemon.

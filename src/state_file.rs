@@ -207,22 +207,8 @@ pub fn load(path: &Path, pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) {
 
 /// Writes `snap` atomically (temp file + rename), readable by the owner only.
 pub fn write(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let text = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        use std::io::Write;
-        let mut f = opts.open(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::private_file::write_atomically(path, &text)
 }
 
 /// The background service that keeps the file current.

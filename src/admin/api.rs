@@ -6,6 +6,7 @@
 //! (403); then the body (413, 400); then the named upstream and key (404).
 
 use super::auth::{read_only, Access, AdminAuth};
+use crate::keys::Secret;
 use crate::local_response::LocalResponse;
 use serde::Deserialize;
 
@@ -46,6 +47,20 @@ pub enum Action {
     Status,
     /// `GET /admin/v1/keys`.
     Keys,
+    /// `POST /admin/v1/keys/{upstream}`: add a key at run time.
+    AddKey {
+        /// Upstream name.
+        upstream: String,
+        /// The key.
+        key: AddKeyBody,
+    },
+    /// `DELETE /admin/v1/keys/{upstream}/{key}`: remove a key added at run time.
+    RemoveKey {
+        /// Upstream name.
+        upstream: String,
+        /// Key name.
+        key: String,
+    },
     /// `POST /admin/v1/keys/{upstream}/{key}/{verb}`.
     Key {
         /// Upstream name.
@@ -58,6 +73,33 @@ pub enum Action {
         note: Option<String>,
     },
 }
+
+/// The body of `POST /admin/v1/keys/{upstream}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddKeyBody {
+    /// The key's name.
+    pub name: String,
+    /// Its secret (only ever in a body, never in a URL).
+    pub secret: Secret,
+    /// Its account, if any.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Its weight (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+impl PartialEq for AddKeyBody {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.secret.expose() == other.secret.expose()
+            && self.account == other.account
+            && self.weight == other.weight
+    }
+}
+
+impl Eq for AddKeyBody {}
 
 /// The optional body of a key action.
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +119,23 @@ pub fn parse(auth: &AdminAuth, req: &AdminRequest<'_>) -> Result<Action, LocalRe
     let (action_method, action) = match segments.as_slice() {
         ["status"] => ("GET", Action::Status),
         ["keys"] => ("GET", Action::Keys),
+        ["keys", upstream] => {
+            let upstream = percent_decode(upstream).ok_or_else(|| not_found(req.path))?;
+            let key = AddKeyBody {
+                name: String::new(),
+                secret: Secret::new(""),
+                account: None,
+                weight: None,
+            };
+            ("POST", Action::AddKey { upstream, key })
+        }
+        ["keys", upstream, key] => {
+            let (Some(upstream), Some(key)) = (percent_decode(upstream), percent_decode(key))
+            else {
+                return Err(not_found(req.path));
+            };
+            ("DELETE", Action::RemoveKey { upstream, key })
+        }
         ["keys", upstream, key, verb] => {
             let verb = match *verb {
                 "disable" => KeyVerb::Disable,
@@ -108,7 +167,7 @@ pub fn parse(auth: &AdminAuth, req: &AdminRequest<'_>) -> Result<Action, LocalRe
             format!("{} takes {action_method} only", req.path),
         ));
     }
-    if action_method == "POST" && access != Access::Admin {
+    if action_method != "GET" && access != Access::Admin {
         return Err(read_only());
     }
     if req.body.len() > MAX_BODY_BYTES {
@@ -129,6 +188,10 @@ pub fn parse(auth: &AdminAuth, req: &AdminRequest<'_>) -> Result<Action, LocalRe
                 note,
             })
         }
+        Action::AddKey { upstream, .. } => Ok(Action::AddKey {
+            upstream,
+            key: add_key_body(req.body)?,
+        }),
         other => Ok(other),
     }
 }
@@ -152,6 +215,22 @@ fn note(body: &[u8]) -> Result<Option<String>, LocalResponse> {
         )),
         other => Ok(other),
     }
+}
+
+/// The key in an add request's body. serde's own message is not passed on: it can quote a
+/// value, and a secret put in the wrong field must not come back in an answer.
+fn add_key_body(body: &[u8]) -> Result<AddKeyBody, LocalResponse> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "a field is missing, unknown or of the wrong type",
+            _ => "not valid JSON",
+        };
+        LocalResponse::bad_request(format!(
+            "the body must be a JSON object {{\"name\", \"secret\", \"account\"?, \"weight\"?}}: {what} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
 }
 
 /// `%XX` sequences decoded; `None` if malformed or not UTF-8.
@@ -261,6 +340,58 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn adding_and_removing_keys_map_to_their_actions() {
+        let a = auth();
+        let body = br#"{"name":"k4","secret":"sk-4","weight":2}"#;
+        match parse(
+            &a,
+            &req("POST", "/admin/v1/keys/open%20ai", "Bearer adm", body),
+        )
+        .unwrap()
+        {
+            Action::AddKey { upstream, key } => {
+                assert_eq!(upstream, "open ai");
+                assert_eq!((key.name.as_str(), key.secret.expose()), ("k4", "sk-4"));
+                assert_eq!((key.account, key.weight), (None, Some(2)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse(
+                &a,
+                &req("DELETE", "/admin/v1/keys/u/k%2F1", "Bearer adm", b"")
+            )
+            .unwrap(),
+            Action::RemoveKey {
+                upstream: "u".into(),
+                key: "k/1".into()
+            }
+        );
+        let statuses = [
+            ("GET", "/admin/v1/keys/u", 405),
+            ("DELETE", "/admin/v1/keys/u", 405),
+            ("POST", "/admin/v1/keys/u/k", 405),
+            ("DELETE", "/admin/v1/keys/u/k", 200),
+        ];
+        for (method, path, want) in statuses {
+            let body: &[u8] = if method == "POST" { body } else { b"" };
+            assert_eq!(
+                status_of(parse(&a, &req(method, path, "Bearer adm", body))),
+                want,
+                "{method} {path}"
+            );
+        }
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert_eq!(
+            status_of(parse(
+                &a,
+                &req("POST", "/admin/v1/keys/u", "Bearer adm", &big)
+            )),
+            413
+        );
     }
 
     #[test]

@@ -24,8 +24,12 @@ commands:
                                       take a key out until it is enabled
   keys enable UPSTREAM KEY            put a disabled key back
   keys test UPSTREAM KEY              probe the key once now (exit 1 if the upstream refuses it)
+  keys add UPSTREAM KEY [--account NAME] [--weight N] [--secret-file PATH]
+                                      add a key at run time; its secret from PATH or standard input
+  keys remove UPSTREAM KEY            remove a key added at run time
 the address: --addr, else KEYGATE_ADMIN_ADDR, else 127.0.0.1:9092
-the token: KEYGATE_ADMIN_TOKEN, or --token-file PATH (never on the command line)";
+the token: KEYGATE_ADMIN_TOKEN, or --token-file PATH (never on the command line)
+secrets are never taken on the command line either";
 
 /// What was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,26 @@ pub enum Command {
         key: String,
         /// `--reason`, for a disable.
         reason: Option<String>,
+    },
+    /// `keys add UPSTREAM KEY`.
+    Add {
+        /// Upstream name.
+        upstream: String,
+        /// Key name.
+        key: String,
+        /// `--account`.
+        account: Option<String>,
+        /// `--weight`.
+        weight: Option<u32>,
+        /// `--secret-file`; standard input when absent.
+        secret_file: Option<PathBuf>,
+    },
+    /// `keys remove UPSTREAM KEY`.
+    Remove {
+        /// Upstream name.
+        upstream: String,
+        /// Key name.
+        key: String,
     },
 }
 
@@ -70,6 +94,9 @@ pub fn parse_args(
     let mut token_file = None;
     let mut json = false;
     let mut reason = None;
+    let mut account = None;
+    let mut weight = None;
+    let mut secret_file = None;
     let mut words = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -79,6 +106,24 @@ pub fn parse_args(
                 token_file = Some(PathBuf::from(it.next().ok_or("--token-file needs a PATH")?))
             }
             "--reason" => reason = Some(it.next().ok_or("--reason needs a TEXT")?.clone()),
+            "--account" => account = Some(it.next().ok_or("--account needs a NAME")?.clone()),
+            "--weight" => {
+                let w = it.next().ok_or("--weight needs a number")?;
+                weight = Some(w.parse::<u32>().ok().filter(|&w| w > 0).ok_or_else(|| {
+                    format!("--weight needs a whole number of at least 1, not {w:?}")
+                })?);
+            }
+            "--secret-file" => {
+                secret_file = Some(PathBuf::from(
+                    it.next().ok_or("--secret-file needs a PATH")?,
+                ))
+            }
+            t if t == "--secret" || t.starts_with("--secret=") => {
+                return Err(
+                    "a secret is never taken on the command line: give it on standard input or with --secret-file PATH"
+                        .to_string(),
+                )
+            }
             "--json" => json = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             t if t == "--token" || t.starts_with("--token=") => {
@@ -105,10 +150,24 @@ pub fn parse_args(
                 None
             },
         },
+        ["keys", "add", upstream, key] => Command::Add {
+            upstream: (*upstream).to_string(),
+            key: (*key).to_string(),
+            account: account.take(),
+            weight: weight.take(),
+            secret_file: secret_file.take(),
+        },
+        ["keys", "remove", upstream, key] => Command::Remove {
+            upstream: (*upstream).to_string(),
+            key: (*key).to_string(),
+        },
         _ => return Err(USAGE.to_string()),
     };
     if reason.is_some() {
         return Err("--reason goes with `keys disable` only".to_string());
+    }
+    if account.is_some() || weight.is_some() || secret_file.is_some() {
+        return Err("--account, --weight and --secret-file go with `keys add` only".to_string());
     }
     let token = match token_file {
         Some(p) => {
@@ -159,7 +218,59 @@ pub fn request_of(command: &Command) -> (&'static str, String, Option<String>) {
                 .as_ref()
                 .map(|r| serde_json::json!({ "reason": r }).to_string()),
         ),
+        // The body, with the secret, is made by `add_body`.
+        Command::Add { upstream, .. } => {
+            ("POST", format!("/admin/v1/keys/{}", encode(upstream)), None)
+        }
+        Command::Remove { upstream, key } => (
+            "DELETE",
+            format!("/admin/v1/keys/{}/{}", encode(upstream), encode(key)),
+            None,
+        ),
     }
+}
+
+/// The secret of `keys add`: the first line of `--secret-file`, else of standard input.
+pub fn read_secret(
+    secret_file: Option<&PathBuf>,
+    read_file: &dyn Fn(&PathBuf) -> std::io::Result<String>,
+    read_stdin: &dyn Fn() -> std::io::Result<String>,
+) -> Result<String, String> {
+    let text = match secret_file {
+        Some(p) => read_file(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        None => {
+            read_stdin().map_err(|e| format!("cannot read the secret from standard input: {e}"))?
+        }
+    };
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        return Err(match secret_file {
+            Some(p) => format!("{} holds no secret", p.display()),
+            None => "no secret on standard input".to_string(),
+        });
+    }
+    Ok(secret)
+}
+
+/// The JSON body of `keys add` with `secret`.
+pub fn add_body(command: &Command, secret: &str) -> Option<String> {
+    let Command::Add {
+        key,
+        account,
+        weight,
+        ..
+    } = command
+    else {
+        return None;
+    };
+    let mut body = serde_json::json!({ "name": key, "secret": secret });
+    if let Some(a) = account {
+        body["account"] = serde_json::json!(a);
+    }
+    if let Some(w) = weight {
+        body["weight"] = serde_json::json!(w);
+    }
+    Some(body.to_string())
 }
 
 /// Sends one request and returns (status, body).
@@ -457,6 +568,17 @@ pub fn status_text(v: &Value) -> String {
 
 /// The people's line for a key action's answer.
 fn action_text(command: &Command, v: &Value) -> String {
+    match command {
+        Command::Add { upstream, key, .. } => {
+            return format!(
+                "key {upstream}/{key} added ({}): {}",
+                text(&v["key"]["id"]),
+                text(&v["key"]["state"])
+            )
+        }
+        Command::Remove { upstream, key } => return format!("key {upstream}/{key} removed"),
+        _ => {}
+    }
     let Command::Key {
         verb,
         upstream,
@@ -496,7 +618,29 @@ pub fn main(args: &[String]) -> u8 {
             return 2;
         }
     };
-    let (method, path, body) = request_of(&inv.command);
+    let (method, path, mut body) = request_of(&inv.command);
+    if let Command::Add { secret_file, .. } = &inv.command {
+        use std::io::IsTerminal;
+        if secret_file.is_none() && std::io::stdin().is_terminal() {
+            eprintln!("keygate admin: the key's secret, then Enter:");
+        }
+        let read_stdin = || {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        };
+        let secret = match read_secret(
+            secret_file.as_ref(),
+            &|p| std::fs::read_to_string(p),
+            &read_stdin,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("keygate admin: {e}");
+                return 2;
+            }
+        };
+        body = add_body(&inv.command, &secret);
+    }
     let (status, answer) = match send(
         &inv.addr,
         inv.token.as_deref(),
@@ -602,12 +746,77 @@ mod tests {
     }
 
     #[test]
+    fn add_and_remove_and_their_requests() {
+        let i = parse_args(
+            &args("keys add openai k4 --account org1 --weight 2 --secret-file /s"),
+            &no_env,
+            &no_file,
+        )
+        .unwrap();
+        assert_eq!(
+            i.command,
+            Command::Add {
+                upstream: "openai".into(),
+                key: "k4".into(),
+                account: Some("org1".into()),
+                weight: Some(2),
+                secret_file: Some("/s".into()),
+            }
+        );
+        let (method, path, body) = request_of(&i.command);
+        assert_eq!(
+            (method, path.as_str(), body),
+            ("POST", "/admin/v1/keys/openai", None)
+        );
+        let body: Value = serde_json::from_str(&add_body(&i.command, "sk-1").unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({"name": "k4", "secret": "sk-1", "account": "org1", "weight": 2})
+        );
+        let i = parse_args(&args("keys remove openai k4"), &no_env, &no_file).unwrap();
+        let (method, path, _) = request_of(&i.command);
+        assert_eq!(
+            (method, path.as_str()),
+            ("DELETE", "/admin/v1/keys/openai/k4")
+        );
+        assert_eq!(action_text(&i.command, &json!({})), "key openai/k4 removed");
+    }
+
+    #[test]
+    fn the_secret_comes_from_a_file_or_standard_input_never_the_command_line() {
+        let e =
+            parse_args(&args("keys add openai k --secret sk-1"), &no_env, &no_file).unwrap_err();
+        assert!(e.contains("never taken on the command line"), "{e}");
+        assert!(!e.contains("sk-1"));
+        let file = |_: &PathBuf| Ok("sk-from-file\nignored\n".to_string());
+        let stdin = || Ok("  sk-from-stdin \n".to_string());
+        let empty = || Ok("\n".to_string());
+        let path = PathBuf::from("/s");
+        assert_eq!(
+            read_secret(Some(&path), &file, &stdin).unwrap(),
+            "sk-from-file"
+        );
+        assert_eq!(read_secret(None, &file, &stdin).unwrap(), "sk-from-stdin");
+        assert_eq!(
+            read_secret(None, &file, &empty).unwrap_err(),
+            "no secret on standard input"
+        );
+        assert!(read_secret(Some(&path), &no_file, &stdin)
+            .unwrap_err()
+            .starts_with("cannot read /s"));
+    }
+
+    #[test]
     fn usage_mistakes_and_tokens_on_the_command_line_are_refused() {
         for bad in [
             "",
             "keys",
             "keys disable openai",
-            "keys remove openai k",
+            "keys remove openai",
+            "keys add openai",
+            "keys list --account a",
+            "keys add openai k --weight 0",
+            "keys add openai k --weight x",
             "status --bogus",
             "keys enable openai k --reason x",
             "status --addr",

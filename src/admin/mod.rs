@@ -1,5 +1,6 @@
-//! The admin API on its own listener: status of upstreams, keys, routes and clients, and key
-//! actions (disable, enable, test) on the keys from the config.
+//! The admin API on its own listener: status of upstreams, keys, routes and clients; key
+//! actions (disable, enable, test) on every key; and keys added and removed at run time
+//! (through [`crate::key_store`]).
 //!
 //! [`auth`] decides who may ask, [`api`] what a request asks for, [`views`] the JSON answers;
 //! [`Admin`] carries them out on the pools; [`app`] is the thin Pingora glue with the real
@@ -15,11 +16,12 @@ pub mod views;
 use crate::clients::limits::Limiter;
 use crate::clock::SharedClock;
 use crate::key_activity::KeyActivity;
+use crate::key_store::{NewKey, RuntimeKeyError, RuntimeKeys};
 use crate::keys::{DisableReason, KeyIndex, KeyPool, ALL_MODELS};
 use crate::local_response::LocalResponse;
 use crate::prober::{judge_probe, ProbeKind, ProbeVerdict};
 use crate::upstream::probe::ProbeAnswer;
-use api::{unknown_key, Action, AdminRequest, KeyVerb};
+use api::{unknown_key, Action, AddKeyBody, AdminRequest, KeyVerb};
 use async_trait::async_trait;
 use auth::AdminAuth;
 use log::info;
@@ -27,6 +29,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
 use views::{EndpointView, KeyView, Notes, RouteView, UpstreamView};
+
+/// Who the admin token is, in the log of each change it makes.
+const ACTOR: &str = "admin token";
 
 /// Longest upstream message passed on from a test probe.
 const MAX_MESSAGE_CHARS: usize = 300;
@@ -98,6 +103,8 @@ pub struct Admin {
     probes: Arc<dyn Probes>,
     clock: SharedClock,
     notes: Mutex<Notes>,
+    /// Adds and removes keys at run time; `None` when `admin.runtime_keys` is not configured.
+    runtime: Option<Arc<RuntimeKeys>>,
 }
 
 impl Admin {
@@ -118,7 +125,14 @@ impl Admin {
             probes,
             clock,
             notes: Mutex::new(Notes::new()),
+            runtime: None,
         }
+    }
+
+    /// Lets the API add and remove keys through `runtime`.
+    pub fn with_runtime_keys(mut self, runtime: Arc<RuntimeKeys>) -> Self {
+        self.runtime = Some(runtime);
+        self
     }
 
     /// Answers one request.
@@ -129,6 +143,8 @@ impl Admin {
             Ok(Action::Keys) => {
                 AdminResponse::json(200, &serde_json::json!({ "keys": self.keys() }))
             }
+            Ok(Action::AddKey { upstream, key }) => self.add_key(&upstream, key).await,
+            Ok(Action::RemoveKey { upstream, key }) => self.remove_key(&upstream, &key).await,
             Ok(Action::Key {
                 upstream,
                 key,
@@ -168,9 +184,60 @@ impl Admin {
 
     fn key_view(&self, u: usize, k: KeyIndex) -> Option<KeyView> {
         let up = &self.upstreams[u];
+        let name = up.keys.name(k);
         views::keys(&up.keys, &up.activity, &self.notes.lock())
             .into_iter()
-            .nth(k)
+            .find(|v| v.name == name)
+    }
+
+    fn runtime(&self) -> Result<&RuntimeKeys, LocalResponse> {
+        self.runtime.as_deref().ok_or_else(|| {
+            LocalResponse::new(
+                409,
+                "invalid_request_error",
+                "runtime_keys_off",
+                "runtime keys are off: configure admin.runtime_keys with master_key_env (32 bytes, e.g. from `openssl rand -hex 32`) to add and remove keys at run time",
+            )
+        })
+    }
+
+    async fn add_key(&self, upstream: &str, body: AddKeyBody) -> AdminResponse {
+        let runtime = match self.runtime() {
+            Ok(r) => r,
+            Err(e) => return AdminResponse::error(&e),
+        };
+        let key = NewKey {
+            name: body.name,
+            secret: body.secret,
+            account: body.account,
+            weight: body.weight,
+        };
+        let Some(u) = self.upstreams.iter().position(|x| x.name == upstream) else {
+            return AdminResponse::error(&unknown_key(upstream, None));
+        };
+        match runtime.add(upstream, key, ACTOR).await {
+            Ok(k) => AdminResponse::json(201, &serde_json::json!({ "key": self.key_view(u, k) })),
+            Err(e) => AdminResponse::error(&runtime_error(&e)),
+        }
+    }
+
+    async fn remove_key(&self, upstream: &str, key: &str) -> AdminResponse {
+        let runtime = match self.runtime() {
+            Ok(r) => r,
+            Err(e) => return AdminResponse::error(&e),
+        };
+        match runtime.remove(upstream, key, ACTOR).await {
+            Ok(()) => {
+                self.notes
+                    .lock()
+                    .remove(&(upstream.to_string(), key.to_string()));
+                AdminResponse::json(
+                    200,
+                    &serde_json::json!({ "removed": true, "upstream": upstream, "key": key }),
+                )
+            }
+            Err(e) => AdminResponse::error(&runtime_error(&e)),
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -211,7 +278,7 @@ impl Admin {
         }
         let changed = up.keys.disable_manually(k);
         info!(
-            "admin: key {}/{name} disabled by admin{}",
+            "admin: key {}/{name} disabled by {ACTOR}{}",
             up.name,
             if changed { "" } else { " (it already was)" }
         );
@@ -224,7 +291,7 @@ impl Admin {
         let changed = up.keys.enable(k);
         self.notes.lock().remove(&(up.name.clone(), name.clone()));
         info!(
-            "admin: key {}/{name} enabled by admin{}",
+            "admin: key {}/{name} enabled by {ACTOR}{}",
             up.name,
             if changed {
                 ""
@@ -249,7 +316,11 @@ impl Admin {
             .disabled()
             .into_iter()
             .find_map(|(i, r)| (i == k).then_some(r));
-        info!("admin: key {}/{} tested by admin", up.name, up.keys.name(k));
+        info!(
+            "admin: key {}/{} tested by {ACTOR}",
+            up.name,
+            up.keys.name(k)
+        );
         // The probe a disabled key would get from the prober; a models listing otherwise.
         let mut kind = reason
             .filter(DisableReason::probes_may_enable)
@@ -288,6 +359,28 @@ impl Admin {
             );
         }
     }
+}
+
+/// The answer to a refused runtime key change.
+fn runtime_error(e: &RuntimeKeyError) -> LocalResponse {
+    let (status, code) = match e {
+        RuntimeKeyError::UnknownUpstream(_) | RuntimeKeyError::UnknownKey { .. } => {
+            (404, "key_not_found")
+        }
+        RuntimeKeyError::Invalid(_) => (400, "invalid_key"),
+        RuntimeKeyError::Taken(_) => (409, "key_exists"),
+        RuntimeKeyError::FromConfig { .. } | RuntimeKeyError::NoCredentials(_) => {
+            (409, "key_not_changeable")
+        }
+        RuntimeKeyError::Store(_) => (503, "key_store_unavailable"),
+        RuntimeKeyError::Seal(_) => (500, "key_store_error"),
+    };
+    let kind = if status >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    LocalResponse::new(status, kind, code, e.to_string())
 }
 
 /// The upstream's own words (`error.message`, or the body's start) with the key's pieces and

@@ -221,3 +221,219 @@ fn a_refused_models_listing_is_followed_by_a_completion_and_no_answer_is_502() {
         .unwrap()
         .contains("connection refused"));
 }
+
+/// An admin API over upstream `openai` (config key `a`) that adds keys to a file store in `dir`.
+fn admin_with_runtime_keys(dir: &std::path::Path) -> Admin {
+    use crate::config::validate::test_support::{load, source, with_top};
+    use crate::key_store::{file::FileBackend, MasterKey, RuntimeKeys};
+    let cfg = load(&with_top(""), &source()).unwrap();
+    let clock = ManualClock::new();
+    let (up, _) = crate::upstream::Upstream::build(&cfg.upstreams[0], clock.clone());
+    let admin_up = AdminUpstream {
+        name: up.name.clone(),
+        api: "openai",
+        keys: up.keys.clone(),
+        activity: up.activity.clone(),
+    };
+    let upstreams: Arc<[crate::upstream::Upstream]> = Arc::from(vec![up]);
+    let backend = Arc::new(FileBackend::new(dir.join("keys.json")));
+    let runtime = RuntimeKeys::new(upstreams, MasterKey::new(&[9; 32]), backend);
+    let probes = Arc::new(FakeProbes {
+        answers: Mutex::new(Vec::new()),
+        sent: Mutex::new(Vec::new()),
+    });
+    Admin::new(
+        AdminAuth::new(Some(digest(b"adm")), Some(digest(b"rd"))),
+        vec![admin_up],
+        Vec::new(),
+        Vec::new(),
+        probes,
+        clock,
+    )
+    .with_runtime_keys(Arc::new(runtime))
+}
+
+#[test]
+fn keys_are_added_listed_and_removed_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = admin_with_runtime_keys(dir.path());
+    let (status, v) = call(
+        &a,
+        "POST",
+        "/admin/v1/keys/openai",
+        "adm",
+        r#"{"name":"k2","secret":"sk-live-2222","account":"org1"}"#,
+    );
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["key"]["name"], "k2");
+    assert_eq!(v["key"]["source"], "runtime");
+    assert_eq!(v["key"]["state"], "ready");
+    assert_eq!(v["key"]["account"], "org1");
+    assert!(!v.to_string().contains("sk-live"), "{v}");
+    let (_, v) = call(&a, "GET", "/admin/v1/keys", "rd", "");
+    let listed: Vec<(String, String)> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["name"].as_str().unwrap().into(),
+                k["source"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("a".into(), "config".into()),
+            ("k2".into(), "runtime".into())
+        ]
+    );
+    let (status, v) = call(&a, "DELETE", "/admin/v1/keys/openai/k2", "adm", "");
+    assert_eq!((status, &v["removed"]), (200, &serde_json::json!(true)));
+    let (_, v) = call(&a, "GET", "/admin/v1/keys", "rd", "");
+    assert_eq!(v["keys"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn runtime_key_mistakes_get_their_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = admin_with_runtime_keys(dir.path());
+    let k2 = r#"{"name":"k2","secret":"sk-live-2222"}"#;
+    assert_eq!(call(&a, "POST", "/admin/v1/keys/openai", "adm", k2).0, 201);
+    let cases: [(&str, &str, &str, &str, u16, &str); 9] = [
+        (
+            "POST",
+            "/admin/v1/keys/openai",
+            "rd",
+            k2,
+            403,
+            "read_only_token",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys/openai",
+            "adm",
+            k2,
+            409,
+            "key_exists",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys/nope",
+            "adm",
+            k2,
+            404,
+            "key_not_found",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys/openai",
+            "adm",
+            "{nope",
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys/openai",
+            "adm",
+            r#"{"name":"k3"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys/openai",
+            "adm",
+            r#"{"name":"bad name","secret":"sk-1"}"#,
+            400,
+            "invalid_key",
+        ),
+        (
+            "DELETE",
+            "/admin/v1/keys/openai/a",
+            "adm",
+            "",
+            409,
+            "key_not_changeable",
+        ),
+        (
+            "DELETE",
+            "/admin/v1/keys/openai/zz",
+            "adm",
+            "",
+            404,
+            "key_not_found",
+        ),
+        (
+            "DELETE",
+            "/admin/v1/keys/openai/k2",
+            "rd",
+            "",
+            403,
+            "read_only_token",
+        ),
+    ];
+    for (method, path, token, body, want, code) in cases {
+        let (status, v) = call(&a, method, path, token, body);
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (want, Some(code)),
+            "{method} {path} {body}: {v}"
+        );
+    }
+    // A secret in the wrong field never comes back in the answer.
+    let (status, v) = call(
+        &a,
+        "POST",
+        "/admin/v1/keys/openai",
+        "adm",
+        r#"{"name":"k3","weight":"sk-live-misplaced"}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(!v.to_string().contains("misplaced"), "{v}");
+}
+
+#[test]
+fn adding_keys_without_runtime_keys_configured_is_refused_with_the_way_to_turn_it_on() {
+    let (a, _) = admin(vec![]);
+    let (status, v) = call(
+        &a,
+        "POST",
+        "/admin/v1/keys/openai",
+        "adm",
+        r#"{"name":"k2","secret":"sk-live-2222"}"#,
+    );
+    assert_eq!(status, 409);
+    assert_eq!(v["error"]["code"], "runtime_keys_off");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("admin.runtime_keys"));
+    assert_eq!(
+        call(&a, "DELETE", "/admin/v1/keys/openai/b", "adm", "").0,
+        409
+    );
+}
+
+#[test]
+fn an_action_on_a_key_after_a_removed_one_answers_with_that_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = admin_with_runtime_keys(dir.path());
+    for name in ["k2", "k3"] {
+        let body = format!(r#"{{"name":"{name}","secret":"sk-live-{name}"}}"#);
+        assert_eq!(
+            call(&a, "POST", "/admin/v1/keys/openai", "adm", &body).0,
+            201
+        );
+    }
+    assert_eq!(
+        call(&a, "DELETE", "/admin/v1/keys/openai/k2", "adm", "").0,
+        200
+    );
+    let (status, v) = call(&a, "POST", "/admin/v1/keys/openai/k3/disable", "adm", "");
+    assert_eq!(status, 200);
+    assert_eq!(v["key"]["name"], "k3");
+    assert_eq!(v["key"]["state"], "disabled");
+}

@@ -21,6 +21,8 @@ pub struct KeyView {
     pub account: Option<String>,
     /// Its weight.
     pub weight: u32,
+    /// `config` (read-only: disable, enable and test only) or `runtime` (added through the API).
+    pub source: &'static str,
     /// `ready`, `cooling` or `disabled`.
     pub state: &'static str,
     /// Why it is disabled (`manual`, `unauthorized`, …); `null` otherwise.
@@ -68,6 +70,11 @@ pub fn keys(pool: &KeyPool, activity: &KeyActivity, notes: &Notes) -> Vec<KeyVie
                 name: s.name,
                 account: s.account,
                 weight: s.weight,
+                source: if pool.is_added(s.index) {
+                    "runtime"
+                } else {
+                    "config"
+                },
                 state,
                 reason,
                 note,

@@ -24,7 +24,7 @@ pub use types::*;
 pub use validate::{validate, validate_with};
 pub use validated::{
     AdminConfig, ClientConfig, Config, GuardsConfig, KeepWarm, ListenerConfig, RouteConfig,
-    UpstreamConfig,
+    RuntimeKeyStore, RuntimeKeysConfig, UpstreamConfig,
 };
 
 use std::path::Path;

@@ -3,7 +3,8 @@
 use super::{Config, ConfigError};
 use std::path::Path;
 
-/// Creates the missing directories of `state_file` and `server.upgrade_sock`, mode 0700.
+/// Creates the missing directories of `state_file`, the runtime key store and
+/// `server.upgrade_sock`, mode 0700.
 ///
 /// Both are private: the upgrade socket is created mode 0666 by Pingora, and the state file
 /// names keys and clients. Errors name the field as a config error would.
@@ -11,6 +12,16 @@ pub fn create_runtime_dirs(config: &Config) -> Result<(), ConfigError> {
     let state_dir = config.state_file.as_deref().and_then(Path::parent);
     if let Some(dir) = state_dir.filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
         create_private_dir(dir).map_err(|e| ConfigError::new(&config.path, "state_file", e))?;
+    }
+    let key_store = config.admin.as_ref().and_then(|a| a.runtime_keys.as_ref());
+    if let Some(super::RuntimeKeyStore::File(path)) = key_store.map(|k| &k.store) {
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            create_private_dir(dir)
+                .map_err(|e| ConfigError::new(&config.path, "admin.runtime_keys.path", e))?;
+        }
     }
     let sock_dir = Path::new(&config.server.upgrade_sock).parent();
     if let Some(dir) = sock_dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {

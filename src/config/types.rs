@@ -314,6 +314,21 @@ pub struct AdminFile {
     /// The environment variable holding a read-only token (may only read).
     #[serde(default)]
     pub read_token_env: Option<String>,
+    /// Keys added through the admin API: where they are kept, under which master key.
+    #[serde(default)]
+    pub runtime_keys: Option<RuntimeKeysFile>,
+}
+
+/// `admin.runtime_keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeKeysFile {
+    /// The environment variable holding the AES-256 master key (64 hex digits or base64).
+    pub master_key_env: String,
+    /// The local key store; default: `runtime-keys.json` beside `state_file`. Not used with
+    /// `redis:` (the keys are kept in Redis).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 /// Access log destination.

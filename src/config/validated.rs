@@ -83,6 +83,34 @@ pub struct AdminConfig {
     pub token: Option<[u8; 32]>,
     /// SHA-256 of the read-only token, if any.
     pub read_token: Option<[u8; 32]>,
+    /// Keys added at run time; `None`: adding keys is refused.
+    pub runtime_keys: Option<RuntimeKeysConfig>,
+}
+
+/// Where keys added at run time are kept, and the key that encrypts their secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RuntimeKeysConfig {
+    /// The AES-256-GCM master key.
+    pub master_key: [u8; 32],
+    /// The store.
+    pub store: RuntimeKeyStore,
+}
+
+/// Where runtime keys are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeKeyStore {
+    /// A local file (mode 0600, written atomically).
+    File(PathBuf),
+    /// Redis (`redis:`), shared by every instance.
+    Redis,
+}
+
+impl std::fmt::Debug for RuntimeKeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeKeysConfig")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -91,6 +119,7 @@ impl std::fmt::Debug for AdminConfig {
             .field("addr", &self.addr)
             .field("token", &self.token.is_some())
             .field("read_token", &self.read_token.is_some())
+            .field("runtime_keys", &self.runtime_keys)
             .finish()
     }
 }

@@ -137,7 +137,7 @@ pub struct Link {
 }
 
 /// The operation labels of the Redis metrics, so that every series exists from the start.
-pub const OPS: [&str; 12] = [
+pub const OPS: [&str; 15] = [
     "admit",
     "flush",
     "settle",
@@ -150,6 +150,9 @@ pub const OPS: [&str; 12] = [
     "ping",
     "cache_get",
     "cache_put",
+    "runtime_keys_load",
+    "runtime_keys_put",
+    "runtime_keys_delete",
 ];
 
 /// How long background work (loading all key states, pushing local ones) may take: it holds no

@@ -7,6 +7,8 @@
 //! - [`limits`] and [`ledger`]: client limits and budgets counted in Redis, from leases spent
 //!   locally (at most one round trip per request, most none);
 //! - [`answers`]: the response cache's answers, shared (`cache_store: { redis: true }`);
+//! - [`runtime_keys`]: keys added through the admin API, sealed, in one hash that every
+//!   instance reads twice a second;
 //! - [`link`]: the connection and its health: Redis trouble never stops or slows traffic beyond
 //!   the configured timeout, and [`service`] brings states back in step when Redis returns.
 
@@ -15,6 +17,7 @@ pub mod key_sync;
 pub mod ledger;
 pub mod limits;
 pub mod link;
+pub mod runtime_keys;
 pub mod service;
 
 pub use limits::{Admitted, SharedLimits, Verdict};

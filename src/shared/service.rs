@@ -5,9 +5,11 @@
 use super::key_sync::{Applied, Event, HashWrite, KeyBook};
 use super::limits::SharedLimits;
 use super::link::{connect, Link, BACKGROUND_TIMEOUT};
+use super::runtime_keys::{keep_in_line, RedisKeyStore};
 use crate::clients::limits::Limits;
 use crate::clock::SharedClock;
 use crate::config::validate::RedisConfig;
+use crate::key_store::RuntimeKeys;
 use crate::keys::KeyPool;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
@@ -39,6 +41,8 @@ pub struct Shared {
     changes: Mutex<Option<UnboundedReceiver<Event>>>,
     /// Changes made while Redis was away, written on its return.
     pending: Mutex<Vec<Event>>,
+    /// Keys added at run time, kept in line with the Redis store once the service runs.
+    runtime: Mutex<Option<Arc<RuntimeKeys>>>,
 }
 
 impl Shared {
@@ -89,7 +93,18 @@ impl Shared {
             metrics,
             changes: Mutex::new(Some(rx)),
             pending: Mutex::new(Vec::new()),
+            runtime: Mutex::new(None),
         })
+    }
+
+    /// The runtime key store in this Redis.
+    pub fn runtime_key_store(&self) -> Arc<RedisKeyStore> {
+        Arc::new(RedisKeyStore::new(self.link.clone(), &self.cfg.prefix))
+    }
+
+    /// Keeps `runtime`'s keys in line with the Redis store while the service runs.
+    pub fn keep_runtime_keys(&self, runtime: Arc<RuntimeKeys>) {
+        *self.runtime.lock() = Some(runtime);
     }
 
     /// The shared client limits.
@@ -360,8 +375,16 @@ impl BackgroundService for SharedService {
         };
         let writer = tokio::spawn(shared.clone().writer(changes));
         let reader = tokio::spawn(shared.clone().reader(push_rx));
+        let runtime = shared
+            .runtime
+            .lock()
+            .clone()
+            .map(|rk| tokio::spawn(keep_in_line(rk, shared.link.clone(), shutdown.clone())));
         shared.keeper(push_tx, shutdown).await;
         writer.abort();
         reader.abort();
+        if let Some(task) = runtime {
+            task.abort();
+        }
     }
 }

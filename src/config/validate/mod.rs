@@ -126,10 +126,6 @@ pub fn validate_with(
             Some(addr)
         }
     };
-    let admin = match &file.admin {
-        None => None,
-        Some(a) => Some(admin::admin(&cx.at("admin"), a, &listen, metrics_addr)?),
-    };
     let access_log = outputs::access_log(&cx, file.access_log.as_ref())?;
     let state_file = file.state_file.as_deref().map(|p| cx.resolve(p));
     server::upgrade_sock_dir(&cx, &server.upgrade_sock)?;
@@ -155,6 +151,20 @@ pub fn validate_with(
     };
     let (cache_memory, cache_redis) =
         cache::cache_store(&cx, file.cache_store.as_ref(), &routes, redis.is_some())?;
+    let admin = match &file.admin {
+        None => None,
+        Some(a) => {
+            let at = cx.at("admin");
+            let mut admin = admin::admin(&at, a, &listen, metrics_addr)?;
+            if let Some(r) = &a.runtime_keys {
+                let beside = state_file.as_deref();
+                let keys =
+                    admin::runtime_keys(&at.nested("runtime_keys"), r, beside, redis.is_some())?;
+                admin.runtime_keys = Some(keys);
+            }
+            Some(admin)
+        }
+    };
     Ok(Config {
         cache_memory,
         cache_redis,
