@@ -428,6 +428,7 @@ pub fn keys_table(keys: &[Value]) -> String {
                 text(&k["upstream"]),
                 text(&k["name"]),
                 text(&k["id"]),
+                text(&k["source"]),
                 text(&k["account"]),
                 text(&k["state"]),
                 reason,
@@ -441,6 +442,7 @@ pub fn keys_table(keys: &[Value]) -> String {
             "UPSTREAM",
             "KEY",
             "ID",
+            "SOURCE",
             "ACCOUNT",
             "STATE",
             "REASON",
@@ -843,12 +845,12 @@ mod tests {
 
     #[test]
     fn tables_show_keys_routes_and_clients() {
-        let key = json!({"upstream":"openai","name":"k1","id":"ab12","account":null,"state":"cooling",
+        let key = json!({"upstream":"openai","name":"k1","id":"ab12","source":"config","account":null,"state":"cooling",
             "reason":null,"note":null,"cooldowns":[{"model":"gpt-4o","remaining_ms":2500}],"in_flight":1});
         let t = keys_table(std::slice::from_ref(&key));
         assert!(t.starts_with("UPSTREAM  KEY"), "{t}");
         assert!(
-            t.contains("openai    k1   ab12  -        cooling  -       gpt-4o 3s  1"),
+            t.contains("openai    k1   ab12  config  -        cooling  -       gpt-4o 3s  1"),
             "{t}"
         );
         let status = json!({"upstreams":[{"name":"openai","api":"openai",
