@@ -31,6 +31,9 @@ use views::{EndpointView, KeyView, Notes, RouteView, UpstreamView};
 /// Longest upstream message passed on from a test probe.
 const MAX_MESSAGE_CHARS: usize = 300;
 
+/// Minutes of request and error rates `GET /admin/v1/rates` answers with.
+pub const RATE_MINUTES: usize = 15;
+
 /// What the admin API needs from the network: endpoints and one probe.
 #[async_trait]
 pub trait Probes: Send + Sync {
@@ -129,6 +132,7 @@ impl Admin {
             Ok(Action::Keys) => {
                 AdminResponse::json(200, &serde_json::json!({ "keys": self.keys() }))
             }
+            Ok(Action::Rates) => AdminResponse::json(200, &self.rates()),
             Ok(Action::Key {
                 upstream,
                 key,
@@ -171,6 +175,24 @@ impl Admin {
         views::keys(&up.keys, &up.activity, &self.notes.lock())
             .into_iter()
             .nth(k)
+    }
+
+    fn rates(&self) -> views::RatesView {
+        views::RatesView {
+            minutes: RATE_MINUTES,
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let r = u.activity.per_minute(RATE_MINUTES);
+                    views::UpstreamRates {
+                        name: u.name.clone(),
+                        requests: r.requests,
+                        errors: r.errors,
+                    }
+                })
+                .collect(),
+        }
     }
 
     fn status(&self) -> serde_json::Value {
