@@ -3,13 +3,16 @@
 //!
 //! [`auth`] decides who may ask, [`api`] what a request asks for, [`views`] the JSON answers;
 //! [`Admin`] carries them out on the pools; [`app`] is the thin Pingora glue with the real
-//! probes; [`cli`] is `keygate admin …` on top of the API. A passing `test` puts back a key disabled for a non-manual reason, as a passing
-//! background probe would; it never changes a manually disabled or a ready key.
+//! probes; [`cli`] is `keygate admin …` on top of the API; [`page`] is the status page a browser
+//! opens at `/admin/`, which uses the API too. A passing `test` puts back a key disabled for a
+//! non-manual reason, as a passing background probe would; it never changes a manually disabled
+//! or a ready key.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod page;
 pub mod views;
 
 use crate::clients::limits::Limiter;
