@@ -252,21 +252,40 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Whether the browser process exits (and is reaped) within `limit`.
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         let Ok(group) = libc::pid_t::try_from(self.child.id()) else {
             return;
         };
-        // SAFETY: kill(2) only sends signals, here to the process group the browser leads.
-        unsafe {
-            libc::kill(-group, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
+        // Asked to close, the browser stops its helpers and reaps them before it exits; a
+        // signal first would leave them to exit after it, as orphans.
+        let close = format!(
+            "{{\"id\":{},\"method\":\"Browser.close\"}}\0",
+            self.next_id + 1
+        );
+        let asked = self.to_browser.write_all(close.as_bytes()).is_ok();
+        if !asked || !self.exits_within(Duration::from_secs(10)) {
+            // SAFETY: kill(2) only sends signals, here to the process group the browser leads.
+            unsafe {
+                libc::kill(-group, libc::SIGTERM);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            self.exits_within(Duration::from_secs(5));
         }
         // Whatever of the group is left (helpers, or the browser itself) is killed outright.
         // SAFETY: as above.
