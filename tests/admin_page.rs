@@ -13,12 +13,14 @@ use utils::chromium::Browser;
 use utils::*;
 
 const ADMIN: &str = "adm-page-token-1234";
+const READ: &str = "read-page-token-5678";
 const ENV: &[(&str, &str)] = &[
     ("KA", "sk-good-aaaa"),
     ("KB", "sk-bad-bbbb"),
     ("KC", "sk-good-cccc"),
     ("KD", "sk-slow-dddd"),
     ("KG_ADMIN", ADMIN),
+    ("KG_READ", READ),
 ];
 
 /// Screenshot size.
@@ -48,6 +50,14 @@ fn state_of(keys: &Value, name: &str) -> (String, String) {
         k["state"].as_str().unwrap_or("").to_string(),
         k["reason"].as_str().unwrap_or("").to_string(),
     )
+}
+
+/// Enters `token` in the page's token form.
+fn log_in(browser: &mut Browser, token: &str) {
+    browser.eval(&format!(
+        "document.getElementById('token').value = '{token}'; \
+         document.getElementById('token-form').requestSubmit(); true"
+    ));
 }
 
 /// The text of `cell` (a class) in key `name`'s row.
@@ -84,7 +94,7 @@ async fn the_status_page_shows_the_keys_and_a_disable_click_takes_one_out_of_rot
     ]);
     let port = free_port();
     let yaml = format!(
-        "admin: {{ addr: \"127.0.0.1:{port}\", token_env: KG_ADMIN }}\nupstreams:\n  mock:\n    url: {}\n    keys:\n      - {{ name: a, env: KA, account: team-a }}\n      - {{ name: b, env: KB }}\n      - {{ name: c, env: KC }}\n      - {{ name: d, env: KD }}\nroutes:\n  - {{ name: chat, upstreams: [mock] }}\n",
+        "admin: {{ addr: \"127.0.0.1:{port}\", token_env: KG_ADMIN, read_token_env: KG_READ }}\nupstreams:\n  mock:\n    url: {}\n    keys:\n      - {{ name: a, env: KA, account: team-a }}\n      - {{ name: b, env: KB }}\n      - {{ name: c, env: KC }}\n      - {{ name: d, env: KD }}\nroutes:\n  - {{ name: chat, upstreams: [mock] }}\n",
         mock.url
     );
     let kg = Keygate::start(&yaml, ENV);
@@ -142,12 +152,45 @@ async fn the_status_page_shows_the_keys_and_a_disable_click_takes_one_out_of_rot
         0,
         "no data before the token"
     );
-    browser.eval(&format!(
-        "document.getElementById('token').value = '{ADMIN}'; \
-         document.getElementById('token-form').requestSubmit(); true"
-    ));
+    // A wrong token: the API's message, and the token form again.
+    log_in(&mut browser, "not-the-token");
+    browser.wait_for(
+        "document.getElementById('status').textContent.startsWith('Invalid or missing admin token') \
+         && !document.getElementById('login').hidden",
+        "the wrong token's refusal",
+    );
+    assert_eq!(
+        browser.eval("sessionStorage.getItem('keygate-admin-token')"),
+        Value::Null,
+        "a refused token is forgotten"
+    );
+
+    // The read-only token sees the keys, and a disable shows the API's refusal.
+    log_in(&mut browser, READ);
     browser.wait_for(
         "document.querySelectorAll('tr[data-key]').length === 4",
+        "the four keys",
+    );
+    browser.eval(
+        "window.prompt = () => 'nope'; \
+         document.querySelector('tr[data-key=\"mock/c\"] button[data-action=\"disable\"]').click(); true",
+    );
+    browser.wait_for(
+        "document.getElementById('status').textContent === \
+         'disable mock/c: This token may only read; key actions need the admin token.'",
+        "the read-only refusal",
+    );
+    assert_eq!(state_of(&keys(&base).await, "c").0, "ready");
+    browser.eval("document.getElementById('forget').click(); true");
+    browser.wait_for(
+        "!document.getElementById('login').hidden",
+        "the token form after forget",
+    );
+
+    log_in(&mut browser, ADMIN);
+    browser.wait_for(
+        "document.querySelectorAll('tr[data-key]').length === 4 \
+         && document.getElementById('status').textContent === ''",
         "the four keys",
     );
     assert_eq!(
@@ -172,13 +215,22 @@ async fn the_status_page_shows_the_keys_and_a_disable_click_takes_one_out_of_rot
         "config keys have no remove button"
     );
 
-    // The cooldown counts down between refreshes.
-    let first = seconds(&cell(&mut browser, "d", "cooldown"));
-    assert!(first > 60, "{first}");
+    // The cooldown counts down in the page, between refreshes (the refresh time stays).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seconds(&cell(&mut browser, "d", "cooldown")) >= first {
-        assert!(Instant::now() < deadline, "the cooldown did not count down");
-        std::thread::sleep(Duration::from_millis(200));
+    'ticked: loop {
+        let updated = browser.eval("document.getElementById('updated').textContent");
+        let first = seconds(&cell(&mut browser, "d", "cooldown"));
+        assert!(first > 60, "{first}");
+        while browser.eval("document.getElementById('updated').textContent") == updated {
+            if seconds(&cell(&mut browser, "d", "cooldown")) < first {
+                break 'ticked;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cooldown did not count down between refreshes"
+        );
     }
 
     // Filters and sorting.
