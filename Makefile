@@ -11,7 +11,8 @@ MOCK_ADDR ?= 127.0.0.1:18000
 ## (Debian's `prometheus` package), systemd-analyze (`systemd`) and `shellcheck`;
 ## the `openai` Python SDK (the upgrade test's keep-alive client) and the `anthropic` one
 ## (the native Anthropic route's SDK test); redis-server and redis-cli (Debian's `redis-server` and
-## `redis-tools`: the shared-state tests start real Redis servers and clusters).
+## `redis-tools`: the shared-state tests start real Redis servers and clusters); Debian's `chromium`
+## (the admin status page's browser test, tests/admin_page.rs, drives it headless).
 deps:
 	@missing=""; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
@@ -20,12 +21,13 @@ deps:
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else echo "please install:$$missing (cmake; promtool from Prometheus; systemd-analyze; shellcheck; redis-server and redis-cli)" >&2; exit 1; fi; \
+	  else echo "please install:$$missing (cmake; promtool from Prometheus; systemd-analyze; shellcheck; redis-server and redis-cli; chromium)" >&2; exit 1; fi; \
 	fi
 	@python3 -c "import openai" 2>/dev/null || { echo "installing the openai Python SDK (upgrade test client)"; \
 	  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai; }

@@ -179,6 +179,18 @@ impl Window {
         }
     }
 
+    /// (attempts, errors) of `slot` alone; zero when its bucket has moved on or holds an
+    /// older slot.
+    fn at(&self, slot: u64) -> (u64, u64) {
+        let (stamp, requests, errors) =
+            unpack(self.buckets[(slot % SLOTS) as usize].load(Ordering::Relaxed));
+        if age(slot, stamp) == 0 {
+            (requests, errors)
+        } else {
+            (0, 0)
+        }
+    }
+
     /// (attempts, errors) of the [`SLOTS`] slots ending with `slot`.
     fn sum(&self, slot: u64) -> (u64, u64) {
         self.buckets
@@ -314,6 +326,40 @@ impl KeyActivity {
             last_error,
             next_probe_in_ms: (next_probe != 0).then(|| (next_probe - 1).saturating_sub(now)),
         }
+    }
+}
+
+/// Requests and errors of every key together, one entry per minute, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MinuteRates {
+    /// Attempts per minute.
+    pub requests: Vec<u64>,
+    /// Failed attempts per minute.
+    pub errors: Vec<u64>,
+}
+
+impl KeyActivity {
+    /// Attempts and errors of all keys together in each of the last `minutes` minutes (at most
+    /// an hour's worth), oldest first; the last entry is the current, partial minute.
+    pub fn per_minute(&self, minutes: usize) -> MinuteRates {
+        let minutes = (minutes as u64).min(SLOTS);
+        let current = self.now_ms() / 60_000;
+        let mut rates = MinuteRates {
+            requests: Vec::with_capacity(minutes as usize),
+            errors: Vec::with_capacity(minutes as usize),
+        };
+        for back in (0..minutes).rev() {
+            let (requests, errors) = match current.checked_sub(back) {
+                Some(slot) => self.keys.iter().fold((0, 0), |(r, e), k| {
+                    let (kr, ke) = k.hour.at(slot);
+                    (r + kr, e + ke)
+                }),
+                None => (0, 0), // before keygate started
+            };
+            rates.requests.push(requests);
+            rates.errors.push(errors);
+        }
+        rates
     }
 }
 
@@ -624,6 +670,55 @@ mod tests {
                 "next_probe_in_ms": null
             })
         );
+    }
+
+    #[test]
+    fn per_minute_sums_all_keys_minute_by_minute_oldest_first() {
+        let (a, clock) = activity(3);
+        a.record(0, AttemptEnd::Answered(200));
+        a.record(1, AttemptEnd::Answered(500));
+        clock.advance(Duration::from_secs(60));
+        a.record(2, AttemptEnd::Answered(200));
+        clock.advance(Duration::from_secs(2 * 60));
+        a.record(0, AttemptEnd::Answered(429));
+        a.record(1, AttemptEnd::NoAnswer("timeout"));
+        a.record(2, AttemptEnd::Answered(200));
+        let r = a.per_minute(5);
+        // Minutes 0, 1, 2, 3 since start, and one before keygate started.
+        assert_eq!(r.requests, vec![0, 2, 1, 0, 3]);
+        assert_eq!(r.errors, vec![0, 1, 0, 0, 2]);
+        // The current minute is the last entry, partial: a record now adds to it.
+        a.record(0, AttemptEnd::Answered(200));
+        assert_eq!(a.per_minute(1).requests, vec![4]);
+    }
+
+    #[test]
+    fn per_minute_forgets_minutes_that_left_the_window() {
+        let (a, clock) = activity(1);
+        a.record(0, AttemptEnd::Answered(500));
+        clock.advance(Duration::from_secs(14 * 60));
+        assert_eq!(a.per_minute(15).requests[0], 1);
+        assert_eq!(a.per_minute(15).errors[0], 1);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            a.per_minute(15),
+            MinuteRates {
+                requests: vec![0; 15],
+                errors: vec![0; 15]
+            }
+        );
+        // An hour on, the same bucket is not read as this minute's.
+        clock.advance(Duration::from_secs(45 * 60));
+        assert_eq!(a.per_minute(1).requests, vec![0]);
+        assert_eq!(a.per_minute(60).requests.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn per_minute_reads_at_most_an_hour() {
+        let (a, _) = activity(1);
+        let r = a.per_minute(500);
+        assert_eq!((r.requests.len(), r.errors.len()), (60, 60));
+        assert_eq!(a.per_minute(0), MinuteRates::default());
     }
 
     #[test]

@@ -53,7 +53,7 @@
 //!    [`drain`] (a graceful stop that exits once nothing is left in flight), [`memory_upkeep`]
 //!    (freed memory handed back to the system after a burst), [`shared`] (key states and
 //!    client limits shared by several instances through Redis), [`admin`] (the admin API on
-//!    its own listener: status, key disable/enable/test).
+//!    its own listener: status, rates, key disable/enable/test, and the status page on it).
 //!
 //! 6. **Proxy glue**: [`proxy`] (the Pingora `ProxyHttp` hooks: thin, calling the layers above).
 //!

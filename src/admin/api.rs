@@ -61,6 +61,8 @@ pub enum Action {
         /// Key name.
         key: String,
     },
+    /// `GET /admin/v1/rates`: requests and errors per upstream and minute.
+    Rates,
     /// `POST /admin/v1/keys/{upstream}/{key}/{verb}`.
     Key {
         /// Upstream name.
@@ -136,6 +138,7 @@ pub fn parse(auth: &AdminAuth, req: &AdminRequest<'_>) -> Result<Action, LocalRe
             };
             ("DELETE", Action::RemoveKey { upstream, key })
         }
+        ["rates"] => ("GET", Action::Rates),
         ["keys", upstream, key, verb] => {
             let verb = match *verb {
                 "disable" => KeyVerb::Disable,
@@ -258,7 +261,9 @@ pub fn not_found(path: &str) -> LocalResponse {
         404,
         "invalid_request_error",
         "not_found",
-        format!("no admin endpoint at {shown:?}: see /admin/v1/status, /admin/v1/keys"),
+        format!(
+            "no admin endpoint at {shown:?}: see /admin/v1/status, /admin/v1/keys, /admin/v1/rates"
+        ),
     )
 }
 
@@ -314,6 +319,10 @@ mod tests {
         assert_eq!(
             parse(&a, &req("GET", "/admin/v1/keys", "Bearer rd", b"")).unwrap(),
             Action::Keys
+        );
+        assert_eq!(
+            parse(&a, &req("GET", "/admin/v1/rates", "Bearer rd", b"")).unwrap(),
+            Action::Rates
         );
         assert_eq!(
             parse(
@@ -411,7 +420,9 @@ mod tests {
     #[test]
     fn bad_paths_methods_and_bodies_get_their_4xx() {
         let a = auth();
-        let cases: [(&str, &str, &str, &[u8], u16); 11] = [
+        let cases: [(&str, &str, &str, &[u8], u16); 13] = [
+            ("POST", "/admin/v1/rates", "Bearer adm", b"", 405),
+            ("GET", "/admin/v1/rates/openai", "Bearer adm", b"", 404),
             ("GET", "/admin/v1/nope", "Bearer adm", b"", 404),
             ("GET", "/admin/v2/status", "Bearer adm", b"", 404),
             ("GET", "/admin/v1/status/", "Bearer adm", b"", 404),

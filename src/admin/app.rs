@@ -1,5 +1,6 @@
-//! The Pingora glue of the admin listener: reads a request (body capped), hands it to
-//! [`Admin::serve`], writes the JSON answer. Also the real [`Probes`] over the upstreams.
+//! The Pingora glue of the admin listener: answers the status page's own requests
+//! ([`super::page`]), otherwise reads a request (body capped), hands it to [`Admin::serve`],
+//! writes the JSON answer. Also the real [`Probes`] over the upstreams.
 
 use super::api::{too_large, AdminRequest, MAX_BODY_BYTES};
 use super::views::EndpointView;
@@ -97,6 +98,10 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ()> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let header = session.req_header();
+        if let Some(page) = super::page::answer(header.method.as_str(), header.uri.path()) {
+            return page;
+        }
         let answer = match read_body(session).await {
             Err(()) => {
                 // Not worth reading the rest: the connection closes after this answer.

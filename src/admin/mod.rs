@@ -4,13 +4,16 @@
 //!
 //! [`auth`] decides who may ask, [`api`] what a request asks for, [`views`] the JSON answers;
 //! [`Admin`] carries them out on the pools; [`app`] is the thin Pingora glue with the real
-//! probes; [`cli`] is `keygate admin …` on top of the API. A passing `test` puts back a key disabled for a non-manual reason, as a passing
-//! background probe would; it never changes a manually disabled or a ready key.
+//! probes; [`cli`] is `keygate admin …` on top of the API; [`page`] is the status page a browser
+//! opens at `/admin/`, which uses the API too. A passing `test` puts back a key disabled for a
+//! non-manual reason, as a passing background probe would; it never changes a manually disabled
+//! or a ready key.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod page;
 pub mod views;
 
 use crate::clients::limits::Limiter;
@@ -35,6 +38,9 @@ const ACTOR: &str = "admin token";
 
 /// Longest upstream message passed on from a test probe.
 const MAX_MESSAGE_CHARS: usize = 300;
+
+/// Minutes of request and error rates `GET /admin/v1/rates` answers with.
+pub const RATE_MINUTES: usize = 15;
 
 /// What the admin API needs from the network: endpoints and one probe.
 #[async_trait]
@@ -145,6 +151,7 @@ impl Admin {
             }
             Ok(Action::AddKey { upstream, key }) => self.add_key(&upstream, key).await,
             Ok(Action::RemoveKey { upstream, key }) => self.remove_key(&upstream, &key).await,
+            Ok(Action::Rates) => AdminResponse::json(200, &self.rates()),
             Ok(Action::Key {
                 upstream,
                 key,
@@ -237,6 +244,24 @@ impl Admin {
                 )
             }
             Err(e) => AdminResponse::error(&runtime_error(&e)),
+        }
+    }
+
+    fn rates(&self) -> views::RatesView {
+        views::RatesView {
+            minutes: RATE_MINUTES,
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let r = u.activity.per_minute(RATE_MINUTES);
+                    views::UpstreamRates {
+                        name: u.name.clone(),
+                        requests: r.requests,
+                        errors: r.errors,
+                    }
+                })
+                .collect(),
         }
     }
 

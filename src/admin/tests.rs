@@ -437,3 +437,23 @@ fn an_action_on_a_key_after_a_removed_one_answers_with_that_key() {
     assert_eq!(v["key"]["name"], "k3");
     assert_eq!(v["key"]["state"], "disabled");
 }
+
+#[test]
+fn rates_give_each_upstream_fifteen_minutes_of_requests_and_errors_to_any_token() {
+    use crate::key_activity::AttemptEnd;
+    let (a, _) = admin(vec![]);
+    let activity = &a.upstreams[0].activity;
+    activity.record(0, AttemptEnd::Answered(200));
+    activity.record(1, AttemptEnd::Answered(401));
+    let (status, v) = call(&a, "GET", "/admin/v1/rates", "rd", "");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["minutes"], 15);
+    let up = &v["upstreams"][0];
+    assert_eq!(up["name"], "openai");
+    let requests = up["requests"].as_array().unwrap();
+    let errors = up["errors"].as_array().unwrap();
+    assert_eq!((requests.len(), errors.len()), (15, 15));
+    assert_eq!((&requests[14], &errors[14]), (&2.into(), &1.into()));
+    assert!(requests[..14].iter().all(|n| n == 0), "{v}");
+    assert_eq!(call(&a, "GET", "/admin/v1/rates", "nope", "").0, 401);
+}

@@ -116,6 +116,26 @@ pub struct UpstreamView {
     pub keys: Vec<KeyView>,
 }
 
+/// `GET /admin/v1/rates`: requests and errors per upstream and minute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RatesView {
+    /// How many minutes each series covers.
+    pub minutes: usize,
+    /// One entry per upstream, in config order.
+    pub upstreams: Vec<UpstreamRates>,
+}
+
+/// One upstream's requests and errors per minute, oldest first; the last is the current minute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamRates {
+    /// The upstream's name.
+    pub name: String,
+    /// Attempts per minute over all its keys.
+    pub requests: Vec<u64>,
+    /// Failed attempts per minute over all its keys.
+    pub errors: Vec<u64>,
+}
+
 /// One route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteView {

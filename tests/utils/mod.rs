@@ -7,6 +7,7 @@
 //! reads or sets this process's environment for a child: pass variables in `env` instead.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod chromium;
 pub mod h2_frames;
 pub mod redis;
 
