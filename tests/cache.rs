@@ -477,17 +477,18 @@ async fn two_instances_share_answers_through_redis_and_a_dead_redis_means_misses
     let (status, cache, first) = chat_as(&a, TOKEN_A, &body, &[]).await;
     assert_eq!((status, cache.as_str()), (200, "miss"));
     let upstream = mock.count("sk-one").await;
+    // The answer is written to Redis after A's answer went out: B asks once it is there (asked
+    // earlier, B would fetch and store an answer of its own).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let again = loop {
-        let (status, cache, text) = chat_as(&b, TOKEN_A, &body, &[]).await;
-        assert_eq!(status, 200);
-        if cache == "hit" {
-            break text;
-        }
-        // The answer is written to Redis after A's answer went out: B may ask first.
-        assert!(std::time::Instant::now() < deadline, "B never hit: {cache}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    while redis.cmd(&["KEYS", "keygate:cache:*"]).trim().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's answer never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, cache, again) = chat_as(&b, TOKEN_A, &body, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "hit"));
     assert_eq!(again, first, "the same answer, byte for byte");
     let keys = redis.cmd(&["KEYS", "keygate:cache:*"]);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 1, "{keys}");
