@@ -37,7 +37,9 @@
 //!    [`translate`] (OpenAI chat completions to Anthropic messages and back),
 //!    [`cache`] (the response cache: canonical request keys, the bounded in-memory store,
 //!    `Cache-Control`, one upstream request for identical misses), [`key_activity`] (each key's
-//!    requests and errors over the last minute and hour, last use, last error, next probe).
+//!    requests and errors over the last minute and hour, last use, last error, next probe),
+//!    [`resources`] (files, batches, vector stores, stored responses… and the account that
+//!    owns each).
 //!
 //! 3. **Configuration**: [`config`] (the YAML file: types, secrets through an injected source,
 //!    validation with precise messages).
@@ -94,6 +96,7 @@ pub mod prober;
 pub mod proxy;
 pub mod redact;
 pub mod request_body;
+pub mod resources;
 pub mod retry_after;
 pub mod retry_policy;
 pub mod routes;

@@ -280,6 +280,7 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
             crate::metrics::global(),
         );
         gw.share_limits(shared.limits().clone());
+        gw.resources().share(shared.objects());
         if config.cache_redis {
             if let Some(cache) = gw.options.cache.as_ref() {
                 cache.share(shared.answers());
@@ -293,13 +294,14 @@ pub fn run(opt: Opt, config: Config) -> Result<(), StartError> {
         Some(cfg) => Some(runtime_keys(cfg, &gw, shared.as_ref())?),
     };
     if let Some(path) = &config.state_file {
-        crate::state_file::load(path, &pools, &client_limiters);
+        crate::state_file::load(path, &pools, &client_limiters, gw.resources());
     }
     let state_keeper = config.state_file.clone().map(|path| {
         Arc::new(crate::state_file::StateKeeper::new(
             path,
             pools.clone(),
             client_limiters,
+            gw.resources().clone(),
         ))
     });
     if let Err(e) = pingora_prometheus::prometheus::default_registry().register(Box::new(

@@ -16,6 +16,7 @@
 use crate::clients::limits::Limiter;
 use crate::clock::epoch_ms;
 use crate::keys::{DisableReason, KeyPool, KeyState, ALL_MODELS};
+use crate::resources::{Owner, Resources};
 use async_trait::async_trait;
 use log::{info, warn};
 use parking_lot::Mutex;
@@ -43,6 +44,44 @@ pub struct Snapshot {
     /// Client name → budget usage in the current period.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub clients: BTreeMap<String, ClientUsage>,
+    /// Object id → the account that owns it (see [`crate::resources`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub objects: BTreeMap<String, ObjectOwner>,
+}
+
+/// Who owns an object, until when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ObjectOwner {
+    /// The owner.
+    #[serde(flatten)]
+    pub owner: Owner,
+    /// When keygate forgets it, ms since the epoch.
+    pub expires_ms: u64,
+}
+
+/// The objects `resources` knows the owners of.
+pub fn capture_objects(resources: &Resources) -> BTreeMap<String, ObjectOwner> {
+    resources
+        .table()
+        .entries()
+        .into_iter()
+        .map(|(id, o)| {
+            let owner = ObjectOwner {
+                owner: (*o.owner).clone(),
+                expires_ms: o.expires_ms,
+            };
+            (id, owner)
+        })
+        .collect()
+}
+
+/// Puts the file's objects back into `resources` (expired ones stay out).
+pub fn restore_objects(resources: &Resources, snap: &Snapshot) {
+    for (id, o) in &snap.objects {
+        resources
+            .table()
+            .insert(id, Arc::new(o.owner.clone()), o.expires_ms);
+    }
 }
 
 /// A client's budget usage.
@@ -183,7 +222,7 @@ pub fn restore(pools: &[Arc<KeyPool>], snap: &Snapshot, now: SystemTime) -> usiz
 }
 
 /// Reads the state file, if there is one; a broken file is reported and ignored.
-pub fn load(path: &Path, pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) {
+pub fn load(path: &Path, pools: &[Arc<KeyPool>], clients: &[ClientLimiter], resources: &Resources) {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -195,6 +234,7 @@ pub fn load(path: &Path, pools: &[Arc<KeyPool>], clients: &[ClientLimiter]) {
     match serde_json::from_str::<Snapshot>(&text) {
         Ok(snap) => {
             restore_clients(clients, &snap);
+            restore_objects(resources, &snap);
             let n = restore(pools, &snap, SystemTime::now());
             info!(
                 "state file {}: restored the state of {n} key(s)",
@@ -216,17 +256,25 @@ pub struct StateKeeper {
     path: PathBuf,
     pools: Vec<Arc<KeyPool>>,
     clients: Vec<ClientLimiter>,
+    resources: Arc<Resources>,
     /// What was last written (cooldown countdowns zeroed, with client usage) and when.
     last: Mutex<Option<(Shape, SystemTime)>>,
 }
 
 impl StateKeeper {
-    /// A keeper writing `pools`' states and the clients' budget usage to `path`.
-    pub fn new(path: PathBuf, pools: Vec<Arc<KeyPool>>, clients: Vec<ClientLimiter>) -> Self {
+    /// A keeper writing `pools`' states, the clients' budget usage and the objects' owners to
+    /// `path`.
+    pub fn new(
+        path: PathBuf,
+        pools: Vec<Arc<KeyPool>>,
+        clients: Vec<ClientLimiter>,
+        resources: Arc<Resources>,
+    ) -> Self {
         Self {
             path,
             pools,
             clients,
+            resources,
             last: Mutex::new(None),
         }
     }
@@ -240,7 +288,12 @@ impl StateKeeper {
     /// Writes if the states changed since the last write; cooldown countdowns alone do not count.
     fn sync(&self, at_shutdown: bool) {
         let mut snap = capture(&self.pools, &self.clients);
-        let shape = (strip_remaining(&snap.upstreams), snap.clients.clone());
+        snap.objects = capture_objects(&self.resources);
+        let shape = (
+            strip_remaining(&snap.upstreams),
+            snap.clients.clone(),
+            snap.objects.keys().cloned().collect(),
+        );
         let mut last = self.last.lock();
         if let Some((prev, written)) = last.as_ref() {
             if *prev == shape && !at_shutdown {
@@ -270,7 +323,7 @@ impl StateKeeper {
 }
 
 /// What decides whether the file needs writing.
-type Shape = (States, BTreeMap<String, ClientUsage>);
+type Shape = (States, BTreeMap<String, ClientUsage>, Vec<String>);
 
 fn strip_remaining(ups: &States) -> States {
     ups.iter()

@@ -53,6 +53,8 @@ pub struct Attempt {
     pub translator: Option<Box<crate::translate::AnswerTranslator>>,
     /// Collects a cache miss's answer for the response cache.
     pub capture: Option<Box<crate::cache::entry::Capture>>,
+    /// Collects the start of an answer that may create account-scoped objects, for their ids.
+    pub ids: Option<Box<crate::resources::capture::IdCapture>>,
 }
 
 impl Attempt {
@@ -75,6 +77,7 @@ impl Attempt {
             scrubber: None,
             translator: None,
             capture: None,
+            ids: None,
         }
     }
 
@@ -131,6 +134,8 @@ pub struct RequestCtx {
     pub translate_usage: bool,
     /// What the response cache did, on a cached route (boxed: most routes have no cache).
     pub cache: Option<Box<super::cached::CacheState>>,
+    /// The account-scoped objects the request names or may create (boxed: most have none).
+    pub owned: Option<Box<super::owned::OwnedState>>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -177,7 +182,13 @@ impl RequestCtx {
             translate: false,
             translate_usage: false,
             cache: None,
+            owned: None,
         }
+    }
+
+    /// The account whose keys alone may serve this request, when it names its objects.
+    pub fn requirement(&self) -> Option<&crate::resources::Requirement> {
+        self.owned.as_deref().and_then(|o| o.need.as_ref())
     }
 
     /// The model name used for key cooldowns: the one sent upstream.

@@ -46,6 +46,8 @@ pub struct Gateway {
     pub(crate) options: GatewayOptions,
     /// Client limits shared with other instances, when `redis:` is configured.
     pub(crate) shared_limits: std::sync::OnceLock<Arc<SharedLimits>>,
+    /// The accounts that own the objects keygate saw created.
+    pub(crate) resources: Arc<crate::resources::Resources>,
 }
 
 /// How request bodies are taken: how large, how fast, and how many bytes at once.
@@ -183,6 +185,11 @@ impl Gateway {
             bodies,
             latency: LatencyTable::new(upstreams.len()),
             upstreams,
+            resources: Arc::new(crate::resources::Resources::new(
+                super::owned::MAX_IDS,
+                super::owned::ID_TTL,
+                clock.clone(),
+            )),
             clock,
             suspects,
             metrics,
@@ -196,6 +203,11 @@ impl Gateway {
     /// at start).
     pub fn share_limits(&self, limits: Arc<SharedLimits>) {
         let _ = self.shared_limits.set(limits);
+    }
+
+    /// The accounts that own the objects keygate saw created (for the state file and sharing).
+    pub fn resources(&self) -> &Arc<crate::resources::Resources> {
+        &self.resources
     }
 
     /// Every client's name and limiter (for the state file).
@@ -231,11 +243,14 @@ impl Gateway {
         plan.order.upstreams().iter().any(|&u| {
             let up = &self.upstreams[u];
             if up.keys.is_empty() {
-                return !ctx.log.tried_upstream(u) && up.pick_endpoint().is_some();
+                // An object's owner is an account, which only keys have.
+                return ctx.requirement().is_none()
+                    && !ctx.log.tried_upstream(u)
+                    && up.pick_endpoint().is_some();
             }
             // Asks without picking: a pick would move the rotation past a key nobody used.
-            up.keys
-                .has_usable(ctx.cooldown_model(), &ctx.log.tried_keys(u))
+            self.excluded_keys(ctx, u)
+                .is_some_and(|ex| up.keys.has_usable(ctx.cooldown_model(), &ex))
         })
     }
 
@@ -257,12 +272,15 @@ impl Gateway {
         for &u in &ctx.order {
             let up = &self.upstreams[u];
             let key = if up.keys.is_empty() {
-                if ctx.log.tried_upstream(u) {
+                if ctx.log.tried_upstream(u) || ctx.requirement().is_some() {
                     continue;
                 }
                 None
             } else {
-                match up.keys.pick(ctx.cooldown_model(), &ctx.log.tried_keys(u)) {
+                let Some(excluded) = self.excluded_keys(ctx, u) else {
+                    continue;
+                };
+                match up.keys.pick(ctx.cooldown_model(), &excluded) {
                     Pick::Key(lease) => Some(lease),
                     Pick::AllCooling { retry_in } => {
                         soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
@@ -285,7 +303,9 @@ impl Gateway {
             up.touch();
             return Ok((attempt, peer));
         }
-        Err(if let Some(wait) = soonest {
+        Err(if let Some(need) = ctx.requirement() {
+            super::owned::owner_unavailable(need, soonest)
+        } else if let Some(wait) = soonest {
             LocalResponse::all_cooling(wait)
         } else if endpoints_down {
             LocalResponse::bad_gateway("No upstream endpoint is reachable.")

@@ -15,6 +15,7 @@ pub mod body_replay;
 pub mod cached;
 pub mod ctx;
 pub mod gateway;
+pub mod owned;
 pub mod respond;
 pub mod routing;
 
@@ -213,6 +214,10 @@ impl ProxyHttp for GatewayProxy {
             gw.respond_local(session, &resp).await?;
             return Ok(true);
         }
+        if let Err(resp) = gw.note_objects(session.req_header(), ctx).await {
+            gw.respond_local(session, &resp).await?;
+            return Ok(true);
+        }
         // After the limits decided the client may ask, before a key is chosen: a hit spends none.
         gw.answer_from_cache(session, ctx).await
     }
@@ -322,6 +327,7 @@ impl ProxyHttp for GatewayProxy {
             info!("upstream {up} key {key} answered {status}; retrying elsewhere");
             return Err(respond::try_elsewhere(status));
         }
+        gw.note_owned_answer(ctx, status);
         let strip_usage = ctx.strip_usage;
         let translate = ctx.translate.then_some(ctx.translate_usage);
         let Some(att) = ctx.attempt.as_mut() else {
@@ -436,6 +442,19 @@ impl ProxyHttp for GatewayProxy {
                 ctx.usage = meter.finish();
             }
         }
+        if let Some(ids) = att.ids.as_mut() {
+            if let Some(b) = body.as_ref() {
+                ids.feed(b);
+            }
+            if end_of_stream || ids.is_full() {
+                if let Some(ids) = att.ids.take() {
+                    self.0.record_created(ctx, &ids);
+                }
+            }
+        }
+        let Some(att) = ctx.attempt.as_mut() else {
+            return Ok(None);
+        };
         if let Some(translator) = att.translator.as_mut() {
             let mut out = body.take().map(|b| translator.feed(&b)).unwrap_or_default();
             if end_of_stream {

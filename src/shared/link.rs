@@ -137,7 +137,7 @@ pub struct Link {
 }
 
 /// The operation labels of the Redis metrics, so that every series exists from the start.
-pub const OPS: [&str; 15] = [
+pub const OPS: [&str; 17] = [
     "admit",
     "flush",
     "settle",
@@ -153,6 +153,8 @@ pub const OPS: [&str; 15] = [
     "runtime_keys_load",
     "runtime_keys_put",
     "runtime_keys_delete",
+    "object_get",
+    "object_put",
 ];
 
 /// How long background work (loading all key states, pushing local ones) may take: it holds no

@@ -9,6 +9,7 @@
 //! - [`answers`]: the response cache's answers, shared (`cache_store: { redis: true }`);
 //! - [`runtime_keys`]: keys added through the admin API, sealed, in one hash that every
 //!   instance reads twice a second;
+//! - [`objects`]: which account owns each file, batch, vector store… keygate saw created;
 //! - [`link`]: the connection and its health: Redis trouble never stops or slows traffic beyond
 //!   the configured timeout, and [`service`] brings states back in step when Redis returns.
 
@@ -17,6 +18,7 @@ pub mod key_sync;
 pub mod ledger;
 pub mod limits;
 pub mod link;
+pub mod objects;
 pub mod runtime_keys;
 pub mod service;
 

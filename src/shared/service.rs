@@ -97,6 +97,11 @@ impl Shared {
         })
     }
 
+    /// The owners of account-scoped objects, in this Redis.
+    pub fn objects(&self) -> Arc<super::objects::RedisObjects> {
+        super::objects::RedisObjects::new(self.link.clone(), &self.cfg.prefix)
+    }
+
     /// The runtime key store in this Redis.
     pub fn runtime_key_store(&self) -> Arc<RedisKeyStore> {
         Arc::new(RedisKeyStore::new(self.link.clone(), &self.cfg.prefix))

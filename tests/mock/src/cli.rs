@@ -23,6 +23,8 @@ OPTIONS:
     --tls-key FILE           PEM private key for --tls-cert
     --behaviors FILE         YAML file of per-key behaviours (keys: {SECRET: SPEC, ...})
     --key SECRET=SPEC        one key's behaviour inline; repeatable; overrides --behaviors
+    --account SECRET=NAME    the key's account: files and batches it makes are its account's
+                             (another account's key gets 404); a key without one is its own
     --strict                 unlisted keys get 401 invalid_api_key (default: served as `ok`)
     --latency DURATION       delay before every response header [default: 0ms]
     --threads N              runtime worker threads [default: 2]
@@ -74,6 +76,8 @@ pub struct Options {
     pub chunk_interval: Duration,
     /// Completion tokens per reply.
     pub completion_tokens: u64,
+    /// `--account` pairs: key, account.
+    pub accounts: Vec<(String, String)>,
 }
 
 /// What the command line asks for.
@@ -100,6 +104,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         chunks: 5,
         chunk_interval: Duration::ZERO,
         completion_tokens: 12,
+        accounts: Vec::new(),
     };
     let (mut cert, mut key) = (None, None);
     let mut args = args.into_iter();
@@ -122,6 +127,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--tls-key" => key = Some(PathBuf::from(value()?)),
             "--behaviors" => o.behaviors = Some(PathBuf::from(value()?)),
             "--key" => o.keys.push(spec::parse_key_arg(&value()?)?),
+            "--account" => {
+                let v = value()?;
+                let (key, account) = v
+                    .split_once('=')
+                    .filter(|(k, a)| !k.is_empty() && !a.is_empty())
+                    .ok_or_else(|| format!("--account needs SECRET=NAME, not `{v}`"))?;
+                o.accounts.push((key.to_string(), account.to_string()));
+            }
             "--latency" => o.latency = duration(&flag, &value()?)?,
             "--chunk-interval" => o.chunk_interval = duration(&flag, &value()?)?,
             "--threads" => o.threads = number(&flag, &value()?, 1)?,

@@ -201,6 +201,7 @@ fn bind(o: Options) -> Result<Bound, String> {
         name: o.name,
         ids: Ids::new(),
         default_latency: o.latency,
+        objects: crate::objects::Objects::new(o.accounts.clone()),
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,6 +14,7 @@ mod cli;
 mod debug;
 mod event_list;
 mod launch;
+mod objects;
 mod openai;
 mod registry;
 mod reply;

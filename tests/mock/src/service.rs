@@ -55,6 +55,8 @@ pub struct App {
     pub ids: Ids,
     /// Latency for requests no key decides (missing key, unknown path).
     pub default_latency: Duration,
+    /// Files and batches, and the accounts they belong to.
+    pub objects: crate::objects::Objects,
 }
 
 /// The hyper service entry point.
@@ -134,6 +136,29 @@ async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, 
         return (a.response, Some(KeyStyle::XApiKey));
     }
 
+    let key_now = credential.as_ref().map_or("", |(k, _)| k.as_str());
+    let object_answer = match endpoint {
+        Endpoint::NotFound if credential.is_some() => {
+            app.objects
+                .answer(&parts.method, parts.uri.path(), &body, key_now)
+        }
+        Endpoint::Chat | Endpoint::Completions => app.objects.foreign(key_now, &body),
+        _ => None,
+    };
+    if let Some(res) = object_answer {
+        app.stats.record(Record {
+            key: key_now.to_string(),
+            model: None,
+            status: res.status().as_u16(),
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            body_len: body.len(),
+            body_sha256,
+            at,
+        });
+        return (res, style);
+    }
     let parsed = parse(&endpoint, &body);
     let model: Option<&str> = match &parsed {
         Parsed::Generation(g) => g.model.as_deref(),
