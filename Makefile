@@ -48,8 +48,10 @@ run: build
 	  echo; echo "keygate on http://127.0.0.1:8080 — try:"; \
 	  echo "  curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' -d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"; \
 	  echo "  curl -s localhost:18000/_mock/stats   # which keys the mock saw"; \
-	  echo "  curl -s localhost:9091/metrics | grep keygate_keys   # key states"; echo; \
+	  echo "  curl -s localhost:9091/metrics | grep keygate_keys   # key states"; \
+	  echo "  open http://127.0.0.1:9092/admin/   # status page (any token in the demo)"; echo; \
 	  DEMO_KEY_A=sk-demo-alpha DEMO_KEY_B=sk-demo-bravo DEMO_KEY_C=sk-demo-charlie \
+	  DEMO_MASTER_KEY=$${DEMO_MASTER_KEY:-00000000000000000000000000000000000000000000000000000000000000de} \
 	  RUST_LOG=$${RUST_LOG:-info} target/release/keygate -c $(CONF)
 
 fmt:

@@ -219,6 +219,10 @@ fn the_shipped_configs_are_valid() {
                 ("DEMO_KEY_A", "sk-demo-alpha"),
                 ("DEMO_KEY_B", "sk-demo-bravo"),
                 ("DEMO_KEY_C", "sk-demo-charlie"),
+                (
+                    "DEMO_MASTER_KEY",
+                    "00000000000000000000000000000000000000000000000000000000000000de",
+                ),
             ],
         ),
         (
@@ -227,6 +231,7 @@ fn the_shipped_configs_are_valid() {
                 ("OPENAI_KEY_A", "sk-test-a"),
                 ("OPENAI_KEY_B", "sk-test-b"),
                 ("OPENAI_KEY_C", "sk-test-c"),
+                ("UNUSED", "x"),
             ],
         ),
         (
@@ -235,6 +240,7 @@ fn the_shipped_configs_are_valid() {
                 ("ANTHROPIC_KEY_A", "sk-ant-test-a"),
                 ("ANTHROPIC_KEY_B", "sk-ant-test-b"),
                 ("UNUSED", "x"),
+                ("UNUSED_TOO", "x"),
             ],
         ),
     ] {
