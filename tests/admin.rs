@@ -4,7 +4,6 @@
 
 mod utils;
 use serde_json::Value;
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use utils::*;
@@ -27,11 +26,7 @@ fn start(mock: &Mock) -> (Keygate, String, String) {
         mock.url
     );
     let kg = Keygate::start(&yaml, ENV);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "admin port: {}", kg.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kg.wait_for_port(port);
     let addr = format!("127.0.0.1:{port}");
     (kg, format!("http://{addr}"), addr)
 }

@@ -8,7 +8,6 @@
 
 mod utils;
 use serde_json::Value;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use utils::chromium::Browser;
 use utils::*;
@@ -103,11 +102,7 @@ async fn the_status_page_shows_the_keys_and_a_disable_click_takes_one_out_of_rot
         mock.url
     );
     let kg = Keygate::start(&yaml, ENV);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "admin port: {}", kg.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kg.wait_for_port(port);
     let base = format!("http://127.0.0.1:{port}");
 
     // The page itself needs no token and carries its policy; /admin leads to it.

@@ -7,7 +7,6 @@
 
 mod utils;
 use serde_json::{json, Value};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use utils::*;
 
@@ -23,11 +22,7 @@ fn start(mock: &Mock, state: &std::path::Path) -> (Keygate, String) {
         mock.url
     );
     let kg = Keygate::start(&yaml, ENV);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "admin port: {}", kg.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kg.wait_for_port(port);
     (kg, format!("127.0.0.1:{port}"))
 }
 

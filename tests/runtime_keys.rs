@@ -6,7 +6,6 @@
 mod utils;
 use serde_json::Value;
 use std::io::Write;
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,11 +43,7 @@ fn start(
         mock.url
     );
     let kg = Keygate::start(&yaml, &env(master));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "admin port: {}", kg.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kg.wait_for_port(port);
     (kg, format!("127.0.0.1:{port}"))
 }
 

@@ -1,10 +1,9 @@
 //! The response cache's shared store: answers kept in Redis, each under its own key with its
 //! own TTL, so every instance serves what any of them fetched. Redis trouble is a miss.
 
-use super::link::{Link, BACKGROUND_TIMEOUT};
+use super::link::Link;
 use crate::cache::key::CacheKey;
 use crate::cache::SharedStore;
-use log::debug;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,29 +51,13 @@ impl SharedStore for RedisAnswers {
     }
 
     fn put(&self, key: &CacheKey, bytes: Vec<u8>, ttl: Duration) {
-        if !self.link.is_up() {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (link, name) = (self.link.clone(), self.name(key));
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        rt.spawn(async move {
-            let out = link
-                .timed("cache_put", BACKGROUND_TIMEOUT, |mut c| async move {
-                    redis::cmd("SET")
-                        .arg(name)
-                        .arg(bytes)
-                        .arg("PX")
-                        .arg(ttl_ms)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
-            if let Err(e) = out {
-                debug!("response cache: answer not shared ({e})");
-            }
-        });
+        let ttl_ms = crate::clock::millis(ttl);
+        self.link.spawn_set(
+            "cache_put",
+            self.name(key),
+            bytes,
+            ttl_ms,
+            "response cache answer",
+        );
     }
 }

@@ -206,6 +206,41 @@ impl Link {
         was != up
     }
 
+    /// Sets `key` to `value` for `ttl_ms` in the background (never waits; skipped while Redis
+    /// is down). `what` names it in the debug line of a failure.
+    pub fn spawn_set(
+        self: &Arc<Self>,
+        op: &'static str,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+        what: &'static str,
+    ) {
+        if !self.is_up() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let link = self.clone();
+        rt.spawn(async move {
+            let out = link
+                .timed(op, BACKGROUND_TIMEOUT, |mut c| async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(value)
+                        .arg("PX")
+                        .arg(ttl_ms.max(1))
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await;
+            if let Err(e) = out {
+                log::debug!("{what} not shared ({e})");
+            }
+        });
+    }
+
     /// The per-request timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout

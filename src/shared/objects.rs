@@ -3,9 +3,8 @@
 //! see created asks Redis once (within the request timeout) and keeps the answer. Redis
 //! trouble is an unknown id: the request goes to any key, as without sharing.
 
-use super::link::{Link, BACKGROUND_TIMEOUT};
+use super::link::Link;
 use crate::resources::{Owner, SharedResources};
-use log::debug;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -56,37 +55,16 @@ impl SharedResources for RedisObjects {
     }
 
     fn put(&self, id: &str, owner: &Owner, expires_ms: u64) {
-        if !self.link.is_up() {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let now = crate::clock::epoch_ms(std::time::SystemTime::now());
-        let ttl_ms = expires_ms.saturating_sub(now).max(1);
         let stored = Stored {
             owner: owner.clone(),
             expires_ms,
         };
-        let Ok(value) = serde_json::to_string(&stored) else {
+        let Ok(value) = serde_json::to_vec(&stored) else {
             return;
         };
-        let (link, name) = (self.link.clone(), self.name(id));
-        rt.spawn(async move {
-            let out = link
-                .timed("object_put", BACKGROUND_TIMEOUT, |mut c| async move {
-                    redis::cmd("SET")
-                        .arg(name)
-                        .arg(value)
-                        .arg("PX")
-                        .arg(ttl_ms)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
-            if let Err(e) = out {
-                debug!("object owner not shared ({e})");
-            }
-        });
+        let ttl_ms = expires_ms.saturating_sub(now);
+        self.link
+            .spawn_set("object_put", self.name(id), value, ttl_ms, "object owner");
     }
 }

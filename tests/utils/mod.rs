@@ -363,6 +363,20 @@ impl Keygate {
         panic!("keygate did not listen within 30s: {}", self.log_text());
     }
 
+    /// Waits (up to 10 s) until something listens on `port`, a second listener of this keygate
+    /// (admin, metrics) that [`Keygate::start`] does not wait for.
+    pub fn wait_for_port(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "port {port}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything keygate wrote to stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
