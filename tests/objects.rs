@@ -144,6 +144,49 @@ async fn a_file_and_its_batches_and_chats_stay_on_the_account_that_uploaded_it()
     }
     assert_eq!(not_found_count(&mock).await, before);
 
+    // Both of org1's keys rate limited: tried in turn, then keygate answers 429 itself, naming
+    // the account, rather than trying org2's key.
+    for k in ["sk-a1", "sk-a2"] {
+        mock.set_behavior(k, json!("rate_limit:retry_after=30"))
+            .await;
+    }
+    let b1_before = mock.count("sk-b1").await;
+    let (s, _) = send(
+        &kg,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_with_file.clone()),
+    )
+    .await;
+    assert_eq!(s, 429, "the upstream's own 429");
+    let r = client()
+        .post(format!("{}/v1/chat/completions", kg.url))
+        .json(&chat_with_file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    let v: Value = r.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&id) && message.contains("cooling"),
+        "{message}"
+    );
+    assert_eq!(
+        mock.count("sk-b1").await,
+        b1_before,
+        "org2's key was never tried"
+    );
+    for k in ["sk-a1", "sk-a2"] {
+        mock.set_behavior(k, json!("ok")).await;
+    }
+
     // With both of org1's keys out, the client is told whose keys are missing.
     for k in ["a1", "a2"] {
         let r = client()

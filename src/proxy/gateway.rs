@@ -304,7 +304,7 @@ impl Gateway {
             return Ok((attempt, peer));
         }
         Err(if let Some(need) = ctx.requirement() {
-            super::owned::owner_unavailable(need, soonest)
+            super::owned::owner_unavailable(need, soonest.or_else(|| self.owner_wait(need)))
         } else if let Some(wait) = soonest {
             LocalResponse::all_cooling(wait)
         } else if endpoints_down {

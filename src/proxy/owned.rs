@@ -4,7 +4,7 @@
 
 use super::ctx::RequestCtx;
 use super::Gateway;
-use crate::keys::KeyIndex;
+use crate::keys::{KeyIndex, KeyState};
 use crate::local_response::LocalResponse;
 use crate::resources::capture::IdCapture;
 use crate::resources::{Asked, Owner, Requirement};
@@ -120,6 +120,33 @@ impl Gateway {
             }
         }
         any.then_some(excluded)
+    }
+
+    /// How long until a key of `need`'s owner stops cooling, when all its keys not disabled
+    /// are cooling (a pick that skipped other accounts' keys reports those, not the cooldowns).
+    pub(crate) fn owner_wait(&self, need: &Requirement) -> Option<Duration> {
+        let up = self
+            .upstreams
+            .iter()
+            .find(|u| u.name == need.owner.upstream)?;
+        let mut soonest: Option<Duration> = None;
+        for s in up.keys.status() {
+            if !need
+                .owner
+                .admits(&up.name, up.keys.account(s.index), up.keys.key_id(s.index))
+            {
+                continue;
+            }
+            match &s.state {
+                KeyState::Ready => return None,
+                KeyState::Cooling { cooldowns } => {
+                    let wait = cooldowns.iter().map(|c| c.remaining).max()?;
+                    soonest = Some(soonest.map_or(wait, |w| w.min(wait)));
+                }
+                KeyState::Disabled { .. } => {}
+            }
+        }
+        soonest
     }
 
     /// After a successful answer's header: collect its ids if it may have created objects, and
