@@ -381,7 +381,7 @@ def start_keygate(procs: Processes, tmp: Path, name: str, conf: Path, port: int,
 
 
 def wait_admitted(name: str, port: int, proc, log_path: Path, timeout: float = 20.0) -> None:
-    """Waits for a 200 to the bench client (with `redis:`, the admission script is loaded by then)."""
+    """Waits for a 200 to the bench client (with `redis:`, the limits script is loaded by then)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:

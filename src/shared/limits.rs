@@ -1,12 +1,13 @@
 //! Client limits held across instances: requests and tokens per minute, requests in flight and
 //! the day's or month's token budget, counted in Redis by atomic Lua scripts.
 //!
-//! A client without a concurrency limit is served from leases (see [`super::ledger`]): one
-//! Redis round trip buys a small share of each limit, spent locally, so most requests cost no
-//! round trip at all and none costs more than one. A client with a concurrency limit needs each
-//! slot counted where all instances see it: each of its requests costs one round trip (the
-//! admission script), and its settlement (real token count, slot given back) runs after the
-//! answer, off the request's path.
+//! One Lua script ([`RESERVE`]) does it all. A client without a concurrency limit is served
+//! from leases (see [`super::ledger`]): one Redis round trip buys a small share of each limit,
+//! spent locally, so most requests cost no round trip at all and none costs more than one. A
+//! client with a concurrency limit needs each slot counted where all instances see it: each of
+//! its requests costs one round trip (a lease of exactly its need, with a slot), and its
+//! settlement (real token count, slot given back) runs after the answer, off the request's
+//! path.
 //! Budgets are reserved by the request's estimate at admission and corrected with its real usage
 //! at settlement, so concurrent requests on several instances cannot all pass a nearly spent
 //! budget. Every key of one client carries the same hash tag, so the script works on a Redis
@@ -29,11 +30,48 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The Lua function both scripts sum a minute window with: the per-second buckets of the last
-/// 60 s of hash `key` (older ones deleted), and the oldest non-empty second. Needs `sec`.
-macro_rules! lua_window {
-    () => {
-        r#"local function window(key)
+/// The one script of the shared limits: gives back an ended lease's rest and a request's
+/// concurrency slot, applies corrections, then (unless it is asked for nothing: a flush or a
+/// settlement) checks the limits and grants a lease, taking a concurrency slot when given one.
+/// A client with a concurrency limit asks for a lease of exactly its request's need.
+///
+/// KEYS: requests per second (hash), tokens per second (hash), budget of the period (counter),
+/// requests in flight (sorted set of slot expiries). ARGV: rpm, tpm, budget (0: no such limit);
+/// the second an ended lease (or a refunded request) was counted in, its unused requests and
+/// tokens; the token correction for the window, the budget correction; the request's need
+/// (requests, tokens, budget tokens) and the lease wanted (the same three); the budget's ttl
+/// (s); the concurrency limit (0: none), the slot to take ('' none), the slot to give back ('':
+/// none), how long a slot is held at most (ms). Returns `{refused kind (0: granted), wait ms,
+/// requests granted, tokens granted, budget granted, the second counted in, requests in the
+/// window, tokens in it}`.
+const RESERVE: &str = r#"
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rsec, rr, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local tdelta, bdelta = tonumber(ARGV[7]), tonumber(ARGV[8])
+local need_r, need_t, need_b = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local want_r, want_t, want_b = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local ttl = tonumber(ARGV[15])
+local conc, take, release, hold = tonumber(ARGV[16]), ARGV[17], ARGV[18], tonumber(ARGV[19])
+if release ~= '' then redis.call('ZREM', KEYS[4], release) end
+if rsec > sec - 60 then
+  if rr > 0 then redis.call('HINCRBY', KEYS[1], rsec, -rr) end
+  if rt > 0 then redis.call('HINCRBY', KEYS[2], rsec, -rt) end
+end
+if tdelta ~= 0 then
+  redis.call('HINCRBY', KEYS[2], sec, tdelta)
+  redis.call('EXPIRE', KEYS[2], 61)
+end
+if bdelta ~= 0 then
+  redis.call('INCRBY', KEYS[3], bdelta)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+if take == '' and need_r + need_t + need_b + want_r + want_t + want_b == 0 then
+  return {0, 0, 0, 0, 0, sec, 0, 0}
+end
+local function window(key)
   local h = redis.call('HGETALL', key)
   local sum, oldest = 0, nil
   for i = 1, #h, 2 do
@@ -48,103 +86,15 @@ macro_rules! lua_window {
   end
   return sum, oldest or sec
 end
-"#
-    };
-}
-
-/// Checks every limit of one client and, if all pass, takes its place in each.
-///
-/// KEYS: requests per second (hash), tokens per second (hash), requests in flight (sorted set
-/// of lease expiries), budget of the period (counter). ARGV: rpm, tpm, concurrency, budget (0:
-/// no such limit), the estimate, the request's id, the lease length (ms), the budget's ttl (s).
-/// Returns `{refused kind (0: admitted), wait ms, requests in the window, tokens in the window}`.
-const ADMIT: &str = concat!(
-    r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local sec = tonumber(t[1])
-local rpm, tpm, conc, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local est, lease, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8])
-"#,
-    lua_window!(),
-    r#"if budget > 0 then
-  local used = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if used >= budget then return {4, 0, 0, 0} end
-end
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then return {3, 1000, 0, 0} end
-end
-local rsum, roldest = 0, sec
-if rpm > 0 then
-  rsum, roldest = window(KEYS[1])
-  if rsum >= rpm then return {1, (roldest + 60) * 1000 - now, rsum, 0} end
-end
-local tsum, toldest = 0, sec
-if tpm > 0 then
-  tsum, toldest = window(KEYS[2])
-  if tsum > 0 and tsum + est > tpm then return {2, (toldest + 60) * 1000 - now, rsum, tsum} end
-end
-if rpm > 0 then
-  redis.call('HINCRBY', KEYS[1], sec, 1)
-  redis.call('EXPIRE', KEYS[1], 61)
-end
-if tpm > 0 then
-  redis.call('HINCRBY', KEYS[2], sec, est)
-  redis.call('EXPIRE', KEYS[2], 61)
-end
-if conc > 0 then
-  redis.call('ZADD', KEYS[3], now + lease, ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], lease)
-end
-if budget > 0 then
-  redis.call('INCRBY', KEYS[4], est)
-  redis.call('EXPIRE', KEYS[4], ttl)
-end
-return {0, 0, rsum + 1, tsum + est}
-"#
-);
-
-/// Gives back an ended lease's rest and applies corrections, then (unless all it is asked for
-/// is 0: a flush) checks the limits and grants a lease.
-///
-/// KEYS: requests per second (hash), tokens per second (hash), budget of the period (counter).
-/// ARGV: rpm, tpm, budget (0: no such limit); the second an ended lease was counted in, its
-/// unused requests and tokens; the token correction for the window, the budget correction; the
-/// request's need (requests, tokens, budget tokens) and the lease wanted (the same three); the
-/// budget's ttl (s). Returns `{refused kind (0: granted), wait ms, requests granted, tokens
-/// granted, budget granted, the second counted in, requests in the window, tokens in it}`.
-const RESERVE: &str = concat!(
-    r#"
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rsec, rr, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local tdelta, bdelta = tonumber(ARGV[7]), tonumber(ARGV[8])
-local need_r, need_t, need_b = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local want_r, want_t, want_b = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-local ttl = tonumber(ARGV[15])
-if rsec > sec - 60 then
-  if rr > 0 then redis.call('HINCRBY', KEYS[1], rsec, -rr) end
-  if rt > 0 then redis.call('HINCRBY', KEYS[2], rsec, -rt) end
-end
-if tdelta ~= 0 then
-  redis.call('HINCRBY', KEYS[2], sec, tdelta)
-  redis.call('EXPIRE', KEYS[2], 61)
-end
-if bdelta ~= 0 then
-  redis.call('INCRBY', KEYS[3], bdelta)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-if need_r + need_t + need_b + want_r + want_t + want_b == 0 then return {0, 0, 0, 0, 0, sec, 0, 0} end
-"#,
-    lua_window!(),
-    r#"local gb = 0
+local gb = 0
 if budget > 0 then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   if used >= budget then return {4, 0, 0, 0, 0, sec, 0, 0} end
   gb = math.min(want_b, math.max(need_b, budget - used))
+end
+if conc > 0 and take ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if redis.call('ZCARD', KEYS[4]) >= conc then return {3, 1000, 0, 0, 0, sec, 0, 0} end
 end
 local rsum, roldest, gr = 0, sec, 0
 if rpm > 0 then
@@ -170,29 +120,11 @@ if gb > 0 then
   redis.call('INCRBY', KEYS[3], gb)
   redis.call('EXPIRE', KEYS[3], ttl)
 end
+if take ~= '' then
+  redis.call('ZADD', KEYS[4], now + hold, take)
+  redis.call('PEXPIRE', KEYS[4], hold)
+end
 return {0, 0, gr, gt, gb, sec, rsum + gr, tsum + gt}
-"#
-);
-
-/// Settles an admitted request. KEYS as [`ADMIT`]. ARGV: the request's id ('' when it held no
-/// slot), the token correction for the minute window, the budget correction, the second it was
-/// admitted in (to give its request back on a refund; 0: keep it), the budget's ttl.
-const SETTLE: &str = r#"
-local sec = tonumber(redis.call('TIME')[1])
-if ARGV[1] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
-local d = tonumber(ARGV[2])
-if d ~= 0 then
-  redis.call('HINCRBY', KEYS[2], sec, d)
-  redis.call('EXPIRE', KEYS[2], 61)
-end
-local b = tonumber(ARGV[3])
-if b ~= 0 then
-  redis.call('INCRBY', KEYS[4], b)
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
-end
-local r = tonumber(ARGV[4])
-if r > 0 then redis.call('HINCRBY', KEYS[1], r, -1) end
-return 1
 "#;
 
 /// How long a request holds its concurrency slot in Redis if its instance dies before giving it
@@ -245,8 +177,6 @@ pub struct SharedLimits {
     instance: String,
     clients: Vec<ClientSlot>,
     clock: SharedClock,
-    admit: Script,
-    settle: Script,
     reserve: Script,
     instances: u32,
     next_id: AtomicU64,
@@ -269,7 +199,9 @@ pub enum Verdict {
 pub struct SharedAdmission {
     owner: Arc<SharedLimits>,
     client: usize,
-    keys: ClientKeys,
+    /// The budget period it was admitted in, and the time that was left in it.
+    period: (u64, Duration),
+    /// Its concurrency slot.
     id: String,
     budget_period: Option<u64>,
     reserved: u64,
@@ -406,24 +338,20 @@ impl SharedAdmission {
         } else {
             0
         };
-        let refund_sec = if refund && self.owner.clients[self.client].limits.rpm.is_some() {
-            self.admitted_sec
-        } else {
-            0
-        };
+        let refund = refund && self.owner.clients[self.client].limits.rpm.is_some();
         let job = Settlement {
             owner: self.owner.clone(),
             client: self.client,
-            keys: self.keys.clone(),
-            id: if self.owner.clients[self.client].limits.concurrency.is_some() {
-                self.id.clone()
-            } else {
-                String::new()
+            period: self.period,
+            id: std::mem::take(&mut self.id),
+            out: Outgoing {
+                return_sec: self.admitted_sec,
+                return_requests: u64::from(refund),
+                return_tokens: 0,
+                tpm_delta,
+                budget_delta,
             },
-            tpm_delta,
-            budget_delta,
             budget_period: self.budget_period,
-            refund_sec,
         };
         job.spawn();
     }
@@ -438,56 +366,83 @@ impl Drop for SharedAdmission {
     }
 }
 
-/// One settlement on its way to Redis.
+/// One settlement on its way to Redis: the slot given back, the corrections, the refund.
 struct Settlement {
     owner: Arc<SharedLimits>,
     client: usize,
-    keys: ClientKeys,
+    period: (u64, Duration),
     id: String,
-    tpm_delta: i64,
-    budget_delta: i64,
+    out: Outgoing,
     budget_period: Option<u64>,
-    refund_sec: u64,
 }
 
 impl Settlement {
     fn spawn(self) {
-        if self.id.is_empty()
-            && self.tpm_delta == 0
-            && self.budget_delta == 0
-            && self.refund_sec == 0
-        {
-            return;
-        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         rt.spawn(async move {
             let owner = self.owner.clone();
+            let ask = Ask {
+                slots: Slot {
+                    take: "",
+                    release: &self.id,
+                },
+                ..Ask::lease(self.out, Need::default(), Need::default())
+            };
             let out = owner
-                .run_settle(
-                    "settle",
-                    &self.keys,
-                    &self.id,
-                    self.tpm_delta,
-                    self.budget_delta,
-                    self.refund_sec,
-                )
+                .run_reserve(self.client, self.period, ask, "settle")
                 .await;
             if let Err(e) = out {
                 debug!("shared limits: settlement not written ({e}); kept for later");
                 if let Some(period) = self.budget_period {
-                    owner.correct_budget(self.client, period, self.budget_delta);
+                    owner.correct_budget(self.client, period, self.out.budget_delta);
                 }
-                if !self.id.is_empty() {
-                    owner
-                        .unreleased
-                        .lock()
-                        .push((self.keys.conc.clone(), self.id.clone()));
-                }
+                let set = owner.keys(self.client, None).conc;
+                owner.unreleased.lock().push((set, self.id.clone()));
             }
         });
     }
+}
+
+/// What one call of [`RESERVE`] gives back and asks for.
+#[derive(Debug, Clone, Copy)]
+struct Ask<'a> {
+    /// An ended lease's rest and the corrections.
+    out: Outgoing,
+    /// What the request needs.
+    need: Need,
+    /// The lease wanted.
+    want: Need,
+    /// The concurrency slots taken and given back.
+    slots: Slot<'a>,
+}
+
+impl Ask<'static> {
+    /// A call without concurrency slots.
+    fn lease(out: Outgoing, need: Need, want: Need) -> Self {
+        Ask {
+            out,
+            need,
+            want,
+            slots: Slot::NONE,
+        }
+    }
+}
+
+/// The concurrency slots one call takes and gives back (`""`: none).
+#[derive(Debug, Clone, Copy)]
+struct Slot<'a> {
+    take: &'a str,
+    release: &'a str,
+}
+
+impl Slot<'_> {
+    /// No slot taken or given back.
+    const NONE: Slot<'static> = Slot {
+        take: "",
+        release: "",
+    };
 }
 
 impl std::fmt::Debug for SharedLimits {
@@ -525,8 +480,6 @@ impl SharedLimits {
             instance: instance.to_string(),
             clients,
             clock,
-            admit: Script::new(ADMIT),
-            settle: Script::new(SETTLE),
             reserve: Script::new(RESERVE),
             instances,
             next_id: AtomicU64::new(0),
@@ -546,36 +499,6 @@ impl SharedLimits {
             budget: format!("{base}:budget:{pid}"),
             budget_ttl_s: left.as_secs() + 86_400,
         }
-    }
-
-    /// Runs the settlement script (see [`SETTLE`]) for one client and period.
-    async fn run_settle(
-        &self,
-        op: &'static str,
-        keys: &ClientKeys,
-        id: &str,
-        tpm_delta: i64,
-        budget_delta: i64,
-        refund_sec: u64,
-    ) -> Result<i64, LinkError> {
-        let script = &self.settle;
-        let (k, id) = (keys.clone(), id.to_string());
-        self.link
-            .timed(op, super::link::BACKGROUND_TIMEOUT, |mut c| async move {
-                script
-                    .key(&k.rpm)
-                    .key(&k.tpm)
-                    .key(&k.conc)
-                    .key(&k.budget)
-                    .arg(id)
-                    .arg(tpm_delta)
-                    .arg(budget_delta)
-                    .arg(refund_sec)
-                    .arg(k.budget_ttl_s)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
-            .await
     }
 
     /// Admits a request of client `client` estimated at `estimate` tokens: from its lease, or
@@ -598,14 +521,12 @@ impl SharedLimits {
             .map_or((0, Duration::ZERO), |b| period_id(b.per, self.clock.wall()))
     }
 
-    /// Runs [`RESERVE`]: gives back `out`, asks for `need` and a lease of `want`.
+    /// Runs [`RESERVE`] for client `client` in budget period `period`.
     async fn run_reserve(
         &self,
         client: usize,
         period: (u64, Duration),
-        out: &Outgoing,
-        need: &Need,
-        want: &Need,
+        ask: Ask<'_>,
         op: &'static str,
     ) -> Result<[i64; 8], LinkError> {
         let Some(slot) = self.clients.get(client) else {
@@ -614,12 +535,20 @@ impl SharedLimits {
         let l = slot.limits;
         let k = self.keys(client, l.budget.map(|_| period));
         let script = &self.reserve;
-        let (out, need, want) = (*out, *need, *want);
+        let Ask {
+            out,
+            need,
+            want,
+            slots,
+        } = ask;
+        let (take, release) = (slots.take.to_string(), slots.release.to_string());
+        let hold_ms = crate::clock::millis(LEASE);
         let call = |mut c: super::link::Conn| async move {
             script
                 .key(&k.rpm)
                 .key(&k.tpm)
                 .key(&k.budget)
+                .key(&k.conc)
                 .arg(l.rpm.unwrap_or(0))
                 .arg(l.tpm.unwrap_or(0))
                 .arg(l.budget.map_or(0, |b| b.tokens))
@@ -635,6 +564,10 @@ impl SharedLimits {
                 .arg(want.tokens)
                 .arg(want.budget)
                 .arg(k.budget_ttl_s)
+                .arg(l.concurrency.unwrap_or(0))
+                .arg(take)
+                .arg(release)
+                .arg(hold_ms)
                 .invoke_async::<[i64; 8]>(&mut c)
                 .await
         };
@@ -688,7 +621,7 @@ impl SharedLimits {
             budget: lease_size(l.budget.map(|b| b.tokens), n, need.budget),
         };
         let [kind, wait_ms, gr, gt, gb, sec, requests, tokens] = match self
-            .run_reserve(client, period, &out, &need, &want, "admit")
+            .run_reserve(client, period, Ask::lease(out, need, want), "admit")
             .await
         {
             Ok(v) => v,
@@ -719,27 +652,24 @@ impl SharedLimits {
     /// Redis; what fails is kept for the next time.
     pub async fn flush(&self, all: bool) {
         let now = self.clock.now();
+        // Clients with a concurrency limit have no lease; their ledgers hold only the budget
+        // spent on the local share while Redis was away.
         for (client, slot) in self.clients.iter().enumerate() {
-            if !slot.leased {
-                continue;
-            }
             let period = self.period(&slot.limits);
             let out = slot.ledger.lock().outgoing(now, period.0, all);
             if out.is_empty() {
                 continue;
             }
-            let none = Need::default();
-            if self
-                .run_reserve(client, period, &out, &none, &none, "flush")
-                .await
-                .is_err()
-            {
+            let op = if slot.leased { "flush" } else { "push_budget" };
+            let give = Ask::lease(out, Need::default(), Need::default());
+            if self.run_reserve(client, period, give, op).await.is_err() {
                 slot.ledger.lock().restore(&out, period.0);
             }
         }
     }
 
-    /// The per-request path, for clients with a concurrency limit.
+    /// The per-request path, for clients with a concurrency limit: a lease of exactly the
+    /// request's need, with a concurrency slot of its own.
     async fn admit_each(
         self: &Arc<Self>,
         client: usize,
@@ -748,63 +678,44 @@ impl SharedLimits {
         estimate: u64,
     ) -> Verdict {
         let l = slot.limits;
-        let wall = self.clock.wall();
-        let period = l.budget.map(|b| period_id(b.per, wall));
-        let keys = self.keys(client, period);
+        let period = self.period(&l);
+        let need = Need {
+            requests: u64::from(l.rpm.is_some()),
+            tokens: if l.tpm.is_some() { reserve } else { 0 },
+            budget: if l.budget.is_some() { reserve } else { 0 },
+        };
         let id = format!(
             "{}:{}",
             self.instance,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
-        let script = &self.admit;
-        let k = keys.clone();
-        let rid = id.clone();
-        let out = self
-            .link
-            .call("admit", |mut c| async move {
-                script
-                    .key(&k.rpm)
-                    .key(&k.tpm)
-                    .key(&k.conc)
-                    .key(&k.budget)
-                    .arg(l.rpm.unwrap_or(0))
-                    .arg(l.tpm.unwrap_or(0))
-                    .arg(l.concurrency.unwrap_or(0))
-                    .arg(l.budget.map_or(0, |b| b.tokens))
-                    .arg(reserve)
-                    .arg(rid)
-                    .arg(u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX))
-                    .arg(k.budget_ttl_s)
-                    .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                    .await
-            })
-            .await;
-        let (kind, wait_ms, requests, tokens) = match out {
-            Ok(v) => v,
-            Err(e) => return Verdict::Unavailable(e),
+        let ask = Ask {
+            slots: Slot {
+                take: &id,
+                release: "",
+            },
+            ..Ask::lease(Outgoing::default(), need, need)
         };
-        let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
-        let kind = match kind {
-            0 => {
-                let admitted_sec = wall
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                return Verdict::Admitted(Admitted::Shared(SharedAdmission {
-                    owner: self.clone(),
-                    client,
-                    keys,
-                    id,
-                    budget_period: period.map(|p| p.0),
-                    reserved: reserve,
-                    estimate,
-                    admitted_sec,
-                    settled: false,
-                }));
-            }
-            kind => kind,
-        };
-        let left = period.map_or(Duration::ZERO, |p| p.1);
-        Verdict::Refused(refusal(&l, kind, wait, left, requests, tokens))
+        let [kind, wait_ms, _, _, _, sec, requests, tokens] =
+            match self.run_reserve(client, period, ask, "admit").await {
+                Ok(v) => v,
+                Err(e) => return Verdict::Unavailable(e),
+            };
+        if kind != 0 {
+            let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+            return Verdict::Refused(refusal(&l, kind, wait, period.1, requests, tokens));
+        }
+        Verdict::Admitted(Admitted::Shared(SharedAdmission {
+            owner: self.clone(),
+            client,
+            period,
+            id,
+            budget_period: l.budget.map(|_| period.0),
+            reserved: reserve,
+            estimate,
+            admitted_sec: u64::try_from(sec).unwrap_or(0),
+            settled: false,
+        }))
     }
 
     /// The local share of client `client`'s limits, for when Redis is away.
@@ -859,29 +770,6 @@ impl SharedLimits {
             }
         }
         self.flush(true).await;
-        // Corrections of the per-request path (clients with a concurrency limit) wait in
-        // their ledgers too; they go by the settlement script.
-        for (client, slot) in self.clients.iter().enumerate() {
-            if slot.leased {
-                continue;
-            }
-            let period = self.period(&slot.limits);
-            let out = slot
-                .ledger
-                .lock()
-                .outgoing(self.clock.now(), period.0, true);
-            if out.budget_delta == 0 {
-                continue;
-            }
-            let keys = self.keys(client, Some(period));
-            if self
-                .run_settle("push_budget", &keys, "", 0, out.budget_delta, 0)
-                .await
-                .is_err()
-            {
-                slot.ledger.lock().restore(&out, period.0);
-            }
-        }
     }
 }
 
