@@ -294,6 +294,27 @@ async fn runtime_keys_kept_in_redis_reach_every_instance_within_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // Redis loses its data: the instances put k2 back rather than drop it.
+    redis.cmd(&["FLUSHALL"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis
+        .cmd(&["HEXISTS", "keygate:{keys}:runtime", "mock/k2"])
+        .trim()
+        != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "k2 was never put back: {}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for admin in [&admin_a, &admin_b] {
+        assert!(listed(admin)
+            .await
+            .contains(&("k2".into(), "runtime".into())));
+    }
+
     // Removed on B: A drops it too.
     let (s, v) = call(&admin_b, "DELETE", "/admin/v1/keys/mock/k2", "").await;
     assert_eq!(s, 200, "{v}");

@@ -70,12 +70,16 @@ pub enum StoreError {
     /// Redis refused or could not be reached.
     #[error("redis: {0}")]
     Redis(String),
+    /// The shared store is gone: not even its marker is there (a Redis restarted without its
+    /// data); instances put back the keys they hold.
+    #[error("the runtime key store is gone (a Redis restarted without its data?)")]
+    Lost,
 }
 
 /// Where runtime keys are kept.
 #[async_trait]
 pub trait KeyBackend: Send + Sync {
-    /// Every stored key.
+    /// Every stored key; [`StoreError::Lost`] when a shared store lost everything.
     async fn load(&self) -> Result<Vec<StoredKey>, StoreError>;
     /// Stores `key`, replacing the one of the same upstream and name.
     async fn put(&self, key: &StoredKey) -> Result<(), StoreError>;

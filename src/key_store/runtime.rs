@@ -96,6 +96,9 @@ pub struct RuntimeKeys {
     turn: tokio::sync::Mutex<()>,
     /// Stored keys already warned about, so that a pass every second does not repeat itself.
     warned: Mutex<HashSet<String>>,
+    /// What the store held at the last pass, with this instance's changes since: put back if a
+    /// shared store loses everything.
+    known: Mutex<Vec<StoredKey>>,
 }
 
 impl std::fmt::Debug for RuntimeKeys {
@@ -117,6 +120,7 @@ impl RuntimeKeys {
             backend,
             turn: tokio::sync::Mutex::new(()),
             warned: Mutex::new(HashSet::new()),
+            known: Mutex::new(Vec::new()),
         }
     }
 
@@ -167,6 +171,11 @@ impl RuntimeKeys {
         };
         self.backend.put(&record).await?;
         let idx = up.add_key(spec)?;
+        {
+            let mut known = self.known.lock();
+            known.retain(|k| !(k.upstream == record.upstream && k.name == record.name));
+            known.push(record.clone());
+        }
         info!(
             "admin: key {}/{} ({}) added by {actor}",
             up.name, record.name, record.id
@@ -199,6 +208,9 @@ impl RuntimeKeys {
         }
         self.backend.delete(&up.name, name).await?;
         up.keys.remove(idx);
+        self.known
+            .lock()
+            .retain(|k| !(k.upstream == up.name && k.name == name));
         info!("admin: key {}/{name} removed by {actor}", up.name);
         Ok(())
     }
@@ -206,8 +218,26 @@ impl RuntimeKeys {
     /// Reads the store and brings the pools in line with it.
     pub async fn sync(&self) -> Result<Applied, StoreError> {
         let _turn = self.turn.lock().await;
-        let stored = self.backend.load().await?;
-        Ok(self.apply(&stored))
+        let stored = match self.backend.load().await {
+            Ok(stored) => stored,
+            Err(StoreError::Lost) => {
+                let known = self.known.lock().clone();
+                for k in &known {
+                    self.backend.put(k).await?;
+                }
+                if !known.is_empty() {
+                    warn!(
+                        "runtime keys: the shared store was gone (a Redis restarted without its data?); put back the {} key(s) this instance holds",
+                        known.len()
+                    );
+                }
+                known
+            }
+            Err(e) => return Err(e),
+        };
+        let applied = self.apply(&stored);
+        *self.known.lock() = stored;
+        Ok(applied)
     }
 
     /// Brings the pools in line with `stored`: runtime keys not stored (or stored with another
@@ -559,5 +589,67 @@ mod tests {
             "sk-x",
             "the config key wins"
         );
+    }
+
+    /// A shared store in memory that can lose everything, as a Redis restarted without its
+    /// data does.
+    #[derive(Default)]
+    struct Shared {
+        keys: Mutex<Option<Vec<StoredKey>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl KeyBackend for Shared {
+        async fn load(&self) -> Result<Vec<StoredKey>, StoreError> {
+            self.keys.lock().clone().ok_or(StoreError::Lost)
+        }
+        async fn put(&self, key: &StoredKey) -> Result<(), StoreError> {
+            let mut all = self.keys.lock();
+            let list = all.get_or_insert_with(Vec::new);
+            list.retain(|k| !(k.upstream == key.upstream && k.name == key.name));
+            list.push(key.clone());
+            Ok(())
+        }
+        async fn delete(&self, upstream: &str, name: &str) -> Result<bool, StoreError> {
+            let mut all = self.keys.lock();
+            let list = all.get_or_insert_with(Vec::new);
+            let before = list.len();
+            list.retain(|k| !(k.upstream == upstream && k.name == name));
+            Ok(list.len() < before)
+        }
+    }
+
+    fn with_shared(shared: Arc<Shared>) -> (RuntimeKeys, Arc<[Upstream]>) {
+        let cfg = load(&with_top(""), &source()).unwrap();
+        let (up, _) = Upstream::build(&cfg.upstreams[0], crate::clock::ManualClock::new());
+        let upstreams: Arc<[Upstream]> = Arc::from(vec![up]);
+        let keys = RuntimeKeys::new(upstreams.clone(), MasterKey::new(&[1; 32]), shared);
+        (keys, upstreams)
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_that_lost_everything_gets_the_keys_back_but_an_emptied_one_does_not() {
+        let shared = Arc::new(Shared::default());
+        let (a, ups_a) = with_shared(shared.clone());
+        let (b, ups_b) = with_shared(shared.clone());
+        assert_eq!(
+            a.sync().await.unwrap(),
+            Applied::default(),
+            "nothing ever stored"
+        );
+        a.add("openai", new_key("k2", "sk-live-222"), "admin")
+            .await
+            .unwrap();
+        assert_eq!(b.sync().await.unwrap().added, ["openai/k2"]);
+        // Redis restarts empty: the next pass of either instance puts k2 back; nobody drops it.
+        *shared.keys.lock() = None;
+        assert_eq!(b.sync().await.unwrap(), Applied::default());
+        assert_eq!(shared.keys.lock().as_ref().map(Vec::len), Some(1));
+        assert_eq!(a.sync().await.unwrap(), Applied::default());
+        assert_eq!(names(&ups_a[0]), ["a", "k2"]);
+        // A removal empties the store without losing it: the others drop the key.
+        a.remove("openai", "k2", "admin").await.unwrap();
+        assert_eq!(b.sync().await.unwrap().removed, ["openai/k2"]);
+        assert_eq!(names(&ups_b[0]), ["a"]);
     }
 }

@@ -1,5 +1,7 @@
 //! The runtime key store in Redis: one hash, `<prefix>{keys}:runtime`, field `upstream/name`,
-//! value the [`StoredKey`] as JSON (its secret sealed). Every instance reads the whole hash
+//! value the [`StoredKey`] as JSON (its secret sealed), and a marker field that every write
+//! sets: a hash without it was lost (a Redis restarted without its data), not emptied by
+//! removals, and the instances put their keys back. Every instance reads the whole hash
 //! twice a second and brings its pools in line ([`crate::key_store::RuntimeKeys::sync`]), so a
 //! key added or removed on one instance serves (or stops) on all within a second, and a
 //! starting instance finds every key. Polling rather than pub/sub: the hash is small, and a
@@ -12,6 +14,9 @@ use log::{debug, warn};
 use pingora_core::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The field every write sets (no key's field: those hold a `/`).
+const MARKER: &str = "_store";
 
 /// How often every instance reads the store.
 pub const SYNC_EVERY: Duration = Duration::from_millis(500);
@@ -64,8 +69,11 @@ impl KeyBackend for RedisKeyStore {
             )
             .await
             .map_err(|e| StoreError::Redis(e.to_string()))?;
+        if all.is_empty() {
+            return Err(StoreError::Lost);
+        }
         let mut keys = Vec::with_capacity(all.len());
-        for (field, value) in all {
+        for (field, value) in all.into_iter().filter(|(f, _)| f != MARKER) {
             match serde_json::from_str::<StoredKey>(&value) {
                 Ok(k) => keys.push(k),
                 Err(e) => debug!("runtime key store: field {field:?} skipped: {e}"),
@@ -80,7 +88,7 @@ impl KeyBackend for RedisKeyStore {
         let (hash, field) = (self.hash.clone(), Self::field(&key.upstream, &key.name));
         self.link
             .timed("runtime_keys_put", BACKGROUND_TIMEOUT, |mut c| async move {
-                redis::Cmd::hset(&hash, field, value)
+                redis::Cmd::hset_multiple(&hash, &[(field.as_str(), value.as_str()), (MARKER, "1")])
                     .query_async::<()>(&mut c)
                     .await
             })
