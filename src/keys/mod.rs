@@ -19,6 +19,7 @@
 //! *episode*, not per 429: the 429s of requests already in flight when a key started cooling
 //! add nothing (see [`KeyPool::on_rate_limit`]).
 
+mod affinity;
 mod policy;
 mod secret;
 mod state;
@@ -26,6 +27,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use affinity::Affinity;
 pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
 pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
@@ -289,6 +291,8 @@ struct Inner {
     ring: ArcSwap<Vec<usize>>,
     /// Each account's live keys.
     accounts: RwLock<HashMap<Box<str>, Vec<KeyIndex>>>,
+    /// The live keys' seeds and weights for prompt affinity ([`KeyPool::pick_affine`]).
+    rendezvous: ArcSwap<affinity::Rendezvous>,
     /// Makes additions and removals take turns.
     changes: Mutex<()>,
     /// Set once at start when a shared store is configured.
@@ -378,6 +382,12 @@ impl Inner {
             }
         }
         *self.accounts.write() = accounts;
+        let live = self.live().map(|(idx, s)| {
+            let info = &s.info;
+            (idx, &*info.name, info.account.as_deref(), info.weight)
+        });
+        self.rendezvous
+            .store(Arc::new(affinity::Rendezvous::build(live)));
         if self.policy == KeyPolicy::Weighted {
             let live: Vec<(KeyIndex, u32)> =
                 self.live().map(|(idx, s)| (idx, s.info.weight)).collect();
@@ -592,6 +602,7 @@ impl KeyPool {
             cursor: CachePadded(AtomicUsize::new(0)),
             ring: ArcSwap::from_pointee(Vec::new()),
             accounts: RwLock::new(HashMap::new()),
+            rendezvous: ArcSwap::from_pointee(affinity::Rendezvous::default()),
             changes: Mutex::new(()),
             observer: OnceLock::new(),
         };
