@@ -122,9 +122,9 @@ impl Rendezvous {
                 }
             })
             .collect();
-        let uniform = candidates.windows(2).all(|w| {
-            w[0].key_weight == w[1].key_weight && w[0].group_weight == w[1].group_weight
-        });
+        let uniform = candidates
+            .windows(2)
+            .all(|w| w[0].key_weight == w[1].key_weight && w[0].group_weight == w[1].group_weight);
         Self {
             candidates,
             uniform,
@@ -281,7 +281,11 @@ mod tests {
 
     #[test]
     fn the_same_hash_always_gets_the_same_key_whatever_the_policy() {
-        for policy in [KeyPolicy::RoundRobin, KeyPolicy::Random, KeyPolicy::Weighted] {
+        for policy in [
+            KeyPolicy::RoundRobin,
+            KeyPolicy::Random,
+            KeyPolicy::Weighted,
+        ] {
             let (pool, _) = pool_of(names(&["a", "b", "c", "d"]), policy);
             for h in hashes(50) {
                 let first = pick(&pool, h, &[]);
@@ -318,7 +322,11 @@ mod tests {
 
     #[test]
     fn weights_are_respected() {
-        let specs = vec![keyed("a", 1, None), keyed("b", 2, None), keyed("c", 5, None)];
+        let specs = vec![
+            keyed("a", 1, None),
+            keyed("b", 2, None),
+            keyed("c", 5, None),
+        ];
         let (pool, _) = pool_of(specs, KeyPolicy::RoundRobin);
         let counts = tally(&pool, 16_000);
         // 2 000, 4 000, 10 000 expected.
@@ -340,15 +348,24 @@ mod tests {
             if was == 1 {
                 assert_ne!(now, 1);
                 moved_to[now] += 1;
-                assert_eq!(now, pool.affinity_order(h)[1], "the next in rendezvous order");
+                assert_eq!(
+                    now,
+                    pool.affinity_order(h)[1],
+                    "the next in rendezvous order"
+                );
             } else {
                 assert_eq!(now, was, "a hash of another key moved");
             }
         }
-        assert!(moved_to.iter().enumerate().all(|(i, &n)| i == 1 || n > 200), "{moved_to:?}");
+        assert!(
+            moved_to.iter().enumerate().all(|(i, &n)| i == 1 || n > 200),
+            "{moved_to:?}"
+        );
         // Back: every hash is where it was.
         assert!(pool.enable(1));
-        assert!(hashes(4_000).zip(&before).all(|(h, &was)| pick(&pool, h, &[]) == was));
+        assert!(hashes(4_000)
+            .zip(&before)
+            .all(|(h, &was)| pick(&pool, h, &[]) == was));
         // Cooling for the model does the same, and only for that model.
         pool.on_rate_limit(1, "m", Some(std::time::Duration::from_secs(10)));
         for (h, &was) in hashes(4_000).zip(&before) {
@@ -358,7 +375,9 @@ mod tests {
             }
         }
         clock.advance(std::time::Duration::from_secs(11));
-        assert!(hashes(4_000).zip(&before).all(|(h, &was)| pick(&pool, h, &[]) == was));
+        assert!(hashes(4_000)
+            .zip(&before)
+            .all(|(h, &was)| pick(&pool, h, &[]) == was));
     }
 
     #[test]
@@ -428,7 +447,9 @@ mod tests {
     fn added_and_removed_keys_move_only_their_share() {
         let (pool, _) = pool_of(names(&["a", "b", "c"]), KeyPolicy::RoundRobin);
         let before: Vec<usize> = hashes(3_000).map(|h| pick(&pool, h, &[])).collect();
-        let d = pool.add(KeySpec::from_secret(Secret::new("sk-new"))).unwrap();
+        let d = pool
+            .add(KeySpec::from_secret(Secret::new("sk-new")))
+            .unwrap();
         let mut gained = 0;
         for (h, &was) in hashes(3_000).zip(&before) {
             let now = pick(&pool, h, &[]);
@@ -441,7 +462,9 @@ mod tests {
         // About a quarter of the hashes move to the new key.
         assert!((600..=900).contains(&gained), "{gained}");
         assert!(pool.remove(d));
-        assert!(hashes(3_000).zip(&before).all(|(h, &was)| pick(&pool, h, &[]) == was));
+        assert!(hashes(3_000)
+            .zip(&before)
+            .all(|(h, &was)| pick(&pool, h, &[]) == was));
         assert!(pool.affinity_order(1).iter().all(|&k| k != d));
     }
 

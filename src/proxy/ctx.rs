@@ -131,6 +131,8 @@ pub struct RequestCtx {
     pub translate_usage: bool,
     /// What the response cache did, on a cached route (boxed: most routes have no cache).
     pub cache: Option<Box<super::cached::CacheState>>,
+    /// The request's prompt-affinity hash, when its route uses affinity and the body has one.
+    pub affinity: Option<u64>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -177,6 +179,7 @@ impl RequestCtx {
             translate: false,
             translate_usage: false,
             cache: None,
+            affinity: None,
         }
     }
 

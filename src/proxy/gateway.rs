@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
 use crate::key_activity::AttemptEnd;
-use crate::keys::{DisableReason, Pick};
+use crate::keys::{Affinity, DisableReason, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
@@ -139,6 +139,14 @@ impl Gateway {
                 },
                 ttfb_timeout: r.ttfb_timeout,
                 translate: r.translate,
+                affinity: r
+                    .upstreams
+                    .iter()
+                    .copied()
+                    .filter(|&u| {
+                        r.affinity.unwrap_or(config.upstreams[u].affinity) == Affinity::Prompt
+                    })
+                    .collect(),
             })
             .collect();
         let (suspects, rx) = crate::prober::suspect_channel();
@@ -262,7 +270,7 @@ impl Gateway {
                 }
                 None
             } else {
-                match up.keys.pick(ctx.cooldown_model(), &ctx.log.tried_keys(u)) {
+                match self.pick_key(plan, u, ctx) {
                     Pick::Key(lease) => Some(lease),
                     Pick::AllCooling { retry_in } => {
                         soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
@@ -292,6 +300,18 @@ impl Gateway {
         } else {
             LocalResponse::all_disabled()
         })
+    }
+
+    /// A key of upstream `u` for the request's next attempt: by prompt affinity when the route
+    /// asks it of `u` and the request yielded a hash (a retry goes to the next key in its
+    /// rendezvous order, the tried keys being excluded), else by the upstream's key policy.
+    fn pick_key(&self, plan: &RoutePlan, u: usize, ctx: &RequestCtx) -> Pick {
+        let keys = &self.upstreams[u].keys;
+        let tried = ctx.log.tried_keys(u);
+        match ctx.affinity.filter(|_| plan.affinity.contains(&u)) {
+            Some(hash) => keys.pick_affine(hash, ctx.cooldown_model(), &tried),
+            None => keys.pick(ctx.cooldown_model(), &tried),
+        }
     }
 
     /// Applies what an upstream status says about the key that got it.

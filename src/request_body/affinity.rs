@@ -111,7 +111,13 @@ const PROMPT_FIELDS: [&str; 4] = ["system", "instructions", "messages", "input"]
 impl AffinitySpans {
     /// Notes the top-level member `key` (span with quotes) whose value is at `value`, if it is
     /// one the hash reads and the first of its name.
-    pub(super) fn note(&mut self, b: &[u8], key: &Range<usize>, escaped: bool, value: &Range<usize>) {
+    pub(super) fn note(
+        &mut self,
+        b: &[u8],
+        key: &Range<usize>,
+        escaped: bool,
+        value: &Range<usize>,
+    ) {
         // Cheap reject first: the names read here are 4, 5, 6, 8, 12 or 16 bytes long.
         if !escaped && !matches!(key.len() - 2, 4 | 5 | 6 | 8 | 12 | 16) {
             return;
@@ -261,7 +267,8 @@ mod tests {
 
     #[test]
     fn formatting_and_other_fields_do_not_change_the_prompt_hash() {
-        let compact = br#"{"model":"a","messages":[{"role":"user","content":"hi there"}],"temperature":0}"#;
+        let compact =
+            br#"{"model":"a","messages":[{"role":"user","content":"hi there"}],"temperature":0}"#;
         let pretty = b"{\n  \"messages\": [ { \"role\" : \"user\",\n \"content\": \"hi there\" } ],\n  \"model\": \"b\", \"stream\": true\n}";
         assert_eq!(affinity(compact), affinity(pretty));
         // Whitespace inside strings counts.
@@ -285,7 +292,10 @@ mod tests {
         let m2 = of(&json!({"system": "T", "messages": [{"role": "user", "content": "q"}]}));
         assert!(m1.is_some() && m1 != m2);
         // The same text under another field is another prompt.
-        assert_ne!(of(&json!({"system": "S"})), of(&json!({"instructions": "S"})));
+        assert_ne!(
+            of(&json!({"system": "S"})),
+            of(&json!({"instructions": "S"}))
+        );
     }
 
     #[test]
@@ -356,7 +366,10 @@ mod tests {
         // silently (FNV-1a then fmix64 over the tag byte and the text).
         let mut h = StableHasher::new(1);
         h.write(b"k1");
-        assert_eq!(h.finish(), of(&json!({"prompt_cache_key": "k1"})).unwrap().1);
+        assert_eq!(
+            h.finish(),
+            of(&json!({"prompt_cache_key": "k1"})).unwrap().1
+        );
         assert_eq!(StableHasher::new(0).finish(), mix64(0xaf63_bd4c_8601_b7df));
     }
 
