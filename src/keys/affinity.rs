@@ -369,7 +369,7 @@ mod tests {
         // Cooling for the model does the same, and only for that model.
         pool.on_rate_limit(1, "m", Some(std::time::Duration::from_secs(10)));
         for (h, &was) in hashes(4_000).zip(&before) {
-            assert_eq!(pick(&pool, h, &[]) == 1, false);
+            assert_ne!(pick(&pool, h, &[]), 1);
             if was != 1 {
                 assert_eq!(pick(&pool, h, &[]), was);
             }
