@@ -17,7 +17,11 @@ that the access log's lines follow the requests:
 2. key `b` disabled through the admin API, one round: the prompts whose home is another key
    must all stay home, and `b`'s prompts must all move (to the next key in their rendezvous
    order, spread over the other three);
-3. `b` enabled again, one round: every prompt must be back home.
+3. `b` enabled again, one round: every prompt must be back home;
+4. accounts: a second upstream on the same mock and keys, with `a` and `b` in account `acme` and
+   `c` and `d` in account `beta` (models `acct-*` are routed to it). One round finds the homes,
+   then `a` is disabled for one round: its prompts must all stay in `acme` (move to `b`, which
+   shares the provider's prompt cache with `a`), and every other prompt must stay home.
 """
 
 from __future__ import annotations
@@ -59,16 +63,28 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 # A fourth key beside bench/load.py's three.
 KEY_D = ("BENCH_KEY_D", "sk-bench-delta-0123456789abcdef")
 LEAVING = "b"
+# The accounts scenario: the same four keys on a second upstream, two accounts of two keys.
+ACCOUNTS_MODEL = "acct-bench"
+ACCOUNTS_UPSTREAM = """  acct:
+    url: http://127.0.0.1:{mock}
+    affinity: prompt
+    keys:
+      - {{ name: a, env: BENCH_KEY_A, account: acme }}
+      - {{ name: b, env: BENCH_KEY_B, account: acme }}
+      - {{ name: c, env: BENCH_KEY_C, account: beta }}
+      - {{ name: d, env: BENCH_KEY_D, account: beta }}
+"""
+ACCOUNTS_ROUTE = '  - { name: accounts, models: ["acct-*"], upstreams: [acct] }\n'
 # What the issue asks: repeats on the home key while it is ready, and the busiest key's load.
 MIN_STICKY = 0.95
 MAX_BUSIEST = 1.3
 
 
-def prompt_body(i: int, question: str) -> bytes:
+def prompt_body(i: int, question: str, model: str = "gpt-4o-mini") -> bytes:
     """Prompt `i`: a 1.5 KiB system prompt whose first line names it, then `question`."""
     system = f"You are support agent #{i} of the bench. " + "Answer from the handbook, briefly. " * 45
     body = {
-        "model": "gpt-4o-mini",
+        "model": model,
         "messages": [
             {"role": "system", "content": system},
             {"role": "user", "content": question},
@@ -117,6 +133,14 @@ def moves(home: dict[int, str], rnd: list[tuple[int, str]], leaving: str | None)
     return out
 
 
+def within_account(home: dict[int, str], rnd: list[tuple[int, str]], leaving: str, partner: str) -> dict:
+    """With `leaving` gone: how many of its prompts went to `partner` (same account), and how many
+    other prompts stayed home."""
+    m = moves(home, rnd, leaving)
+    return {"leaving_count": m["leaving"], "to_partner": m["to"].get(partner, 0),
+            "others": m["others"], "others_home": m["others_home"]}
+
+
 def verdict(ok: bool) -> str:
     return "pass" if ok else "**FAIL**"
 
@@ -128,7 +152,7 @@ def render(r: dict) -> str:
     avg = sum(a["load"].values()) / len(keys)
     load_rows = [[k, str(a["prompts_per_key"][k]), f"{a['load'][k]:,}", f"{a['load'][k] / avg:.2f}"] for k in keys]
     spread = table(["key", "prompts homed", "requests", "of the average"], load_rows)
-    gone, back = r["gone"], r["back"]
+    gone, back, acc = r["gone"], r["back"], r["accounts"]
     moved_to = ", ".join(f"{k} {gone['to'][k]}" for k in keys if gone["to"].get(k)) or "none"
     rows = [
         ["repeats on the prompt's home key, all keys ready",
@@ -143,14 +167,19 @@ def render(r: dict) -> str:
         [f"key {r['leaving']} enabled again: prompts back home",
          f"{back['others_home'] + back['leaving'] - back['leaving_moved']:,} of {back['others'] + back['leaving']:,}",
          "all", verdict(back["others_home"] == back["others"] and back["leaving_moved"] == 0)],
+        [f"accounts: key {acc['leaving']} disabled: its prompts moved to {acc['partner']} (same account)",
+         f"{acc['to_partner']:,} of {acc['leaving_count']:,}", "all", verdict(acc["to_partner"] == acc["leaving_count"])],
+        [f"accounts: key {acc['leaving']} disabled: other prompts still home",
+         f"{acc['others_home']:,} of {acc['others']:,}", "all", verdict(acc["others_home"] == acc["others"])],
         ["client-side time per request (sequential, keep-alive)", f"{r['ms_per_request']:.3f} ms", "", ""],
     ]
     return table(["measure", "measured", "wanted", ""], rows) + "\n\n" + spread
 
 
 def passed(r: dict) -> bool:
-    a, gone, back = r["steady"], r["gone"], r["back"]
-    return (a["sticky"] >= MIN_STICKY and a["busiest"] <= MAX_BUSIEST
+    a, gone, back, acc = r["steady"], r["gone"], r["back"], r["accounts"]
+    return (acc["to_partner"] == acc["leaving_count"] and acc["others_home"] == acc["others"]
+            and a["sticky"] >= MIN_STICKY and a["busiest"] <= MAX_BUSIEST
             and gone["others_home"] == gone["others"] and gone["leaving_moved"] == gone["leaving"]
             and back["others_home"] == back["others"] and back["leaving_moved"] == 0)
 
@@ -201,12 +230,13 @@ class AccessLog:
         return keys
 
 
-def run_round(client: Client, logf: AccessLog, prompts: int, rng: random.Random, tag: str) -> tuple[list[tuple[int, str]], float]:
+def run_round(client: Client, logf: AccessLog, prompts: int, rng: random.Random, tag: str,
+              model: str = "gpt-4o-mini") -> tuple[list[tuple[int, str]], float]:
     order = list(range(prompts))
     rng.shuffle(order)
     start = time.monotonic()
     for i in order:
-        client.chat(prompt_body(i, f"question {tag} for prompt {i}: {rng.random()}"))
+        client.chat(prompt_body(i, f"question {tag} for prompt {i}: {rng.random()}", model))
     elapsed = time.monotonic() - start
     return list(zip(order, logf.next_keys(len(order)))), elapsed
 
@@ -241,6 +271,8 @@ def main() -> int:
         text = text.replace("    key_policy: round_robin\n", "    key_policy: round_robin\n    affinity: prompt\n", 1)
         text = text.replace("      - { name: c, env: BENCH_KEY_C }\n",
                             "      - { name: c, env: BENCH_KEY_C }\n      - { name: d, env: BENCH_KEY_D }\n", 1)
+        text = text.replace("upstreams:\n", "upstreams:\n" + ACCOUNTS_UPSTREAM.format(mock=port["mock"]), 1)
+        text = text.replace("routes:\n", "routes:\n" + ACCOUNTS_ROUTE, 1)
         access = tmp / "access.log"
         text += (f"\naccess_log: {{ path: {access} }}\n"
                  f"admin: {{ addr: \"127.0.0.1:{port['admin']}\", token_env: BENCH_ADMIN }}\n")
@@ -266,6 +298,9 @@ def main() -> int:
         gone_round, _ = run_round(client, logf, args.prompts, rng, "gone")
         admin(port["admin"], f"/admin/v1/keys/mock/{LEAVING}/enable")
         back_round, _ = run_round(client, logf, args.prompts, rng, "back")
+        acct_home = dict(run_round(client, logf, args.prompts, rng, "acct", ACCOUNTS_MODEL)[0])
+        admin(port["admin"], "/admin/v1/keys/acct/a/disable")
+        acct_gone, _ = run_round(client, logf, args.prompts, rng, "acct-gone", ACCOUNTS_MODEL)
     finally:
         procs.stop_all()
     results = {
@@ -273,6 +308,7 @@ def main() -> int:
         "gone": moves(a["home"], gone_round, LEAVING),
         "back": moves(a["home"], back_round, LEAVING),
         "leaving": LEAVING,
+        "accounts": {**within_account(acct_home, acct_gone, "a", "b"), "leaving": "a", "partner": "b"},
         "ms_per_request": seconds * 1000 / (args.repeats * args.prompts),
     }
     t = render(results)
@@ -286,8 +322,10 @@ thread) with four keys of equal weight on the mock and `affinity: prompt` on the
 {args.prompts:,} distinct prompts (a 1.5 KiB system prompt that differs in its first line, then a
 question that changes on every request, so only the prompt-prefix hash can pin them), sent one at
 a time in {args.repeats} shuffled rounds with every key ready; then a round with key `{LEAVING}`
-disabled through the admin API, and a round after it is enabled again. A prompt's home is the key
-of its first request; each request's key is read from the access log.
+disabled through the admin API, and a round after it is enabled again. Then the accounts case: the
+same keys on a second upstream, `a` and `b` in account `acme`, `c` and `d` in `beta`; one round
+finds each prompt's home, then `a` is disabled for a round. A prompt's home is the key of its first
+request; each request's key is read from the access log.
 
 {t}
 """

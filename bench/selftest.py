@@ -158,7 +158,10 @@ def check_affinity() -> None:
     gone = affinity.moves(a["home"], [(0, "a"), (1, "c"), (2, "c"), (3, "d")], "b")
     assert (gone["others"], gone["others_home"], gone["leaving"], gone["leaving_moved"]) == (3, 3, 1, 1), gone
     back = affinity.moves(a["home"], first, "b")
-    r = {"steady": a, "gone": gone, "back": back, "leaving": "b", "ms_per_request": 0.5}
+    acc = affinity.within_account({0: "a", 1: "a", 2: "c"}, [(0, "b"), (1, "d"), (2, "c")], "a", "b")
+    assert acc == {"leaving_count": 2, "to_partner": 1, "others": 1, "others_home": 1}, acc
+    r = {"steady": a, "gone": gone, "back": back, "leaving": "b", "ms_per_request": 0.5,
+         "accounts": {**acc, "leaving": "a", "partner": "b"}}
     md = affinity.render(r)
     assert row(md, "repeats on the prompt's home key, all keys ready")[1:] == ["87.50% of 8", "≥ 95%", "**FAIL**"], md
     assert row(md, "busiest key's requests / average")[1:] == ["1.333", "≤ 1.3", "**FAIL**"], md
@@ -166,6 +169,8 @@ def check_affinity() -> None:
     assert row(md, "key b disabled: its prompts moved")[1:] == ["1 of 1 (to c 1)", "all", "pass"], md
     assert row(md, "key b enabled again: prompts back home")[1:] == ["4 of 4", "all", "pass"], md
     assert row(md, "c")[1:] == ["1", "4", "1.33"], md
+    assert row(md, "accounts: key a disabled: its prompts moved to b (same account)")[1:] == ["1 of 2", "all", "**FAIL**"], md
+    assert row(md, "accounts: key a disabled: other prompts still home")[1:] == ["1 of 1", "all", "pass"], md
     body = json.loads(affinity.prompt_body(7, "q"))
     assert len(body["messages"][0]["content"]) > 1024 and "#7 " in body["messages"][0]["content"][:60], body
 
