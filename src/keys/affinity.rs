@@ -25,8 +25,9 @@
 //!
 //! **Cost.** A pick scores every live key: O(keys), two 64-bit mixes per key (plus two
 //! logarithms when weights differ), no allocation and no lock (the table is swapped whole when
-//! keys are added or removed). That is well under a microsecond for tens of keys and a few
-//! microseconds for a few hundred; pools of thousands of keys should not use affinity. A key
+//! keys are added or removed). Measured (`benches/hot_paths.rs`, a third of the keys cooling):
+//! 0.13 µs with 10 keys, 0.6 µs with 100, 2.6 µs with 500 (0.2, 1.1 and 4.9 µs with unequal
+//! weights); pools of thousands of keys should not use affinity. A key
 //! vetoed by a future headroom check is simply not usable, like a cooling one.
 
 use super::state::Probe;

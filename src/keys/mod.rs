@@ -13,8 +13,9 @@
 //!   keys (measured: 10 and 100 000 keys with a third cooling pick in the same ~20–60 ns), and
 //!   scans every position at most once when nothing is usable.
 //! - prompt affinity ([`KeyPool::pick_affine`], in `affinity.rs`) is the exception: it scores
-//!   every live key (rendezvous hashing), O(keys) per pick, still without allocating or locking;
-//!   fine up to a few hundred keys.
+//!   every live key (rendezvous hashing), O(keys) per pick, still without allocating or locking
+//!   (measured: 0.13 µs with 10 keys, 0.6 µs with 100, 2.6 µs with 500); fine up to a few
+//!   hundred keys.
 //!
 //! Cooldowns are per (key, model) because OpenAI's rate limits are per organisation *and per
 //! model*: a 429 for `gpt-4o` leaves the key usable for `gpt-4o-mini`. They expire by comparison

@@ -505,7 +505,7 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 
 impl BodyInfo {
     /// The request's affinity hash for `affinity: prompt`, and where it came from; `None` when
-    /// the body has nothing to hash. See [`super::affinity`] for exactly what is hashed.
+    /// the body has nothing to hash. The `affinity` module says exactly what is hashed.
     /// `body` must be the body this was scanned from (not a rewritten one).
     pub fn affinity(&self, body: &[u8]) -> Option<(AffinitySource, u64)> {
         if body.len() != self.body_len {
