@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks the benchmark reports without running a benchmark: feeds synthetic results to
-bench/load.py's, bench/anthropic.py's and bench/shared.py's reports and to the section writer the
+bench/load.py's, bench/anthropic.py's, bench/shared.py's and bench/affinity.py's reports and to the section writer the
 scripts share, and checks what comes out.
 
     python3 bench/selftest.py      (run by `make test` through tests/bench_scripts.rs)
@@ -20,6 +20,7 @@ sys.dont_write_bytecode = True  # no bench/__pycache__
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import LATENCY_TARGETS, PEERS, judge, keep_other_sections, noise_of, render, round_order  # noqa: E402
 from scale import write_section  # noqa: E402
+import affinity  # noqa: E402
 import anthropic  # noqa: E402
 import shared  # noqa: E402
 
@@ -145,6 +146,35 @@ def check_shared() -> None:
     assert "keygate_redis_up 1 and 3 Redis errors" in shared.render(r), "Redis errors are a problem seen"
 
 
+def check_affinity() -> None:
+    """bench/affinity.py's figures: prompts 0-3 homed on a-d, seen twice more; one repeat of
+    prompt 0 strays to c."""
+    keys = ["a", "b", "c", "d"]
+    first = [(i, keys[i]) for i in range(4)]
+    rounds = [first, [(0, "c"), (1, "b"), (2, "c"), (3, "d")], first]
+    a = affinity.analyse(rounds, keys)
+    assert a["repeats"] == 8 and abs(a["sticky"] - 7 / 8) < 1e-9, a
+    assert a["load"] == {"a": 2, "b": 3, "c": 4, "d": 3} and abs(a["busiest"] - 4 / 3) < 1e-9, a
+    gone = affinity.moves(a["home"], [(0, "a"), (1, "c"), (2, "c"), (3, "d")], "b")
+    assert (gone["others"], gone["others_home"], gone["leaving"], gone["leaving_moved"]) == (3, 3, 1, 1), gone
+    back = affinity.moves(a["home"], first, "b")
+    acc = affinity.within_account({0: "a", 1: "a", 2: "c"}, [(0, "b"), (1, "d"), (2, "c")], "a", "b")
+    assert acc == {"leaving_count": 2, "to_partner": 1, "others": 1, "others_home": 1}, acc
+    r = {"steady": a, "gone": gone, "back": back, "leaving": "b", "ms_per_request": 0.5,
+         "accounts": {**acc, "leaving": "a", "partner": "b"}}
+    md = affinity.render(r)
+    assert row(md, "repeats on the prompt's home key, all keys ready")[1:] == ["87.50% of 8", "≥ 95%", "**FAIL**"], md
+    assert row(md, "busiest key's requests / average")[1:] == ["1.333", "≤ 1.3", "**FAIL**"], md
+    assert not affinity.passed(r), "7/8 and 1.33 miss both goals"
+    assert row(md, "key b disabled: its prompts moved")[1:] == ["1 of 1 (to c 1)", "all", "pass"], md
+    assert row(md, "key b enabled again: prompts back home")[1:] == ["4 of 4", "all", "pass"], md
+    assert row(md, "c")[1:] == ["1", "4", "1.33"], md
+    assert row(md, "accounts: key a disabled: its prompts moved to b (same account)")[1:] == ["1 of 2", "all", "**FAIL**"], md
+    assert row(md, "accounts: key a disabled: other prompts still home")[1:] == ["1 of 1", "all", "pass"], md
+    body = json.loads(affinity.prompt_body(7, "q"))
+    assert len(body["messages"][0]["content"]) > 1024 and "#7 " in body["messages"][0]["content"][:60], body
+
+
 def main() -> int:
     md = render(**synthetic())["markdown"]
     assert row(md, "chat req/s vs HAProxy")[2:] == ["50%", "55%", "not met"], row(md, "chat req/s vs HAProxy")
@@ -235,6 +265,7 @@ def main() -> int:
     body = json.loads(anthropic.messages_body(200))
     assert body["model"] == anthropic.CLAUDE and body["max_tokens"] > 0, body
     check_shared()
+    check_affinity()
     print("bench reports: ok")
     return 0
 

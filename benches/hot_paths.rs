@@ -7,6 +7,10 @@
 //! Groups, as they appear in criterion's report (`target/criterion/report/index.html`):
 //! - `key_pool_pick/<policy>/<keys>`: one `KeyPool::pick` (and dropping its lease) with 10,
 //!   1 000 and 100 000 keys, every third key cooling for the model asked.
+//! - `key_pool_pick_affine/<equal|weighted>/<keys>`: one `KeyPool::pick_affine` (prompt
+//!   affinity: rendezvous over every key) with 10, 100 and 500 keys, every third one cooling;
+//!   `weighted` gives the keys different weights (the path with logarithms).
+//! - `affinity_hash/<size>`: the affinity hash of a scanned chat body (its prompt's first KiB).
 //! - `scan_json/<size>/<where model is>`: reading `model`/`stream` from a chat body.
 //! - `rewrite_model/<size>`: the alias rewrite of a body already scanned.
 //! - `requested_cooldown/<header>`: reading how long a 429 asks a key to rest.
@@ -77,6 +81,45 @@ fn bench_pick(c: &mut Criterion) {
                 // The lease is dropped at once: the request "finishes" before the next pick,
                 // so least_in_flight sees idle keys, as on a lightly loaded gateway.
                 b.iter(|| black_box(pool.pick(black_box(MODEL), black_box(&[]))));
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_pick_affine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_pool_pick_affine");
+    for weighted in [false, true] {
+        for n in [10usize, 100, 500] {
+            let specs = (0..n)
+                .map(|i| KeySpec {
+                    weight: if weighted { 1 + (i % 3) as u32 } else { 1 },
+                    ..KeySpec::named(format!("key-{i}"), format!("sk-bench-{i:08}-affine"))
+                })
+                .collect();
+            let clock: SharedClock = ManualClock::new();
+            let pool = KeyPool::new(
+                "bench",
+                specs,
+                KeyPolicy::RoundRobin,
+                CooldownPolicy::default(),
+                clock,
+            );
+            for idx in (0..n).step_by(3) {
+                pool.cool_down(idx, MODEL, Some(Duration::from_secs(600)));
+            }
+            let mut hash = 0x9e37_79b9_7f4a_7c15u64;
+            group.throughput(Throughput::Elements(1));
+            let label = if weighted { "weighted" } else { "equal" };
+            group.bench_with_input(BenchmarkId::new(label, n), &pool, |b, pool| {
+                b.iter(|| {
+                    // A new hash each time, as requests bring.
+                    hash = hash.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    match pool.pick_affine(black_box(hash), black_box(MODEL), black_box(&[])) {
+                        Pick::Key(lease) => assert!(!lease.index().is_multiple_of(3)),
+                        other => panic!("expected a key, got {other:?}"),
+                    }
+                });
             });
         }
     }
@@ -164,6 +207,21 @@ fn bench_scan_json(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::new(size, place), &body, |b, body| {
             b.iter(|| scan_json(black_box(body)));
+        });
+    }
+    group.finish();
+}
+
+fn bench_affinity_hash(c: &mut Criterion) {
+    let mut group = c.benchmark_group("affinity_hash");
+    for (size, place, body) in body_cases()
+        .into_iter()
+        .filter(|(_, place, _)| *place == "model_first")
+    {
+        let info = scanned(&body);
+        assert!(info.affinity(&body).is_some(), "{size} {place}: no hash");
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| black_box(info.affinity(black_box(body))));
         });
     }
     group.finish();
@@ -475,7 +533,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = bench_pick, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
+    targets = bench_pick, bench_pick_affine, bench_affinity_hash, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
         bench_usage, bench_header_scan, bench_activity_record
 }
 criterion_main!(hot_paths);

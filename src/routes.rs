@@ -62,6 +62,9 @@ pub struct RoutePlan {
     pub ttfb_timeout: Duration,
     /// OpenAI chat completions translated for Anthropic upstreams, when the route says so.
     pub translate: Option<Translation>,
+    /// The upstreams (indexes) whose key is chosen by prompt affinity for this route's
+    /// requests that yield an affinity hash: the route's `affinity`, else each upstream's.
+    pub affinity: Vec<usize>,
 }
 
 /// A route's translation of OpenAI chat completions into Anthropic messages.

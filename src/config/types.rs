@@ -451,6 +451,10 @@ pub struct UpstreamFile {
     /// Text in a 429 body that marks an organisation-wide limit (cools every key of the account).
     #[serde(default)]
     pub org_limit_pattern: Option<String>,
+    /// `prompt`: requests that carry a `prompt_cache_key`, a `user` or a prompt go to a key by
+    /// rendezvous hashing of it, so repeats hit the provider's prompt cache (default `none`).
+    #[serde(default)]
+    pub affinity: Option<crate::keys::Affinity>,
 }
 
 impl UpstreamFile {
@@ -596,4 +600,8 @@ pub struct RouteFile {
     /// Answer identical requests from the response cache.
     #[serde(default)]
     pub cache: Option<RouteCacheFile>,
+    /// `prompt` or `none` for this route's requests, whatever its upstreams say (unset: each
+    /// upstream's own `affinity`).
+    #[serde(default)]
+    pub affinity: Option<crate::keys::Affinity>,
 }

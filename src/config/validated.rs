@@ -217,6 +217,8 @@ pub struct UpstreamConfig {
     pub models: Vec<String>,
     /// Extra body text that marks an organisation-wide 429.
     pub org_limit_pattern: Option<String>,
+    /// Prompt-cache affinity for its requests (unless their route says otherwise).
+    pub affinity: crate::keys::Affinity,
 }
 
 /// A validated keep-warm setting.
@@ -253,4 +255,6 @@ pub struct RouteConfig {
     pub explore: f64,
     /// The response cache's settings, when the route caches.
     pub cache: Option<crate::cache::CachePolicy>,
+    /// Prompt-cache affinity for this route's requests; `None`: each upstream's own.
+    pub affinity: Option<crate::keys::Affinity>,
 }

@@ -136,6 +136,8 @@ pub struct RequestCtx {
     pub cache: Option<Box<super::cached::CacheState>>,
     /// The account-scoped objects the request names or may create (boxed: most have none).
     pub owned: Option<Box<super::owned::OwnedState>>,
+    /// The request's prompt-affinity hash, when its route uses affinity and the body has one.
+    pub affinity: Option<u64>,
 }
 
 /// Holds one unit of the in-flight gauge; gives it back when the request ends, however it ends.
@@ -183,6 +185,7 @@ impl RequestCtx {
             translate_usage: false,
             cache: None,
             owned: None,
+            affinity: None,
         }
     }
 

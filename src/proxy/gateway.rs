@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
 use crate::key_activity::AttemptEnd;
-use crate::keys::{DisableReason, Pick};
+use crate::keys::{Affinity, DisableReason, KeyIndex, Pick};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
@@ -141,6 +141,14 @@ impl Gateway {
                 },
                 ttfb_timeout: r.ttfb_timeout,
                 translate: r.translate,
+                affinity: r
+                    .upstreams
+                    .iter()
+                    .copied()
+                    .filter(|&u| {
+                        r.affinity.unwrap_or(config.upstreams[u].affinity) == Affinity::Prompt
+                    })
+                    .collect(),
             })
             .collect();
         let (suspects, rx) = crate::prober::suspect_channel();
@@ -280,7 +288,7 @@ impl Gateway {
                 let Some(excluded) = self.excluded_keys(ctx, u) else {
                     continue;
                 };
-                match up.keys.pick(ctx.cooldown_model(), &excluded) {
+                match self.pick_key(plan, u, ctx, &excluded) {
                     Pick::Key(lease) => Some(lease),
                     Pick::AllCooling { retry_in } => {
                         soonest = Some(soonest.map_or(retry_in, |s| s.min(retry_in)));
@@ -312,6 +320,24 @@ impl Gateway {
         } else {
             LocalResponse::all_disabled()
         })
+    }
+
+    /// A key of upstream `u` for the request's next attempt, none of `excluded` (the tried keys,
+    /// and other accounts' keys when the request names an account's objects): by prompt
+    /// affinity when the route asks it of `u` and the request yielded a hash (a retry goes to
+    /// the next key in its rendezvous order), else by the upstream's key policy.
+    fn pick_key(
+        &self,
+        plan: &RoutePlan,
+        u: usize,
+        ctx: &RequestCtx,
+        excluded: &[KeyIndex],
+    ) -> Pick {
+        let keys = &self.upstreams[u].keys;
+        match ctx.affinity.filter(|_| plan.affinity.contains(&u)) {
+            Some(hash) => keys.pick_affine(hash, ctx.cooldown_model(), excluded),
+            None => keys.pick(ctx.cooldown_model(), excluded),
+        }
     }
 
     /// Applies what an upstream status says about the key that got it.

@@ -75,6 +75,13 @@ pub(crate) fn parse_and_route(
         });
     };
     ctx.route = Some(idx);
+    if gw.plans.get(idx).is_some_and(|p| !p.affinity.is_empty()) {
+        // Hashed from the client's body, before any rewrite below.
+        ctx.affinity = json_info
+            .as_ref()
+            .and_then(|i| i.affinity(&body))
+            .map(|(_, hash)| hash);
+    }
     if let (Some(new_model), Some(_)) = (route.rewrite_model.as_deref(), ctx.model.as_deref()) {
         if let Some(info) = json_info.as_ref() {
             body = Bytes::from(info.rewrite_model(&body, new_model));

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use super::affinity::{AffinitySource, AffinitySpans};
 use super::{splice, BodyError};
 
 /// What routing needs from a JSON request body, plus where those values sit so the body can be
@@ -31,6 +32,8 @@ pub struct BodyInfo {
     last_value_end: Option<usize>,
     /// Length of the scanned body, to catch a rewrite being handed a different body.
     body_len: usize,
+    /// Where the values the affinity hash reads sit (see [`BodyInfo::affinity`]).
+    affinity: AffinitySpans,
 }
 
 /// Bodies nested deeper than this are refused: the structure check keeps one bit per level in a
@@ -305,7 +308,7 @@ impl Cursor<'_> {
 /// Whether the key at `span` (with quotes) is `name`. Keys with escapes are decoded first, since
 /// `"mod\u0065l"` is `model` to every JSON parser; that costs an allocation, but only for escaped
 /// keys short enough to decode to `name`.
-fn key_is(b: &[u8], span: &Range<usize>, escaped: bool, name: &str) -> bool {
+pub(super) fn key_is(b: &[u8], span: &Range<usize>, escaped: bool, name: &str) -> bool {
     let inner = &b[span.start + 1..span.end - 1];
     if !escaped {
         return inner == name.as_bytes();
@@ -373,8 +376,10 @@ pub fn scan_json(body: &[u8]) -> Result<BodyInfo, BodyError> {
     let obj_start = c.pos;
     let mut spans: [Option<Range<usize>>; Tracked::ALL.len()] = Default::default();
     let mut last_value_end = None;
+    let mut affinity = AffinitySpans::default();
     c.members(|c, key, escaped, value| {
         last_value_end = Some(value.end);
+        affinity.note(c.b, &key, escaped, &value);
         let inner_len = key.len() - 2;
         // Cheap reject first: most top-level keys (`messages`, `temperature`, ...) differ in length.
         let plausible = escaped || matches!(inner_len, 5 | 6 | 10 | 14 | 17 | 21);
@@ -452,6 +457,7 @@ pub fn scan_json(body: &[u8]) -> Result<BodyInfo, BodyError> {
         obj_start,
         last_value_end,
         body_len: body.len(),
+        affinity,
     })
 }
 
@@ -498,6 +504,16 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 impl BodyInfo {
+    /// The request's affinity hash for `affinity: prompt`, and where it came from; `None` when
+    /// the body has nothing to hash. The `affinity` module says exactly what is hashed.
+    /// `body` must be the body this was scanned from (not a rewritten one).
+    pub fn affinity(&self, body: &[u8]) -> Option<(AffinitySource, u64)> {
+        if body.len() != self.body_len {
+            return None;
+        }
+        self.affinity.hash(body)
+    }
+
     /// Inserts `member` (`"key":value`) into the top-level object, after the last member so that a
     /// last-wins parser would also see it; used only for keys that are absent.
     fn add_member(&self, body: &[u8], member: &[u8]) -> Vec<u8> {

@@ -13,13 +13,16 @@
 //! see [`multipart_field`] and [`rewrite_multipart_field`].
 //!
 //! Layout: `json` scans and rewrites JSON bodies, `multipart` reads and rewrites form fields;
-//! both report a [`BodyError`].
+//! both report a [`BodyError`]. `affinity` hashes what `affinity: prompt` pins to a key
+//! (`prompt_cache_key`, `user`, or the prompt's first KiB) from the spans the scan noted.
 
 use std::ops::Range;
 
+mod affinity;
 mod json;
 mod multipart;
 
+pub use affinity::{mix64, AffinitySource, StableHasher, PROMPT_PREFIX_BYTES};
 pub use json::{scan_json, BodyInfo};
 pub use multipart::{multipart_boundary, multipart_field, rewrite_multipart_field};
 

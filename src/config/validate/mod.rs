@@ -4,6 +4,7 @@
 //! reported is the same whatever the layout of the code) and checks references between sections.
 
 mod admin;
+mod affinity;
 mod cache;
 mod clients;
 mod guards;

@@ -73,7 +73,9 @@ fn route(
         None => None,
         Some(c) => Some(super::cache::route_cache(&at.nested("cache"), c)?),
     };
+    let affinity = super::affinity::route_affinity(at, r, &idx, upstreams)?;
     Ok(RouteConfig {
+        affinity,
         cache,
         deadline,
         strategy,

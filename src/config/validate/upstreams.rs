@@ -42,7 +42,9 @@ fn upstream(cx: &Ctx, name: &str, u: &UpstreamFile) -> Result<UpstreamConfig, Co
     let (probe_interval, probe_model) = policy::probe(&at, u)?;
     let keep_warm = policy::keep_warm(&at, u)?;
     let outlier = policy::outlier(&at, u)?;
+    let affinity = super::affinity::upstream_affinity(&at, u)?;
     Ok(UpstreamConfig {
+        affinity,
         name: name.to_string(),
         outlier,
         models: u.models.clone(),

@@ -41,6 +41,7 @@ pub fn run(body: &[u8]) {
     if let Some(object) = object {
         agrees_with_serde(&info, object);
     }
+    check_affinity(&info, body, object);
     check_model_rewrite(&info, body, object);
     check_usage_injection(&info, body, object);
 }
@@ -67,6 +68,35 @@ fn agrees_with_serde(info: &BodyInfo, object: &Map<String, Value>) {
                 .expect("scan_json accepted a limit that is no u64")
         });
     assert_eq!(info.max_tokens, max_tokens, "max_tokens");
+}
+
+fn check_affinity(info: &BodyInfo, body: &[u8], object: Option<&Map<String, Value>>) {
+    let hash = info.affinity(body);
+    assert_eq!(info.affinity(body), hash, "affinity hash is deterministic");
+    let prompt_field = ["system", "instructions", "messages", "input"]
+        .iter()
+        .any(|k| object.is_some_and(|o| o.contains_key(*k)));
+    if prompt_field {
+        assert!(
+            hash.is_some(),
+            "a body with a prompt field has an affinity hash"
+        );
+    }
+    // Neither rewrite touches what the hash reads.
+    let rewritten = info.rewrite_model(body, NEW_MODEL);
+    let again = scan_json(&rewritten).expect("a rewritten body scans");
+    assert_eq!(
+        again.affinity(&rewritten),
+        hash,
+        "affinity after a model rewrite"
+    );
+    let injected = info.inject_include_usage(body);
+    let again = scan_json(&injected).expect("a body with include_usage added scans");
+    assert_eq!(
+        again.affinity(&injected),
+        hash,
+        "affinity after usage injection"
+    );
 }
 
 fn check_model_rewrite(info: &BodyInfo, body: &[u8], object: Option<&Map<String, Value>>) {
