@@ -1,5 +1,6 @@
 //! The `/_mock/*` endpoints tests drive the mock with (no credential needed, never counted):
-//! `GET /_mock/stats`, `POST /_mock/reset[?restore=true]`, `GET|POST /_mock/behavior`.
+//! `GET /_mock/stats`, `POST /_mock/reset[?restore=true]`, `GET|POST /_mock/behavior`,
+//! `POST /_mock/consume` (spend a `limit` key's minute as traffic from elsewhere would).
 
 use std::time::Instant;
 
@@ -56,6 +57,14 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<MockBody> {
                     .unwrap_or_default(),
             ),
         },
+        (Method::POST, "/_mock/consume") => match consume(app, req).await {
+            Ok(v) => ok(v),
+            Err(message) => reply::json(
+                StatusCode::BAD_REQUEST,
+                serde_json::to_vec(&json!({"error": {"message": message, "type": "mock_error"}}))
+                    .unwrap_or_default(),
+            ),
+        },
         _ => reply::json(
             StatusCode::NOT_FOUND,
             crate::openai::not_found(req.method().as_str(), req.uri().path()),
@@ -79,6 +88,35 @@ async fn set_behavior(app: &App, req: Request<Incoming>) -> Result<serde_json::V
     let shown = behavior.as_ref().map(ToString::to_string);
     app.registry.set(&update.key, behavior, Instant::now());
     Ok(json!({"key": update.key, "behavior": shown}))
+}
+
+/// Body of `POST /_mock/consume`: spend this much of a `limit` key's current minute.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Consume {
+    key: String,
+    #[serde(default)]
+    requests: u64,
+    #[serde(default)]
+    tokens: u64,
+}
+
+async fn consume(app: &App, req: Request<Incoming>) -> Result<serde_json::Value, String> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading body: {e}"))?
+        .to_bytes();
+    let c: Consume = serde_yaml::from_slice(&body)
+        .map_err(|e| format!("expected {{key: SECRET, requests: N, tokens: N}}: {e}"))?;
+    if !app
+        .registry
+        .consume(&c.key, c.requests, c.tokens, Instant::now())
+    {
+        return Err(format!("key `{}` has no limits", c.key));
+    }
+    Ok(json!({"key": c.key, "requests": c.requests, "tokens": c.tokens}))
 }
 
 fn ok(v: serde_json::Value) -> Response<MockBody> {
