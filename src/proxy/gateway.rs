@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
 use crate::key_activity::AttemptEnd;
-use crate::keys::{DisableReason, Pick};
+use crate::keys::{DisableReason, Pick, RateReport};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
@@ -280,6 +280,17 @@ impl Gateway {
                 endpoints_down = true;
                 continue;
             };
+            if let Some(lease) = &key {
+                // Headroom: the request now counts against the key's limits, and a key left
+                // with nothing rests before the upstream refuses its next request.
+                if up
+                    .keys
+                    .note_sent(lease.index(), ctx.cooldown_model())
+                    .started
+                {
+                    self.count_cooldown(up, lease.index(), "headroom");
+                }
+            }
             let attempt = Attempt::new(u, key, endpoint);
             ctx.log.begin(u, attempt.key_index());
             up.touch();
@@ -363,6 +374,16 @@ impl Gateway {
                 }
             }
             Outcome::ServerError | Outcome::ClientError => {}
+        }
+        // After the 429 handling, so that a 429's own cooldown counts as the 429's.
+        let report = RateReport::from_headers(&resp.headers, self.clock.wall());
+        if !report.is_empty()
+            && up
+                .keys
+                .note_limits(idx, ctx.cooldown_model(), &report)
+                .started
+        {
+            self.count_cooldown(up, idx, "headroom");
         }
         outcome
     }
