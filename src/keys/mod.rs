@@ -298,6 +298,8 @@ struct Inner {
     observer: OnceLock<KeyObserver>,
     /// What each key has left of its upstream's rate limits.
     headroom: Headroom,
+    /// Whether a key about to run out rests before the upstream refuses it.
+    rest_before_limit: bool,
 }
 
 /// The keys of one upstream and their state; picks one per request attempt.
@@ -631,6 +633,16 @@ impl Inner {
 const HEADROOM: &str = "headroom about to run out";
 
 impl KeyPool {
+    /// The same pool, resting keys about to run out ([`KeyPool::note_sent`]) only if `rest`
+    /// (the default); otherwise headroom is still tracked for [`KeyPolicy::Headroom`], and keys
+    /// rest only after a 429. For a pool just made (before any clone).
+    pub fn resting_before_limit(mut self, rest: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.rest_before_limit = rest;
+        }
+        self
+    }
+
     /// A request for `model` sent on key `idx` (for every policy): charged to the key's
     /// headroom. When that leaves nothing for the next request, the key rests for `model` until
     /// the exhausted limit resets: a cooldown like a 429's, seen by status, metrics and the
@@ -641,8 +653,8 @@ impl KeyPool {
             return Cooled::default();
         }
         match inner.headroom.sent(idx, model, inner.time.now()) {
-            Some(rest) => inner.cool(idx, model, Some(rest), HEADROOM),
-            None => Cooled::default(),
+            Some(rest) if inner.rest_before_limit => inner.cool(idx, model, Some(rest), HEADROOM),
+            _ => Cooled::default(),
         }
     }
 
@@ -660,8 +672,8 @@ impl KeyPool {
             .headroom
             .report(idx, model, report, unseen, inner.time.now())
         {
-            Some(rest) => inner.cool(idx, model, Some(rest), HEADROOM),
-            None => Cooled::default(),
+            Some(rest) if inner.rest_before_limit => inner.cool(idx, model, Some(rest), HEADROOM),
+            _ => Cooled::default(),
         }
     }
 
@@ -702,6 +714,7 @@ impl KeyPool {
             changes: Mutex::new(()),
             observer: OnceLock::new(),
             headroom,
+            rest_before_limit: true,
         };
         inner.membership_changed();
         KeyPool {

@@ -940,3 +940,14 @@ fn headroom_of_keys_added_at_run_time_is_tracked() {
     assert_eq!(pool.headroom(idx, GPT4O), 500_000);
     assert_eq!(pick_idx(&pool, GPT4O, &[]), 0, "a reports nothing: full");
 }
+
+#[test]
+fn without_rest_before_limit_a_key_rests_only_after_a_429() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::Headroom);
+    let pool = pool.resting_before_limit(false);
+    assert!(!pool.note_limits(0, GPT4O, &limits(10, 0, secs(20))).started);
+    assert!(!pool.note_sent(0, GPT4O).started);
+    assert_eq!(pool.counts().cooling, 0);
+    assert_eq!(pool.headroom(0, GPT4O), 0, "still tracked for the policy");
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+}
