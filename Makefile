@@ -68,8 +68,9 @@ test: deps fmt lint
 	fi
 
 ## bench: criterion micro-benchmarks, then bench/load.py, bench/scale.py, bench/instructions.py,
-## bench/anthropic.py and bench/shared.py (keygate with and without `redis:` on a redis-server it
-## starts, and how fast a cooldown reaches another instance) (results in BENCHMARKS.md). load.py
+## bench/anthropic.py, bench/shared.py (keygate with and without `redis:` on a redis-server it
+## starts, and how fast a cooldown reaches another instance) and bench/headroom.py (upstream 429s
+## near the keys' limits, round_robin against headroom) (results in BENCHMARKS.md). load.py
 ## and instructions.py also measure keygate as built at
 ## BASELINE (any git revision, HEAD~1 unless set) in the same run, and report the difference
 ## (build kept in target/bench-baseline/); `make bench BASELINE=` skips that comparison.
@@ -81,6 +82,7 @@ bench: deps
 	python3 bench/instructions.py $(if $(BASELINE),--baseline $(BASELINE))
 	python3 bench/anthropic.py
 	python3 bench/shared.py --no-build
+	python3 bench/headroom.py --no-build
 
 ## fuzz: every fuzz target (tests/fuzz) under libFuzzer, coverage-guided, FUZZ_SECONDS each
 ## (FUZZ_TARGETS to pick some). Stable Rust: the harness is built with sanitizer-coverage
