@@ -914,6 +914,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_reporting_its_last_request_rests_the_key_until_the_reset() {
+        let (gw, clock) = gateway(TWO_KEYS).await;
+        let mut ctx = request("gpt-4o");
+        let spent = attempt(&gw, &mut ctx).unwrap();
+        let outcome = gw.judge(
+            &mut ctx,
+            200,
+            &answer(
+                200,
+                &[
+                    ("x-ratelimit-limit-requests", "60"),
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "3s"),
+                ],
+            ),
+        );
+        assert_eq!(outcome, Outcome::Success);
+        for _ in 0..4 {
+            assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), spent);
+        }
+        let other_model: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o-mini")).unwrap())
+            .collect();
+        assert!(other_model.contains(&spent), "{other_model:?}");
+        let up = &gw.upstreams()[0];
+        let idx = up.keys.index_of(&spent).unwrap();
+        let rested = gw
+            .metrics
+            .cooldowns
+            .with_label_values(&[up.name.as_str(), spent.as_str(), "headroom"])
+            .get();
+        assert_eq!(rested, 1, "counted as a headroom rest");
+        assert_eq!(up.keys.headroom(idx, "gpt-4o"), 0);
+        clock.advance(Duration::from_millis(3001));
+        let after: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o")).unwrap())
+            .collect();
+        assert!(after.contains(&spent), "back after the reset: {after:?}");
+    }
+
+    #[tokio::test]
     async fn a_401_disables_the_key_for_every_model_and_503_follows_when_none_is_left() {
         let (gw, _) = gateway(&one_key()).await;
         let mut ctx = request("gpt-4o");
