@@ -10,7 +10,7 @@ clock (`--time-scale`: with the default 10, a mock minute lasts 6 real seconds, 
 tell real time). Each run starts a fresh mock and keygate (release build, one worker thread,
 three keys) and sends an open-loop load of chat requests at 90 % of what the keys can take, for
 `--minutes` mock minutes; then reads how many 429s and 200s the mock answered (upstream) and how
-many 200s the client got (served). Two cases:
+many 200s the client got (served; bench/load.py's open-loop client). Two cases:
 
 1. "unequal": keys limited to 60, 120 and 240 requests a minute; load 378 a minute.
 2. "spent outside": three keys of 140 a minute, key a also spending 70 a minute through traffic
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import datetime as dt
 import http.client
 import json
@@ -48,11 +47,11 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     Processes,
     chat_body,
     check_config,
+    fixed_rate,
     free_ports,
     log,
     open_conn,
     read_response,
-    request_bytes,
     table,
     wait_ready_plain,
 )
@@ -97,43 +96,6 @@ def load_per_minute(case: dict) -> float:
     """90 % of what the keys can take from keygate, per mock minute."""
     outside = case["outside"][1] if case["outside"] else 0
     return LOAD * (sum(case["limits"].values()) - outside)
-
-
-async def open_loop(port: int, rate: float, seconds: float) -> dict:
-    """Request i is sent at t0 + i/rate on an idle keep-alive connection (a new one when all are
-    busy); counts the statuses the client got."""
-    idle = collections.deque([await open_conn(port) for _ in range(8)])
-    payload = request_bytes(port, chat_body(200), "")
-    statuses: dict[int, int] = {}
-
-    async def one() -> None:
-        # Oldest first, as in bench/load.py: an idle connection left unused for 10 s is closed.
-        conn = idle.popleft() if idle else await open_conn(port)
-        try:
-            conn.writer.write(payload)
-            status, _, keep = await read_response(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            statuses[0] = statuses.get(0, 0) + 1
-            conn.writer.close()
-            return
-        statuses[status] = statuses.get(status, 0) + 1
-        if keep:
-            idle.append(conn)
-        else:
-            conn.writer.close()
-
-    n = int(rate * seconds)
-    tasks = []
-    t0 = time.perf_counter() + 0.05
-    for i in range(n):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one()))
-    await asyncio.gather(*tasks)
-    for c in idle:
-        c.writer.close()
-    return {"sent": n, "statuses": statuses}
 
 
 async def spend_outside(mock: int, secret: str, rate: float, seconds: float) -> int:
@@ -186,7 +148,7 @@ def one_run(tmp: Path, case: dict, policy: str, scale: int, minutes: float) -> d
         rate = load_per_minute(case) * scale / 60
 
         async def both():
-            jobs = [open_loop(port["keygate"], rate, seconds)]
+            jobs = [fixed_rate(port["keygate"], "", chat_body(200), rate, seconds)]
             if case["outside"]:
                 name, rpm = case["outside"]
                 jobs.append(spend_outside(port["mock"], KEYS[NAMES[name]], rpm * scale / 60, seconds))
@@ -199,8 +161,8 @@ def one_run(tmp: Path, case: dict, policy: str, scale: int, minutes: float) -> d
     by_status = {name: stats["keys"].get(KEYS[NAMES[name]], {}).get("by_status", {}) for name in NAMES}
     return {
         "sent": client["sent"],
-        "served": client["statuses"].get(200, 0),
-        "client_429": client["statuses"].get(429, 0),
+        "served": client["sent"] - client["errors"],
+        "client_errors": client["errors"],
         "upstream_429": sum(int(s.get("429", 0)) for s in by_status.values()),
         "upstream_200": sum(int(s.get("200", 0)) for s in by_status.values()),
         "per_key_429": {name: int(s.get("429", 0)) for name, s in by_status.items()},
@@ -239,9 +201,9 @@ def render(results: dict, meta: dict) -> str:
         rows = []
         for name, r in runs.items():
             per_key = " / ".join(str(r["per_key_429"][k]) for k in NAMES)
-            rows.append([name, str(r["sent"]), str(r["served"]), str(r["client_429"]),
+            rows.append([name, str(r["sent"]), str(r["served"]), str(r["client_errors"]),
                          str(r["upstream_429"]), per_key, str(r["upstream_200"])])
-        parts.append(table(["config", "sent", "served", "client 429s", "upstream 429s",
+        parts.append(table(["config", "sent", "served", "client errors", "upstream 429s",
                             "by key a / b / c", "upstream 200s"], rows))
         base, cand = runs[BASELINE], runs[CANDIDATE]
         ratio = (f"{cand['upstream_429'] / base['upstream_429'] * 100:.1f} %" if base["upstream_429"]

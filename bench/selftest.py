@@ -149,7 +149,7 @@ def check_shared() -> None:
 def headroom_results(hr_429: int) -> dict:
     """bench/headroom.py's counts: reactive round_robin meets 100 upstream 429s per case."""
     def run(upstream_429: int, served: int) -> dict:
-        return {"sent": 1000, "served": served, "client_429": 1000 - served, "upstream_429": upstream_429,
+        return {"sent": 1000, "served": served, "client_errors": 1000 - served, "upstream_429": upstream_429,
                 "upstream_200": served, "per_key_429": {"a": upstream_429, "b": 0, "c": 0}}
     return {case: {"round_robin, reactive": run(100, 990), "round_robin": run(20, 990),
                    "headroom": run(hr_429, 995)} for case in headroom.CASES}

@@ -105,3 +105,44 @@ async fn headroom_meets_far_fewer_upstream_429s_than_round_robin_near_capacity()
         hr.sent
     );
 }
+
+#[tokio::test]
+async fn the_mock_reports_its_limits_and_lets_a_test_spend_them_from_outside() {
+    let mock = Mock::start(&["--key", "sk-a=limit:rpm=3:tpm=100000"]);
+    let direct = |key: &'static str| {
+        client()
+            .post(format!("{}/v1/chat/completions", mock.url))
+            .bearer_auth(key)
+            .json(&chat("gpt-4o"))
+            .send()
+    };
+    let r = direct("sk-a").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "2");
+    assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    let spent = client()
+        .post(format!("{}/_mock/consume", mock.url))
+        .json(&serde_json::json!({"key": "sk-a", "requests": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spent.status(), 200);
+    let r = direct("sk-a").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    let unlisted = client()
+        .post(format!("{}/_mock/consume", mock.url))
+        .json(&serde_json::json!({"key": "sk-zz", "requests": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        unlisted.status(),
+        400,
+        "a key without limits has nothing to spend"
+    );
+}

@@ -127,30 +127,33 @@ fn value(text: String) -> HeaderValue {
 /// OpenAI's `x-ratelimit-*` headers for the configured limits.
 pub fn openai_headers(v: &Verdict, h: &mut HeaderMap) {
     let reset = value(go_duration(v.reset));
-    for (kind, limit, remaining) in [
-        ("requests", v.limits.rpm, v.remaining_requests),
-        ("tokens", v.limits.tpm, v.remaining_tokens),
-    ] {
-        let Some(limit) = limit else { continue };
-        let name = |part: &str| HeaderName::try_from(format!("x-ratelimit-{part}-{kind}"));
-        if let (Ok(l), Ok(r), Ok(t)) = (name("limit"), name("remaining"), name("reset")) {
-            h.insert(l, value(limit.to_string()));
-            h.insert(r, value(remaining.to_string()));
-            h.insert(t, reset.clone());
-        }
-    }
+    insert(v, h, &reset, |part, kind| {
+        format!("x-ratelimit-{part}-{kind}")
+    });
 }
 
 /// Anthropic's `anthropic-ratelimit-*` headers (resets as RFC 3339 times) for the limits.
 pub fn anthropic_headers(v: &Verdict, h: &mut HeaderMap, now: SystemTime) {
     let reset = value(humantime::format_rfc3339_millis(now + v.reset).to_string());
+    insert(v, h, &reset, |part, kind| {
+        format!("anthropic-ratelimit-{kind}-{part}")
+    });
+}
+
+/// The limit, remaining and reset headers of each configured limit, named by `name(part, kind)`.
+fn insert(
+    v: &Verdict,
+    h: &mut HeaderMap,
+    reset: &HeaderValue,
+    name: impl Fn(&str, &str) -> String,
+) {
     for (kind, limit, remaining) in [
         ("requests", v.limits.rpm, v.remaining_requests),
         ("tokens", v.limits.tpm, v.remaining_tokens),
     ] {
         let Some(limit) = limit else { continue };
-        let name = |part: &str| HeaderName::try_from(format!("anthropic-ratelimit-{kind}-{part}"));
-        if let (Ok(l), Ok(r), Ok(t)) = (name("limit"), name("remaining"), name("reset")) {
+        let header = |part: &str| HeaderName::try_from(name(part, kind));
+        if let (Ok(l), Ok(r), Ok(t)) = (header("limit"), header("remaining"), header("reset")) {
             h.insert(l, value(limit.to_string()));
             h.insert(r, value(remaining.to_string()));
             h.insert(t, reset.clone());
