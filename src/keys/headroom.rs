@@ -31,6 +31,29 @@ const MAX_LIMIT: u64 = 1_000_000_000_000;
 /// [`score`](Headroom::score) of a key with all of its limits left, or reporting nothing.
 pub const FULL: u32 = 1_000_000;
 
+/// The limit, remaining and reset headers of each limit: names spelled out, so that reading
+/// an answer allocates nothing.
+const OPENAI_REQUESTS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const OPENAI_TOKENS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+const ANTHROPIC_REQUESTS: [&str; 3] = [
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+];
+const ANTHROPIC_TOKENS: [&str; 3] = [
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+];
+
 /// One limit as an answer reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reported {
@@ -57,38 +80,31 @@ impl RateReport {
     /// the limit between 1 and a trillion, remaining at most the limit, the reset parseable;
     /// anything else (junk, negative, huge, missing) leaves that limit out. Never panics.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Self {
-        let openai = |kind: &str| {
+        let openai = |[limit, remaining, reset]: [&str; 3]| {
             reported(
-                header(headers, &format!("x-ratelimit-limit-{kind}")),
-                header(headers, &format!("x-ratelimit-remaining-{kind}")),
-                header(headers, &format!("x-ratelimit-reset-{kind}"))
-                    .and_then(parse_openai_duration),
+                header(headers, limit),
+                header(headers, remaining),
+                header(headers, reset).and_then(parse_openai_duration),
             )
         };
         let report = RateReport {
-            requests: openai("requests"),
-            tokens: openai("tokens"),
+            requests: openai(OPENAI_REQUESTS),
+            tokens: openai(OPENAI_TOKENS),
         };
         if !report.is_empty() {
             return report;
         }
-        let anthropic = |kind: &str| {
-            let reset = header(headers, &format!("anthropic-ratelimit-{kind}-reset"))
-                .and_then(parse_rfc3339)
-                .map(|at| {
-                    at.duration_since(now)
-                        .unwrap_or(Duration::ZERO)
-                        .min(MAX_REQUESTED)
-                });
-            reported(
-                header(headers, &format!("anthropic-ratelimit-{kind}-limit")),
-                header(headers, &format!("anthropic-ratelimit-{kind}-remaining")),
-                reset,
-            )
+        let anthropic = |[limit, remaining, reset]: [&str; 3]| {
+            let reset = header(headers, reset).and_then(parse_rfc3339).map(|at| {
+                at.duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_REQUESTED)
+            });
+            reported(header(headers, limit), header(headers, remaining), reset)
         };
         RateReport {
-            requests: anthropic("requests"),
-            tokens: anthropic("tokens"),
+            requests: anthropic(ANTHROPIC_REQUESTS),
+            tokens: anthropic(ANTHROPIC_TOKENS),
         }
     }
 
