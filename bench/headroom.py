@@ -185,7 +185,7 @@ def render(results: dict, meta: dict) -> str:
         f"## {HEADING}",
         "",
         f"bench/headroom.py, {meta['date']}, {meta['machine']}: keygate-mock enforcing per-key limits "
-        f"on a clock {meta['scale']}× faster than real time, {meta['minutes']:g} mock minutes a run, "
+        f"on a clock {meta['scale']}× faster than real time, {meta['minutes']:g} mock minute(s) a run, "
         f"an open-loop load at {int(LOAD * 100)} % of what the keys can take (see the script's header). "
         "\"upstream 429s\" are the refusals the mock answered; \"served\" the client's 200s (keygate "
         "retries a 429 on another key, so most refusals cost latency, not an answer). "
