@@ -6,6 +6,9 @@
 //! - a pick allocates nothing and takes no lock: each key's state is summarised in a 32-byte
 //!   slot of atomics (100 000 keys fit in the CPU cache), and the clock is read and the model
 //!   hashed only when a key with a cooldown is met;
+//! - under [`KeyPolicy::Headroom`], a pick also reads each usable key's headroom (see
+//!   `headroom.rs`): one atomic load for a key that never reported its limits, that key's own
+//!   small mutex for one that did; still no allocation;
 //! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one,
 //!   and are capped at [`MAX_MODEL_COOLDOWNS`] whatever model names clients send;
 //! - the rotation cursor moves just past the key it picked, so a run of cooling keys is scanned
