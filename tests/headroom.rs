@@ -146,3 +146,36 @@ async fn the_mock_reports_its_limits_and_lets_a_test_spend_them_from_outside() {
         "a key without limits has nothing to spend"
     );
 }
+
+#[tokio::test]
+async fn the_mock_reports_anthropic_limits_on_the_messages_endpoint() {
+    let mock = Mock::start(&["--key", "sk-ant=limit:rpm=1:tpm=100000"]);
+    let send = || {
+        client()
+            .post(format!("{}/v1/messages", mock.url))
+            .header("x-api-key", "sk-ant")
+            .header("anthropic-version", "2023-06-01")
+            .json(&serde_json::json!({
+                "model": "claude-3-5-haiku-latest",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .send()
+    };
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["anthropic-ratelimit-requests-limit"], "1");
+    assert_eq!(r.headers()["anthropic-ratelimit-requests-remaining"], "0");
+    let reset = r.headers()["anthropic-ratelimit-requests-reset"]
+        .to_str()
+        .unwrap();
+    assert!(reset.ends_with('Z') && reset.contains('T'), "{reset}");
+    assert!(r
+        .headers()
+        .contains_key("anthropic-ratelimit-tokens-remaining"));
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+}
