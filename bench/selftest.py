@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks the benchmark reports without running a benchmark: feeds synthetic results to
-bench/load.py's, bench/anthropic.py's, bench/shared.py's and bench/affinity.py's reports and to the section writer the
+bench/load.py's, bench/anthropic.py's, bench/shared.py's, bench/affinity.py's and bench/headroom.py's reports and to the section writer the
 scripts share, and checks what comes out.
 
     python3 bench/selftest.py      (run by `make test` through tests/bench_scripts.rs)
@@ -22,6 +22,7 @@ from load import LATENCY_TARGETS, PEERS, judge, keep_other_sections, noise_of, r
 from scale import write_section  # noqa: E402
 import affinity  # noqa: E402
 import anthropic  # noqa: E402
+import headroom  # noqa: E402
 import shared  # noqa: E402
 
 # Requests/s per scenario and target: keygate beats HAProxy on streams only.
@@ -173,6 +174,25 @@ def check_affinity() -> None:
     assert row(md, "accounts: key a disabled: other prompts still home")[1:] == ["1 of 1", "all", "pass"], md
     body = json.loads(affinity.prompt_body(7, "q"))
     assert len(body["messages"][0]["content"]) > 1024 and "#7 " in body["messages"][0]["content"][:60], body
+def headroom_results(hr_429: int) -> dict:
+    """bench/headroom.py's counts: reactive round_robin meets 100 upstream 429s per case."""
+    def run(upstream_429: int, served: int) -> dict:
+        return {"sent": 1000, "served": served, "client_errors": 1000 - served, "upstream_429": upstream_429,
+                "upstream_200": served, "per_key_429": {"a": upstream_429, "b": 0, "c": 0}}
+    return {case: {"round_robin, reactive": run(100, 990), "round_robin": run(20, 990),
+                   "headroom": run(hr_429, 995)} for case in headroom.CASES}
+
+
+def check_headroom() -> None:
+    meta = {"date": "2026-01-01", "machine": "2 cores", "scale": 10, "minutes": 5}
+    md = headroom.render(headroom_results(5), meta)
+    assert md.startswith("## Headroom\n"), md
+    assert md.count("**met**: 5.0 %, served 995 vs 990") == 2, md
+    assert row(md, "headroom")[1:] == ["1000", "995", "5", "5", "5 / 0 / 0", "995"], row(md, "headroom")
+    md = headroom.render(headroom_results(11), meta)
+    assert md.count("**NOT met**: 11.0 %") == 2, md
+    assert headroom.load_per_minute(headroom.CASES["unequal"]) == 378
+    assert abs(headroom.load_per_minute(headroom.CASES["spent outside"]) - 315) < 1e-9
 
 
 def main() -> int:
@@ -266,6 +286,7 @@ def main() -> int:
     assert body["model"] == anthropic.CLAUDE and body["max_tokens"] > 0, body
     check_shared()
     check_affinity()
+    check_headroom()
     print("bench reports: ok")
     return 0
 

@@ -29,7 +29,8 @@
 //!
 //! 2. **Decisions**, plain Rust without sockets: [`body_budget`] (the cap on request-body bytes
 //!    held at once), [`keys`] (the [`keys::KeyPool`]: per-key
-//!    state, cooling per model, disabled, and selection), [`outcome`] (what a status means for a
+//!    state, cooling per model, disabled, the headroom its upstream's rate-limit headers report, and
+//!    selection), [`outcome`] (what a status means for a
 //!    key), [`outlier`] (endpoint ejection after consecutive failures), [`clients`] (gateway
 //!    tokens, per-client and per-IP limits, addresses behind proxies), [`local_response`]
 //!    (keygate's own OpenAI-shaped errors), [`retry_policy`] (after each attempt: try elsewhere

@@ -415,9 +415,14 @@ pub struct UpstreamFile {
     /// A file with one key a line (`KEY [name=N] [weight=W] [account=A]`); must be mode 0600 or stricter.
     #[serde(default)]
     pub keys_file: Option<PathBuf>,
-    /// How a key is picked: `round_robin` (default), `weighted`, `random`, `least_in_flight`.
+    /// How a key is picked: `round_robin` (default), `weighted`, `random`, `least_in_flight`,
+    /// `headroom` (the key with the most of its rate limits left).
     #[serde(default)]
     pub key_policy: Option<KeyPolicy>,
+    /// Rest a key whose reported rate limits are about to run out until they reset, before the
+    /// upstream answers 429 (default true); false rests keys only after a 429.
+    #[serde(default)]
+    pub rest_before_limit: Option<bool>,
     /// Cooldown after a 429 without usable headers, and the cap on what headers may ask.
     #[serde(default)]
     pub cooldown: Option<CooldownFile>,

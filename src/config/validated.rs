@@ -195,6 +195,8 @@ pub struct UpstreamConfig {
     pub keys: Vec<KeySpec>,
     /// How keys are picked.
     pub key_policy: KeyPolicy,
+    /// Whether keys rest when their reported limits are about to run out.
+    pub rest_before_limit: bool,
     /// Cooldown tuning.
     pub cooldown: CooldownPolicy,
     /// Endpoint check interval; `None` when checks are off.

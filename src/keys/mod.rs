@@ -6,6 +6,9 @@
 //! - a pick allocates nothing and takes no lock: each key's state is summarised in a 32-byte
 //!   slot of atomics (100 000 keys fit in the CPU cache), and the clock is read and the model
 //!   hashed only when a key with a cooldown is met;
+//! - under [`KeyPolicy::Headroom`], a pick also reads each usable key's headroom (see
+//!   `headroom.rs`): one atomic load for a key that never reported its limits, that key's own
+//!   small mutex for one that did; still no allocation;
 //! - each key's cooldown entries sit behind that key's own small mutex, never a pool-wide one,
 //!   and are capped at [`MAX_MODEL_COOLDOWNS`] whatever model names clients send;
 //! - the rotation cursor moves just past the key it picked, so a run of cooling keys is scanned
@@ -24,6 +27,7 @@
 //! add nothing (see [`KeyPool::on_rate_limit`]).
 
 mod affinity;
+mod headroom;
 mod policy;
 mod secret;
 mod state;
@@ -32,6 +36,7 @@ mod state;
 mod tests;
 
 pub use affinity::Affinity;
+pub use headroom::{RateReport, Reported, MAX_MODEL_HEADROOMS};
 pub use policy::KeyPolicy;
 pub use secret::{key_id, Secret};
 pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
@@ -39,6 +44,7 @@ pub use state::{CooldownPolicy, Cooled, DisableReason, MAX_MODEL_COOLDOWNS};
 use crate::append_only::AppendOnly;
 use crate::clock::SharedClock;
 use arc_swap::ArcSwap;
+use headroom::Headroom;
 use log::{debug, info};
 use parking_lot::{Mutex, RwLock};
 use rand::Rng;
@@ -301,6 +307,10 @@ struct Inner {
     changes: Mutex<()>,
     /// Set once at start when a shared store is configured.
     observer: OnceLock<KeyObserver>,
+    /// What each key has left of its upstream's rate limits.
+    headroom: Headroom,
+    /// Whether a key about to run out rests before the upstream refuses it.
+    rest_before_limit: bool,
 }
 
 /// The keys of one upstream and their state; picks one per request attempt.
@@ -581,6 +591,117 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Headroom: the usable key with the most of its limits left for `model` (see
+    /// [`headroom::Headroom::score`]), ties to the first from the cursor, so keys that report
+    /// nothing (full headroom) rotate exactly like round-robin, and a full key ends the scan at
+    /// once. The cursor then moves just past the chosen key, as in [`Inner::pick_rotating`].
+    /// One scan of the keys at most; the clock is read only when a key has reported.
+    fn pick_headroom(
+        &self,
+        exclude: &[usize],
+        model: &str,
+        probe: &mut Probe<'_>,
+    ) -> Result<usize, Pick> {
+        let n = self.slots.len();
+        let mut now = None;
+        loop {
+            let start = self.cursor.0.load(Ordering::Acquire);
+            let mut idx = if start < n { start } else { 0 };
+            let mut miss = Miss::default();
+            let mut best: Option<(usize, u32)> = None;
+            for _ in 0..n {
+                match self.classify(idx, exclude, probe) {
+                    Class::Usable => {
+                        let score = if self.headroom.reports(idx) {
+                            let now = *now.get_or_insert_with(|| self.time.now());
+                            self.headroom.score(idx, model, now)
+                        } else {
+                            headroom::FULL
+                        };
+                        if best.is_none_or(|(_, b)| score > b) {
+                            best = Some((idx, score));
+                            if score >= headroom::FULL {
+                                break;
+                            }
+                        }
+                    }
+                    class => miss.note(&class),
+                }
+                idx = if idx + 1 == n { 0 } else { idx + 1 };
+            }
+            let Some((idx, _)) = best else {
+                return Err(miss.outcome());
+            };
+            let next = if idx + 1 == n { 0 } else { idx + 1 };
+            if self
+                .cursor
+                .0
+                .compare_exchange(start, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(idx);
+            }
+        }
+    }
+}
+
+/// The `why` of a rest headroom predicted.
+const HEADROOM: &str = "headroom about to run out";
+
+impl KeyPool {
+    /// The same pool, resting keys about to run out ([`KeyPool::note_sent`]) only if `rest`
+    /// (the default); otherwise headroom is still tracked for [`KeyPolicy::Headroom`], and keys
+    /// rest only after a 429. For a pool just made (before any clone).
+    pub fn resting_before_limit(mut self, rest: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.rest_before_limit = rest;
+        }
+        self
+    }
+
+    /// A request for `model` sent on key `idx` (for every policy): charged to the key's
+    /// headroom. When that leaves nothing for the next request, the key rests for `model` until
+    /// the exhausted limit resets: a cooldown like a 429's, seen by status, metrics and the
+    /// shared store, taken before the upstream refuses anything.
+    pub fn note_sent(&self, idx: KeyIndex, model: &str) -> Cooled {
+        let inner = &*self.inner;
+        if !inner.headroom.reports(idx) {
+            return Cooled::default();
+        }
+        match inner.headroom.sent(idx, model, inner.time.now()) {
+            Some(rest) if inner.rest_before_limit => inner.cool(idx, model, Some(rest), HEADROOM),
+            _ => Cooled::default(),
+        }
+    }
+
+    /// What an answer on key `idx` for `model` reported of its limits (see
+    /// [`RateReport::from_headers`]). The key's other requests in flight count against the
+    /// report (it may not include them yet); when nothing is left for the next request, the key
+    /// rests as in [`KeyPool::note_sent`].
+    pub fn note_limits(&self, idx: KeyIndex, model: &str, report: &RateReport) -> Cooled {
+        let inner = &*self.inner;
+        let Some(slot) = inner.live_slot(idx).filter(|_| !report.is_empty()) else {
+            return Cooled::default();
+        };
+        let unseen = u64::from(slot.in_flight.load(Ordering::Relaxed).saturating_sub(1));
+        match inner
+            .headroom
+            .report(idx, model, report, unseen, inner.time.now())
+        {
+            Some(rest) if inner.rest_before_limit => inner.cool(idx, model, Some(rest), HEADROOM),
+            _ => Cooled::default(),
+        }
+    }
+
+    /// Parts per million of key `idx`'s limits for `model` left now (1 000 000 when it
+    /// reported none), for status and tests.
+    pub fn headroom(&self, idx: KeyIndex, model: &str) -> u32 {
+        let inner = &*self.inner;
+        inner.headroom.score(idx, model, inner.time.now())
+    }
+}
+
 /// The `why` of changes applied from the shared store: logged, and never told back to it.
 const SHARED: &str = "shared by another instance";
 
@@ -593,6 +714,7 @@ impl KeyPool {
         cooldown: CooldownPolicy,
         clock: SharedClock,
     ) -> KeyPool {
+        let headroom = Headroom::new(keys.len());
         let slots = keys
             .into_iter()
             .map(|k| Slot::new(k.name, k.secret, k.account, k.weight))
@@ -609,6 +731,8 @@ impl KeyPool {
             rendezvous: ArcSwap::from_pointee(affinity::Rendezvous::default()),
             changes: Mutex::new(()),
             observer: OnceLock::new(),
+            headroom,
+            rest_before_limit: true,
         };
         inner.membership_changed();
         KeyPool {
@@ -725,6 +849,7 @@ impl KeyPool {
             }
             KeyPolicy::LeastInFlight => inner.pick_rotating(exclude, true, &mut probe),
             KeyPolicy::Random => inner.pick_random(exclude, &mut probe),
+            KeyPolicy::Headroom => inner.pick_headroom(exclude, model, &mut probe),
         };
         match picked {
             Ok(idx) => {

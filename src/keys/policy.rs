@@ -17,6 +17,12 @@ pub enum KeyPolicy {
     Random,
     /// The key with the fewest requests in flight; ties go to the next in rotation.
     LeastInFlight,
+    /// The key with the most of its rate limits left, relative to the limit (the least of
+    /// requests and tokens, as the upstream's `x-ratelimit-*` headers report them, less what
+    /// was sent since); ties go to the next in rotation. Keys that report nothing count as
+    /// having all of their limits left, so a pool whose upstream sends no such headers rotates
+    /// exactly as with round-robin.
+    Headroom,
 }
 
 /// The most ring slots the weighted policy will allocate per key (beyond a floor of 64k slots),

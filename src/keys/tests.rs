@@ -835,3 +835,119 @@ fn an_added_keys_account_shares_org_wide_cooldowns_and_a_removed_one_leaves_it()
         vec![0]
     );
 }
+
+fn limits(limit: u64, remaining: u64, reset: Duration) -> RateReport {
+    RateReport {
+        requests: Some(Reported {
+            limit,
+            remaining,
+            reset,
+        }),
+        tokens: None,
+    }
+}
+
+#[test]
+fn headroom_policy_without_reports_rotates_like_round_robin() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::Headroom);
+    let order: Vec<usize> = (0..6).map(|_| pick_idx(&pool, GPT4O, &[])).collect();
+    assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn headroom_policy_prefers_the_key_with_most_left_relative_to_its_limit() {
+    let (pool, _) = pool(&["a", "b", "c"], KeyPolicy::Headroom);
+    // a: 50 of 100 left; b: 90 of 120; c: 10 of 240. Relative to the limit, b has the most.
+    pool.note_limits(0, GPT4O, &limits(100, 50, secs(30)));
+    pool.note_limits(1, GPT4O, &limits(120, 90, secs(30)));
+    pool.note_limits(2, GPT4O, &limits(240, 10, secs(30)));
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+    assert_eq!(pick_idx(&pool, GPT4O, &[1]), 0);
+    // Another model has no reports: every key is full, so the rotation decides.
+    let other: Vec<usize> = (0..3).map(|_| pick_idx(&pool, MINI, &[])).collect();
+    let mut sorted = other.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 1, 2], "{other:?}");
+}
+
+#[test]
+fn headroom_policy_spends_keys_in_proportion_to_their_limits() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::Headroom);
+    pool.note_limits(0, GPT4O, &limits(10, 10, secs(60)));
+    pool.note_limits(1, GPT4O, &limits(30, 30, secs(60)));
+    let mut counts = [0usize; 2];
+    for _ in 0..20 {
+        let idx = pick_idx(&pool, GPT4O, &[]);
+        pool.note_sent(idx, GPT4O);
+        counts[idx] += 1;
+    }
+    // Equal fractions left means 5 of a's 10 and 15 of b's 30, give or take a tie.
+    assert!((4..=6).contains(&counts[0]), "{counts:?}");
+}
+
+#[test]
+fn a_key_about_to_run_out_rests_until_its_reset_under_any_policy() {
+    for policy in [
+        KeyPolicy::RoundRobin,
+        KeyPolicy::Weighted,
+        KeyPolicy::Random,
+        KeyPolicy::LeastInFlight,
+        KeyPolicy::Headroom,
+    ] {
+        let (pool, clock) = pool(&["a", "b"], policy);
+        assert!(!pool.note_limits(0, GPT4O, &limits(10, 2, secs(20))).started);
+        assert!(!pool.note_sent(0, GPT4O).started);
+        let rest = pool.note_sent(0, GPT4O);
+        assert!(rest.started, "{policy:?}: the last request left was sent");
+        assert_eq!(rest.remaining, secs(20));
+        assert!(
+            matches!(pool.status()[0].state, KeyState::Cooling { .. }),
+            "{policy:?}: status sees the rest as cooling"
+        );
+        for _ in 0..10 {
+            assert_eq!(pick_idx(&pool, GPT4O, &[]), 1, "{policy:?}");
+        }
+        assert_eq!(pool.counts().cooling, 1);
+        clock.advance(secs(20));
+        assert_eq!(
+            pool.headroom(0, GPT4O),
+            1_000_000,
+            "whole again at the reset"
+        );
+        assert!(
+            pool.has_usable(GPT4O, &[1]),
+            "{policy:?}: back after the reset"
+        );
+    }
+}
+
+#[test]
+fn a_report_of_nothing_left_rests_the_key_with_requests_in_flight_counted() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::RoundRobin);
+    let leases: Vec<Pick> = (0..3).map(|_| pool.pick(GPT4O, &[1])).collect();
+    // Two other requests on key a are in flight: 2 left by the report is nothing left.
+    let rest = pool.note_limits(0, GPT4O, &limits(10, 2, secs(5)));
+    assert!(rest.started);
+    assert_eq!(rest.remaining, secs(5));
+    drop(leases);
+}
+
+#[test]
+fn headroom_of_keys_added_at_run_time_is_tracked() {
+    let (pool, _) = pool(&["a"], KeyPolicy::Headroom);
+    let idx = pool.add(spec("b")).unwrap();
+    pool.note_limits(idx, GPT4O, &limits(10, 5, secs(60)));
+    assert_eq!(pool.headroom(idx, GPT4O), 500_000);
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 0, "a reports nothing: full");
+}
+
+#[test]
+fn without_rest_before_limit_a_key_rests_only_after_a_429() {
+    let (pool, _) = pool(&["a", "b"], KeyPolicy::Headroom);
+    let pool = pool.resting_before_limit(false);
+    assert!(!pool.note_limits(0, GPT4O, &limits(10, 0, secs(20))).started);
+    assert!(!pool.note_sent(0, GPT4O).started);
+    assert_eq!(pool.counts().cooling, 0);
+    assert_eq!(pool.headroom(0, GPT4O), 0, "still tracked for the policy");
+    assert_eq!(pick_idx(&pool, GPT4O, &[]), 1);
+}

@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, StreamUsage};
 use crate::error_body::{self, Refusal};
 use crate::key_activity::AttemptEnd;
-use crate::keys::{Affinity, DisableReason, KeyIndex, Pick};
+use crate::keys::{Affinity, DisableReason, KeyIndex, Pick, RateReport};
 use crate::local_response::LocalResponse;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::outcome::Outcome;
@@ -306,6 +306,17 @@ impl Gateway {
                 endpoints_down = true;
                 continue;
             };
+            if let Some(lease) = &key {
+                // Headroom: the request now counts against the key's limits, and a key left
+                // with nothing rests before the upstream refuses its next request.
+                if up
+                    .keys
+                    .note_sent(lease.index(), ctx.cooldown_model())
+                    .started
+                {
+                    self.count_cooldown(up, lease.index(), "headroom");
+                }
+            }
             let attempt = Attempt::new(u, key, endpoint);
             ctx.log.begin(u, attempt.key_index());
             up.touch();
@@ -409,6 +420,16 @@ impl Gateway {
                 }
             }
             Outcome::ServerError | Outcome::ClientError => {}
+        }
+        // After the 429 handling, so that a 429's own cooldown counts as the 429's.
+        let report = RateReport::from_headers(&resp.headers, self.clock.wall());
+        if !report.is_empty()
+            && up
+                .keys
+                .note_limits(idx, ctx.cooldown_model(), &report)
+                .started
+        {
+            self.count_cooldown(up, idx, "headroom");
         }
         outcome
     }
@@ -936,6 +957,47 @@ mod tests {
             .map(|_| attempt(&gw, &mut request("gpt-4o")).unwrap())
             .collect();
         assert!(after.contains(&limited), "back after its rest: {after:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_reporting_its_last_request_rests_the_key_until_the_reset() {
+        let (gw, clock) = gateway(TWO_KEYS).await;
+        let mut ctx = request("gpt-4o");
+        let spent = attempt(&gw, &mut ctx).unwrap();
+        let outcome = gw.judge(
+            &mut ctx,
+            200,
+            &answer(
+                200,
+                &[
+                    ("x-ratelimit-limit-requests", "60"),
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "3s"),
+                ],
+            ),
+        );
+        assert_eq!(outcome, Outcome::Success);
+        for _ in 0..4 {
+            assert_ne!(attempt(&gw, &mut request("gpt-4o")).unwrap(), spent);
+        }
+        let other_model: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o-mini")).unwrap())
+            .collect();
+        assert!(other_model.contains(&spent), "{other_model:?}");
+        let up = &gw.upstreams()[0];
+        let idx = up.keys.index_of(&spent).unwrap();
+        let rested = gw
+            .metrics
+            .cooldowns
+            .with_label_values(&[up.name.as_str(), spent.as_str(), "headroom"])
+            .get();
+        assert_eq!(rested, 1, "counted as a headroom rest");
+        assert_eq!(up.keys.headroom(idx, "gpt-4o"), 0);
+        clock.advance(Duration::from_millis(3001));
+        let after: Vec<String> = (0..4)
+            .map(|_| attempt(&gw, &mut request("gpt-4o")).unwrap())
+            .collect();
+        assert!(after.contains(&spent), "back after the reset: {after:?}");
     }
 
     #[tokio::test]

@@ -119,13 +119,16 @@ impl Upstream {
             name: cfg.name.clone(),
             auth: cfg.auth,
             api: cfg.api,
-            keys: Arc::new(KeyPool::new(
-                &cfg.name,
-                cfg.keys.clone(),
-                cfg.key_policy,
-                cfg.cooldown,
-                clock.clone(),
-            )),
+            keys: Arc::new(
+                KeyPool::new(
+                    &cfg.name,
+                    cfg.keys.clone(),
+                    cfg.key_policy,
+                    cfg.cooldown,
+                    clock.clone(),
+                )
+                .resting_before_limit(cfg.rest_before_limit),
+            ),
             activity: Arc::new(KeyActivity::new(cfg.keys.len(), clock.clone())),
             probe_interval: cfg.probe_interval,
             probe_model: cfg.probe_model.clone(),

@@ -61,6 +61,7 @@ fn upstream(cx: &Ctx, name: &str, u: &UpstreamFile) -> Result<UpstreamConfig, Co
         api: u.api,
         keys,
         key_policy: u.key_policy.unwrap_or_default(),
+        rest_before_limit: u.rest_before_limit.unwrap_or(true),
         cooldown,
         health_interval,
         resolve_every,

@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::behavior::{Behavior, Mode, RateLimit};
 use crate::body::MockBody;
 use crate::event_list::EventList;
+use crate::limits;
 use crate::openai;
 use crate::registry::Action;
 use crate::reply;
@@ -162,6 +163,12 @@ pub fn answer(
         },
         Action::Serve => None,
     };
+    let cost = limits::request_tokens(body.len(), app.generation.completion_tokens);
+    let verdict = app.registry.admit(&key, cost, at);
+    if let Some(v) = verdict.filter(|v| !v.admitted) {
+        out.response = limits::anthropic_refusal(&v, now);
+        return out;
+    }
     let request = match parsed {
         Ok(r) => r,
         Err(e) => {
@@ -179,6 +186,9 @@ pub fn answer(
         ),
         _ => message(app, &request, body.len(), n, break_after),
     };
+    if let Some(v) = verdict {
+        limits::anthropic_headers(&v, out.response.headers_mut(), now);
+    }
     out
 }
 

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, StatusCode};
 
+use crate::limits::{Limits, Window};
+
 /// Parameters of the `rate_limit` mode: which rate-limit hints the 429 carries.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RateLimit {
@@ -98,6 +100,8 @@ pub struct Behavior {
     /// The error reply carries the whole key in its message, as a careless relay might: for
     /// tests proving a gateway never passes a key on (OpenAI itself echoes a masked part).
     pub echo_key: bool,
+    /// Requests and tokens per minute (mode `limit`): past them, a 429.
+    pub limits: Option<Limits>,
 }
 
 impl Behavior {
@@ -111,6 +115,7 @@ impl Behavior {
             latency: None,
             models: None,
             echo_key: false,
+            limits: None,
         }
     }
 
@@ -144,6 +149,8 @@ pub struct KeyState {
     pub matched: u64,
     /// When the current `first`/`window` period started.
     pub since: Instant,
+    /// The use of the current minute, for `limits`.
+    pub window: Window,
 }
 
 impl KeyState {
@@ -153,6 +160,7 @@ impl KeyState {
             behavior,
             matched: 0,
             since: now,
+            window: Window::default(),
         }
     }
 
@@ -169,6 +177,7 @@ impl KeyState {
     /// Restarts `first` and `window` from `now`.
     pub fn restart(&mut self, now: Instant) {
         self.matched = 0;
+        self.window = Window::default();
         self.since = now;
     }
 }
@@ -177,7 +186,18 @@ impl KeyState {
 /// `spec::parse_inline`.
 impl fmt::Display for Behavior {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.mode.name())?;
+        match &self.limits {
+            Some(l) => {
+                f.write_str("limit")?;
+                if let Some(rpm) = l.rpm {
+                    write!(f, ":rpm={rpm}")?;
+                }
+                if let Some(tpm) = l.tpm {
+                    write!(f, ":tpm={tpm}")?;
+                }
+            }
+            None => f.write_str(self.mode.name())?,
+        }
         match &self.mode {
             Mode::RateLimit(rl) => {
                 if let Some(s) = rl.retry_after {

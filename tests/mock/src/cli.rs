@@ -33,20 +33,25 @@ OPTIONS:
     --chunks N               content chunks per stream [default: 5]
     --chunk-interval DUR     pause between stream chunks [default: 0ms]
     --completion-tokens N    completion tokens per reply [default: 12]
+    --time-scale N           `limit` minutes last 60/N real seconds (60: one second); reset
+                             headers tell real time [default: 1]
     -h, --help               this text
 
 SPEC (inline grammar):  MODE[:param=value]*
     MODE: ok | rate_limit | unauthorized | forbidden | insufficient_quota | server_error |
-          bad_request | break_stream, or a status: 200 400 401 403 429 5xx
+          bad_request | break_stream | limit, or a status: 200 400 401 403 429 5xx
     any mode:      first=N  window=DUR  latency=DUR  models=a,b
     error modes:   echo_key=true (the error message carries the whole key)
     rate_limit:    retry_after=SECS  retry_after_ms=MS  retry_after_date=true
                    reset_requests=6m0s  org_wide=true
     server_error:  status=5xx        break_stream: after=N
+    limit:         rpm=N  tpm=N (requests and tokens per minute; x-ratelimit-* or
+                   anthropic-ratelimit-* headers on every answer, 429 past them)
     e.g. --key sk-a=ok --key sk-b=429:retry_after=2:first=3 --key sk-c=401
 
 DEBUG ENDPOINTS (no credential):
     GET /_mock/stats   POST /_mock/reset[?restore=true]   GET|POST /_mock/behavior
+    POST /_mock/consume {key, requests, tokens}: spend a `limit` key's minute elsewhere
 ";
 
 /// Validated options.
@@ -78,6 +83,8 @@ pub struct Options {
     pub completion_tokens: u64,
     /// `--account` pairs: key, account.
     pub accounts: Vec<(String, String)>,
+    /// How many times faster than real time a `limit` minute runs.
+    pub time_scale: u32,
 }
 
 /// What the command line asks for.
@@ -105,6 +112,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         chunk_interval: Duration::ZERO,
         completion_tokens: 12,
         accounts: Vec::new(),
+        time_scale: 1,
     };
     let (mut cert, mut key) = (None, None);
     let mut args = args.into_iter();
@@ -140,6 +148,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--threads" => o.threads = number(&flag, &value()?, 1)?,
             "--chunks" => o.chunks = number(&flag, &value()?, 1)?,
             "--completion-tokens" => o.completion_tokens = number(&flag, &value()?, 0)?,
+            "--time-scale" => o.time_scale = number(&flag, &value()?, 1)?,
             "--name" => {
                 let name = value()?;
                 HeaderValue::from_str(&name)

@@ -1,5 +1,6 @@
 //! The `/_mock/*` endpoints tests drive the mock with (no credential needed, never counted):
-//! `GET /_mock/stats`, `POST /_mock/reset[?restore=true]`, `GET|POST /_mock/behavior`.
+//! `GET /_mock/stats`, `POST /_mock/reset[?restore=true]`, `GET|POST /_mock/behavior`,
+//! `POST /_mock/consume` (spend a `limit` key's minute as traffic from elsewhere would).
 
 use std::time::Instant;
 
@@ -50,11 +51,11 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<MockBody> {
         }
         (Method::POST, "/_mock/behavior") => match set_behavior(app, req).await {
             Ok(v) => ok(v),
-            Err(message) => reply::json(
-                StatusCode::BAD_REQUEST,
-                serde_json::to_vec(&json!({"error": {"message": message, "type": "mock_error"}}))
-                    .unwrap_or_default(),
-            ),
+            Err(message) => refused(&message),
+        },
+        (Method::POST, "/_mock/consume") => match consume(app, req).await {
+            Ok(v) => ok(v),
+            Err(message) => refused(&message),
         },
         _ => reply::json(
             StatusCode::NOT_FOUND,
@@ -63,15 +64,22 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<MockBody> {
     }
 }
 
-async fn set_behavior(app: &App, req: Request<Incoming>) -> Result<serde_json::Value, String> {
+/// A control request's body (YAML or JSON) as `T`; `shape` says what was expected.
+async fn read_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    shape: &str,
+) -> Result<T, String> {
     let body = req
         .into_body()
         .collect()
         .await
         .map_err(|e| format!("reading body: {e}"))?
         .to_bytes();
-    let update: Update = serde_yaml::from_slice(&body)
-        .map_err(|e| format!("expected {{key: SECRET, spec: SPEC}}: {e}"))?;
+    serde_yaml::from_slice(&body).map_err(|e| format!("expected {shape}: {e}"))
+}
+
+async fn set_behavior(app: &App, req: Request<Incoming>) -> Result<serde_json::Value, String> {
+    let update: Update = read_body(req, "{key: SECRET, spec: SPEC}").await?;
     let behavior = match update.spec {
         serde_yaml::Value::Null => None,
         value => Some(spec::from_value(value).map_err(|e| format!("key `{}`: {e}", update.key))?),
@@ -79,6 +87,37 @@ async fn set_behavior(app: &App, req: Request<Incoming>) -> Result<serde_json::V
     let shown = behavior.as_ref().map(ToString::to_string);
     app.registry.set(&update.key, behavior, Instant::now());
     Ok(json!({"key": update.key, "behavior": shown}))
+}
+
+/// Body of `POST /_mock/consume`: spend this much of a `limit` key's current minute.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Consume {
+    key: String,
+    #[serde(default)]
+    requests: u64,
+    #[serde(default)]
+    tokens: u64,
+}
+
+async fn consume(app: &App, req: Request<Incoming>) -> Result<serde_json::Value, String> {
+    let c: Consume = read_body(req, "{key: SECRET, requests: N, tokens: N}").await?;
+    if !app
+        .registry
+        .consume(&c.key, c.requests, c.tokens, Instant::now())
+    {
+        return Err(format!("key `{}` has no limits", c.key));
+    }
+    Ok(json!({"key": c.key, "requests": c.requests, "tokens": c.tokens}))
+}
+
+/// A 400 saying what was wrong with a control request.
+fn refused(message: &str) -> Response<MockBody> {
+    reply::json(
+        StatusCode::BAD_REQUEST,
+        serde_json::to_vec(&json!({"error": {"message": message, "type": "mock_error"}}))
+            .unwrap_or_default(),
+    )
 }
 
 fn ok(v: serde_json::Value) -> Response<MockBody> {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use tokio::net::TcpListener;
@@ -183,7 +183,8 @@ fn bind(o: Options) -> Result<Bound, String> {
         }
     }
     let app = Arc::new(App {
-        registry: Registry::new(keys, o.strict, o.latency, start),
+        registry: Registry::new(keys, o.strict, o.latency, start)
+            .with_minute(Duration::from_secs(60) / o.time_scale),
         stats: Stats::new(start),
         models_json: openai::model_list(&models),
         models,

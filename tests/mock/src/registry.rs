@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::behavior::{Behavior, KeyState};
+use crate::limits::Verdict;
 
 /// What to do with one request, as decided by its key.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct Registry {
     default_latency: Duration,
     startup: Vec<(String, Arc<Behavior>)>,
     live: Mutex<HashMap<String, KeyState>>,
+    /// How long a limit's minute lasts in real time (`--time-scale`).
+    minute: Duration,
 }
 
 impl Registry {
@@ -51,6 +54,7 @@ impl Registry {
             default_latency,
             startup,
             live: Mutex::new(HashMap::new()),
+            minute: Duration::from_secs(60),
         };
         registry.reset(now, true);
         registry
@@ -80,6 +84,32 @@ impl Registry {
             Action::Serve
         };
         Decision { action, latency }
+    }
+
+    /// The same registry with limits counted over `minute` of real time instead of 60 s.
+    pub fn with_minute(mut self, minute: Duration) -> Self {
+        self.minute = minute.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Counts a request of `key` costing `tokens` against the key's limits; `None` when the key
+    /// has none (or is not listed).
+    pub fn admit(&self, key: &str, tokens: u64, now: Instant) -> Option<Verdict> {
+        let mut live = self.live.lock();
+        let state = live.get_mut(key)?;
+        let limits = state.behavior.limits?;
+        Some(state.window.admit(limits, tokens, now, self.minute))
+    }
+
+    /// Spends `requests` and `tokens` of `key`'s current minute, as traffic that does not come
+    /// through the gateway under test would. False when the key has no limits.
+    pub fn consume(&self, key: &str, requests: u64, tokens: u64, now: Instant) -> bool {
+        let mut live = self.live.lock();
+        let Some(state) = live.get_mut(key).filter(|s| s.behavior.limits.is_some()) else {
+            return false;
+        };
+        state.window.consume(requests, tokens, now, self.minute);
+        true
     }
 
     /// Restarts every key's `first`/`window`; with `restore`, also puts back the start-up
@@ -150,6 +180,26 @@ mod tests {
 
     fn misbehaves(d: &Decision) -> bool {
         matches!(d.action, Action::Misbehave(_))
+    }
+
+    #[test]
+    fn limits_count_per_key_over_the_scaled_minute_and_reset_starts_over() {
+        let now = Instant::now();
+        let keys = vec![(
+            "sk-l".to_string(),
+            parse_inline("limit:rpm=2").expect("spec"),
+        )];
+        let r = Registry::new(keys, false, Duration::ZERO, now).with_minute(Duration::from_secs(1));
+        assert!(r.admit("sk-g", 1, now).is_none(), "unlisted: no limits");
+        assert!(r.admit("sk-l", 1, now).is_some_and(|v| v.admitted));
+        assert!(r.consume("sk-l", 1, 0, now));
+        assert!(r.admit("sk-l", 1, now).is_some_and(|v| !v.admitted));
+        let later = now + Duration::from_secs(1);
+        assert!(r.admit("sk-l", 1, later).is_some_and(|v| v.admitted));
+        assert!(r.admit("sk-l", 1, later).is_some_and(|v| v.admitted));
+        r.reset(later, false);
+        assert!(r.admit("sk-l", 1, later).is_some_and(|v| v.admitted));
+        assert!(!r.consume("sk-zz", 1, 0, now));
     }
 
     #[test]

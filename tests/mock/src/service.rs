@@ -14,6 +14,7 @@ use crate::anthropic;
 use crate::behavior::{Behavior, Mode};
 use crate::body::MockBody;
 use crate::debug;
+use crate::limits;
 use crate::openai::{self, Completion, Flavor, Usage};
 use crate::registry::{Action, Registry};
 use crate::reply::{self, Common, Ids};
@@ -171,7 +172,18 @@ async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, 
     let (outcome, latency) = decide(app, credential.as_ref(), &endpoint, model, &parsed, at);
     let key = credential.map(|(k, _)| k).unwrap_or_default();
     let now = SystemTime::now();
-    let res = match outcome {
+    let verdict = match outcome {
+        Outcome::Serve { .. } => {
+            let cost = limits::request_tokens(body.len(), app.generation.completion_tokens);
+            app.registry.admit(&key, cost, at)
+        }
+        _ => None,
+    };
+    let mut res = match outcome {
+        Outcome::Serve { .. } if verdict.is_some_and(|v| !v.admitted) => verdict.map_or_else(
+            || reply::json(StatusCode::OK, Bytes::new()),
+            |v| limits::openai_refusal(&v, model),
+        ),
         Outcome::MissingKey => reply::json(StatusCode::UNAUTHORIZED, openai::missing_key()),
         Outcome::NotFound => reply::json(
             StatusCode::NOT_FOUND,
@@ -193,6 +205,9 @@ async fn api(app: &App, req: Request<Incoming>, n: u64) -> (Response<MockBody>, 
             break_after,
         ),
     };
+    if let Some(v) = verdict.filter(|v| v.admitted) {
+        limits::openai_headers(&v, res.headers_mut());
+    }
 
     app.stats.record(Record {
         key,

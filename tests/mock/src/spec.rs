@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use crate::behavior::{Behavior, Mode, RateLimit};
+use crate::limits::Limits;
 
 /// The `--behaviors` file: `keys: { SECRET: SPEC, ... }`, SPEC a mapping or an inline string.
 #[derive(Deserialize)]
@@ -42,6 +43,8 @@ struct RawSpec {
     status: Option<u16>,
     after: Option<u32>,
     echo_key: Option<bool>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
 }
 
 /// A mode written as a name (`rate_limit`) or a status shorthand (`429`).
@@ -190,8 +193,23 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
         },
     };
     let mut used: Vec<&str> = Vec::new();
+    let mut limits = None;
     let mode = match name.as_str() {
         "ok" => Mode::Ok,
+        "limit" => {
+            used = vec!["rpm", "tpm"];
+            if raw.rpm.is_none() && raw.tpm.is_none() {
+                return Err("limit needs rpm=N or tpm=N (or both)".into());
+            }
+            if raw.rpm == Some(0) || raw.tpm == Some(0) {
+                return Err("limit: rpm and tpm must be at least 1".into());
+            }
+            limits = Some(Limits {
+                rpm: raw.rpm,
+                tpm: raw.tpm,
+            });
+            Mode::Ok
+        }
         "unauthorized" => Mode::Unauthorized,
         "forbidden" => Mode::Forbidden,
         "insufficient_quota" => Mode::InsufficientQuota,
@@ -247,7 +265,7 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
         }
         other => {
             return Err(format!(
-                "unknown mode `{other}` (ok, rate_limit, unauthorized, forbidden, \
+                "unknown mode `{other}` (ok, limit, rate_limit, unauthorized, forbidden, \
                  insufficient_quota, server_error, bad_request, break_stream)"
             ))
         }
@@ -261,9 +279,11 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
         ("org_wide", raw.org_wide.is_some()),
         ("status", raw.status.is_some()),
         ("after", raw.after.is_some()),
+        ("rpm", raw.rpm.is_some()),
+        ("tpm", raw.tpm.is_some()),
     ];
     if let Some((param, _)) = given.iter().find(|(p, set)| *set && !used.contains(p)) {
-        return Err(format!("`{param}` does not apply to mode {}", mode.name()));
+        return Err(format!("`{param}` does not apply to mode {name}"));
     }
     if let Some(models) = &raw.models {
         if models.is_empty() || models.iter().any(|m| m.is_empty()) {
@@ -284,6 +304,7 @@ fn check(raw: RawSpec) -> Result<Behavior, String> {
         latency: raw.latency.map(|d| d.0),
         models: raw.models,
         echo_key,
+        limits,
     })
 }
 
@@ -293,6 +314,24 @@ mod tests {
 
     fn inline(s: &str) -> Behavior {
         parse_inline(s).expect("valid spec")
+    }
+
+    #[test]
+    fn limit_mode_reads_rpm_and_tpm_and_round_trips() {
+        let b = inline("limit:rpm=60:tpm=100000");
+        assert_eq!(b.mode, Mode::Ok);
+        assert_eq!(
+            b.limits,
+            Some(Limits {
+                rpm: Some(60),
+                tpm: Some(100_000)
+            })
+        );
+        assert_eq!(b.to_string(), "limit:rpm=60:tpm=100000");
+        assert_eq!(inline("limit:rpm=5").to_string(), "limit:rpm=5");
+        assert!(parse_inline("limit").is_err_and(|e| e.contains("needs rpm")));
+        assert!(parse_inline("limit:rpm=0").is_err());
+        assert!(parse_inline("ok:rpm=5").is_err_and(|e| e.contains("does not apply")));
     }
 
     #[test]
