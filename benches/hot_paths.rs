@@ -20,6 +20,9 @@
 //!   OpenAI SDK request in one read and in 16-byte reads; a 30 KiB header).
 //! - `key_activity_record/<success|error>`: recording one attempt in a key's activity (the
 //!   per-key counts the admin API shows), on the real clock.
+//! - `objects_scan/<size>`: looking for account-scoped object ids (`file-…`, `vs_…`) in a chat
+//!   body that names none, as every request does once keygate has seen an object created.
+//! - `objects_owner/<hit|miss>`: finding an id's owner among 100 000 recorded ids.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -520,6 +523,43 @@ fn bench_activity_record(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Account-scoped objects
+
+/// The id scan of a request body that names no object, at three sizes.
+fn bench_objects_scan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("objects_scan");
+    for (name, size) in [("1k", 1024), ("16k", 16 * 1024), ("256k", 256 * 1024)] {
+        let body = chat_body(size, true);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| keygate::resources::ids::in_body(black_box(&body)).len())
+        });
+    }
+    group.finish();
+}
+
+/// An owner lookup in a full table.
+fn bench_objects_owner(c: &mut Criterion) {
+    use keygate::resources::{table::ResourceTable, Owner};
+    let mut group = c.benchmark_group("objects_owner");
+    let table = ResourceTable::new(100_000, Duration::from_secs(3600), ManualClock::new());
+    let owner = std::sync::Arc::new(Owner {
+        upstream: "openai".into(),
+        account: "org1".into(),
+    });
+    for i in 0..100_000 {
+        table.record(&format!("file-{i:08}"), owner.clone());
+    }
+    group.bench_function("hit", |b| {
+        b.iter(|| table.owner(black_box("file-00054321")).is_some())
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| table.owner(black_box("file-nothere")).is_some())
+    });
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// Short defaults so `cargo bench` finishes in a few minutes; criterion's command line
 /// (`--measurement-time`, `--warm-up-time`, a filter) still overrides them: `criterion_group!`
@@ -534,6 +574,6 @@ criterion_group! {
     name = hot_paths;
     config = config();
     targets = bench_pick, bench_pick_affine, bench_affinity_hash, bench_scan_json, bench_rewrite_model, bench_requested_cooldown,
-        bench_usage, bench_header_scan, bench_activity_record
+        bench_usage, bench_header_scan, bench_activity_record, bench_objects_scan, bench_objects_owner
 }
 criterion_main!(hot_paths);
