@@ -73,7 +73,8 @@ test: deps fmt lint
 ## bench/anthropic.py, bench/shared.py (keygate with and without `redis:` on a redis-server it
 ## starts, and how fast a cooldown reaches another instance), bench/affinity.py (`affinity: prompt`:
 ## 1 000 prompts, repeats on one key, spread, a key leaving and coming back) and bench/headroom.py
-## (upstream 429s near the keys' limits, round_robin against headroom) (results in BENCHMARKS.md). load.py
+## (upstream 429s near the keys' limits, round_robin against headroom) and bench/objects.py (a file
+## workflow over two accounts: requests that reach the wrong account) (results in BENCHMARKS.md). load.py
 ## and instructions.py also measure keygate as built at
 ## BASELINE (any git revision, HEAD~1 unless set) in the same run, and report the difference
 ## (build kept in target/bench-baseline/); `make bench BASELINE=` skips that comparison.
@@ -87,6 +88,7 @@ bench: deps
 	python3 bench/shared.py --no-build
 	python3 bench/affinity.py
 	python3 bench/headroom.py --no-build
+	python3 bench/objects.py
 
 ## fuzz: every fuzz target (tests/fuzz) under libFuzzer, coverage-guided, FUZZ_SECONDS each
 ## (FUZZ_TARGETS to pick some). Stable Rust: the harness is built with sanitizer-coverage

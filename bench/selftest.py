@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks the benchmark reports without running a benchmark: feeds synthetic results to
-bench/load.py's, bench/anthropic.py's, bench/shared.py's, bench/affinity.py's and bench/headroom.py's reports and to the section writer the
+bench/load.py's, bench/anthropic.py's, bench/shared.py's, bench/affinity.py's, bench/headroom.py's and bench/objects.py's reports and to the section writer the
 scripts share, and checks what comes out.
 
     python3 bench/selftest.py      (run by `make test` through tests/bench_scripts.rs)
@@ -23,6 +23,7 @@ from scale import write_section  # noqa: E402
 import affinity  # noqa: E402
 import anthropic  # noqa: E402
 import headroom  # noqa: E402
+import objects  # noqa: E402
 import shared  # noqa: E402
 
 # Requests/s per scenario and target: keygate beats HAProxy on streams only.
@@ -195,6 +196,19 @@ def check_headroom() -> None:
     assert abs(headroom.load_per_minute(headroom.CASES["spent outside"]) - 315) < 1e-9
 
 
+def check_objects() -> None:
+    """bench/objects.py's table: counts and shares per workflow; passing needs no 404 through keygate."""
+    r = {"through": {"requests": 1400, "ok": 1400, "not_found": 0, "ms": 0.4},
+         "restart": {"requests": 200, "ok": 200, "not_found": 0},
+         "direct": {"requests": 1400, "ok": 700, "not_found": 700}}
+    md = objects.render(r)
+    assert row(md, "through keygate")[1:] == ["1,400", "1,400", "0", "0.0%"], md
+    assert row(md, "straight to the mock, keys in turn (no tracking)")[1:] == ["1,400", "700", "700", "50.0%"], md
+    assert objects.passed(r)
+    r["restart"]["not_found"] = 1
+    assert not objects.passed(r), "a 404 after the restart fails"
+
+
 def main() -> int:
     md = render(**synthetic())["markdown"]
     assert row(md, "chat req/s vs HAProxy")[2:] == ["50%", "55%", "not met"], row(md, "chat req/s vs HAProxy")
@@ -287,6 +301,7 @@ def main() -> int:
     check_shared()
     check_affinity()
     check_headroom()
+    check_objects()
     print("bench reports: ok")
     return 0
 
