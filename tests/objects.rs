@@ -36,6 +36,18 @@ async fn send(kg: &Keygate, method: &str, path: &str, body: Option<Value>) -> (u
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The mock with keys a1 and a2 in account org1 and b1 in org2.
+fn two_accounts() -> Mock {
+    Mock::start(&[
+        "--account",
+        "sk-a1=org1",
+        "--account",
+        "sk-a2=org1",
+        "--account",
+        "sk-b1=org2",
+    ])
+}
+
 /// Every request the mock answered 404.
 async fn not_found_count(mock: &Mock) -> usize {
     let stats = mock.stats().await;
@@ -46,14 +58,7 @@ async fn not_found_count(mock: &Mock) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_and_its_batches_and_chats_stay_on_the_account_that_uploaded_it() {
-    let mock = Mock::start(&[
-        "--account",
-        "sk-a1=org1",
-        "--account",
-        "sk-a2=org1",
-        "--account",
-        "sk-b1=org2",
-    ]);
+    let mock = two_accounts();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
     let (kg, admin) = start(&mock, &state);
@@ -214,14 +219,7 @@ async fn a_file_and_its_batches_and_chats_stay_on_the_account_that_uploaded_it()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_created_through_one_instance_is_routed_to_its_account_by_the_others() {
     let redis = utils::redis::RedisServer::start();
-    let mock = Mock::start(&[
-        "--account",
-        "sk-a1=org1",
-        "--account",
-        "sk-a2=org1",
-        "--account",
-        "sk-b1=org2",
-    ]);
+    let mock = two_accounts();
     let yaml = format!(
         "redis: {{ url: \"{}\" }}\nupstreams:\n  mock:\n    url: {}\n    keys:\n      - {{ name: a1, env: KA1, account: org1 }}\n      - {{ name: b1, env: KB1, account: org2 }}\n      - {{ name: a2, env: KA2, account: org1 }}\nroutes:\n  - {{ upstreams: [mock] }}\n",
         redis.url(),

@@ -368,17 +368,23 @@ mod tests {
     /// Upstream `openai` with config key `a` (secret `sk-x`), the store at `path`, master key
     /// `byte` repeated: one keygate process.
     fn keygate(byte: u8, path: &std::path::Path) -> Fixture {
-        let cfg = load(&with_top(""), &source()).unwrap();
-        let (up, _) = Upstream::build(&cfg.upstreams[0], crate::clock::ManualClock::new());
-        let upstreams: Arc<[Upstream]> = Arc::from(vec![up]);
         let store = Arc::new(FileBackend::new(path.to_path_buf()));
-        let backend: Arc<dyn KeyBackend> = store.clone();
-        let keys = RuntimeKeys::new(upstreams.clone(), MasterKey::new(&[byte; 32]), backend);
+        let (keys, upstreams) = over(store.clone(), byte);
         Fixture {
             keys,
             upstreams,
             store,
         }
+    }
+
+    /// Upstream `openai` with config key `a` (secret `sk-x`), runtime keys kept in `backend`
+    /// under master key `byte` repeated.
+    fn over(backend: Arc<dyn KeyBackend>, byte: u8) -> (RuntimeKeys, Arc<[Upstream]>) {
+        let cfg = load(&with_top(""), &source()).unwrap();
+        let (up, _) = Upstream::build(&cfg.upstreams[0], crate::clock::ManualClock::new());
+        let upstreams: Arc<[Upstream]> = Arc::from(vec![up]);
+        let keys = RuntimeKeys::new(upstreams.clone(), MasterKey::new(&[byte; 32]), backend);
+        (keys, upstreams)
     }
 
     fn new_key(name: &str, secret: &str) -> NewKey {
@@ -619,19 +625,11 @@ mod tests {
         }
     }
 
-    fn with_shared(shared: Arc<Shared>) -> (RuntimeKeys, Arc<[Upstream]>) {
-        let cfg = load(&with_top(""), &source()).unwrap();
-        let (up, _) = Upstream::build(&cfg.upstreams[0], crate::clock::ManualClock::new());
-        let upstreams: Arc<[Upstream]> = Arc::from(vec![up]);
-        let keys = RuntimeKeys::new(upstreams.clone(), MasterKey::new(&[1; 32]), shared);
-        (keys, upstreams)
-    }
-
     #[tokio::test]
     async fn a_shared_store_that_lost_everything_gets_the_keys_back_but_an_emptied_one_does_not() {
         let shared = Arc::new(Shared::default());
-        let (a, ups_a) = with_shared(shared.clone());
-        let (b, ups_b) = with_shared(shared.clone());
+        let (a, ups_a) = over(shared.clone(), 1);
+        let (b, ups_b) = over(shared.clone(), 1);
         assert_eq!(
             a.sync().await.unwrap(),
             Applied::default(),

@@ -27,16 +27,14 @@
 //! logarithms when weights differ), no allocation and no lock (the table is swapped whole when
 //! keys are added or removed). Measured (`benches/hot_paths.rs`, a third of the keys cooling):
 //! 0.13 µs with 10 keys, 0.6 µs with 100, 2.6 µs with 500 (0.2, 1.1 and 4.9 µs with unequal
-//! weights); pools of thousands of keys should not use affinity. A key
-//! vetoed by a future headroom check is simply not usable, like a cooling one.
+//! weights); pools of thousands of keys should not use affinity. A key resting before its
+//! limit (headroom) is cooling, so it is skipped like any cooling key.
 
 use super::state::Probe;
-use super::{Class, Inner, KeyIndex, KeyLease, KeyPool, Miss, Pick};
+use super::{Class, Inner, KeyIndex, KeyPool, Miss, Pick};
 use crate::request_body::{mix64, StableHasher};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// Whether requests are pinned to keys by what they ask (`affinity:` on an upstream or route).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -212,16 +210,7 @@ impl KeyPool {
     pub fn pick_affine(&self, hash: u64, model: &str, exclude: &[KeyIndex]) -> Pick {
         let inner = &*self.inner;
         let mut probe = Probe::new(&inner.time, model);
-        match inner.pick_affine(hash, exclude, &mut probe) {
-            Ok(idx) => {
-                inner.slots[idx].in_flight.fetch_add(1, Ordering::Relaxed);
-                Pick::Key(KeyLease {
-                    pool: Arc::clone(&self.inner),
-                    idx,
-                })
-            }
-            Err(outcome) => outcome,
-        }
+        self.lease(inner.pick_affine(hash, exclude, &mut probe))
     }
 
     /// The live keys in the rendezvous order of `hash`, best first, whatever their state:
@@ -237,6 +226,7 @@ mod tests {
     use super::*;
     use crate::clock::{ManualClock, SharedClock};
     use crate::keys::{CooldownPolicy, DisableReason, KeyPolicy, KeySpec, Secret};
+    use std::sync::Arc;
 
     fn names(names: &[&str]) -> Vec<KeySpec> {
         names

@@ -851,9 +851,16 @@ impl KeyPool {
             KeyPolicy::Random => inner.pick_random(exclude, &mut probe),
             KeyPolicy::Headroom => inner.pick_headroom(exclude, model, &mut probe),
         };
+        self.lease(picked)
+    }
+
+    /// The lease of a picked key (counted in flight until dropped), or what the pick saw.
+    fn lease(&self, picked: Result<KeyIndex, Pick>) -> Pick {
         match picked {
             Ok(idx) => {
-                inner.slots[idx].in_flight.fetch_add(1, Ordering::Relaxed);
+                self.inner.slots[idx]
+                    .in_flight
+                    .fetch_add(1, Ordering::Relaxed);
                 Pick::Key(KeyLease {
                     pool: Arc::clone(&self.inner),
                     idx,
