@@ -590,11 +590,7 @@ impl SharedLimits {
         estimate: u64,
     ) -> Verdict {
         let l = slot.limits;
-        let need = Need {
-            requests: u64::from(l.rpm.is_some()),
-            tokens: if l.tpm.is_some() { reserve } else { 0 },
-            budget: if l.budget.is_some() { reserve } else { 0 },
-        };
+        let need = need_of(&l, reserve);
         let period = self.period(&l);
         let now = self.clock.now();
         let admitted = |sec| {
@@ -679,11 +675,7 @@ impl SharedLimits {
     ) -> Verdict {
         let l = slot.limits;
         let period = self.period(&l);
-        let need = Need {
-            requests: u64::from(l.rpm.is_some()),
-            tokens: if l.tpm.is_some() { reserve } else { 0 },
-            budget: if l.budget.is_some() { reserve } else { 0 },
-        };
+        let need = need_of(&l, reserve);
         let id = format!(
             "{}:{}",
             self.instance,
@@ -770,6 +762,15 @@ impl SharedLimits {
             }
         }
         self.flush(true).await;
+    }
+}
+
+/// What one request of a client with limits `l` takes from them, reserving `reserve` tokens.
+fn need_of(l: &Limits, reserve: u64) -> Need {
+    Need {
+        requests: u64::from(l.rpm.is_some()),
+        tokens: if l.tpm.is_some() { reserve } else { 0 },
+        budget: if l.budget.is_some() { reserve } else { 0 },
     }
 }
 
