@@ -448,7 +448,7 @@ impl ProxyHttp for GatewayProxy {
             }
             if end_of_stream || ids.is_full() {
                 if let Some(ids) = att.ids.take() {
-                    self.0.record_created(ctx, &ids);
+                    self.0.record_created(ctx, &ids.ids());
                 }
             }
         }

@@ -6,7 +6,6 @@ use super::ctx::RequestCtx;
 use super::Gateway;
 use crate::keys::{KeyIndex, KeyState};
 use crate::local_response::LocalResponse;
-use crate::resources::capture::IdCapture;
 use crate::resources::{Asked, Owner, Requirement};
 use log::debug;
 use pingora_http::RequestHeader;
@@ -60,12 +59,15 @@ impl Gateway {
         if !may_create && fine_tuned.is_none() && !self.resources.active() {
             return Ok(());
         }
-        let client = self.asker(ctx);
+        // Who asks matters for listings, and for requests whose objects are remembered: the
+        // common request, naming nothing, builds no name.
+        let listing = crate::resources::ids::is_listing(method, path);
+        let asker = listing.then(|| self.asker(ctx));
         let asked = Asked {
             method,
             path,
             body: ctx.body.as_deref(),
-            client: &client,
+            client: asker.as_deref().unwrap_or(""),
         };
         let need = self.resources.requirement(asked).await.map_err(|e| {
             LocalResponse::new(
@@ -86,6 +88,7 @@ impl Gateway {
                 n.owner.describe()
             );
         }
+        let client = asker.unwrap_or_else(|| self.asker(ctx));
         ctx.owned = Some(Box::new(OwnedState {
             need,
             may_create,
@@ -162,9 +165,7 @@ impl Gateway {
             self.resources.used(&need.owner, &state.client);
         }
         if let Some(model) = state.learn_model.clone() {
-            let mut learned = IdCapture::default();
-            learned.feed(format!("{{\"fine_tuned_model\":\"{model}\"}}").as_bytes());
-            self.record_created(ctx, &learned);
+            self.record_created(ctx, &[model]);
         }
         if state.may_create {
             if let Some(att) = ctx.attempt.as_mut() {
@@ -173,22 +174,21 @@ impl Gateway {
         }
     }
 
-    /// At the end of a collected answer: the ids it created belong to the key's account.
-    pub(crate) fn record_created(&self, ctx: &RequestCtx, capture: &IdCapture) {
+    /// The ids an answer created (or a fine-tuned model it served) belong to its key's account.
+    pub(crate) fn record_created(&self, ctx: &RequestCtx, ids: &[String]) {
         let (Some(att), Some(state)) = (ctx.attempt.as_ref(), ctx.owned.as_deref()) else {
             return;
         };
         let Some(k) = att.key_index() else {
             return;
         };
-        let ids = capture.ids();
         if ids.is_empty() {
             return;
         }
         let up = &self.upstreams[att.upstream];
         let owner = Owner::of_key(&up.name, up.keys.account(k), up.keys.key_id(k));
         debug!("{} created by {}", ids.join(", "), owner.describe());
-        self.resources.created(&ids, &owner, &state.client);
+        self.resources.created(ids, &owner, &state.client);
     }
 }
 
