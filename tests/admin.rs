@@ -4,7 +4,6 @@
 
 mod utils;
 use serde_json::Value;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use utils::*;
 
@@ -244,18 +243,7 @@ async fn a_manual_disable_holds_through_probes_until_enabled_and_test_reports_th
 }
 
 fn cli(addr: &str, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    cmd.arg("admin").args(args).env("KEYGATE_ADMIN_ADDR", addr);
-    match token {
-        Some(t) => cmd.env("KEYGATE_ADMIN_TOKEN", t),
-        None => cmd.env_remove("KEYGATE_ADMIN_TOKEN"),
-    };
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    admin_cli(addr, token, args, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

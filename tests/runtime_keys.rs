@@ -5,7 +5,6 @@
 
 mod utils;
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,30 +92,9 @@ async fn chats(kg: &Keygate, n: usize) {
     }
 }
 
-/// Runs `keygate admin ARGS` against `addr` with `stdin`; (exit code, stdout, stderr).
+/// `keygate admin ARGS` with the admin token and `stdin`; (exit code, stdout, stderr).
 fn cli(addr: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("admin")
-        .args(args)
-        .env("KEYGATE_ADMIN_ADDR", addr)
-        .env("KEYGATE_ADMIN_TOKEN", ADMIN)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    admin_cli(addr, Some(ADMIN), args, stdin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -450,6 +450,41 @@ pub fn check_config(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// Runs `keygate admin ARGS` against `addr` with `token` (`None`: `KEYGATE_ADMIN_TOKEN` unset)
+/// and `stdin`; (exit code, stdout, stderr).
+pub fn admin_cli(
+    addr: &str,
+    token: Option<&str>,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    cmd.arg("admin")
+        .args(args)
+        .env("KEYGATE_ADMIN_ADDR", addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match token {
+        Some(t) => cmd.env("KEYGATE_ADMIN_TOKEN", t),
+        None => cmd.env_remove("KEYGATE_ADMIN_TOKEN"),
+    };
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// A minimal chat request body.
 pub fn chat(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
