@@ -50,9 +50,10 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     fill,
     free_ports,
     log,
+    ok_keys,
+    start_mock,
     table,
     wait_ready,
-    wait_ready_plain,
 )
 from scale import write_section  # noqa: E402
 
@@ -259,11 +260,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     procs = Processes()
     try:
-        m = procs.start("keygate-mock", [str(RELEASE / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
-                                         "--threads", "1", "--strict", "--name", "bench",
-                                         *(a for k in keys.values() for a in ("--key", f"{k}=ok"))],
-                        tmp / "mock.log")
-        wait_ready_plain("keygate-mock", port["mock"], m, tmp / "mock.log")
+        start_mock(procs, tmp, port["mock"], ok_keys(keys))
         conf = fill(BENCH / "keygate.yaml",
                     {"KEYGATE_DIR": tmp, "KEYGATE_PORT": port["keygate"], "MOCK_PORT": port["mock"]},
                     tmp / "keygate.yaml")

@@ -38,9 +38,10 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     fill,
     free_ports,
     log,
+    ok_keys,
+    start_mock,
     table,
     wait_ready,
-    wait_ready_plain,
     wrk_result,
 )
 from scale import write_section  # noqa: E402
@@ -113,11 +114,7 @@ def main() -> int:
     files["translated"].write_bytes(chat_body(200, model=CLAUDE))
     procs = Processes()
     try:
-        m = procs.start("keygate-mock", [str(RELEASE / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
-                                         "--threads", "1", "--strict", "--name", "bench",
-                                         *(a for k in KEYS.values() for a in ("--key", f"{k}=ok"))],
-                        tmp / "mock.log")
-        wait_ready_plain("keygate-mock", port["mock"], m, tmp / "mock.log")
+        start_mock(procs, tmp, port["mock"], ok_keys(KEYS))
         conf = fill(BENCH / "keygate.yaml",
                     {"KEYGATE_DIR": tmp, "KEYGATE_PORT": port["keygate"], "MOCK_PORT": port["mock"]},
                     tmp / "keygate.yaml")

@@ -52,6 +52,7 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     log,
     open_conn,
     read_response,
+    start_mock,
     table,
     wait_ready_plain,
 )
@@ -133,10 +134,7 @@ def one_run(tmp: Path, case: dict, policy: str, scale: int, minutes: float) -> d
     keys = [a for name, rpm in case["limits"].items()
             for a in ("--key", f"{KEYS[NAMES[name]]}=limit:rpm={rpm}")]
     try:
-        m = procs.start("keygate-mock", [str(RELEASE / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
-                                         "--threads", "1", "--strict", "--time-scale", str(scale), *keys],
-                        tmp / "mock.log")
-        wait_ready_plain("keygate-mock", port["mock"], m, tmp / "mock.log")
+        start_mock(procs, tmp, port["mock"], ["--strict", "--time-scale", str(scale), *keys])
         conf = tmp / "keygate.yaml"
         conf.write_text(CONFIG.format(port=port["keygate"], mock=port["mock"], policy=policy))
         check_config(RELEASE / "keygate", conf, env, "keygate")

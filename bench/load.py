@@ -534,6 +534,20 @@ def keys_seen(stats: dict) -> dict[str, int]:
     raise SystemExit(f"unexpected /_mock/stats layout: {json.dumps(stats)[:300]}")
 
 
+def start_mock(procs: "Processes", tmp: Path, port: int, args: list[str]) -> subprocess.Popen:
+    """The release keygate-mock on 127.0.0.1:`port` with one worker thread and `args`, logging to
+    `tmp`/mock.log; returns once it answers."""
+    m = procs.start("keygate-mock", [str(ROOT / "target" / "release" / "keygate-mock"), "--listen",
+                                     f"127.0.0.1:{port}", "--threads", "1", *args], tmp / "mock.log")
+    wait_ready_plain("keygate-mock", port, m, tmp / "mock.log")
+    return m
+
+
+def ok_keys(keys: dict) -> list[str]:
+    """The mock's `--key SECRET=ok` arguments for `keys` (name: secret), in strict mode."""
+    return ["--strict", "--name", "bench", *(a for k in keys.values() for a in ("--key", f"{k}=ok"))]
+
+
 def wait_ready_plain(name: str, port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

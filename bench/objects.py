@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing load.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import ROOT, Processes, check_config, free_ports, log, table, wait_ready_plain  # noqa: E402
+from load import ROOT, Processes, check_config, free_ports, log, start_mock, table, wait_ready_plain  # noqa: E402
 from scale import write_section  # noqa: E402
 
 RELEASE = ROOT / "target" / "release"
@@ -100,9 +100,7 @@ def run(files: int, tmp: Path) -> dict:
     out: dict = {}
     try:
         accounts = [a for key, acct in ACCOUNTS.items() for a in ("--account", f"{key}={acct}")]
-        m = procs.start("keygate-mock", [str(RELEASE / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
-                                         "--threads", "1", *accounts], tmp / "mock.log")
-        wait_ready_plain("keygate-mock", port["mock"], m, tmp / "mock.log")
+        start_mock(procs, tmp, port["mock"], accounts)
         conf = tmp / "keygate.yaml"
         conf.write_text(CONFIG.format(dir=tmp, port=port["keygate"], mock=port["mock"]))
         check_config(RELEASE / "keygate", conf, env, "keygate")

@@ -57,7 +57,9 @@ from load import (  # noqa: E402  (bench/load.py: the load benchmark's helpers)
     free_ports,
     keys_seen,
     log,
+    ok_keys,
     pct,
+    start_mock,
     table,
     tail,
     wait_ready_plain,
@@ -437,11 +439,7 @@ def main() -> int:
     started = time.monotonic()
     loadavg = Path("/proc/loadavg").read_text().split()[0]
     try:
-        m = procs.start("keygate-mock", [str(RELEASE / "keygate-mock"), "--listen", f"127.0.0.1:{port['mock']}",
-                                         "--threads", "1", "--strict", "--name", "bench",
-                                         *(a for k in KEYS.values() for a in ("--key", f"{k}=ok"))],
-                        tmp / "mock.log")
-        wait_ready_plain("keygate-mock", port["mock"], m, tmp / "mock.log")
+        start_mock(procs, tmp, port["mock"], ok_keys(KEYS))
         redis_proc = start_redis(procs, tmp, port["redis"])
         redis_version = subprocess.run(["redis-server", "--version"], capture_output=True,
                                        text=True).stdout.split(" sha=")[0].strip()
